@@ -1,0 +1,143 @@
+"""The input pipeline of train.py: list files checked up front, then batches of normalised 3x32x32 images.
+
+Two paths give the same images. With the cache (the default where it fits in memory),
+each image is decoded once into a uint8 tensor and the tutorial's augmentation (random
+crop with 4 pixels of zero padding) and normalisation run on whole batches of tensors,
+on the training device. Without it, the tutorial's MyDataset decodes every image every
+epoch in DataLoader worker processes.
+"""
+import math
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as transforms
+from torch.utils.data import DataLoader
+
+from utils import DataListError, MyDataset, check_images, read_classes, read_image_list
+
+# The tutorial's per-channel statistics of CIFAR-10's training images.
+CIFAR10_MEAN = [0.4948052, 0.48568845, 0.44682974]
+CIFAR10_STD = [0.24580306, 0.24236229, 0.2603115]
+IMAGE_SIZE = 32
+PADDING = 4
+
+
+class EpochBatchSampler:
+    """Batches of indices whose order depends only on (seed, epoch), so a resumed epoch can skip what it has done."""
+
+    def __init__(self, size, batch_size, seed=0, shuffle=True):
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        for batch in order.split(self.batch_size)[self.start:]:
+            yield batch.tolist()
+
+    def __len__(self):
+        return math.ceil(self.size / self.batch_size)
+
+
+def random_crop(images, padding):
+    """Per-image random crop of a zero-padded (N, C, H, W) batch back to (H, W): RandomCrop(size, padding) batched."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    left = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    rows = (top + torch.arange(h, device=images.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
+    cols = (left + torch.arange(w, device=images.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+class CachedBatches:
+    """Iterate (images, labels) batches from a decoded uint8 cache; yields float32 normalised tensors."""
+
+    def __init__(self, images, labels, batch_sampler, mean, std, augment):
+        self.images, self.labels = images, labels
+        self.batch_sampler = batch_sampler
+        self.mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+        self.augment = augment
+
+    def __iter__(self):
+        for indices in self.batch_sampler:
+            indices = torch.tensor(indices, device=self.images.device)
+            batch = self.images.index_select(0, indices)
+            if self.augment:
+                batch = random_crop(batch, PADDING)
+            yield (batch.float() - self.mean) / self.std, self.labels.index_select(0, indices)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+
+def _ignore_sigint(worker_id):
+    # Ctrl-C reaches every process in the terminal's group; only the main process decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def cache_fits(num_images):
+    """True when the decoded images would take under a quarter of the memory available now."""
+    needed = num_images * 3 * IMAGE_SIZE * IMAGE_SIZE
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return needed < 2**30
+    return needed < available / 4
+
+
+def load_classes(data_dir, *lists):
+    """Class names from data_dir/classes.txt, or '0'..'N-1' from the largest label when it is absent."""
+    path = Path(data_dir) / "classes.txt"
+    if path.is_file():
+        return read_classes(path)
+    num_classes = 1 + max(label for samples in lists for _, label, _ in samples)
+    return [str(i) for i in range(num_classes)]
+
+
+def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    """Check data_dir's lists and every image, then return (train batches, valid batches, classes, cached).
+
+    The train batches' `batch_sampler` is an EpochBatchSampler. Raises DataListError.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataListError(f"{data_dir}: data folder not found; pass --data DIR holding train.txt and valid.txt, "
+                            f"or regenerate the sample set with: python tools/make_sample_data.py")
+    classes_path = data_dir / "classes.txt"
+    num_classes = len(read_classes(classes_path)) if classes_path.is_file() else None
+    lists = [read_image_list(data_dir / f"{split}.txt", num_classes) for split in ("train", "valid")]
+    classes = load_classes(data_dir, *lists)
+    train_sampler = EpochBatchSampler(len(lists[0]), batch_size, seed)
+    valid_sampler = EpochBatchSampler(len(lists[1]), batch_size * 4, shuffle=False)
+    cached = cache == "yes" or (cache == "auto" and cache_fits(sum(map(len, lists))))
+
+    if cached:
+        def batches(samples, sampler, augment):
+            images = check_images(samples, size=IMAGE_SIZE).to(device)
+            labels = torch.tensor([label for _, label, _ in samples], device=device)
+            return CachedBatches(images, labels, sampler, mean, std, augment)
+        return (batches(lists[0], train_sampler, True), batches(lists[1], valid_sampler, False), classes, True)
+
+    for samples in lists:
+        check_images(samples)
+    normalize = transforms.Normalize(mean, std)
+    train_data = MyDataset(data_dir / "train.txt", num_classes=num_classes, transform=transforms.Compose([
+        transforms.Resize(IMAGE_SIZE), transforms.RandomCrop(IMAGE_SIZE, padding=PADDING), transforms.ToTensor(),
+        normalize]))
+    valid_data = MyDataset(data_dir / "valid.txt", num_classes=num_classes, transform=transforms.Compose([
+        transforms.Resize(IMAGE_SIZE), transforms.CenterCrop(IMAGE_SIZE), transforms.ToTensor(), normalize]))
+    options = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                   worker_init_fn=_ignore_sigint)
+    return (DataLoader(train_data, batch_sampler=train_sampler, **options),
+            DataLoader(valid_data, batch_sampler=valid_sampler, **options), classes, False)

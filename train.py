@@ -1,0 +1,357 @@
+"""Train the tutorial's CNN on a list of images and watch every layer's weights and gradients in TensorBoard.
+
+    python train.py                           # sample digits in Data/, run folder Result/<timestamp>
+    tensorboard --logdir Result               # then open http://localhost:6006
+    python train.py --resume Result/<run>     # continue a stopped run (add --epochs N to train longer)
+    python train.py --help                    # every option and its default
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data import build_loaders
+from monitor import TrainingMonitor
+from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_figure, show_confMat, validate
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def device_name(text):
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device '{text}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine; use --device cpu")
+    return text
+
+
+def run_folder(text):
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"run folder '{text}' does not exist; pass a folder under the log dir, "
+                                         f"e.g. Result/<run-name>")
+    for name in ("args.json", "last.pt"):
+        if not (path / name).is_file():
+            raise argparse.ArgumentTypeError(f"'{text}' has no {name}, so it is not a run folder train.py can resume")
+    return path
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train the tutorial's CNN on an image list, writing weight and gradient histograms of every "
+                    "layer to TensorBoard each epoch.",
+        epilog="Example: python train.py --epochs 5 && tensorboard --logdir Result",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, default=Path("Data"),
+                      help="folder holding train.txt and valid.txt ('path label' per line) and optionally classes.txt")
+    data.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
+                      help="decode every image once and keep it in memory as uint8 (auto: when it takes under a "
+                           "quarter of the free memory); 'no' decodes each image every epoch, as the tutorial does")
+    data.add_argument("--workers", type=non_negative_int, default=min(2, os.cpu_count() or 1),
+                      help="DataLoader worker processes without the cache (0 loads in the training process)")
+    optim = parser.add_argument_group("optimisation (the tutorial's SGD with StepLR)")
+    optim.add_argument("--epochs", type=positive_int, default=20)
+    optim.add_argument("--batch-size", type=positive_int, default=16)
+    optim.add_argument("--lr", type=positive_float, default=0.01, help="initial learning rate")
+    optim.add_argument("--momentum", type=non_negative_float, default=0.9)
+    optim.add_argument("--dampening", type=non_negative_float, default=0.1)
+    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    optim.add_argument("--step-size", type=positive_int, default=15, help="StepLR: epochs between decays")
+    optim.add_argument("--gamma", type=positive_float, default=0.1, help="StepLR: decay factor")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--device", type=device_name, default="auto", help="auto picks CUDA when available")
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("--log-dir", type=Path, default=Path("Result"), help="where run folders go")
+    logging.add_argument("--run-name", default=None, help="run folder name under --log-dir (default: a timestamp)")
+    logging.add_argument("--hist-every", type=non_negative_int, default=0,
+                         help="also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only")
+    logging.add_argument("--print-every", type=positive_int, default=10, help="iterations between progress lines")
+    logging.add_argument("--resume", type=run_folder, default=None, metavar="RUN_DIR",
+                         help="continue the run in RUN_DIR from its last checkpoint; options given with it override "
+                              "the saved ones (e.g. --epochs)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse the command line; with --resume, the run's saved arguments are the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        return args
+    run_dir = args.resume
+    saved = json.loads((run_dir / "args.json").read_text())
+    known = {action.dest for action in parser._actions}
+    saved = {key: value for key, value in saved.items() if key in known}
+    for key in ("data", "log_dir"):
+        saved[key] = Path(saved[key])
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
+    args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
+    return args
+
+
+class StopRequest:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks at safe points; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: stopping after this iteration and saving a checkpoint "
+              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare_run_dir(args):
+    """Create <log-dir>/<run-name> for a new run and record its arguments; a resumed run reuses its folder."""
+    if args.resume is not None:
+        return args.resume
+    args.run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = args.log_dir / args.run_name
+    if (run_dir / "args.json").exists():
+        raise DataListError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                            f"or pick another --run-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def format_epoch(epoch, epochs):
+    return f"Epoch[{epoch + 1:0>3}/{epochs:0>3}]"
+
+
+def train(args):
+    """The whole run: data, model, the epoch loop, logging and checkpoints. Returns the process exit code."""
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    train_loader, valid_loader, classes, cached = build_loaders(args.data, args.batch_size, args.seed, device,
+                                                                args.workers, args.cache)
+    print(f"Checked {train_loader.batch_sampler.size} training and {valid_loader.batch_sampler.size} validation "
+          f"images in {time.perf_counter() - start:.1f}s; "
+          f"{'decoded once, kept in memory' if cached else 'decoded every epoch (no cache)'}")
+    if not (args.data / "classes.txt").is_file():
+        print(f"{args.data / 'classes.txt'} not found: naming the {len(classes)} classes 0..{len(classes) - 1}")
+    run_dir = prepare_run_dir(args)
+    saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2) + "\n")
+
+    torch.manual_seed(args.seed)
+    net = Net(num_classes=len(classes))
+    net.initialize_weights()
+    net.to(device)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                                dampening=args.dampening, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+
+    # Where to start: a new run at epoch 0, a resumed one where its last checkpoint left off.
+    start_epoch, start_batch, step, best_accuracy = 0, 0, 0, 0.0
+    totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+    if args.resume is not None:
+        checkpoint = torch.load(run_dir / "last.pt", map_location=device, weights_only=True)
+        if checkpoint["classes"] != classes:
+            raise DataListError(f"{args.data}: its classes differ from the ones {run_dir} was trained on; "
+                                f"resume with the same --data")
+        net.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, start_batch = checkpoint["epoch"], checkpoint["batches_done"]
+        step, best_accuracy, totals = checkpoint["step"], checkpoint["best_accuracy"], checkpoint["totals"]
+        if start_epoch >= args.epochs:
+            print(f"{run_dir} has already trained {start_epoch} epochs; pass --epochs N (N > {start_epoch}) "
+                  f"to train it further")
+            return 0
+        print(f"Resuming {run_dir} at epoch {start_epoch + 1}, iteration {start_batch + 1}")
+    print(f"Run folder: {run_dir}   device: {device}   classes: {len(classes)}   "
+          f"parameters: {sum(p.numel() for p in net.parameters()):,}")
+
+    def checkpoint_state(epoch, batches_done):
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "batches_done": batches_done, "step": step, "best_accuracy": best_accuracy,
+                "totals": dict(totals), "classes": classes, "args": saved_args}
+
+    def stop(epoch, batches_done, why):
+        save_checkpoint(run_dir / "last.pt", checkpoint_state(epoch, batches_done))
+        print(f"{why}: checkpoint saved at epoch {epoch + 1}, iteration {batches_done}. "
+              f"Resume with: python train.py --resume {run_dir}", file=sys.stderr)
+
+    resumed = args.resume is not None
+    monitor = TrainingMonitor(run_dir, purge_epoch=start_epoch if resumed else None,
+                              purge_step=step + 1 if resumed else None)
+    sampler = train_loader.batch_sampler
+    with monitor, StopRequest() as stop_request:
+        for epoch in range(start_epoch, args.epochs):
+            net.train()
+            sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            if epoch != start_epoch:
+                totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+            lr = optimizer.param_groups[0]["lr"]
+            epoch_start, epoch_images = time.perf_counter(), 0
+            # running sums stay on the device between progress lines
+            window_loss = torch.zeros((), device=device)
+            window_correct = torch.zeros((), dtype=torch.int64, device=device)
+            window_seen, done = 0, sampler.start
+
+            def add_window():
+                nonlocal window_seen
+                # note: a CPU-GPU sync point, once per progress line
+                totals["loss_sum"] += window_loss.item()
+                totals["correct"] += window_correct.item()
+                totals["seen"] += window_seen
+                window_loss.zero_()
+                window_correct.zero_()
+                window_seen = 0
+
+            try:
+                for inputs, labels in train_loader:
+                    inputs = inputs.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    # forward, backward, update
+                    optimizer.zero_grad(set_to_none=True)
+                    outputs = net(inputs)
+                    loss = criterion(outputs, labels)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    done += 1
+                    if args.hist_every and step % args.hist_every == 0:
+                        monitor.log_parameters(net, step, per_step=True)
+
+                    window_loss += loss.detach() * labels.size(0)
+                    window_correct += (outputs.argmax(dim=1) == labels).sum()
+                    window_seen += labels.size(0)
+                    epoch_images += labels.size(0)
+                    if done % args.print_every == 0 or done == len(sampler):
+                        add_window()
+                        print(f"Training: {format_epoch(epoch, args.epochs)} Iteration[{done:0>3}/{len(sampler):0>3}] "
+                              f"Loss: {totals['loss_sum'] / totals['seen']:.4f} "
+                              f"Acc: {totals['correct'] / totals['seen']:.2%}", flush=True)
+                    if stop_request.requested and done < len(sampler):
+                        add_window()
+                        stop(epoch, done, "Stopped")
+                        return 130
+            except ImageReadError:
+                add_window()
+                stop(epoch, done, "Stopped on a bad image")
+                raise
+            train_seconds = time.perf_counter() - epoch_start
+
+            conf_mat, accuracy = validate(net, valid_loader, "valid", classes)
+            scheduler.step()
+            recall, precision = class_report(conf_mat)
+            monitor.log_parameters(net, epoch)
+            metrics = {"train/loss": totals["loss_sum"] / totals["seen"], "train/accuracy": totals["correct"] / totals["seen"],
+                       "valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": epoch_images / train_seconds}
+            metrics.update({f"valid_recall/{name}": r for name, r in zip(classes, recall) if not np.isnan(r)})
+            metrics.update({f"valid_precision/{name}": p for name, p in zip(classes, precision) if not np.isnan(p)})
+            monitor.log_scalars(metrics, epoch)
+            monitor.log_figure("valid/confusion_matrix", confusion_matrix_figure(conf_mat, classes, "valid"), epoch)
+            print(f"Summary:  {format_epoch(epoch, args.epochs)} train loss {metrics['train/loss']:.4f} "
+                  f"acc {metrics['train/accuracy']:.2%} | valid acc {accuracy:.2%} | lr {lr:.3g} | "
+                  f"{metrics['train/images_per_second']:,.0f} images/s", flush=True)
+
+            is_best = accuracy > best_accuracy
+            best_accuracy = max(best_accuracy, accuracy)
+            state = checkpoint_state(epoch + 1, 0)
+            save_checkpoint(run_dir / "last.pt", state)
+            if is_best:
+                save_checkpoint(run_dir / "best.pt", state)
+                show_confMat(conf_mat, classes, "_valid_best", run_dir)
+            if stop_request.requested and epoch + 1 < args.epochs:
+                monitor.flush()
+                print(f"Stopped after epoch {epoch + 1}. Resume with: python train.py --resume {run_dir}",
+                      file=sys.stderr)
+                return 130
+
+    show_confMat(conf_mat, classes, "_valid_last", run_dir)
+    print("Per-class results on the validation set (last epoch):")
+    for name, r, p, n in zip(classes, recall, precision, conf_mat.sum(axis=1)):
+        print(f"  class {name:<12} images {n:<6} recall {r:7.2%}  precision {p:7.2%}")
+    print(f"Finished training: best validation accuracy {best_accuracy:.2%}. "
+          f"See it with: tensorboard --logdir {args.log_dir}")
+    return 0
+
+
+def one_line(err):
+    """The message of a data error, also when a DataLoader worker re-raised it with its traceback attached."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else repr(err)
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last.removeprefix(prefix).removeprefix(f"{type(err).__name__}: ")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (DataListError, ImageReadError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Stopped at once; resume from the last checkpoint with: "
+              f"python train.py --resume {args.log_dir / args.run_name}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
