@@ -1,0 +1,197 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import monitor
+import train
+from conftest import ROOT, histogram_steps, load_events, run_script
+from utils import Net
+
+PARAMETERS = [name for name, _ in Net(num_classes=4).named_parameters()]
+HISTOGRAM_TAGS = {name + suffix for name in PARAMETERS for suffix in ("_data", "_grad")}
+
+
+def train_args(data_dir, log_dir, *extra, epochs=2):
+    return ["--data", str(data_dir), "--log-dir", str(log_dir), "--epochs", str(epochs), "--batch-size", "4",
+            "--print-every", "2", *map(str, extra)]
+
+
+def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_path, capsys):
+    assert train.main(train_args(data_dir, tmp_path / "Result", "--run-name", "first")) == 0
+    out = capsys.readouterr().out
+    assert "Training: Epoch[001/002] Iteration[002/006] Loss: " in out and "Acc: " in out
+    run = tmp_path / "Result" / "first"
+    events = load_events(run)
+    assert histogram_steps(events) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+    for tag in ("train/loss", "train/accuracy", "valid/accuracy", "train/lr", "valid_recall/cat"):
+        assert [e.step for e in events.Scalars(tag)] == [0, 1], tag
+    assert [e.step for e in events.Images("valid/confusion_matrix")] == [0, 1]
+    assert json.loads((run / "args.json").read_text())["epochs"] == 2
+
+    last = torch.load(run / "last.pt", weights_only=True)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert (last["epoch"], last["batches_done"], last["step"]) == (2, 0, 12)
+    assert set(last) >= {"model", "optimizer", "scheduler", "epoch", "step"} and best["epoch"] in (1, 2)
+    # The last epoch's weight histogram is the histogram of the weights in the last checkpoint.
+    stored = events.Histograms("fc3.bias_data")[-1].histogram_value
+    weights = last["model"]["fc3.bias"].numpy()
+    counts, _ = np.histogram(weights, bins=np.concatenate([[stored.min], stored.bucket_limit]))
+    assert list(stored.bucket) == counts.tolist() and stored.min == weights.min() and stored.max == weights.max()
+    accuracy = events.Scalars("valid/accuracy")[-1].value
+    assert 0 <= accuracy <= 1
+    assert (run / "Confusion_Matrix_valid_last.png").is_file()
+
+
+def test_without_cache_workers_decode_every_epoch(data_dir, tmp_path):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--cache", "no", "--workers", "1")) == 0
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+
+
+def test_hist_every_logs_steps_on_their_own_axis(data_dir, tmp_path):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--hist-every", "4")) == 0
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(tmp_path / "r" / "steps")) == {tag: [4, 8, 12] for tag in HISTOGRAM_TAGS}
+
+
+def rewrite_line(path, number, text):
+    lines = path.read_text().splitlines()
+    lines[number - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+BAD_INPUTS = {
+    "missing data folder": (lambda d: d.rename(d.parent / "gone"), "Data: data folder not found"),
+    "missing list": (lambda d: (d / "valid.txt").unlink(), "valid.txt: list file not found"),
+    "empty list": (lambda d: (d / "train.txt").write_text("\n"), "train.txt: the list is empty"),
+    "no label": (lambda d: rewrite_line(d / "train.txt", 3, "train/cat/x.png"), "train.txt:3: no label"),
+    "label not an integer": (lambda d: rewrite_line(d / "train.txt", 4, "train/cat/img 1.png one"),
+                             "train.txt:4: label 'one' is not an integer"),
+    "label out of range": (lambda d: rewrite_line(d / "valid.txt", 2, "valid/cat/img 0.png 4"),
+                           "valid.txt:2: label 4 is out of range (4 classes)"),
+    "missing image": (lambda d: (d / "train" / "bird" / "img 5.png").unlink(), "train.txt:18: image '"),
+    "unreadable image": (lambda d: (d / "valid" / "car" / "img 1.png").write_bytes(b"\x89PNG broken"),
+                         "valid.txt:4: cannot read image '"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_clear_line_and_nothing_is_written(case, data_dir, tmp_path, capsys):
+    damage, expected = BAD_INPUTS[case]
+    damage(data_dir)
+    assert train.main(train_args(data_dir, tmp_path / "Result")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "Result").exists()
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(data_dir, tmp_path):
+    rewrite_line(data_dir / "train.txt", 5, "train/cat/img 0.png 9")
+    result = run_script("train.py", *train_args(data_dir, tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data_dir / 'train.txt'}:5: label 9 is out of range (4 classes); use 0 to 3 or add the class to "
+        f"classes.txt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs: must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+    (["--lr", "-0.1"], "--lr: must be a positive number, got -0.1"),
+    (["--lr", "nan"], "--lr: must be a positive number"),
+    (["--resume", "Result/no-such-run"], "run folder 'Result/no-such-run' does not exist"),
+    (["--device", "quantum"], "unknown device 'quantum'"),
+])
+def test_parser_refuses_nonsense(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_image_unreadable_mid_training_names_it_and_keeps_a_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "check_images", lambda samples, size=None: None)  # let it slip past the check
+    bad = data_dir / "train" / "cat" / "img 2.png"
+    bad.write_bytes(b"garbage")
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--cache", "no", "--workers", "0")) == 1
+    err = capsys.readouterr().err
+    assert f"error: {bad}: cannot read image" in err and "Traceback" not in err
+    assert "Resume with: python train.py --resume" in err
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 0
+
+
+def test_existing_run_is_not_overwritten(data_dir, tmp_path, capsys):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", epochs=1)) == 0
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", epochs=1)) == 1
+    assert f"{tmp_path / 'r'} already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "r")]) == 0
+    assert "has already trained 1 epochs; pass --epochs N" in capsys.readouterr().out
+
+
+def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_dir, tmp_path, monkeypatch, capsys):
+    log_parameters = monitor.TrainingMonitor.log_parameters
+
+    def interrupt_at_step_9(self, model, step, per_step=False):
+        result = log_parameters(self, model, step, per_step)
+        if per_step and step == 9:  # epoch 2 (index 1) has 6 steps: 7..12
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(monitor.TrainingMonitor, "log_parameters", interrupt_at_step_9)
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--hist-every", "3", epochs=4)) == 130
+    assert "Resume with: python train.py --resume" in capsys.readouterr().err
+    checkpoint = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]) == (1, 3, 9)
+    monkeypatch.setattr(monitor.TrainingMonitor, "log_parameters", log_parameters)
+
+    assert train.main(["--resume", str(tmp_path / "r")]) == 0
+    assert "Resuming" in capsys.readouterr().out
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1, 2, 3] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(tmp_path / "r" / "steps")) == {
+        tag: list(range(3, 25, 3)) for tag in HISTOGRAM_TAGS}
+    assert [e.step for e in load_events(tmp_path / "r").Scalars("train/loss")] == [0, 1, 2, 3]
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 24
+
+
+def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
+    run = tmp_path / "Result" / "run"
+    command = [sys.executable, "train.py", *train_args(data_dir, tmp_path / "Result", "--run-name", "run",
+                                                       "--batch-size", "1", "--print-every", "1", epochs=200)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in process.stdout:
+        if line.startswith("Training: Epoch[002/200]"):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "SIGINT received" in err and f"Resume with: python train.py --resume {run}" in err
+    assert "Traceback" not in err
+    stopped_at = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= stopped_at < 200
+    epochs = stopped_at + 2
+
+    result = run_script("train.py", "--resume", run, "--epochs", epochs)
+    assert result.returncode == 0, result.stderr
+    assert histogram_steps(load_events(run)) == {tag: list(range(epochs)) for tag in HISTOGRAM_TAGS}
+    assert [e.step for e in load_events(run).Scalars("valid/accuracy")] == list(range(epochs))
+
+
+def test_resume_from_an_older_checkpoint_purges_what_it_rewrites(data_dir, tmp_path):
+    """A run killed after logging an epoch but before checkpointing it rewrites that epoch on resume."""
+    run = tmp_path / "r"
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--hist-every", "5", epochs=2)) == 0
+    older = torch.load(run / "last.pt", weights_only=True)
+    assert train.main(["--resume", str(run), "--epochs", "3"]) == 0
+    torch.save(older, run / "last.pt")  # as if the process died before saving epoch 3's checkpoint
+    assert train.main(["--resume", str(run), "--epochs", "3"]) == 0
+    assert histogram_steps(load_events(run)) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(run / "steps")) == {tag: [5, 10, 15] for tag in HISTOGRAM_TAGS}
+    assert [e.step for e in load_events(run).Scalars("train/loss")] == [0, 1, 2]
