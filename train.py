@@ -74,12 +74,19 @@ def run_folder(text):
     return path
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train the tutorial's CNN on an image list, writing weight and gradient histograms of every "
                     "layer to TensorBoard each epoch.",
         epilog="Example: python train.py --epochs 5 && tensorboard --logdir Result",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, default=Path("Data"),
                       help="folder holding train.txt and valid.txt ('path label' per line) and optionally classes.txt")
@@ -89,19 +96,19 @@ def build_parser():
     data.add_argument("--workers", type=non_negative_int, default=min(2, os.cpu_count() or 1),
                       help="DataLoader worker processes without the cache (0 loads in the training process)")
     optim = parser.add_argument_group("optimisation (the tutorial's SGD with StepLR)")
-    optim.add_argument("--epochs", type=positive_int, default=20)
-    optim.add_argument("--batch-size", type=positive_int, default=16)
+    optim.add_argument("--epochs", type=positive_int, default=20, help="epochs to train in all")
+    optim.add_argument("--batch-size", type=positive_int, default=16, help="training images per step")
     optim.add_argument("--lr", type=positive_float, default=0.01, help="initial learning rate")
-    optim.add_argument("--momentum", type=non_negative_float, default=0.9)
-    optim.add_argument("--dampening", type=non_negative_float, default=0.1)
-    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    optim.add_argument("--dampening", type=non_negative_float, default=0.1, help="SGD dampening of the momentum")
+    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 penalty for every layer")
     optim.add_argument("--step-size", type=positive_int, default=15, help="StepLR: epochs between decays")
     optim.add_argument("--gamma", type=positive_float, default=0.1, help="StepLR: decay factor")
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--seed", type=int, default=0, help="seeds the weights and the shuffling")
     optim.add_argument("--device", type=device_name, default="auto", help="auto picks CUDA when available")
     logging = parser.add_argument_group("logging")
     logging.add_argument("--log-dir", type=Path, default=Path("Result"), help="where run folders go")
-    logging.add_argument("--run-name", default=None, help="run folder name under --log-dir (default: a timestamp)")
+    logging.add_argument("--run-name", default=None, help="run folder name under --log-dir (default: the start time, e.g. 20261126-171500)")
     logging.add_argument("--hist-every", type=non_negative_int, default=0,
                          help="also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only")
     logging.add_argument("--print-every", type=positive_int, default=10, help="iterations between progress lines")
@@ -174,6 +181,10 @@ def prepare_run_dir(args):
                             f"or pick another --run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def percent(value):
+    return "      -" if np.isnan(value) else f"{value:7.2%}"
 
 
 def format_epoch(epoch, epochs):
@@ -326,7 +337,7 @@ def train(args):
     show_confMat(conf_mat, classes, "_valid_last", run_dir)
     print("Per-class results on the validation set (last epoch):")
     for name, r, p, n in zip(classes, recall, precision, conf_mat.sum(axis=1)):
-        print(f"  class {name:<12} images {n:<6} recall {r:7.2%}  precision {p:7.2%}")
+        print(f"  class {name:<12} images {n:<6} recall {percent(r)}  precision {percent(p)}")
     print(f"Finished training: best validation accuracy {best_accuracy:.2%}. "
           f"See it with: tensorboard --logdir {args.log_dir}")
     return 0

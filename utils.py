@@ -12,6 +12,7 @@ A list file holds one "path label" line per image. A path may contain spaces (th
 label is the last word); a relative path is relative to the list file's folder.
 """
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torchvision.transforms.functional as TF
 from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 
 class DataListError(ValueError):
@@ -107,8 +109,11 @@ def check_images(samples, size=None, workers=4):
     its short side is `size` and centre-cropped: the decoded-once cache of a data set.
     """
     images = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without holding the GIL
+    progress = tqdm(total=len(samples), desc="Checking images", unit="img", leave=False,
+                    disable=len(samples) < 5000 or not sys.stderr.isatty())
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress:  # PIL decodes without holding the GIL
         for problem, array in pool.map(lambda sample: _decode(sample, size), samples, chunksize=64):
+            progress.update()
             if problem:
                 raise DataListError(problem)
             images.append(array)
