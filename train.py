@@ -135,6 +135,10 @@ def parse_args(argv=None):
     return args
 
 
+class RunError(Exception):
+    """A run folder that cannot be used as asked; the message says what to do instead."""
+
+
 class StopRequest:
     """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks at safe points; a second Ctrl-C stops at once."""
 
@@ -177,7 +181,7 @@ def prepare_run_dir(args):
     args.run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = args.log_dir / args.run_name
     if (run_dir / "args.json").exists():
-        raise DataListError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+        raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                             f"or pick another --run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -203,8 +207,6 @@ def train(args):
     if not (args.data / "classes.txt").is_file():
         print(f"{args.data / 'classes.txt'} not found: naming the {len(classes)} classes 0..{len(classes) - 1}")
     run_dir = prepare_run_dir(args)
-    saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2) + "\n")
 
     torch.manual_seed(args.seed)
     net = Net(num_classes=len(classes))
@@ -216,12 +218,11 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
 
     # Where to start: a new run at epoch 0, a resumed one where its last checkpoint left off.
-    start_epoch, start_batch, step, best_accuracy = 0, 0, 0, 0.0
-    totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+    start_epoch, start_batch, step, best_accuracy, totals = 0, 0, 0, 0.0, {}
     if args.resume is not None:
         checkpoint = torch.load(run_dir / "last.pt", map_location=device, weights_only=True)
         if checkpoint["classes"] != classes:
-            raise DataListError(f"{args.data}: its classes differ from the ones {run_dir} was trained on; "
+            raise RunError(f"{args.data}: its classes differ from the ones {run_dir} was trained on; "
                                 f"resume with the same --data")
         net.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -233,6 +234,8 @@ def train(args):
                   f"to train it further")
             return 0
         print(f"Resuming {run_dir} at epoch {start_epoch + 1}, iteration {start_batch + 1}")
+    saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2) + "\n")
     print(f"Run folder: {run_dir}   device: {device}   classes: {len(classes)}   "
           f"parameters: {sum(p.numel() for p in net.parameters()):,}")
 
@@ -254,7 +257,7 @@ def train(args):
         for epoch in range(start_epoch, args.epochs):
             net.train()
             sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-            if epoch != start_epoch:
+            if epoch != start_epoch or start_batch == 0:
                 totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
             lr = optimizer.param_groups[0]["lr"]
             epoch_start, epoch_images = time.perf_counter(), 0
@@ -355,7 +358,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except (DataListError, ImageReadError) as err:
+    except (DataListError, ImageReadError, RunError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

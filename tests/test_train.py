@@ -195,3 +195,4 @@ def test_resume_from_an_older_checkpoint_purges_what_it_rewrites(data_dir, tmp_p
     assert histogram_steps(load_events(run)) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
     assert histogram_steps(load_events(run / "steps")) == {tag: [5, 10, 15] for tag in HISTOGRAM_TAGS}
     assert [e.step for e in load_events(run).Scalars("train/loss")] == [0, 1, 2]
+    assert torch.load(run / "last.pt", weights_only=True)["totals"]["seen"] == 24  # the last epoch's images only
