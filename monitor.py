@@ -5,8 +5,7 @@
     with TrainingMonitor("Result/my-run") as monitor:
         for epoch in range(epochs):
             ...                                   # train: forward, backward, step
-            monitor.log_parameters(model, epoch)  # <name>_data and <name>_grad histograms
-            monitor.log_scalars({"valid/accuracy": acc}, epoch)
+            monitor.log_epoch(epoch, model, {"valid/accuracy": acc})  # histograms and scalars
 
 Histograms are binned with torch on the tensor's own device into a fixed number of
 equal-width bins between the finite minimum and maximum, and all tensors of one call
@@ -139,15 +138,13 @@ class TrainingMonitor:
                                          h.bucket_limits.tolist(), h.bucket_counts.tolist(), step)
         return histograms
 
-    def log_scalars(self, scalars, epoch):
+    def log_epoch(self, epoch, model, scalars, figures=()):
+        """Everything an epoch writes: the parameter histograms, {tag: value} scalars and {tag: Figure} images."""
+        self.log_parameters(model, epoch)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, epoch)
-
-    def log_figure(self, tag, figure, epoch):
-        self.writer.add_figure(tag, figure, epoch, close=False)
-
-    def log_text(self, tag, text, epoch):
-        self.writer.add_text(tag, text, epoch)
+        for tag, figure in dict(figures).items():
+            self.writer.add_figure(tag, figure, epoch, close=False)
 
     def flush(self):
         for writer in (self.writer, self._step_writer):

@@ -313,13 +313,12 @@ def train(args):
             conf_mat, accuracy = validate(net, valid_loader, "valid", classes)
             scheduler.step()
             recall, precision = class_report(conf_mat)
-            monitor.log_parameters(net, epoch)
             metrics = {"train/loss": totals["loss_sum"] / totals["seen"], "train/accuracy": totals["correct"] / totals["seen"],
                        "valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": epoch_images / train_seconds}
             metrics.update({f"valid_recall/{name}": r for name, r in zip(classes, recall) if not np.isnan(r)})
             metrics.update({f"valid_precision/{name}": p for name, p in zip(classes, precision) if not np.isnan(p)})
-            monitor.log_scalars(metrics, epoch)
-            monitor.log_figure("valid/confusion_matrix", confusion_matrix_figure(conf_mat, classes, "valid"), epoch)
+            monitor.log_epoch(epoch, net, metrics,
+                              {"valid/confusion_matrix": confusion_matrix_figure(conf_mat, classes, "valid")})
             print(f"Summary:  {format_epoch(epoch, args.epochs)} train loss {metrics['train/loss']:.4f} "
                   f"acc {metrics['train/accuracy']:.2%} | valid acc {accuracy:.2%} | lr {lr:.3g} | "
                   f"{metrics['train/images_per_second']:,.0f} images/s", flush=True)
