@@ -14,6 +14,7 @@ reach the host in a single transfer. Non-finite values are counted (scalar
 that count. Parameters without a gradient are skipped.
 """
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,14 +117,18 @@ class TrainingMonitor:
         self.bins = bins
         self._purge_step = purge_step
         self._flush_secs = flush_secs
-        self.writer = SummaryWriter(self.log_dir, purge_step=purge_epoch, flush_secs=flush_secs)
+        # Event file names hold the time in whole seconds; a nanosecond suffix keeps a run resumed within the
+        # same second from overwriting the file it continues, and sorts it after that file.
+        self._suffix = f".{time.time_ns()}"
+        self.writer = SummaryWriter(self.log_dir, purge_step=purge_epoch, flush_secs=flush_secs,
+                                    filename_suffix=self._suffix)
         self._step_writer = None
 
     @property
     def step_writer(self):
         if self._step_writer is None:
             self._step_writer = SummaryWriter(os.path.join(self.log_dir, "steps"), purge_step=self._purge_step,
-                                              flush_secs=self._flush_secs)
+                                              flush_secs=self._flush_secs, filename_suffix=self._suffix)
         return self._step_writer
 
     def log_parameters(self, model, step, per_step=False):
