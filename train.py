@@ -361,8 +361,12 @@ def main(argv=None):
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("Stopped at once; resume from the last checkpoint with: "
-              f"python train.py --resume {args.log_dir / args.run_name}", file=sys.stderr)
+        run_dir = args.log_dir / (args.run_name or "")
+        if args.run_name and (run_dir / "last.pt").is_file():
+            print(f"Stopped at once; resume from the last checkpoint with: python train.py --resume {run_dir}",
+                  file=sys.stderr)
+        else:
+            print("Stopped before the first checkpoint; nothing to resume", file=sys.stderr)
         return 130
 
 
