@@ -13,6 +13,7 @@ reach the host in a single transfer. Non-finite values are counted (scalar
 `nonfinite/<tag>`) and left out of the bins; a tensor with no finite value logs only
 that count. Parameters without a gradient are skipped.
 """
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ import torch
 from tensorboardX import SummaryWriter
 
 DEFAULT_BINS = 64  # about 1.1 KB per histogram event, enough to show the shape (the Histograms tab shows ~30)
+
+# On the CPU, branch on min and max (free to read there) and bin with torch.histogram; elsewhere use the
+# sync-free masked path. Tests switch this off to check the device path on CPU tensors.
+CPU_FAST_PATH = True
 
 # Layout of the per-tensor row of statistics moved to the host in one piece.
 _NUM, _NONFINITE, _MIN, _MAX, _SUM, _SUM_SQ, _EDGES = range(7)
@@ -40,14 +45,36 @@ class Histogram:
     bucket_counts: np.ndarray
 
 
-def _histogram_row(tensor, bins):
-    """Statistics of one tensor as a float64 vector on its device: no host synchronisation here."""
+def _as_flat_float(tensor):
     x = tensor.detach()
     if x.is_sparse:
         x = x.to_dense()
     x = x.reshape(-1)
     if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    return x
+
+
+def _histogram_row_cpu(x, bins):
+    """CPU: reading min and max is free, so the common all-finite tensor skips the masking passes."""
+    lo, hi = (v.item() for v in torch.aminmax(x))
+    values, nonfinite = x, 0
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        values = x[torch.isfinite(x)]
+        nonfinite = x.numel() - values.numel()
+        if values.numel() == 0:
+            return torch.tensor([0, nonfinite, math.inf, -math.inf, 0, 0] + [math.nan] * (bins + 1) + [0] * bins,
+                                dtype=torch.float64)
+        lo, hi = (v.item() for v in torch.aminmax(values))
+    # numpy's range for a constant tensor; histogram() bins exactly by the edges it returns
+    counts, edges = torch.histogram(values, bins, range=(lo - 0.5, hi + 0.5) if lo == hi else (lo, hi))
+    head = torch.tensor([values.numel(), nonfinite, lo, hi], dtype=torch.float64)
+    moments = torch.stack([values.sum(dtype=torch.float64), torch.linalg.vector_norm(values, dtype=torch.float64) ** 2])
+    return torch.cat([head, moments, edges.double(), counts.double()])
+
+
+def _histogram_row_device(x, bins):
+    """Any device, without a host synchronisation: masks instead of branches."""
     finite = torch.isfinite(x)
     num = finite.sum()
     lo = torch.where(finite, x, torch.inf).min()
@@ -68,6 +95,12 @@ def _histogram_row(tensor, bins):
     head = torch.stack([num.double(), (x.numel() - num).double(), lo64, hi64,
                         zeroed.sum(dtype=torch.float64), torch.linalg.vector_norm(zeroed, dtype=torch.float64) ** 2])
     return torch.cat([head, edges.double(), counts.double()])
+
+
+def _histogram_row(tensor, bins):
+    """Statistics of one tensor as a float64 vector on its device (layout: _NUM.._EDGES, edges, counts)."""
+    x = _as_flat_float(tensor)
+    return _histogram_row_cpu(x, bins) if x.device.type == "cpu" and CPU_FAST_PATH else _histogram_row_device(x, bins)
 
 
 def compute_histograms(tensors, bins=DEFAULT_BINS):

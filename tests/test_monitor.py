@@ -3,8 +3,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+import monitor
 from conftest import load_events
 from monitor import DEFAULT_BINS, TrainingMonitor, compute_histograms
+
+
+@pytest.fixture(params=["cpu fast path", "device path"], autouse=True)
+def binning_path(request, monkeypatch):
+    """Every histogram test runs on both code paths: the CPU one and the sync-free one used on GPUs."""
+    monkeypatch.setattr(monitor, "CPU_FAST_PATH", request.param == "cpu fast path")
 
 
 def finite_values(tensor):
