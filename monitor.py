@@ -13,6 +13,7 @@ reach the host in a single transfer. Non-finite values are counted (scalar
 `nonfinite/<tag>`) and left out of the bins; a tensor with no finite value logs only
 that count. Parameters without a gradient are skipped.
 """
+import json
 import math
 import os
 import time
@@ -20,7 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 from tensorboardX import SummaryWriter
+
+from diagnosis import Finding, Thresholds, diagnose, nonfinite_values, output_bias_skew
 
 DEFAULT_BINS = 64  # about 1.1 KB per histogram event, enough to show the shape (the Histograms tab shows ~30)
 
@@ -135,34 +141,222 @@ def parameter_tensors(model):
     return tensors
 
 
+STAT_KEYS = ("grad_norm", "grad_rms", "weight_norm", "max_abs_weight", "update_ratio", "nonfinite_share")
+
+
+def _norms(tensors, ord):
+    # foreach kernels: one launch for all tensors of a device and dtype, not one per tensor
+    return list(torch._foreach_norm(tensors, ord, dtype=torch.float32)) if tensors else []
+
+
+def parameter_statistics(model, previous_weights=None):
+    """Per-parameter statistics of weights and gradients, as plain floats. Pure: nothing is logged.
+
+    Returns {name: {key: value}} with the keys of STAT_KEYS (gradient keys only where a
+    gradient exists; update_ratio = ||w - w_before|| / ||w|| only for names in
+    `previous_weights`, a {name: tensor} of weights before the update), plus
+    {"total": {"grad_norm": ...}} over all gradients.
+    """
+    previous_weights = previous_weights or {}
+    named = [(name, p.detach()) for name, p in model.named_parameters()]
+    graded = [(name, p.grad.detach()) for name, p in model.named_parameters() if p.grad is not None]
+    moved = [(name, w) for name, w in named if name in previous_weights]
+    columns = {
+        "weight_norm": _norms([w for _, w in named], 2),
+        "max_abs_weight": _norms([w for _, w in named], math.inf),
+        "grad_norm": _norms([g.coalesce().values() if g.is_sparse else g for _, g in graded], 2),
+        "update_norm": _norms(torch._foreach_sub([w for _, w in moved], [previous_weights[n] for n, _ in moved]), 2)
+        if moved else [],
+    }
+    flat = [v.reshape(1) for values in columns.values() for v in values]
+    if len({v.device for v in flat}) > 1:
+        flat = [v.cpu() for v in flat]
+    table = iter(torch.cat(flat).tolist() if flat else [])  # note: the one CPU-GPU sync point of a statistics log
+    values = {key: [next(table) for _ in items] for key, items in columns.items()}
+
+    stats = {name: {"weight_norm": w, "max_abs_weight": m}
+             for (name, _), w, m in zip(named, values["weight_norm"], values["max_abs_weight"])}
+    for (name, grad), norm in zip(graded, values["grad_norm"]):
+        share = 0.0
+        if not math.isfinite(norm):  # rare: count non-finite values only where the norm shows there are some
+            share = (~torch.isfinite(grad)).sum().item() / max(grad.numel(), 1)
+        stats[name].update(grad_norm=norm, grad_rms=norm / math.sqrt(max(grad.numel(), 1)), nonfinite_share=share)
+    for (name, _), update in zip(moved, values["update_norm"]):
+        weight_norm = stats[name]["weight_norm"]
+        stats[name]["update_ratio"] = update / weight_norm if weight_norm > 0 else math.nan
+    if graded:
+        stats["total"] = {"grad_norm": math.sqrt(sum(n * n for n in values["grad_norm"]))}
+    return stats
+
+
+def gradient_flow(model):
+    """(names, mean |grad|, max |grad|) of the weight tensors that have a gradient, in model order."""
+    named = [(name, p.grad.detach()) for name, p in model.named_parameters()
+             if p.grad is not None and not p.grad.is_sparse and name.endswith("weight")]
+    if not named:
+        return [], [], []
+    l1 = _norms([g for _, g in named], 1)
+    peak = _norms([g for _, g in named], math.inf)
+    table = torch.stack([torch.stack(l1), torch.stack(peak)]).cpu()  # note: one CPU-GPU sync point
+    means = [v / max(g.numel(), 1) for v, (_, g) in zip(table[0].tolist(), named)]
+    return [name for name, _ in named], means, table[1].tolist()
+
+
+def gradient_flow_figure(names, means, maxes, epoch):
+    """Bars of mean and max |gradient| per layer on a log scale: vanishing gradients at a glance."""
+    fig = Figure(figsize=(max(5.0, 0.7 * len(names) + 2), 4.5))
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    tiny = 1e-30  # a zero gradient still gets a (very short) bar on the log scale
+    ax.bar(x, [max(m, tiny) for m in maxes], color="tab:cyan", alpha=0.6, label="max |grad|")
+    ax.bar(x, [max(m, tiny) for m in means], color="tab:blue", label="mean |grad|")
+    ax.set_yscale("log")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylabel("|gradient|")
+    ax.set_title(f"Gradient flow, epoch {epoch + 1} (input side on the left)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.3)  # fixed margins: tight_layout costs 50 ms
+    return fig
+
+
+def figure_to_array(figure):
+    """Draw a matplotlib Figure once into an (H, W, 3) uint8 array."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+
+
+def _median(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.median(values)) if values else math.nan
+
+
+def summarize_epoch(epoch, step, records):
+    """An epoch summary for diagnosis.py from the statistics logged during the epoch (medians per layer)."""
+    layers = {}
+    for name in records[-1]:
+        if name == "total":
+            continue
+        layers[name] = {key: _median([r.get(name, {}).get(key) for r in records])
+                        for key in STAT_KEYS if any(key in r.get(name, {}) for r in records)}
+        layers[name]["max_abs_weight"] = records[-1][name]["max_abs_weight"]  # the latest, not a median
+        layers[name]["weight_norm"] = records[-1][name]["weight_norm"]
+    totals = [r["total"]["grad_norm"] for r in records if "total" in r]
+    return {"epoch": epoch, "step": step, "layers": layers,
+            "total_grad_norm_max": max(totals, default=math.nan), "total_grad_norm_median": _median(totals)}
+
+
 class TrainingMonitor:
-    """Owns a run's TensorBoard writers; every event of a training run goes through it.
+    """Watches a model while it trains and writes everything TensorBoard shows about it.
+
+    Three calls in a training loop:
+
+        monitor = TrainingMonitor("Result/run").watch(model, optimizer)
+        ...  loss.backward(); optimizer.step()       # (scaler.step(optimizer) under AMP: grads are unscaled)
+        monitor.step()                               # once per optimizer step, before zero_grad()
+        ...
+        findings = monitor.epoch_end(epoch, {"valid/accuracy": acc}, classes=names, recall=recall)
+
+    Every `stats_every` optimizer steps it logs per-layer statistics (scalars on the step axis);
+    every `hist_every` steps, histograms on the step axis; at each epoch's end the tutorial's
+    `<name>_data` / `<name>_grad` histograms, the gradient-flow image, the scalars it is given,
+    and the diagnosis (diagnosis.json, the text tab, and the new findings it returns).
 
     Two step axes are kept apart, one writer each, so that each tag keeps one axis and a
-    resumed run can purge exactly what it rewrites: epochs in `log_dir`, optimizer steps
-    in `log_dir/steps` (created on first use).
+    resumed run can purge exactly what it rewrites: epochs in `log_dir`, optimizer steps in
+    `log_dir/steps`. With torch.distributed initialised, only rank 0 writes.
     """
 
-    def __init__(self, log_dir, bins=DEFAULT_BINS, purge_epoch=None, purge_step=None, flush_secs=30):
-        if not isinstance(bins, int) or bins < 1:
-            raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    def __init__(self, log_dir, bins=DEFAULT_BINS, stats_every=20, hist_every=0, thresholds=None,
+                 purge_epoch=None, purge_step=None, start_step=0, flush_secs=30):
+        for name, value, low in (("bins", bins, 1), ("stats_every", stats_every, 0), ("hist_every", hist_every, 0),
+                                 ("start_step", start_step, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise TypeError(f"thresholds must be a diagnosis.Thresholds, got {type(thresholds).__name__}")
         self.log_dir = os.fspath(log_dir)
-        self.bins = bins
+        self.bins, self.stats_every, self.hist_every = bins, stats_every, hist_every
+        self.thresholds = thresholds or Thresholds()
+        self.steps = start_step
+        self.model = None
+        self._hooks = {}
+        self._before_update = None
+        self._records = []
+        self._history = []
+        self.findings = self._load_findings(purge_epoch)
+        self._reported = {f.key for f in self.findings}
         self._purge_step = purge_step
         self._flush_secs = flush_secs
+        self.is_writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                              and torch.distributed.get_rank() != 0)
         # Event file names hold the time in whole seconds; a nanosecond suffix keeps a run resumed within the
         # same second from overwriting the file it continues, and sorts it after that file.
         self._suffix = f".{time.time_ns()}"
-        self.writer = SummaryWriter(self.log_dir, purge_step=purge_epoch, flush_secs=flush_secs,
-                                    filename_suffix=self._suffix)
+        self.writer = self._open(self.log_dir, purge_epoch)
         self._step_writer = None
+
+    def _open(self, folder, purge_step):
+        if not self.is_writer:
+            return _NullWriter()
+        return SummaryWriter(folder, purge_step=purge_step, flush_secs=self._flush_secs, filename_suffix=self._suffix)
+
+    def _load_findings(self, purge_epoch):
+        path = os.path.join(self.log_dir, "diagnosis.json")
+        if purge_epoch is None or not os.path.isfile(path):
+            return []
+        with open(path) as fh:
+            return [Finding(**item) for item in json.load(fh) if item["epoch"] < purge_epoch]
 
     @property
     def step_writer(self):
         if self._step_writer is None:
-            self._step_writer = SummaryWriter(os.path.join(self.log_dir, "steps"), purge_step=self._purge_step,
-                                              flush_secs=self._flush_secs, filename_suffix=self._suffix)
+            self._step_writer = self._open(os.path.join(self.log_dir, "steps"), self._purge_step)
         return self._step_writer
+
+    def watch(self, model, optimizer=None):
+        """Attach to `model`; with `optimizer`, also measure each logged step's update-to-weight ratio."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.unwatch()
+        self.model = model
+        if optimizer is not None:
+            self._hooks["snapshot"] = optimizer.register_step_pre_hook(self._snapshot_before_update)
+        return self
+
+    def unwatch(self):
+        """Remove every hook this monitor placed; safe to call twice."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._before_update = None
+
+    def _snapshot_before_update(self, optimizer, args, kwargs):
+        if self.stats_every and (self.steps + 1) % self.stats_every == 0:
+            self._before_update = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    def step(self):
+        """Call once per optimizer step, after it and before zero_grad(). Returns the step's urgent findings
+        (non-finite gradients) when statistics were taken, else an empty list."""
+        if self.model is None:
+            raise RuntimeError("call watch(model) before step()")
+        self.steps += 1
+        if self.hist_every and self.steps % self.hist_every == 0:
+            self.log_parameters(self.model, self.steps, per_step=True)
+        if not (self.stats_every and self.steps % self.stats_every == 0):
+            return []
+        stats = parameter_statistics(self.model, self._before_update)
+        self._before_update = None
+        self._records.append(stats)
+        writer = self.step_writer
+        for name, values in stats.items():
+            for key, value in values.items():
+                writer.add_scalar(f"{key}/{name}", value, self.steps)
+        epoch = self._history[-1]["epoch"] + 1 if self._history else 0
+        return nonfinite_values([summarize_epoch(epoch, self.steps, [stats])], self.thresholds)
 
     def log_parameters(self, model, step, per_step=False):
         """Log `<name>_data` and `<name>_grad` histograms at `step` (an epoch, or an optimizer step if per_step)."""
@@ -176,13 +370,40 @@ class TrainingMonitor:
                                          h.bucket_limits.tolist(), h.bucket_counts.tolist(), step)
         return histograms
 
-    def log_epoch(self, epoch, model, scalars, figures=()):
-        """Everything an epoch writes: the parameter histograms, {tag: value} scalars and {tag: Figure} images."""
+    def epoch_end(self, epoch, scalars, figures=(), classes=None, recall=None):
+        """Everything an epoch writes; returns the findings not reported before."""
+        model = self.model
         self.log_parameters(model, epoch)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, epoch)
-        for tag, figure in dict(figures).items():
-            self.writer.add_figure(tag, figure, epoch, close=False)
+        figures = dict(figures)
+        figures["gradient_flow"] = gradient_flow_figure(*gradient_flow(model), epoch)
+        if self.is_writer:
+            images = {tag: figure_to_array(figure) for tag, figure in figures.items()}  # each drawn once
+            for tag, image in images.items():
+                self.writer.add_image(tag, image, epoch, dataformats="HWC")
+            Image.fromarray(images["gradient_flow"]).save(os.path.join(self.log_dir, "gradient_flow.png"))
+
+        records = self._records or [parameter_statistics(model)]
+        self._records = []
+        self._history.append(summarize_epoch(epoch, self.steps, records))
+        findings = diagnose(self._history, self.thresholds)
+        if classes is not None:
+            findings += output_bias_skew(epoch, self.steps, *_output_bias(model, len(classes)), classes, recall,
+                                         self.thresholds)
+        self.findings += findings
+        self.writer.add_text("diagnosis", "\n\n".join(f"- {f}" for f in findings) or "No findings.", epoch)
+        if self.is_writer:
+            with open(os.path.join(self.log_dir, "diagnosis.json"), "w") as fh:
+                json.dump([f.to_json() for f in self.findings], fh, indent=2)
+        new = [f for f in findings if f.key not in self._reported]
+        self._reported.update(f.key for f in new)
+        return new
+
+    def log_hparams(self, hparams, metrics):
+        """The run's settings and final metrics in TensorBoard's HParams tab."""
+        self.writer.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                 for k, v in hparams.items()}, metrics, name=".", global_step=None)
 
     def flush(self):
         for writer in (self.writer, self._step_writer):
@@ -190,6 +411,7 @@ class TrainingMonitor:
                 writer.flush()
 
     def close(self):
+        self.unwatch()
         for writer in (self.writer, self._step_writer):
             if writer is not None:
                 writer.close()
@@ -199,3 +421,18 @@ class TrainingMonitor:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _output_bias(model, num_classes):
+    """(name, values) of the last bias with one value per class: the output layer's, for the bias-skew rule."""
+    for name, param in reversed(list(model.named_parameters())):
+        if name.endswith("bias") and param.numel() == num_classes:
+            return name, param.detach().float().cpu().tolist()
+    return None, None
+
+
+class _NullWriter:
+    """Stands in for the writer on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from data import build_loaders
+from diagnosis import Thresholds
 from monitor import TrainingMonitor
 from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_figure, show_confMat, validate
 
@@ -81,6 +82,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def key_value(value_type):
+    """argparse type for NAME=VALUE pairs."""
+    def parse(text):
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+        return name, value_type(value)
+    parse.__name__ = "NAME=VALUE"
+    return parse
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train the tutorial's CNN on an image list, writing weight and gradient histograms of every "
@@ -112,6 +124,20 @@ def build_parser():
     logging.add_argument("--hist-every", type=non_negative_int, default=0,
                          help="also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only")
     logging.add_argument("--print-every", type=positive_int, default=10, help="iterations between progress lines")
+    watch = parser.add_argument_group("diagnosis (see README: The diagnosis)")
+    watch.add_argument("--stats-every", type=non_negative_int, default=20,
+                       help="log per-layer statistics every N optimizer steps; 0: once per epoch")
+    watch.add_argument("--stop-on-nonfinite", action="store_true",
+                       help="stop at the first NaN or Inf in the loss or the logged gradients (checks the loss "
+                            "every step)")
+    watch.add_argument("--threshold", action="append", type=key_value(float), default=[], metavar="NAME=VALUE",
+                       help=f"change a diagnosis threshold (repeatable); names: {', '.join(Thresholds.names())}")
+    optim.add_argument("--layer-lr", action="append", type=key_value(positive_float), default=[],
+                       metavar="NAME=FACTOR", help="multiply the learning rate of a parameter or module prefix, "
+                                                   "e.g. conv1=10 (repeatable)")
+    optim.add_argument("--layer-wd", action="append", type=key_value(non_negative_float), default=[],
+                       metavar="NAME=VALUE", help="weight decay of a parameter or module prefix, e.g. fc1=5e-4 "
+                                                  "(repeatable)")
     logging.add_argument("--resume", type=run_folder, default=None, metavar="RUN_DIR",
                          help="continue the run in RUN_DIR from its last checkpoint; options given with it override "
                               "the saved ones (e.g. --epochs)")
@@ -122,17 +148,56 @@ def parse_args(argv=None):
     """Parse the command line; with --resume, the run's saved arguments are the defaults."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume is None:
-        return args
-    run_dir = args.resume
-    saved = json.loads((run_dir / "args.json").read_text())
-    known = {action.dest for action in parser._actions}
-    saved = {key: value for key, value in saved.items() if key in known}
-    for key in ("data", "log_dir"):
-        saved[key] = Path(saved[key])
-    args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-    args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
+    if args.resume is not None:
+        run_dir = args.resume
+        saved = json.loads((run_dir / "args.json").read_text())
+        known = {action.dest for action in parser._actions}
+        saved = {key: value for key, value in saved.items() if key in known}
+        for key in ("data", "log_dir"):
+            saved[key] = Path(saved[key])
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
+        args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
+    try:
+        args.thresholds = Thresholds().replace(dict(args.threshold))
+    except ValueError as err:
+        parser.error(f"argument --threshold: {err}")
     return args
+
+
+def param_groups(model, lr, weight_decay, layer_lr=(), layer_wd=()):
+    """Optimizer parameter groups from NAME=FACTOR learning-rate factors and NAME=VALUE weight decays.
+
+    NAME is a parameter name or a module prefix ('conv1' covers conv1.weight and conv1.bias);
+    the longest matching prefix wins. Raises ValueError for a NAME that matches nothing.
+    """
+    named = list(model.named_parameters())
+
+    def matches(prefix, name):
+        return name == prefix or name.startswith(prefix + ".")
+
+    for prefix, _ in [*layer_lr, *layer_wd]:
+        if not any(matches(prefix, name) for name, _ in named):
+            raise ValueError(f"'{prefix}' names no parameter or module; parameters are: "
+                             f"{', '.join(name for name, _ in named)}")
+
+    def setting(rules, name, default):
+        best = max((p for p, _ in rules if matches(p, name)), key=len, default=None)
+        return dict(rules)[best] if best is not None else default
+
+    groups = {}
+    for name, param in named:
+        key = (lr * setting(layer_lr, name, 1.0), setting(layer_wd, name, weight_decay))
+        groups.setdefault(key, []).append(param)
+    return [{"params": params, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), params in groups.items()]
+
+
+def hyperparameters(args):
+    """The settings shown in TensorBoard's HParams tab."""
+    keys = ("lr", "batch_size", "momentum", "dampening", "weight_decay", "epochs", "step_size", "gamma", "seed")
+    values = {key: getattr(args, key) for key in keys}
+    values["layer_lr"] = ",".join(f"{n}={v:g}" for n, v in args.layer_lr) or "-"
+    values["layer_wd"] = ",".join(f"{n}={v:g}" for n, v in args.layer_wd) or "-"
+    return values
 
 
 class RunError(Exception):
@@ -213,8 +278,11 @@ def train(args):
     net.initialize_weights()
     net.to(device)
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
-                                dampening=args.dampening, weight_decay=args.weight_decay)
+    try:
+        groups = param_groups(net, args.lr, args.weight_decay, args.layer_lr, args.layer_wd)
+    except ValueError as err:
+        raise RunError(f"--layer-lr/--layer-wd: {err}") from None
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, dampening=args.dampening)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
 
     # Where to start: a new run at epoch 0, a resumed one where its last checkpoint left off.
@@ -234,7 +302,8 @@ def train(args):
                   f"to train it further")
             return 0
         print(f"Resuming {run_dir} at epoch {start_epoch + 1}, iteration {start_batch + 1}")
-    saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+                  if key != "thresholds"}
     (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2) + "\n")
     print(f"Run folder: {run_dir}   device: {device}   classes: {len(classes)}   "
           f"parameters: {sum(p.numel() for p in net.parameters()):,}")
@@ -250,8 +319,9 @@ def train(args):
               f"Resume with: python train.py --resume {run_dir}", file=sys.stderr)
 
     resumed = args.resume is not None
-    monitor = TrainingMonitor(run_dir, purge_epoch=start_epoch if resumed else None,
-                              purge_step=step + 1 if resumed else None)
+    monitor = TrainingMonitor(run_dir, stats_every=args.stats_every, hist_every=args.hist_every,
+                              thresholds=args.thresholds, purge_epoch=start_epoch if resumed else None,
+                              purge_step=step + 1 if resumed else None, start_step=step).watch(net, optimizer)
     sampler = train_loader.batch_sampler
     with monitor, StopRequest() as stop_request:
         for epoch in range(start_epoch, args.epochs):
@@ -259,7 +329,8 @@ def train(args):
             sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
             if epoch != start_epoch or start_batch == 0:
                 totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
-            lr = optimizer.param_groups[0]["lr"]
+            group = optimizer.param_groups[0]  # the base learning rate, as StepLR has decayed it so far
+            lr = args.lr * group["lr"] / group["initial_lr"]
             epoch_start, epoch_images = time.perf_counter(), 0
             # running sums stay on the device between progress lines
             window_loss = torch.zeros((), device=device)
@@ -288,8 +359,15 @@ def train(args):
                     optimizer.step()
                     step += 1
                     done += 1
-                    if args.hist_every and step % args.hist_every == 0:
-                        monitor.log_parameters(net, step, per_step=True)
+                    urgent = monitor.step()  # statistics and step histograms, when due
+                    # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
+                    if args.stop_on_nonfinite and (urgent or not math.isfinite(loss.item())):
+                        save_checkpoint(run_dir / "nonfinite.pt", checkpoint_state(epoch, done))
+                        print(f"Stopped: non-finite {'gradients in ' + ', '.join(urgent[0].parameters) if urgent else 'loss'} "
+                              f"at step {step} (epoch {epoch + 1}). This state is in {run_dir / 'nonfinite.pt'}; "
+                              f"last.pt holds the last good epoch. Lower --lr or clip gradients, then resume with: "
+                              f"python train.py --resume {run_dir} --lr <smaller>", file=sys.stderr)
+                        return 3
 
                     window_loss += loss.detach() * labels.size(0)
                     window_correct += (outputs.argmax(dim=1) == labels).sum()
@@ -317,11 +395,14 @@ def train(args):
                        "valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": epoch_images / train_seconds}
             metrics.update({f"valid_recall/{name}": r for name, r in zip(classes, recall) if not np.isnan(r)})
             metrics.update({f"valid_precision/{name}": p for name, p in zip(classes, precision) if not np.isnan(p)})
-            monitor.log_epoch(epoch, net, metrics,
-                              {"valid/confusion_matrix": confusion_matrix_figure(conf_mat, classes, "valid")})
+            new_findings = monitor.epoch_end(
+                epoch, metrics, {"valid/confusion_matrix": confusion_matrix_figure(conf_mat, classes, "valid")},
+                classes=classes, recall=[None if np.isnan(r) else float(r) for r in recall])
             print(f"Summary:  {format_epoch(epoch, args.epochs)} train loss {metrics['train/loss']:.4f} "
                   f"acc {metrics['train/accuracy']:.2%} | valid acc {accuracy:.2%} | lr {lr:.3g} | "
                   f"{metrics['train/images_per_second']:,.0f} images/s", flush=True)
+            for finding in new_findings:
+                print(f"Diagnosis: {finding}", flush=True)
 
             is_best = accuracy > best_accuracy
             best_accuracy = max(best_accuracy, accuracy)
@@ -336,6 +417,9 @@ def train(args):
                       file=sys.stderr)
                 return 130
 
+        monitor.log_hparams(hyperparameters(args), {"hparam/best_valid_accuracy": best_accuracy,
+                                                    "hparam/final_valid_accuracy": accuracy,
+                                                    "hparam/final_train_loss": metrics["train/loss"]})
     show_confMat(conf_mat, classes, "_valid_last", run_dir)
     print("Per-class results on the validation set (last epoch):")
     for name, r, p, n in zip(classes, recall, precision, conf_mat.sum(axis=1)):

@@ -102,7 +102,7 @@ def test_a_writer_reopened_within_the_same_second_keeps_earlier_events(tmp_path)
     model = nn.Linear(2, 2)
     for epoch in range(3):  # three monitors, as a run stopped and resumed twice in quick succession
         with TrainingMonitor(tmp_path, purge_epoch=epoch or None) as monitor:
-            monitor.log_epoch(epoch, model, {"loss": float(epoch)})
+            monitor.watch(model).epoch_end(epoch, {"loss": float(epoch)})
     events = load_events(tmp_path)
     assert [e.step for e in events.Histograms("weight_data")] == [0, 1, 2]
     assert [e.value for e in events.Scalars("loss")] == [0.0, 1.0, 2.0]
