@@ -33,7 +33,7 @@ class Thresholds:
     """... and still growing over this many epochs (the tutorial: below 0.3 at first, 0.6 and more later)."""
     bias_z: float = 3.5
     """Output bias skew: a class's bias lies this many robust standard deviations (1.4826 MAD) from the median ..."""
-    bias_min_deviation: float = 0.5
+    bias_min_deviation: float = 1.0
     """... and at least this far from it in absolute terms."""
     update_slow: float = 1e-6
     """Not learning: the median update-to-weight ratio ||dw|| / ||w|| of a layer over an epoch is below this."""
@@ -173,7 +173,8 @@ def update_ratio(history, t):
     slow, fast = {}, {}
     for name, s in now.get("layers", {}).items():
         ratio = s.get("update_ratio")
-        if not _finite(ratio) or s.get("weight_norm", 0) <= 0:
+        # weights only: a bias that starts at zero moves by a large fraction of its size early on, harmlessly
+        if not name.endswith("weight") or not _finite(ratio) or s.get("weight_norm", 0) <= 0:
             continue
         if ratio < t.update_slow:
             slow[name] = ratio

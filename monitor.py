@@ -354,7 +354,8 @@ class TrainingMonitor:
         writer = self.step_writer
         for name, values in stats.items():
             for key, value in values.items():
-                writer.add_scalar(f"{key}/{name}", value, self.steps)
+                if math.isfinite(value):  # a non-finite norm shows as nonfinite_share instead
+                    writer.add_scalar(f"{key}/{name}", value, self.steps)
         epoch = self._history[-1]["epoch"] + 1 if self._history else 0
         return nonfinite_values([summarize_epoch(epoch, self.steps, [stats])], self.thresholds)
 
@@ -400,10 +401,11 @@ class TrainingMonitor:
         self._reported.update(f.key for f in new)
         return new
 
-    def log_hparams(self, hparams, metrics):
-        """The run's settings and final metrics in TensorBoard's HParams tab."""
+    def log_hparams(self, hparams, metrics, epoch):
+        """The run's settings and final metrics in TensorBoard's HParams tab, at the last epoch's step
+        (so that a run resumed to train further replaces them)."""
         self.writer.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                 for k, v in hparams.items()}, metrics, name=".", global_step=None)
+                                 for k, v in hparams.items()}, metrics, name=".", global_step=epoch)
 
     def flush(self):
         for writer in (self.writer, self._step_writer):

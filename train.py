@@ -363,10 +363,12 @@ def train(args):
                     # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
                     if args.stop_on_nonfinite and (urgent or not math.isfinite(loss.item())):
                         save_checkpoint(run_dir / "nonfinite.pt", checkpoint_state(epoch, done))
-                        print(f"Stopped: non-finite {'gradients in ' + ', '.join(urgent[0].parameters) if urgent else 'loss'} "
-                              f"at step {step} (epoch {epoch + 1}). This state is in {run_dir / 'nonfinite.pt'}; "
-                              f"last.pt holds the last good epoch. Lower --lr or clip gradients, then resume with: "
-                              f"python train.py --resume {run_dir} --lr <smaller>", file=sys.stderr)
+                        what = "gradients in " + ", ".join(urgent[0].parameters) if urgent else "loss"
+                        then = (f"resume from the last good epoch with: python train.py --resume {run_dir} --lr SMALLER"
+                                if (run_dir / "last.pt").exists() else "start again with a smaller --lr")
+                        print(f"Stopped: non-finite {what} at step {step} (epoch {epoch + 1}); the state is in "
+                              f"{run_dir / 'nonfinite.pt'}. Lower the learning rate or clip gradients: {then}",
+                              file=sys.stderr)
                         return 3
 
                     window_loss += loss.detach() * labels.size(0)
@@ -419,7 +421,7 @@ def train(args):
 
         monitor.log_hparams(hyperparameters(args), {"hparam/best_valid_accuracy": best_accuracy,
                                                     "hparam/final_valid_accuracy": accuracy,
-                                                    "hparam/final_train_loss": metrics["train/loss"]})
+                                                    "hparam/final_train_loss": metrics["train/loss"]}, epoch)
     show_confMat(conf_mat, classes, "_valid_last", run_dir)
     print("Per-class results on the validation set (last epoch):")
     for name, r, p, n in zip(classes, recall, precision, conf_mat.sum(axis=1)):

@@ -196,3 +196,59 @@ def test_resume_from_an_older_checkpoint_purges_what_it_rewrites(data_dir, tmp_p
     assert histogram_steps(load_events(run / "steps")) == {tag: [5, 10, 15] for tag in HISTOGRAM_TAGS}
     assert [e.step for e in load_events(run).Scalars("train/loss")] == [0, 1, 2]
     assert torch.load(run / "last.pt", weights_only=True)["totals"]["seen"] == 24  # the last epoch's images only
+
+
+def test_stop_on_nonfinite_stops_with_the_state_and_says_why(data_dir, tmp_path, capsys):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--lr", "1e6", "--stop-on-nonfinite")) == 3
+    err = capsys.readouterr().err
+    assert "Stopped: non-finite" in err and "Lower the learning rate" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "r" / "nonfinite.pt", weights_only=True)
+    assert state["step"] >= 1
+
+
+def test_layer_lr_and_wd_build_parameter_groups():
+    net = Net(num_classes=4)
+    groups = train.param_groups(net, 0.01, 0.0, layer_lr=[("conv1", 10.0), ("conv1.bias", 2.0)],
+                                layer_wd=[("fc1", 5e-4)])
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    settings = {name: by_param[id(p)] for name, p in net.named_parameters()}
+    assert settings["conv1.weight"] == (pytest.approx(0.1), 0.0)
+    assert settings["conv1.bias"] == (pytest.approx(0.02), 0.0)  # the longest prefix wins
+    assert settings["fc1.weight"] == (0.01, 5e-4) and settings["fc1.bias"] == (0.01, 5e-4)
+    assert settings["fc3.weight"] == (0.01, 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(PARAMETERS)
+    with pytest.raises(ValueError, match="'conv9' names no parameter or module"):
+        train.param_groups(net, 0.01, 0.0, layer_lr=[("conv9", 2.0)])
+
+
+def test_layer_options_and_thresholds_from_the_command_line(data_dir, tmp_path, capsys):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--layer-lr", "conv1=10", "--layer-wd",
+                                 "fc3=1e-3", "--threshold", "bias_z=5", epochs=1)) == 0
+    optimizer = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["optimizer"]
+    assert sorted((g["lr"], g["weight_decay"]) for g in optimizer["param_groups"]) == [
+        (0.01, 0.0), (0.01, 1e-3), (pytest.approx(0.1), 0.0)]
+    assert train.main(train_args(data_dir, tmp_path, "--layer-lr", "conv9=2", epochs=1)) == 1
+    assert "error: --layer-lr/--layer-wd: 'conv9' names no parameter or module" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--threshold", "nope=1"])
+    assert "unknown threshold 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--layer-lr", "conv1"])
+    assert "expected NAME=VALUE, got 'conv1'" in capsys.readouterr().err
+
+
+def test_the_sample_data_trains_without_findings(tmp_path, capsys):
+    """The shipped data and default settings, for the first epochs, where the tutorial's small initialisation
+    makes training slowest: no rule fires."""
+    assert train.main(["--log-dir", str(tmp_path), "--run-name", "r", "--epochs", "4", "--data",
+                       str(ROOT / "Data")]) == 0
+    assert "Diagnosis:" not in capsys.readouterr().out
+    run = tmp_path / "r"
+    assert json.loads((run / "diagnosis.json").read_text()) == []
+    assert (run / "gradient_flow.png").is_file()
+    events = load_events(run)
+    assert [e.step for e in events.Images("gradient_flow")] == [0, 1, 2, 3]
+    steps = load_events(run / "steps")
+    assert [e.step for e in steps.Scalars("grad_norm/total")] == list(range(20, 361, 20))
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    assert [e.step for e in events.Scalars("hparam/best_valid_accuracy")] == [3]

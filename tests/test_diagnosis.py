@@ -1,0 +1,199 @@
+"""Each rule against a real training run that goes wrong in that way, and a healthy run that stays clean."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import load_events
+from diagnosis import Finding, Thresholds, output_bias_skew
+from monitor import TrainingMonitor
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def make_data(noise=0.0, n=512, features=20, seed=0):
+    """A 4-class problem with a linear rule; `noise` of the labels are replaced at random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = (x @ torch.randn(features, len(CLASSES), generator=g)).argmax(1)
+    flip = torch.rand(n, generator=g) < noise
+    return x, torch.where(flip, torch.randint(0, len(CLASSES), (n,), generator=g), y)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, len(CLASSES)))
+
+
+def deep_sigmoid(depth=8):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(20, 20), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(20, len(CLASSES)))
+
+
+def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None, batch=32):
+    """An ordinary training loop with the monitor's three calls; returns (all findings, urgent ones from step())."""
+    torch.manual_seed(0)
+    x, y = make_data(noise)
+    optimizer = torch.optim.SGD(groups or model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    urgent = []
+    with TrainingMonitor(log_dir, stats_every=4).watch(model, optimizer) as monitor:
+        for epoch in range(epochs):
+            for i in range(0, len(x), batch):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[i:i + batch]), y[i:i + batch]).backward()
+                optimizer.step()
+                urgent += monitor.step()
+            with torch.no_grad():
+                predicted = model(x).argmax(1)
+            recall = [((predicted == c) & (y == c)).sum().item() / (y == c).sum().item() for c in range(len(CLASSES))]
+            monitor.epoch_end(epoch, {"train/accuracy": (predicted == y).float().mean().item()},
+                              classes=CLASSES, recall=recall)
+    return monitor.findings, urgent
+
+
+def rules(findings):
+    return {f.rule for f in findings}
+
+
+def test_a_healthy_run_has_no_finding(tmp_path):
+    findings, urgent = train(mlp(), tmp_path, lr=0.02, weight_decay=5e-4, noise=0.2, epochs=10)
+    assert findings == [] and urgent == []
+    assert json.loads((tmp_path / "diagnosis.json").read_text()) == []
+    assert [e.step for e in load_events(tmp_path).Images("gradient_flow")] == list(range(10))
+
+
+def test_deep_sigmoid_network_has_vanishing_gradients(tmp_path):
+    findings, _ = train(deep_sigmoid(), tmp_path, lr=0.05, epochs=2)
+    vanishing = [f for f in findings if f.rule == "vanishing_gradients"]
+    assert vanishing and vanishing[0].parameters[0] == "0.weight"
+    assert vanishing[0].evidence["ratio_first_to_last"] < Thresholds().vanishing_ratio
+    assert "residual" in vanishing[0].suggestion
+    assert "not_learning" in rules(findings)  # the early layers hardly move either
+
+
+def test_learning_rate_far_too_high_explodes(tmp_path):
+    findings, _ = train(mlp(), tmp_path, lr=2.0, epochs=6)
+    assert {"exploding_gradients", "moving_too_fast"} <= rules(findings)
+    exploding = next(f for f in findings if f.rule == "exploding_gradients")
+    assert exploding.evidence["factor"] >= Thresholds().exploding_factor
+
+
+def test_nonfinite_gradients_are_reported_at_once_and_at_the_epoch(tmp_path):
+    findings, urgent = train(mlp(), tmp_path, lr=50.0, epochs=2)
+    assert urgent and urgent[0].rule == "nonfinite_gradients"
+    assert "nonfinite_gradients" in rules(findings)
+    nonfinite = next(f for f in findings if f.rule == "nonfinite_gradients")
+    assert all(0 < share <= 1 for share in nonfinite.evidence["nonfinite_share"].values())
+
+
+def test_weights_growing_without_decay_and_not_with_it(tmp_path):
+    findings, _ = train(mlp(), tmp_path / "plain", lr=0.05, epochs=6)
+    growing = [f for f in findings if f.rule == "weights_growing"]
+    assert growing and growing[0].parameters == ["2.weight"]
+    assert growing[0].evidence["max_abs_weight"] > Thresholds().weight_max_abs
+    assert "--layer-wd 2.weight=" in growing[0].suggestion
+
+    model = mlp()  # acting on the finding: weight decay for that layer
+    groups = [{"params": [p for n, p in model.named_parameters() if n != "2.weight"]},
+              {"params": [model[2].weight], "weight_decay": 2e-2}]
+    findings, _ = train(model, tmp_path / "decayed", lr=0.05, epochs=6, groups=groups)
+    assert "weights_growing" not in rules(findings)
+
+
+def test_skewed_output_bias_is_reported_with_the_class_recall(tmp_path):
+    model = mlp()
+    with torch.no_grad():
+        model[2].bias[2] = -8.0  # class 'c' is then almost never predicted
+    findings, _ = train(model, tmp_path, lr=0.01, epochs=2)
+    skew = [f for f in findings if f.rule == "output_bias_skew"]
+    assert skew and skew[0].parameters == ["2.bias[2]"] and skew[0].evidence["class"] == "c"
+    assert skew[0].evidence["validation_recall"] < 0.2
+    assert "recall" in skew[0].message
+
+
+def test_a_learning_rate_far_too_small_is_not_learning(tmp_path):
+    findings, _ = train(mlp(), tmp_path, lr=1e-9, epochs=2)
+    assert rules(findings) == {"not_learning"}
+    assert set(findings[0].parameters) == {"0.weight", "2.weight"}
+
+
+def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
+    model = deep_sigmoid(depth=6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = make_data()
+    reported = []
+    with TrainingMonitor(tmp_path, stats_every=2).watch(model, optimizer) as monitor:
+        for epoch in range(3):
+            for i in range(0, 128, 32):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+                optimizer.step()
+                monitor.step()
+            reported.append(monitor.epoch_end(epoch, {}))
+    saved = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert {"rule", "parameters", "epoch", "step", "evidence", "message", "suggestion"} == set(saved[0])
+    assert [Finding(**item) for item in saved] == monitor.findings
+    keys = [f.key for epoch_findings in reported for f in epoch_findings]
+    assert reported[0] and len(keys) == len(set(keys))  # the same finding is reported once
+    assert len(keys) < len(monitor.findings)  # though it is recorded at every epoch it holds
+    texts = load_events(tmp_path).Tensors("diagnosis/text_summary")
+    assert [t.step for t in texts] == [0, 1, 2] and b"vanishing_gradients" in texts[0].tensor_proto.string_val[0]
+
+    # a resumed monitor keeps what came before the epoch it rewrites
+    resumed = TrainingMonitor(tmp_path, purge_epoch=2)
+    assert {f.epoch for f in resumed.findings} == {0, 1}
+    resumed.close()
+
+
+def test_statistics_are_logged_per_step(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    x, y = make_data()
+    with TrainingMonitor(tmp_path, stats_every=3).watch(model, optimizer) as monitor:
+        for i in range(0, 320, 32):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+            before = model[0].weight.detach().clone()
+            optimizer.step()
+            if monitor.steps + 1 == 9:
+                expected_ratio = ((model[0].weight - before).norm() / model[0].weight.norm()).item()
+                expected_norm = model[0].weight.grad.norm().item()
+            monitor.step()
+    events = load_events(tmp_path / "steps")
+    assert [e.step for e in events.Scalars("update_ratio/0.weight")] == [3, 6, 9]
+    assert events.Scalars("update_ratio/0.weight")[-1].value == pytest.approx(expected_ratio, rel=1e-4)
+    assert events.Scalars("grad_norm/0.weight")[-1].value == pytest.approx(expected_norm, rel=1e-4)
+    assert {"weight_norm/0.weight", "max_abs_weight/2.bias", "grad_norm/total", "nonfinite_share/2.weight"} <= \
+        set(events.Tags()["scalars"])
+
+
+def test_watch_validates_and_unwatch_removes_its_hook(tmp_path):
+    model, optimizer = mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path) as monitor:
+        with pytest.raises(TypeError, match="torch.nn.Module"):
+            monitor.watch("model")
+        with pytest.raises(RuntimeError, match="watch"):
+            monitor.step()
+        monitor.watch(model, optimizer)
+        assert len(optimizer._optimizer_step_pre_hooks) == 1
+        monitor.unwatch()
+        monitor.unwatch()
+        assert len(optimizer._optimizer_step_pre_hooks) == 0
+    with pytest.raises(ValueError, match="stats_every"):
+        TrainingMonitor(tmp_path, stats_every=-1)
+    with pytest.raises(TypeError, match="Thresholds"):
+        TrainingMonitor(tmp_path, thresholds={"bias_z": 3})
+
+
+def test_thresholds_are_configurable_by_name():
+    assert Thresholds().replace({"bias_z": "2.5"}).bias_z == 2.5
+    with pytest.raises(ValueError, match="unknown threshold 'bias'; known: vanishing_ratio"):
+        Thresholds().replace({"bias": 1})
+
+
+def test_bias_rule_with_identical_biases_but_one():
+    findings = output_bias_skew(0, 10, "fc.bias", [0.0, 0.0, 0.0, 3.0], CLASSES, [1.0, 1.0, 1.0, 0.5], Thresholds())
+    assert len(findings) == 1 and findings[0].evidence["class"] == "d" and math.isinf(findings[0].evidence["robust_z"])
