@@ -303,6 +303,8 @@ class TrainingMonitor:
         self.model = None
         self._hooks = {}
         self._before_update = None
+        self._stepped = False
+        self.skipped_steps = 0
         self._records = []
         self._history = []
         self.findings = self._load_findings(purge_epoch)
@@ -345,6 +347,7 @@ class TrainingMonitor:
         self.model = model
         if optimizer is not None:
             self._hooks["snapshot"] = optimizer.register_step_pre_hook(self._snapshot_before_update)
+            self._hooks["stepped"] = optimizer.register_step_post_hook(self._mark_stepped)
         return self
 
     def unwatch(self):
@@ -358,12 +361,26 @@ class TrainingMonitor:
         if self.stats_every and (self.steps + 1) % self.stats_every == 0:
             self._before_update = {name: p.detach().clone() for name, p in self.model.named_parameters()}
 
+    def _mark_stepped(self, optimizer, args, kwargs):
+        self._stepped = True
+
     def step(self):
         """Call once per optimizer step, after it and before zero_grad(). Returns the step's urgent findings
-        (non-finite gradients) when statistics were taken, else an empty list."""
+        (non-finite gradients) when statistics were taken, else an empty list.
+
+        Under AMP, GradScaler skips the optimizer step when the scaled gradients overflow; with the
+        optimizer watched, such a step is counted (scalar amp/skipped_steps) and not examined, since
+        its gradients are infinite by design."""
         if self.model is None:
             raise RuntimeError("call watch(model) before step()")
         self.steps += 1
+        if "stepped" in self._hooks:
+            stepped, self._stepped = self._stepped, False
+            if not stepped:
+                self.skipped_steps += 1
+                self._before_update = None
+                _add_scalars(self.step_writer, {"amp/skipped_steps": self.skipped_steps}, self.steps)
+                return []
         if self.hist_every and self.steps % self.hist_every == 0:
             self.log_parameters(self.model, self.steps, per_step=True)
         if not (self.stats_every and self.steps % self.stats_every == 0):

@@ -24,6 +24,9 @@ from diagnosis import Thresholds
 from monitor import TrainingMonitor
 from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_figure, show_confMat, validate
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -118,6 +121,8 @@ def build_parser():
     optim.add_argument("--gamma", type=positive_float, default=0.1, help="StepLR: decay factor")
     optim.add_argument("--seed", type=int, default=0, help="seeds the weights and the shuffling")
     optim.add_argument("--device", type=device_name, default="auto", help="auto picks CUDA when available")
+    optim.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                       help="mixed precision: autocast to bf16, or to fp16 with a GradScaler (fp16 needs CUDA)")
     logging = parser.add_argument_group("logging")
     logging.add_argument("--log-dir", type=Path, default=Path("Result"), help="where run folders go")
     logging.add_argument("--run-name", default=None, help="run folder name under --log-dir (default: the start time, e.g. 20261126-171500)")
@@ -263,6 +268,8 @@ def format_epoch(epoch, epochs):
 def train(args):
     """The whole run: data, model, the epoch loop, logging and checkpoints. Returns the process exit code."""
     device = resolve_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise RunError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     start = time.perf_counter()
     train_loader, valid_loader, classes, cached = build_loaders(args.data, args.batch_size, args.seed, device,
                                                                 args.workers, args.cache)
@@ -284,6 +291,7 @@ def train(args):
         raise RunError(f"--layer-lr/--layer-wd: {err}") from None
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, dampening=args.dampening)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     # Where to start: a new run at epoch 0, a resumed one where its last checkpoint left off.
     start_epoch, start_batch, step, best_accuracy, totals = 0, 0, 0, 0.0, {}
@@ -295,6 +303,8 @@ def train(args):
         net.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, start_batch = checkpoint["epoch"], checkpoint["batches_done"]
         step, best_accuracy, totals = checkpoint["step"], checkpoint["best_accuracy"], checkpoint["totals"]
         if start_epoch >= args.epochs:
@@ -310,6 +320,7 @@ def train(args):
 
     def checkpoint_state(epoch, batches_done):
         return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
                 "epoch": epoch, "batches_done": batches_done, "step": step, "best_accuracy": best_accuracy,
                 "totals": dict(totals), "classes": classes, "args": saved_args}
 
@@ -351,12 +362,14 @@ def train(args):
                 for inputs, labels in train_loader:
                     inputs = inputs.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
-                    # forward, backward, update
+                    # forward (autocast under --amp), backward, update
                     optimizer.zero_grad(set_to_none=True)
-                    outputs = net(inputs)
-                    loss = criterion(outputs, labels)
-                    loss.backward()
-                    optimizer.step()
+                    with torch.autocast(device.type, dtype=AMP_DTYPES.get(args.amp), enabled=args.amp != "off"):
+                        outputs = net(inputs)
+                        loss = criterion(outputs, labels)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)  # unscales the gradients first: the monitor sees true values
+                    scaler.update()
                     step += 1
                     done += 1
                     urgent = monitor.step()  # statistics and step histograms, when due

@@ -197,3 +197,85 @@ def test_thresholds_are_configurable_by_name():
 def test_bias_rule_with_identical_biases_but_one():
     findings = output_bias_skew(0, 10, "fc.bias", [0.0, 0.0, 0.0, 3.0], CLASSES, [1.0, 1.0, 1.0, 0.5], Thresholds())
     assert len(findings) == 1 and findings[0].evidence["class"] == "d" and math.isinf(findings[0].evidence["robust_z"])
+
+
+def grad_norm_logged(log_dir, name="grad_norm/0.weight"):
+    return [e.value for e in load_events(log_dir / "steps").Scalars(name)]
+
+
+def test_under_amp_the_monitor_sees_unscaled_gradients_and_skips_overflowed_steps(tmp_path):
+    x, y = make_data()
+    norms = {}
+    for scale in (None, 2.0 ** 16):
+        torch.manual_seed(0)
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
+        with TrainingMonitor(tmp_path / str(scale), stats_every=1).watch(model, optimizer) as monitor:
+            for i in range(0, 96, 32):
+                optimizer.zero_grad()
+                scaler.scale(nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32])).backward()
+                scaler.step(optimizer)  # unscale_, then step
+                scaler.update()
+                assert monitor.step() == []
+        norms[scale] = grad_norm_logged(tmp_path / str(scale))
+    assert norms[2.0 ** 16] == pytest.approx(norms[None], rel=1e-5)
+
+    model = mlp()  # a scale so large that the gradients overflow: GradScaler skips the step
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))
+    with TrainingMonitor(tmp_path / "overflow", stats_every=1).watch(model, optimizer) as monitor:
+        optimizer.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x[:32]), y[:32])).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert monitor.step() == [] and monitor.skipped_steps == 1
+    assert [e.value for e in load_events(tmp_path / "overflow" / "steps").Scalars("amp/skipped_steps")] == [1.0]
+
+
+def test_under_gradient_accumulation_the_accumulated_gradient_is_logged_once_per_step(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    x, y = make_data()
+    expected = []
+    with TrainingMonitor(tmp_path, stats_every=1).watch(model, optimizer) as monitor:
+        for i in range(0, 128, 64):
+            optimizer.zero_grad()
+            for j in (i, i + 32):  # two micro-batches per optimizer step
+                (nn.functional.cross_entropy(model(x[j:j + 32]), y[j:j + 32]) / 2).backward()
+            expected.append(model[0].weight.grad.norm().item())
+            optimizer.step()
+            monitor.step()
+    assert grad_norm_logged(tmp_path) == pytest.approx(expected, rel=1e-5)
+
+
+def _ddp_worker(rank, world_size, log_dir, port):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        model = nn.parallel.DistributedDataParallel(mlp())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+        x, y = make_data(seed=rank)  # each rank its own shard; DDP averages the gradients
+        with TrainingMonitor(log_dir, stats_every=1).watch(model, optimizer) as monitor:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+            optimizer.step()
+            monitor.step()
+            monitor.epoch_end(0, {"rank": float(rank)})
+            assert monitor.is_writer == (rank == 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_only_rank_0_writes_under_torch_distributed(tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2)
+    events = load_events(tmp_path)
+    assert [e.value for e in events.Scalars("rank")] == [0.0]  # rank 1 wrote nothing
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    assert (tmp_path / "diagnosis.json").is_file()
+    assert len(load_events(tmp_path / "steps").Scalars("grad_norm/module.0.weight")) == 1
