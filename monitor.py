@@ -1,11 +1,13 @@
-"""Watching training from the inside: weight and gradient histograms that are fast and never crash on NaN.
+"""Watching training from the inside: fast, NaN-safe histograms, per-layer statistics and a diagnosis.
 
     from monitor import TrainingMonitor
 
-    with TrainingMonitor("Result/my-run") as monitor:
+    with TrainingMonitor("Result/my-run").watch(model, optimizer) as monitor:
         for epoch in range(epochs):
-            ...                                   # train: forward, backward, step
-            monitor.log_epoch(epoch, model, {"valid/accuracy": acc})  # histograms and scalars
+            for inputs, labels in loader:
+                ...                    # zero_grad, forward, backward, optimizer.step()
+                monitor.step()         # before the next zero_grad()
+            findings = monitor.epoch_end(epoch, {"valid/accuracy": accuracy})
 
 Histograms are binned with torch on the tensor's own device into a fixed number of
 equal-width bins between the finite minimum and maximum, and all tensors of one call

@@ -279,3 +279,14 @@ def test_only_rank_0_writes_under_torch_distributed(tmp_path):
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
     assert (tmp_path / "diagnosis.json").is_file()
     assert len(load_events(tmp_path / "steps").Scalars("grad_norm/module.0.weight")) == 1
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The monitor in your own training loop"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert isinstance(json.loads((tmp_path / "Result" / "my-loop" / "diagnosis.json").read_text()), list)
+    assert len(load_events(tmp_path / "Result" / "my-loop").Histograms("0.weight_grad")) == 5
