@@ -409,14 +409,15 @@ class TrainingMonitor:
             writer._get_file_writer().add_summary(Summary(value=values), step)
         return histograms
 
-    def epoch_end(self, epoch, scalars, figures=(), classes=None, recall=None):
+    def epoch_end(self, epoch, scalars, images=(), classes=None, recall=None):
         """Everything an epoch writes; returns the findings not reported before."""
         model = self.model
         self.log_parameters(model, epoch)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, epoch)
         if self.is_writer:
-            images = {tag: figure_to_array(figure) for tag, figure in dict(figures).items()}
+            images = {tag: figure_to_array(image) if isinstance(image, Figure) else image
+                      for tag, image in dict(images).items()}
             images["gradient_flow"] = gradient_flow_image(*gradient_flow(model), epoch)
             for tag, image in images.items():
                 png = _add_image(self.writer, tag, image, epoch)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from data import build_loaders
 from diagnosis import Thresholds
 from monitor import TrainingMonitor
-from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_figure, show_confMat, validate
+from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_image, show_confMat, validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -411,7 +411,7 @@ def train(args):
             metrics.update({f"valid_recall/{name}": r for name, r in zip(classes, recall) if not np.isnan(r)})
             metrics.update({f"valid_precision/{name}": p for name, p in zip(classes, precision) if not np.isnan(p)})
             new_findings = monitor.epoch_end(
-                epoch, metrics, {"valid/confusion_matrix": confusion_matrix_figure(conf_mat, classes, "valid")},
+                epoch, metrics, {"valid/confusion_matrix": confusion_matrix_image(conf_mat, classes, "valid")},
                 classes=classes, recall=[None if np.isnan(r) else float(r) for r in recall])
             print(f"Summary:  {format_epoch(epoch, args.epochs)} train loss {metrics['train/loss']:.4f} "
                   f"acc {metrics['train/accuracy']:.2%} | valid acc {accuracy:.2%} | lr {lr:.3g} | "

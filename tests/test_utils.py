@@ -94,3 +94,14 @@ def test_unreadable_image_at_load_time_names_its_path(tmp_path):
     dataset = MyDataset(txt_path=tmp_path / "list.txt")
     with pytest.raises(ImageReadError, match=str(tmp_path / "bad.png")):
         dataset[0]
+
+
+def test_confusion_matrix_image_shades_cells_by_row_share():
+    from utils import confusion_matrix_image
+    conf_mat = np.array([[3, 1], [0, 4]])
+    image = confusion_matrix_image(conf_mat, ["cat", "dog"], "valid")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    greys = sorted({tuple(px) for px in image.reshape(-1, 3) if px[0] == px[1] == px[2]})
+    for share in (0.75, 0.25, 0.0, 1.0):  # every row-normalised share is a cell's grey level
+        level = int(round(255 * (1 - share)))
+        assert (level, level, level) in greys
