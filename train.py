@@ -301,8 +301,20 @@ def train(args):
             raise RunError(f"{args.data}: its classes differ from the ones {run_dir} was trained on; "
                                 f"resume with the same --data")
         net.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError:
+            raise RunError(f"{run_dir}: its optimizer has other parameter groups; resume with the run's own "
+                           f"--layer-lr/--layer-wd settings (see its args.json)") from None
         scheduler.load_state_dict(checkpoint["scheduler"])
+        saved_lr = checkpoint["args"]["lr"]
+        if args.lr != saved_lr:  # --lr given with --resume rescales every group's schedule
+            factor = args.lr / saved_lr
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+                group["initial_lr"] *= factor
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            print(f"Learning rate changed from {saved_lr:g} to {args.lr:g} (StepLR decays apply as before)")
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, start_batch = checkpoint["epoch"], checkpoint["batches_done"]

@@ -252,3 +252,13 @@ def test_the_sample_data_trains_without_findings(tmp_path, capsys):
     assert [e.step for e in steps.Scalars("grad_norm/total")] == list(range(20, 361, 20))
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     assert [e.step for e in events.Scalars("hparam/best_valid_accuracy")] == [3]
+
+
+def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path, capsys):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--layer-lr", "conv1=10", epochs=1)) == 0
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "2", "--lr", "0.001"]) == 0
+    assert "Learning rate changed from 0.01 to 0.001" in capsys.readouterr().out
+    groups = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted(g["lr"] for g in groups) == [pytest.approx(0.001), pytest.approx(0.01)]
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "3", "--layer-wd", "fc1=0.1"]) == 1
+    assert "its optimizer has other parameter groups" in capsys.readouterr().err
