@@ -25,6 +25,7 @@ from monitor import TrainingMonitor
 from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_image, show_confMat, validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TENSORBOARD_HISTOGRAM_STEPS = 100  # what TensorBoard's default loader keeps per histogram tag
 
 
 def positive_int(text):
@@ -341,6 +342,11 @@ def train(args):
         print(f"{why}: checkpoint saved at epoch {epoch + 1}, iteration {batches_done}. "
               f"Resume with: python train.py --resume {run_dir}", file=sys.stderr)
 
+    histogram_steps = max(args.epochs, len(train_loader) * args.epochs // args.hist_every if args.hist_every else 0)
+    if histogram_steps > TENSORBOARD_HISTOGRAM_STEPS:
+        print(f"Note: this run logs {histogram_steps} histogram steps per tag; TensorBoard shows a sample of "
+              f"{TENSORBOARD_HISTOGRAM_STEPS} unless started with: "
+              f"tensorboard --logdir {args.log_dir} --samples_per_plugin histograms=0")
     resumed = args.resume is not None
     monitor = TrainingMonitor(run_dir, stats_every=args.stats_every, hist_every=args.hist_every,
                               thresholds=args.thresholds, purge_epoch=start_epoch if resumed else None,

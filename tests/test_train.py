@@ -55,8 +55,12 @@ def test_without_cache_workers_decode_every_epoch(data_dir, tmp_path):
     assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
 
 
-def test_hist_every_logs_steps_on_their_own_axis(data_dir, tmp_path):
+def test_hist_every_logs_steps_on_their_own_axis(data_dir, tmp_path, capsys):
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--hist-every", "4")) == 0
+    assert "samples_per_plugin" not in capsys.readouterr().out  # 3 steps: TensorBoard keeps them all
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "many", "--hist-every", "1", epochs=17)) == 0
+    assert (f"this run logs 102 histogram steps per tag; TensorBoard shows a sample of 100 unless started with: "
+            f"tensorboard --logdir {tmp_path} --samples_per_plugin histograms=0") in capsys.readouterr().out
     assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
     assert histogram_steps(load_events(tmp_path / "r" / "steps")) == {tag: [4, 8, 12] for tag in HISTOGRAM_TAGS}
 
