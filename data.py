@@ -6,6 +6,7 @@ crop with 4 pixels of zero padding) and normalisation run on whole batches of te
 on the training device. Without it, the tutorial's MyDataset decodes every image every
 epoch in DataLoader worker processes.
 """
+import json
 import math
 import os
 import signal
@@ -103,6 +104,23 @@ def load_classes(data_dir, *lists):
         return read_classes(path)
     num_classes = 1 + max(label for samples in lists for _, label, _ in samples)
     return [str(i) for i in range(num_classes)]
+
+
+def load_normalisation(data_dir):
+    """(mean, std, where they came from): data_dir/stats.json (prepare_data.py stats) or the CIFAR-10 constants."""
+    path = Path(data_dir) / "stats.json"
+    if not path.is_file():
+        return CIFAR10_MEAN, CIFAR10_STD, (f"the tutorial's CIFAR-10 constants ({path} not found; "
+                                           f"python prepare_data.py stats {data_dir} computes it)")
+    try:
+        stats = json.loads(path.read_text())
+        mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError("needs three means and three positive standard deviations")
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataListError(f"{path}: unusable ({err}); recompute it with: "
+                            f"python prepare_data.py stats {data_dir} --force") from None
+    return mean, std, str(path)
 
 
 def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mean=CIFAR10_MEAN, std=CIFAR10_STD):

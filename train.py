@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data import build_loaders
+from data import build_loaders, load_normalisation
 from diagnosis import Thresholds
 from monitor import TrainingMonitor
 from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_image, show_confMat, validate
@@ -272,11 +272,13 @@ def train(args):
     if args.amp == "fp16" and device.type != "cuda":
         raise RunError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     start = time.perf_counter()
+    mean, std, normalisation = load_normalisation(args.data)
     train_loader, valid_loader, classes, cached = build_loaders(args.data, args.batch_size, args.seed, device,
-                                                                args.workers, args.cache)
+                                                                args.workers, args.cache, mean, std)
     print(f"Checked {train_loader.batch_sampler.size} training and {valid_loader.batch_sampler.size} validation "
           f"images in {time.perf_counter() - start:.1f}s; "
           f"{'decoded once, kept in memory' if cached else 'decoded every epoch (no cache)'}")
+    print(f"Normalising with {normalisation}")
     if not (args.data / "classes.txt").is_file():
         print(f"{args.data / 'classes.txt'} not found: naming the {len(classes)} classes 0..{len(classes) - 1}")
     run_dir = prepare_run_dir(args)
