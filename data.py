@@ -130,8 +130,8 @@ def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mea
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataListError(f"{data_dir}: data folder not found; pass --data DIR holding train.txt and valid.txt, "
-                            f"or regenerate the sample set with: python tools/make_sample_data.py")
+        raise DataListError(f"{data_dir}: data folder not found; pass --data DIR holding train.txt and valid.txt "
+                            f"(python prepare_data.py makes them from CIFAR-10 or a folder of images)")
     classes_path = data_dir / "classes.txt"
     num_classes = len(read_classes(classes_path)) if classes_path.is_file() else None
     lists = [read_image_list(data_dir / f"{split}.txt", num_classes) for split in ("train", "valid")]

@@ -13,7 +13,8 @@ label is the last word); a relative path is relative to the list file's folder.
 """
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def read_image_list(txt_path, num_classes=None):
     txt_path = Path(txt_path)
     if not txt_path.is_file():
         raise DataListError(f"{txt_path}: list file not found; it should hold one 'path label' line per image "
-                            f"(python tools/make_sample_data.py writes the sample data set)")
+                            f"(python prepare_data.py makes one from CIFAR-10 or a folder of images)")
     root = txt_path.resolve().parent
     samples = []
     with open(txt_path, encoding="utf-8") as fh:
@@ -98,25 +99,38 @@ def _decode(sample, size):
         return f"{where}: cannot read image '{path}' ({err}); replace the file or remove the line", None
     if size is None:
         return None, None
-    img = TF.center_crop(TF.resize(img, size), size)
+    if img.size != (size, size):  # most data sets are already the network's size: skip the no-op resize
+        img = TF.center_crop(TF.resize(img, size), size)
     return None, np.asarray(img).transpose(2, 0, 1)
 
 
-def check_images(samples, size=None, workers=4):
+def _decode_chunk(chunk, size):
+    return [_decode(sample, size) for sample in chunk]
+
+
+def check_images(samples, size=None, workers=None):
     """Decode every image once, raising DataListError for the first (in list order) that fails.
 
     With `size`, also return them as one uint8 tensor (N, 3, size, size), each resized so
     its short side is `size` and centre-cropped: the decoded-once cache of a data set.
+    Small images decode faster in one thread than in several (PIL holds the GIL for most of
+    the work), so large lists are spread over processes instead, in chunks.
     """
-    images = []
+    chunk = 2000
+    chunks = [samples[i:i + chunk] for i in range(0, len(samples), chunk)]
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
     progress = tqdm(total=len(samples), desc="Checking images", unit="img", leave=False,
                     disable=len(samples) < 5000 or not sys.stderr.isatty())
-    with ThreadPoolExecutor(max_workers=workers) as pool, progress:  # PIL decodes without holding the GIL
-        for problem, array in pool.map(lambda sample: _decode(sample, size), samples, chunksize=64):
-            progress.update()
-            if problem:
-                raise DataListError(problem)
-            images.append(array)
+    images = []
+    with progress, (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
+        results = pool.map(_decode_chunk, chunks, [size] * len(chunks)) if pool else \
+            (_decode_chunk(c, size) for c in chunks)
+        for decoded in results:
+            for problem, array in decoded:
+                if problem:
+                    raise DataListError(problem)
+                images.append(array)
+            progress.update(len(decoded))
     return torch.from_numpy(np.stack(images)) if size is not None else None
 
 
