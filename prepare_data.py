@@ -209,7 +209,8 @@ def find_images(src):
     src = Path(src)
     if not src.is_dir():
         raise PrepareError(f"{src}: folder not found; pass a folder with one sub-folder per class")
-    classes, skipped = {}, 0
+    classes = {}
+    skipped = sum(1 for p in src.iterdir() if p.is_file())  # files beside the class folders belong to no class
     for class_dir in sorted(p for p in src.iterdir() if p.is_dir()):
         images = []
         for root, dirs, files in os.walk(class_dir):

@@ -90,6 +90,7 @@ def make_tree(src):
             Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
     (src / "cat" / "notes.txt").write_text("not an image")
     (src / "fish" / "deep" / "Thumbs.db").write_bytes(b"\0")
+    (src / "README.txt").write_text("a file beside the class folders")
     return layout
 
 
@@ -98,7 +99,7 @@ def test_folder_tree_becomes_a_stratified_split_in_place(tmp_path, capsys):
     layout = make_tree(src)
     out = tmp_path / "lists"
     assert prepare_data.main(["folder", str(src), "--out", str(out), "--valid", "0.2", "--test", "0.2"]) == 0
-    assert "skipped (not images) 2" in capsys.readouterr().out
+    assert "skipped (not images) 3" in capsys.readouterr().out
     assert (out / "classes.txt").read_text().splitlines() == ["big dog", "cat", "fish"]
     rows = {split: read_list(out / f"{split}.txt") for split in ("train", "valid", "test")}
     for split, count in (("train", 3), ("valid", 1), ("test", 1)):  # per class
