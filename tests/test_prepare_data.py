@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -7,7 +6,7 @@ from PIL import Image
 
 import prepare_data
 import train
-from conftest import CIFAR_CLASSES, ROOT, make_cifar_archive, make_cifar_batches, make_data, run_script
+from conftest import CIFAR_CLASSES, make_cifar_archive, make_cifar_batches, make_data, run_script
 
 
 def read_list(path):
