@@ -27,10 +27,16 @@ PADDING = 4
 
 
 class EpochBatchSampler:
-    """Batches of indices whose order depends only on (seed, epoch), so a resumed epoch can skip what it has done."""
+    """Batches of indices whose order depends only on (seed, epoch), so a resumed epoch can skip what it has done.
 
-    def __init__(self, size, batch_size, seed=0, shuffle=True):
+    With world_size > 1 (torchrun), rank r takes every world_size-th index of the epoch's order, the order
+    padded with its first indices to a multiple of world_size, as DistributedSampler does: every rank has
+    the same number of batches.
+    """
+
+    def __init__(self, size, batch_size, seed=0, shuffle=True, rank=0, world_size=1):
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -42,11 +48,14 @@ class EpochBatchSampler:
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
+        if self.world_size > 1:
+            padded = math.ceil(self.size / self.world_size) * self.world_size
+            order = torch.cat([order, order[:padded - self.size]])[self.rank::self.world_size]
         for batch in order.split(self.batch_size)[self.start:]:
             yield batch.tolist()
 
     def __len__(self):
-        return math.ceil(self.size / self.batch_size)
+        return math.ceil(math.ceil(self.size / self.world_size) / self.batch_size)
 
 
 def random_crop(images, padding):
@@ -123,10 +132,12 @@ def load_normalisation(data_dir):
     return mean, std, str(path)
 
 
-def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mean=CIFAR10_MEAN, std=CIFAR10_STD):
+def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                  rank=0, world_size=1):
     """Check data_dir's lists and every image, then return (train batches, valid batches, classes, cached).
 
-    The train batches' `batch_sampler` is an EpochBatchSampler. Raises DataListError.
+    The train batches' `batch_sampler` is an EpochBatchSampler, sharded by rank under torchrun; every rank
+    validates on the whole validation set. Raises DataListError.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -136,7 +147,7 @@ def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mea
     num_classes = len(read_classes(classes_path)) if classes_path.is_file() else None
     lists = [read_image_list(data_dir / f"{split}.txt", num_classes) for split in ("train", "valid")]
     classes = load_classes(data_dir, *lists)
-    train_sampler = EpochBatchSampler(len(lists[0]), batch_size, seed)
+    train_sampler = EpochBatchSampler(len(lists[0]), batch_size, seed, rank=rank, world_size=world_size)
     valid_sampler = EpochBatchSampler(len(lists[1]), batch_size * 4, shuffle=False)
     cached = cache == "yes" or (cache == "auto" and cache_fits(sum(map(len, lists))))
 

@@ -232,8 +232,55 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+class Distributed:
+    """This process's place in a torchrun job (WORLD_SIZE, RANK and LOCAL_RANK set by torchrun), or rank 0 of 1.
+
+    Every rank runs the same loop on its shard of each epoch; rank 0 alone prints, writes events and
+    checkpoints. The collectives below are no-ops for a single process.
+    """
+
+    def __init__(self, device_name):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = resolve_device(device_name)
+        if self.world_size > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        if not self.is_main:  # one console for the job: the other ranks stay quiet
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+
+    def sum(self, values):
+        """Sum a list of numbers over all ranks."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def any(self, flag):
+        """True on every rank when it is true on one: a stop request must stop all ranks at the same step."""
+        return flag if self.world_size == 1 else self.sum([float(flag)])[0] > 0
+
+    def broadcast(self, value):
+        """Rank 0's value on every rank."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def save_checkpoint(path, state):
-    """Write atomically: a crash mid-save leaves the previous checkpoint intact."""
+    """Write atomically: a crash mid-save leaves the previous checkpoint intact. Only rank 0 writes."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -266,22 +313,26 @@ def format_epoch(epoch, epochs):
     return f"Epoch[{epoch + 1:0>3}/{epochs:0>3}]"
 
 
-def train(args):
+def train(args, dist):
     """The whole run: data, model, the epoch loop, logging and checkpoints. Returns the process exit code."""
-    device = resolve_device(args.device)
+    device = dist.device
     if args.amp == "fp16" and device.type != "cuda":
         raise RunError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     start = time.perf_counter()
     mean, std, normalisation = load_normalisation(args.data)
     train_loader, valid_loader, classes, cached = build_loaders(args.data, args.batch_size, args.seed, device,
-                                                                args.workers, args.cache, mean, std)
+                                                                args.workers, args.cache, mean, std,
+                                                                rank=dist.rank, world_size=dist.world_size)
     print(f"Checked {train_loader.batch_sampler.size} training and {valid_loader.batch_sampler.size} validation "
           f"images in {time.perf_counter() - start:.1f}s; "
           f"{'decoded once, kept in memory' if cached else 'decoded every epoch (no cache)'}")
     print(f"Normalising with {normalisation}")
     if not (args.data / "classes.txt").is_file():
         print(f"{args.data / 'classes.txt'} not found: naming the {len(classes)} classes 0..{len(classes) - 1}")
-    run_dir = prepare_run_dir(args)
+    if dist.is_main:
+        run_dir = prepare_run_dir(args)
+    args.run_name = dist.broadcast(args.run_name)
+    run_dir = args.log_dir / args.run_name
 
     torch.manual_seed(args.seed)
     net = Net(num_classes=len(classes))
@@ -329,7 +380,8 @@ def train(args):
         print(f"Resuming {run_dir} at epoch {start_epoch + 1}, iteration {start_batch + 1}")
     saved_args = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
                   if key != "thresholds"}
-    (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2) + "\n")
+    if dist.is_main:
+        (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2) + "\n")
     print(f"Run folder: {run_dir}   device: {device}   classes: {len(classes)}   "
           f"parameters: {sum(p.numel() for p in net.parameters()):,}")
 
@@ -349,6 +401,8 @@ def train(args):
         print(f"Note: this run logs {histogram_steps} histogram steps per tag; TensorBoard shows a sample of "
               f"{TENSORBOARD_HISTOGRAM_STEPS} unless started with: "
               f"tensorboard --logdir {args.log_dir} --samples_per_plugin histograms=0")
+    # DDP averages the gradients over the ranks during backward; net (its module) is what is logged and saved
+    model = torch.nn.parallel.DistributedDataParallel(net) if dist.world_size > 1 else net
     resumed = args.resume is not None
     monitor = TrainingMonitor(run_dir, stats_every=args.stats_every, hist_every=args.hist_every,
                               thresholds=args.thresholds, purge_epoch=start_epoch if resumed else None,
@@ -370,10 +424,11 @@ def train(args):
 
             def add_window():
                 nonlocal window_seen
-                # note: a CPU-GPU sync point, once per progress line
-                totals["loss_sum"] += window_loss.item()
-                totals["correct"] += window_correct.item()
-                totals["seen"] += window_seen
+                # note: a CPU-GPU sync point, once per progress line; sums over all ranks under torchrun
+                loss_sum, correct, seen = dist.sum([window_loss.item(), window_correct.item(), window_seen])
+                totals["loss_sum"] += loss_sum
+                totals["correct"] += int(correct)
+                totals["seen"] += int(seen)
                 window_loss.zero_()
                 window_correct.zero_()
                 window_seen = 0
@@ -385,7 +440,7 @@ def train(args):
                     # forward (autocast under --amp), backward, update
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(device.type, dtype=AMP_DTYPES.get(args.amp), enabled=args.amp != "off"):
-                        outputs = net(inputs)
+                        outputs = model(inputs)
                         loss = criterion(outputs, labels)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)  # unscales the gradients first: the monitor sees true values
@@ -413,7 +468,7 @@ def train(args):
                         print(f"Training: {format_epoch(epoch, args.epochs)} Iteration[{done:0>3}/{len(sampler):0>3}] "
                               f"Loss: {totals['loss_sum'] / totals['seen']:.4f} "
                               f"Acc: {totals['correct'] / totals['seen']:.2%}", flush=True)
-                    if stop_request.requested and done < len(sampler):
+                    if dist.any(stop_request.requested) and done < len(sampler):
                         add_window()
                         stop(epoch, done, "Stopped")
                         return 130
@@ -427,7 +482,7 @@ def train(args):
             scheduler.step()
             recall, precision = class_report(conf_mat)
             metrics = {"train/loss": totals["loss_sum"] / totals["seen"], "train/accuracy": totals["correct"] / totals["seen"],
-                       "valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": epoch_images / train_seconds}
+                       "valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": epoch_images * dist.world_size / train_seconds}
             metrics.update({f"valid_recall/{name}": r for name, r in zip(classes, recall) if not np.isnan(r)})
             metrics.update({f"valid_precision/{name}": p for name, p in zip(classes, precision) if not np.isnan(p)})
             new_findings = monitor.epoch_end(
@@ -445,8 +500,9 @@ def train(args):
             save_checkpoint(run_dir / "last.pt", state)
             if is_best:
                 save_checkpoint(run_dir / "best.pt", state)
-                show_confMat(conf_mat, classes, "_valid_best", run_dir)
-            if stop_request.requested and epoch + 1 < args.epochs:
+                if dist.is_main:
+                    show_confMat(conf_mat, classes, "_valid_best", run_dir)
+            if dist.any(stop_request.requested) and epoch + 1 < args.epochs:
                 monitor.flush()
                 print(f"Stopped after epoch {epoch + 1}. Resume with: python train.py --resume {run_dir}",
                       file=sys.stderr)
@@ -455,7 +511,8 @@ def train(args):
         monitor.log_hparams(hyperparameters(args), {"hparam/best_valid_accuracy": best_accuracy,
                                                     "hparam/final_valid_accuracy": accuracy,
                                                     "hparam/final_train_loss": metrics["train/loss"]}, epoch)
-    show_confMat(conf_mat, classes, "_valid_last", run_dir)
+    if dist.is_main:
+        show_confMat(conf_mat, classes, "_valid_last", run_dir)
     print("Per-class results on the validation set (last epoch):")
     for name, r, p, n in zip(classes, recall, precision, conf_mat.sum(axis=1)):
         print(f"  class {name:<12} images {n:<6} recall {percent(r)}  precision {percent(p)}")
@@ -474,8 +531,9 @@ def one_line(err):
 
 def main(argv=None):
     args = parse_args(argv)
+    dist = Distributed(args.device)
     try:
-        return train(args)
+        return train(args, dist)
     except (DataListError, ImageReadError, RunError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
@@ -487,6 +545,8 @@ def main(argv=None):
         else:
             print("Stopped before the first checkpoint; nothing to resume", file=sys.stderr)
         return 130
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -265,3 +265,26 @@ def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path, capsys):
     assert sorted(g["lr"] for g in groups) == [pytest.approx(0.001), pytest.approx(0.01)]
     assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "3", "--layer-wd", "fc1=0.1"]) == 1
     assert "its optimizer has other parameter groups" in capsys.readouterr().err
+
+
+def torchrun(*args):
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args)
+
+
+def test_torchrun_two_processes_train_one_run_and_resume(data_dir, tmp_path):
+    """Two gloo processes: metrics over the whole data set, one console, one set of events, and --resume."""
+    run = tmp_path / "r"
+    result = torchrun(*train_args(data_dir, tmp_path, "--run-name", "r"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Summary:") == 2  # rank 0 alone prints
+    assert "Iteration[003/003]" in result.stdout  # 24 images, 12 per rank, batches of 4
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    assert checkpoint["totals"]["seen"] == 24 and checkpoint["step"] == 6  # the whole data set, 3 steps an epoch
+    assert not any(name.startswith("module.") for name in checkpoint["model"])  # loads into a plain Net
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one writer, plus the HParams summary
+
+    result = torchrun("--resume", run, "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    assert "Resuming" in result.stdout
+    assert histogram_steps(load_events(run)) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 9
