@@ -59,14 +59,14 @@ class EpochBatchSampler:
 
 
 def random_crop(images, padding):
-    """Per-image random crop of a zero-padded (N, C, H, W) batch back to (H, W): RandomCrop(size, padding) batched."""
+    """Per-image random crop of a zero-padded (N, C, H, W) batch back to (H, W): RandomCrop(size, padding) batched.
+
+    unfold makes every possible crop a view, so choosing one per image is a single indexing operation."""
     n, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)
-    top = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
-    left = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
-    rows = (top + torch.arange(h, device=images.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
-    cols = (left + torch.arange(w, device=images.device)).view(n, 1, 1, w).expand(n, c, h, w)
-    return padded.gather(2, rows).gather(3, cols)
+    windows = F.pad(images, (padding,) * 4).unfold(2, h, 1).unfold(3, w, 1)  # (N, C, 2p+1, 2p+1, H, W), no copy
+    top = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
+    left = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
+    return windows[torch.arange(n, device=images.device), :, top, left]
 
 
 class CachedBatches:

@@ -105,3 +105,16 @@ def test_confusion_matrix_image_shades_cells_by_row_share():
     for share in (0.75, 0.25, 0.0, 1.0):  # every row-normalised share is a cell's grey level
         level = int(round(255 * (1 - share)))
         assert (level, level, level) in greys
+
+
+def test_batched_random_crop_equals_cropping_the_padded_images_one_by_one():
+    import torch.nn.functional as F
+    from data import random_crop
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(3)
+    cropped = random_crop(images, 4)
+    torch.manual_seed(3)
+    top, left = torch.randint(0, 9, (8,)), torch.randint(0, 9, (8,))
+    padded = F.pad(images, (4,) * 4)
+    expected = torch.stack([padded[i, :, top[i]:top[i] + 32, left[i]:left[i] + 32] for i in range(8)])
+    assert torch.equal(cropped, expected) and not torch.equal(cropped, images)

@@ -1,0 +1,119 @@
+"""Training throughput at batch 16 on CIFAR-sized PNGs: the tutorial's loop, train.py, and the compute ceiling.
+
+    python bench/pipeline.py                    # 5,000 generated 32x32 PNGs, 3 epochs each, medians
+
+In one process, on the same images and the same model step (the tutorial's Net, SGD with momentum):
+- the tutorial's loop: MyDataset decoding each PNG with PIL every epoch, DataLoader without workers;
+- train.py as users run it (its cache, its monitor at the defaults), images/s from its summary line;
+- the compute ceiling: the same step on batches already in memory as tensors.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision.transforms as transforms
+from PIL import Image
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from utils import MyDataset, Net  # noqa: E402
+
+BATCH = 16
+
+
+def make_images(folder, count, seed=0):
+    """`count` 32x32 RGB PNGs of smooth random blobs (10 classes) and their lists."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    (folder / "img").mkdir(parents=True)
+    lines = []
+    for i in range(count):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((32, 32), Image.Resampling.BICUBIC).save(folder / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png {i % 10}\n")
+    (folder / "train.txt").write_text("".join(lines))
+    (folder / "valid.txt").write_text("".join(lines[:200]))
+    return folder
+
+
+def model_step():
+    torch.manual_seed(0)
+    net = Net()
+    net.initialize_weights()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9, dampening=0.1)
+    criterion = nn.CrossEntropyLoss()
+
+    def step(inputs, labels):
+        optimizer.zero_grad()
+        criterion(net(inputs), labels).backward()
+        optimizer.step()
+    return step
+
+
+def tutorial_loop(data_dir, epochs):
+    normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
+    dataset = MyDataset(txt_path=data_dir / "train.txt", transform=transforms.Compose([
+        transforms.Resize(32), transforms.RandomCrop(32, padding=4), transforms.ToTensor(), normalize]))
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    step = model_step()
+    rates = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for inputs, labels in loader:
+            step(inputs, labels)
+        rates.append(len(dataset) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def ceiling(count, epochs):
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(BATCH, 3, 32, 32, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
+               for _ in range(count // BATCH)]
+    step = model_step()
+    rates = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for inputs, labels in batches:
+            step(inputs, labels)
+        rates.append(len(batches) * BATCH / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def train_py(data_dir, epochs, log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train.main(["--data", str(data_dir), "--log-dir", str(log_dir), "--run-name", "bench", "--epochs",
+                str(epochs + 1), "--batch-size", str(BATCH), "--lr", "0.001", "--print-every", "100000"])
+    events = EventAccumulator(str(Path(log_dir) / "bench"))
+    events.Reload()
+    return statistics.median(e.value for e in events.Scalars("train/images_per_second")[1:])  # after epoch 1
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per variant")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = make_images(Path(tmp) / "data", args.images)
+        results = {"compute ceiling (tensors in memory)": ceiling(args.images, args.epochs),
+                   "tutorial loop (PIL per image, no workers)": tutorial_loop(data_dir, args.epochs),
+                   "train.py (cache + monitor defaults)": train_py(data_dir, args.epochs, Path(tmp) / "runs")}
+    top = results["compute ceiling (tensors in memory)"]
+    print(f"\nbatch {BATCH}, {args.images} images, {torch.get_num_threads()} threads, medians of {args.epochs} epochs")
+    print(f"{'':44}{'images/s':>10}{'of ceiling':>12}")
+    for name, rate in results.items():
+        print(f"{name:44}{rate:>10,.0f}{rate / top:>12.0%}")
+
+
+if __name__ == "__main__":
+    main()
