@@ -1,13 +1,17 @@
 """Training throughput at batch 16 on CIFAR-sized PNGs: the tutorial's loop, train.py, and the compute ceiling.
 
-    python bench/pipeline.py                    # 5,000 generated 32x32 PNGs, 3 epochs each, medians
+    python bench/pipeline.py                    # 5,000 generated 32x32 PNGs, 5 rounds, medians
 
-In one process, on the same images and the same model step (the tutorial's Net, SGD with momentum):
+In one process, on the same images and the same model step (the tutorial's Net, SGD with momentum),
+in rounds that take one epoch of each variant in turn (so that a slower spell of the machine hits all
+three alike):
 - the tutorial's loop: MyDataset decoding each PNG with PIL every epoch, DataLoader without workers;
 - train.py as users run it (its cache, its monitor at the defaults), images/s from its summary line;
 - the compute ceiling: the same step on batches already in memory as tensors.
 """
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -59,60 +63,53 @@ def model_step():
     return step
 
 
-def tutorial_loop(data_dir, epochs):
-    normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
-    dataset = MyDataset(txt_path=data_dir / "train.txt", transform=transforms.Compose([
-        transforms.Resize(32), transforms.RandomCrop(32, padding=4), transforms.ToTensor(), normalize]))
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
-    step = model_step()
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for inputs, labels in loader:
-            step(inputs, labels)
-        rates.append(len(dataset) / (time.perf_counter() - start))
-    return statistics.median(rates)
+def timed_epoch(step, batches, images):
+    start = time.perf_counter()
+    for inputs, labels in batches:
+        step(inputs, labels)
+    return images / (time.perf_counter() - start)
 
 
-def ceiling(count, epochs):
-    generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(BATCH, 3, 32, 32, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
-               for _ in range(count // BATCH)]
-    step = model_step()
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for inputs, labels in batches:
-            step(inputs, labels)
-        rates.append(len(batches) * BATCH / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
-def train_py(data_dir, epochs, log_dir):
+def train_py_epoch(data_dir, log_dir, round_):
+    """One train.py run of 2 epochs; the second epoch's images/s as its summary line reports it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train.main(["--data", str(data_dir), "--log-dir", str(log_dir), "--run-name", "bench", "--epochs",
-                str(epochs + 1), "--batch-size", str(BATCH), "--lr", "0.001", "--print-every", "100000"])
-    events = EventAccumulator(str(Path(log_dir) / "bench"))
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        train.main(["--data", str(data_dir), "--log-dir", str(log_dir), "--run-name", str(round_), "--epochs", "2",
+                    "--batch-size", str(BATCH), "--lr", "0.001", "--print-every", "100000"])
+    events = EventAccumulator(str(Path(log_dir) / str(round_)))
     events.Reload()
-    return statistics.median(e.value for e in events.Scalars("train/images_per_second")[1:])  # after epoch 1
+    return events.Scalars("train/images_per_second")[-1].value
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per variant")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of one epoch per variant")
     args = parser.parse_args()
+    normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
+    generator = torch.Generator().manual_seed(0)
+    in_memory = [(torch.randn(BATCH, 3, 32, 32, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
+                 for _ in range(args.images // BATCH)]
+    ceiling_step, tutorial_step = model_step(), model_step()
+    names = ["compute ceiling (tensors in memory)", "tutorial loop (PIL per image, no workers)",
+             "train.py (cache + monitor defaults)"]
+    rates = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_images(Path(tmp) / "data", args.images)
-        results = {"compute ceiling (tensors in memory)": ceiling(args.images, args.epochs),
-                   "tutorial loop (PIL per image, no workers)": tutorial_loop(data_dir, args.epochs),
-                   "train.py (cache + monitor defaults)": train_py(data_dir, args.epochs, Path(tmp) / "runs")}
+        dataset = MyDataset(txt_path=data_dir / "train.txt", transform=transforms.Compose([
+            transforms.Resize(32), transforms.RandomCrop(32, padding=4), transforms.ToTensor(), normalize]))
+        tutorial_loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
+        for round_ in range(args.rounds):
+            rates[names[0]].append(timed_epoch(ceiling_step, in_memory, len(in_memory) * BATCH))
+            rates[names[1]].append(timed_epoch(tutorial_step, tutorial_loader, len(dataset)))
+            rates[names[2]].append(train_py_epoch(data_dir, Path(tmp) / "runs", round_))
+    results = {name: statistics.median(values) for name, values in rates.items()}
     top = results["compute ceiling (tensors in memory)"]
-    print(f"\nbatch {BATCH}, {args.images} images, {torch.get_num_threads()} threads, medians of {args.epochs} epochs")
+    print(f"batch {BATCH}, {args.images} images, {torch.get_num_threads()} threads, medians of {args.rounds} rounds")
     print(f"{'':44}{'images/s':>10}{'of ceiling':>12}")
     for name, rate in results.items():
-        print(f"{name:44}{rate:>10,.0f}{rate / top:>12.0%}")
+        print(f"{name:44}{rate:>10,.0f}{rate / top:>12.0%}   (rounds: {', '.join(f'{r:,.0f}' for r in rates[name])})")
 
 
 if __name__ == "__main__":

@@ -288,3 +288,11 @@ def test_torchrun_two_processes_train_one_run_and_resume(data_dir, tmp_path):
     assert "Resuming" in result.stdout
     assert histogram_steps(load_events(run)) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 9
+
+
+def test_amp_bf16_trains_on_the_cpu_and_fp16_asks_for_cuda(data_dir, tmp_path, capsys):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--amp", "bf16", epochs=1)) == 0
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0] for tag in HISTOGRAM_TAGS}
+    if not torch.cuda.is_available():
+        assert train.main(train_args(data_dir, tmp_path, "--amp", "fp16", "--device", "cpu", epochs=1)) == 1
+        assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
