@@ -13,6 +13,12 @@ from monitor import TrainingMonitor
 CLASSES = ["a", "b", "c", "d"]
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Models are built before train() seeds: start every test from the same random state, whatever ran before."""
+    torch.manual_seed(0)
+
+
 def make_data(noise=0.0, n=512, features=20, seed=0):
     """A 4-class problem with a linear rule; `noise` of the labels are replaced at random."""
     g = torch.Generator().manual_seed(seed)

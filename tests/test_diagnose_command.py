@@ -1,0 +1,66 @@
+"""diagnose.py on logs written by this project, by tensorboardX's add_histogram and by torch.utils.tensorboard."""
+import json
+
+import torch
+import torch.nn as nn
+from tensorboardX import SummaryWriter as TensorboardXWriter
+from torch.utils.tensorboard import SummaryWriter as TorchWriter
+
+import diagnose
+from conftest import run_script
+from test_diagnosis import deep_sigmoid, make_data, mlp, train
+
+
+def log_with(writer, model, epochs, weight_tag, grad_tag, lr=0.05):
+    """A plain loop logging with writer.add_histogram under the given tag conventions, once per epoch."""
+    x, y = make_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for epoch in range(epochs):
+        for i in range(0, 256, 32):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+            optimizer.step()
+        for name, param in model.named_parameters():
+            writer.add_histogram(weight_tag.format(name), param.detach().numpy(), epoch)
+            writer.add_histogram(grad_tag.format(name), param.grad.numpy(), epoch)
+    writer.close()
+
+
+def rules(report, run):
+    return {finding["rule"] for finding in report[run]}
+
+
+def test_diagnose_reads_every_writer_and_convention(tmp_path, capsys):
+    torch.manual_seed(0)
+    train(deep_sigmoid(), tmp_path / "logs" / "monitor", lr=0.05, epochs=2)  # this project: <name>_data/_grad
+    log_with(TensorboardXWriter(str(tmp_path / "logs" / "tutorial")), deep_sigmoid(), 2, "{}_data", "{}_grad")
+    log_with(TorchWriter(str(tmp_path / "logs" / "torch")), deep_sigmoid(), 2, "weights/{}", "gradients/{}")
+    log_with(TensorboardXWriter(str(tmp_path / "logs" / "healthy")), mlp(), 3, "parameters/{}", "grad/{}", lr=0.02)
+    assert diagnose.main([str(tmp_path / "logs"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for run in ("monitor", "tutorial", "torch"):
+        assert "vanishing_gradients" in rules(report, run), run
+        vanishing = next(f for f in report[run] if f["rule"] == "vanishing_gradients")
+        assert vanishing["parameters"][0] == "0.weight"
+    assert report["healthy"] == []
+    assert diagnose.main([str(tmp_path / "logs" / "torch")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("torch: 2 steps, 18 parameters;") and "[vanishing_gradients]" in out
+
+
+def test_diagnose_explains_what_it_cannot_read(tmp_path, capsys):
+    assert diagnose.main([str(tmp_path)]) == 1
+    assert "no event files" in capsys.readouterr().err
+    assert diagnose.main([str(tmp_path / "missing")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+    writer = TensorboardXWriter(str(tmp_path / "other"))
+    writer.add_histogram("activations/relu1", torch.randn(100).numpy(), 0)
+    writer.add_scalar("loss", 1.0, 0)
+    writer.close()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "events.out.tfevents.1.host").write_bytes(b"\x00garbage" * 50)
+    result = run_script("diagnose.py", tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "other: no weight or gradient histograms recognised among 1 tags (e.g. activations/relu1)" in result.stdout
+    assert "broken: no readable event in its event files (corrupt" in result.stdout
