@@ -64,3 +64,13 @@ def test_diagnose_explains_what_it_cannot_read(tmp_path, capsys):
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "other: no weight or gradient histograms recognised among 1 tags (e.g. activations/relu1)" in result.stdout
     assert "broken: no readable event in its event files (corrupt" in result.stdout
+
+
+def test_a_truncated_event_file_is_read_up_to_where_it_breaks(tmp_path, capsys):
+    log_with(TensorboardXWriter(str(tmp_path / "run")), deep_sigmoid(), 3, "{}_data", "{}_grad")
+    event_file = next((tmp_path / "run").glob("events.out.tfevents.*"))
+    data = event_file.read_bytes()
+    event_file.write_bytes(data[:int(len(data) * 0.8)])  # as a writer killed mid-record leaves it
+    assert diagnose.main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("run: ") and "steps" in out and "[vanishing_gradients]" in out
