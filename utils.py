@@ -235,11 +235,17 @@ def class_report(conf_mat):
         return hits / conf_mat.sum(axis=1), hits / conf_mat.sum(axis=0)
 
 
+def row_shares(confusion_mat):
+    """Each row of a confusion matrix divided by its total (0 for a class without samples)."""
+    confusion_mat = np.asarray(confusion_mat)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num(confusion_mat / confusion_mat.sum(axis=1, keepdims=True))
+
+
 def confusion_matrix_figure(confusion_mat, classes, set_name):
     """A matplotlib Figure of the row-normalised confusion matrix, annotated with the counts."""
     confusion_mat = np.asarray(confusion_mat)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normalised = np.nan_to_num(confusion_mat / confusion_mat.sum(axis=1, keepdims=True))
+    normalised = row_shares(confusion_mat)
     size = max(4.0, 0.45 * len(classes) + 2.5)
     fig = Figure(figsize=(size + 1, size))  # no pyplot: safe in any thread, nothing left open
     ax = fig.add_subplot()
@@ -267,8 +273,7 @@ def confusion_matrix_image(confusion_mat, classes, set_name):
     grey is the row-normalised share, red the count. Columns are numbered; rows give number and name."""
     confusion_mat = np.asarray(confusion_mat)
     n = len(classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shares = np.nan_to_num(confusion_mat / confusion_mat.sum(axis=1, keepdims=True))
+    shares = row_shares(confusion_mat)
     font = ImageFont.load_default(size=12)
     cell = max(16, min(44, 520 // max(n, 1)))
     names = [f"{i} {str(c)[:14]}" for i, c in enumerate(classes)]
