@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from diagnosis import Thresholds, diagnose
+from diagnosis import Thresholds, diagnose, threshold_override
 
 WEIGHT_PREFIXES = ("weights/", "weight/", "parameters/", "params/", "param/")
 GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
@@ -98,13 +98,10 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, help="a run folder or a folder of runs")
     parser.add_argument("--json", action="store_true", help="print {run: [findings]} as JSON")
-    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--threshold", action="append", type=threshold_override, default=[], metavar="NAME=VALUE",
                         help=f"change a threshold (repeatable); names: {', '.join(Thresholds.names())}")
     args = parser.parse_args(argv)
-    try:
-        thresholds = Thresholds().replace(dict(item.split("=", 1) for item in args.threshold))
-    except ValueError as err:
-        parser.error(f"argument --threshold: {err}")
+    thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
     if not args.path.exists():
         print(f"error: {args.path}: not found; pass a run folder or a folder of runs", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ An epoch summary is a dict:
      "total_grad_norm_median": float}                 # median of the same logs
 Missing keys are allowed: a rule skips what it cannot see.
 """
+import argparse
 import math
 import statistics
 from dataclasses import asdict, dataclass, fields
@@ -52,6 +53,19 @@ class Thresholds:
                 raise ValueError(f"unknown threshold '{name}'; known: {', '.join(self.names())}")
             values[name] = type(values[name])(value)
         return Thresholds(**values)
+
+
+def threshold_override(text):
+    """argparse type for --threshold NAME=VALUE (train.py and diagnose.py): a known name and a number."""
+    name, sep, value = text.partition("=")
+    if name not in Thresholds.names():
+        raise argparse.ArgumentTypeError(f"unknown threshold '{name}'; known: {', '.join(Thresholds.names())}")
+    try:
+        if not sep:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a number, got '{text}'") from None
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from data import build_loaders, load_normalisation
-from diagnosis import Thresholds
+from diagnosis import Thresholds, threshold_override
 from monitor import TrainingMonitor
 from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_image, show_confMat, validate
 
@@ -137,7 +137,7 @@ def build_parser():
     watch.add_argument("--stop-on-nonfinite", action="store_true",
                        help="stop at the first NaN or Inf in the loss or the logged gradients (checks the loss "
                             "every step)")
-    watch.add_argument("--threshold", action="append", type=key_value(float), default=[], metavar="NAME=VALUE",
+    watch.add_argument("--threshold", action="append", type=threshold_override, default=[], metavar="NAME=VALUE",
                        help=f"change a diagnosis threshold (repeatable); names: {', '.join(Thresholds.names())}")
     optim.add_argument("--layer-lr", action="append", type=key_value(positive_float), default=[],
                        metavar="NAME=FACTOR", help="multiply the learning rate of a parameter or module prefix, "
@@ -164,10 +164,7 @@ def parse_args(argv=None):
             saved[key] = Path(saved[key])
         args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
         args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
-    try:
-        args.thresholds = Thresholds().replace(dict(args.threshold))
-    except ValueError as err:
-        parser.error(f"argument --threshold: {err}")
+    args.thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
     return args
 
 

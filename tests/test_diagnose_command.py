@@ -1,6 +1,8 @@
 """diagnose.py on logs written by this project, by tensorboardX's add_histogram and by torch.utils.tensorboard."""
 import json
 
+import pytest
+
 import torch
 import torch.nn as nn
 from tensorboardX import SummaryWriter as TensorboardXWriter
@@ -74,3 +76,10 @@ def test_a_truncated_event_file_is_read_up_to_where_it_breaks(tmp_path, capsys):
     assert diagnose.main([str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("run: ") and "steps" in out and "[vanishing_gradients]" in out
+
+
+def test_diagnose_checks_thresholds_as_train_does(tmp_path, capsys):
+    for bad, message in (("bias", "unknown threshold 'bias'"), ("bias_z", "expected NAME=VALUE with a number")):
+        with pytest.raises(SystemExit) as exit_info:
+            diagnose.main([str(tmp_path), "--threshold", bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
