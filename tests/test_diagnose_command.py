@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 import torch
 import torch.nn as nn
 from tensorboardX import SummaryWriter as TensorboardXWriter
