@@ -291,16 +291,15 @@ def resolve_device(name):
 
 
 def prepare_run_dir(args):
-    """Create <log-dir>/<run-name> for a new run and record its arguments; a resumed run reuses its folder."""
+    """Name (a timestamp unless --run-name) and create <log-dir>/<run-name> for a new run; a resumed run has one."""
     if args.resume is not None:
-        return args.resume
+        return
     args.run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = args.log_dir / args.run_name
     if (run_dir / "args.json").exists():
         raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                            f"or pick another --run-name")
+                       f"or pick another --run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def percent(value):
@@ -328,7 +327,7 @@ def train(args, dist):
     if not (args.data / "classes.txt").is_file():
         print(f"{args.data / 'classes.txt'} not found: naming the {len(classes)} classes 0..{len(classes) - 1}")
     if dist.is_main:
-        run_dir = prepare_run_dir(args)
+        prepare_run_dir(args)
     args.run_name = dist.broadcast(args.run_name)
     run_dir = args.log_dir / args.run_name
 
@@ -353,7 +352,7 @@ def train(args, dist):
         checkpoint = torch.load(run_dir / "last.pt", map_location=device, weights_only=True)
         if checkpoint["classes"] != classes:
             raise RunError(f"{args.data}: its classes differ from the ones {run_dir} was trained on; "
-                                f"resume with the same --data")
+                           f"resume with the same --data")
         net.load_state_dict(checkpoint["model"])
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
