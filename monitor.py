@@ -9,9 +9,9 @@
                 monitor.step()         # before the next zero_grad()
             findings = monitor.epoch_end(epoch, {"valid/accuracy": accuracy})
 
-Histograms are binned with torch on the tensor's own device into a fixed number of
-equal-width bins between the finite minimum and maximum, and all tensors of one call
-reach the host in a single transfer. Non-finite values are counted (scalar
+Histograms are binned with torch on the tensor's own device into at most `bins` buckets of
+equal, power-of-two width between the finite minimum and maximum (exact: each value lies
+in the bucket its edges say), and all tensors of one call reach the host in one transfer. Non-finite values are counted (scalar
 `nonfinite/<tag>`) and left out of the bins; a tensor with no finite value logs only
 that count. Parameters without a gradient are skipped.
 """
@@ -35,12 +35,13 @@ from diagnosis import Finding, Thresholds, diagnose, nonfinite_values, output_bi
 
 DEFAULT_BINS = 64  # about 1.1 KB per histogram event, enough to show the shape (the Histograms tab shows ~30)
 
-# On the CPU, branch on min and max (free to read there) and bin with torch.histogram; elsewhere use the
-# sync-free masked path. Tests switch this off to check the device path on CPU tensors.
+# On the CPU, branch on min and max (free to read there) and skip the masking passes; elsewhere use the
+# sync-free masked path. Both bucket alike (bin_layout). Tests switch this off to check the device path on CPU.
 CPU_FAST_PATH = True
+_NUMPY_BELOW = 2 ** 16  # CPU tensors smaller than this are binned with numpy: fewer microseconds per call
 
 # Layout of the per-tensor row of statistics moved to the host in one piece.
-_NUM, _NONFINITE, _MIN, _MAX, _SUM, _SUM_SQ, _EDGES = range(7)
+_NUM, _NONFINITE, _MIN, _MAX, _SUM, _SUM_SQ, _COUNT, _EDGES = range(8)
 
 
 @dataclass
@@ -66,74 +67,178 @@ def _as_flat_float(tensor):
     return x
 
 
-def _histogram_row_cpu(x, bins):
-    """CPU: reading min and max is free, so the common all-finite tensor skips the masking passes."""
+def bin_layout(lo, hi, bins):
+    """(width, first, count): how the monitor buckets values in [lo, hi], lo < hi, into at most bins >= 2.
+
+    The width is the smallest power of two that covers hi - lo in bins - 1 widths, so that v / width is exact
+    in floating point and every value lands in exactly the bucket its edges say: bucket k holds
+    (first + k) * width <= v < (first + k + 1) * width, the first one starting at lo and the last one closed
+    at hi. Between bins // 2 and `bins` buckets are used; TensorBoard re-bins to about 30 for display.
+    """
+    mantissa, exponent = math.frexp((hi - lo) / (bins - 1))
+    width = math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+    while True:  # once, unless hi - lo was rounded; each doubling at least halves the count
+        first = math.floor(lo / width)
+        count = math.ceil(hi / width) - first
+        if count <= bins:
+            return width, first, count
+        width *= 2
+
+
+class _Scratch:
+    """Reusable CPU buffers for one compute_histograms call: a fresh multi-megabyte tensor per step of
+    every parameter costs more in page faults than the arithmetic it holds."""
+
+    def __init__(self, size):
+        self.size, self.buffers = size, {}
+
+    def get(self, dtype, numel):
+        if dtype not in self.buffers:
+            self.buffers[dtype] = torch.empty(self.size, dtype=dtype)
+        return self.buffers[dtype][:numel]
+
+
+def _count_buckets(floors, first, buckets, scratch):
+    """torch.bincount of floors - first: `floors` is a float tensor of whole numbers first .. first + buckets - 1.
+
+    bincount runs on one core. A large tensor is folded in two first: pairs a * buckets + b (exact in
+    floating point) are counted in a buckets x buckets table whose row and column sums are the counts,
+    so only half the values go through bincount, and the shift by `first` is paid on half of them."""
+    n = floors.numel()
+    if n < 2 ** 17 or buckets > 256:
+        return torch.bincount(scratch.get(torch.int32, n).copy_(floors.sub_(first)), minlength=buckets)
+    exact_below = 2 ** (24 if floors.dtype == torch.float32 else 53)
+    shift = first * (buckets + 1)
+    if (abs(first) + buckets) * (buckets + 1) >= exact_below:  # far from zero: shift first
+        floors.sub_(first)
+        shift = 0
+    half = n // 2
+    pairs = torch.add(floors[half:2 * half], floors[:half], alpha=buckets, out=floors[:half]).sub_(shift)
+    table = torch.bincount(scratch.get(torch.int32, half).copy_(pairs), minlength=buckets * buckets)
+    table = table.view(buckets, buckets)
+    counts = table.sum(0) + table.sum(1)
+    if n % 2:
+        counts[int(floors[-1]) - (first if shift else 0)] += 1
+    return counts
+
+
+def _bucketed(num, nonfinite, lo, hi, total, squares, bins, count_buckets):
+    """A Histogram of finite values with these statistics; count_buckets(width, first, buckets) counts them."""
+    if lo == hi or bins == 1:  # one bucket; a constant tensor's is half a unit wide, as numpy and TensorBoard do
+        return Histogram(num, nonfinite, lo, hi, total, squares, np.array([hi + 0.5 if lo == hi else hi]),
+                         np.array([float(num)]))
+    width, first, count = bin_layout(lo, hi, bins)
+    counts = count_buckets(width, first, count + 1).astype(np.float64)
+    counts[count - 1] += counts[count]  # values equal to a top edge that is a multiple of the width
+    limits = (first + np.arange(1, count + 1, dtype=np.float64)) * width
+    limits[-1] = hi
+    return Histogram(num, nonfinite, lo, hi, total, squares, limits, counts[:count])
+
+
+def _histograms_numpy(tensors, bins):
+    """Small, all-finite CPU tensors, in one batch with numpy: a handful of calls for all of them, where one
+    torch call per step per tensor would cost more than the arithmetic. Returns {name: Histogram}, leaving
+    out tensors with non-finite values (the caller bins those one at a time)."""
+    names = list(tensors)
+    values = np.concatenate([tensors[name].numpy() for name in names], dtype=np.float64)  # exact for float32
+    sizes = np.array([tensors[name].numel() for name in names])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    lows, highs = np.minimum.reduceat(values, starts).tolist(), np.maximum.reduceat(values, starts).tolist()
+    totals, squares = np.add.reduceat(values, starts).tolist(), np.add.reduceat(values * values, starts).tolist()
+    finite = [math.isfinite(lo) and math.isfinite(hi) for lo, hi in zip(lows, highs)]  # NaN or inf if any is
+    layouts = [bin_layout(lo, hi, bins) if ok and lo < hi and bins > 1 else None
+               for lo, hi, ok in zip(lows, highs, finite)]
+    offsets = np.cumsum([0] + [layout[2] + 1 if layout else 1 for layout in layouts])
+    # bucket = floor(v / width) - first, exact for a power-of-two width, shifted to the tensor's own slots;
+    # tensors without buckets (one bucket, or non-finite values) count into a slot of their own, unused
+    scale = np.repeat([1 / layout[0] if layout else 0.0 for layout in layouts], sizes)
+    shift = np.repeat([offset - (layout[1] if layout else 0) for offset, layout in zip(offsets, layouts)], sizes)
+    with np.errstate(invalid="ignore"):
+        index = np.floor(values * scale)
+    if not all(finite):
+        index[np.isnan(index)] = 0  # NaN * 0 and inf * 0
+    counts = np.bincount((index + shift).astype(np.intp), minlength=offsets[-1])
+    return {name: _bucketed(int(size), 0, lo, hi, total, square, bins, lambda *_, i=i: counts[offsets[i]:offsets[i + 1]])
+            for i, (name, size, lo, hi, total, square) in enumerate(zip(names, sizes, lows, highs, totals, squares))
+            if finite[i]}
+
+
+def _histogram_cpu(x, bins, scratch):
+    """CPU: min and max are free to read here, so the common all-finite tensor skips every masking pass."""
     lo, hi = (v.item() for v in torch.aminmax(x))
     values, nonfinite = x, 0
     if not (math.isfinite(lo) and math.isfinite(hi)):
         values = x[torch.isfinite(x)]
         nonfinite = x.numel() - values.numel()
         if values.numel() == 0:
-            return torch.tensor([0, nonfinite, math.inf, -math.inf, 0, 0] + [math.nan] * (bins + 1) + [0] * bins,
-                                dtype=torch.float64)
+            return Histogram(0, nonfinite, math.inf, -math.inf, 0.0, 0.0, np.empty(0), np.empty(0))
         lo, hi = (v.item() for v in torch.aminmax(values))
-    # numpy's range for a constant tensor; histogram() bins exactly by the edges it returns
-    counts, edges = torch.histogram(values, bins, range=(lo - 0.5, hi + 0.5) if lo == hi else (lo, hi))
-    head = torch.tensor([values.numel(), nonfinite, lo, hi], dtype=torch.float64)
-    moments = torch.stack([values.sum(dtype=torch.float64), torch.linalg.vector_norm(values, dtype=torch.float64) ** 2])
-    return torch.cat([head, moments, edges.double(), counts.double()])
+    total, squares = values.sum().item(), values.dot(values).item()
+    if not (math.isfinite(total) and math.isfinite(squares)):  # float32 overflowed: rare, so pay for float64 here
+        wide = values.double()
+        total, squares = wide.sum().item(), wide.dot(wide).item()
+
+    def count_buckets(width, first, buckets):
+        # float32 scaled by 1 / width stays exact unless that underflows tiny values to -0.0 or overflows
+        exact = values.double() if values.dtype == torch.float32 and not 2.0 ** -100 <= width <= 1 else values
+        scaled = scratch.get(exact.dtype, exact.numel())
+        torch.mul(exact, 1.0 / width, out=scaled).floor_()  # exact: a power-of-two scale
+        return _count_buckets(scaled, first, buckets, scratch).numpy()
+    return _bucketed(values.numel(), nonfinite, lo, hi, total, squares, bins, count_buckets)
 
 
 def _histogram_row_device(x, bins):
-    """Any device, without a host synchronisation: masks instead of branches."""
+    """Any device, without a host synchronisation: bin_layout with tensors, masks instead of branches.
+
+    The float64 row: _NUM.._COUNT, then bins + 1 edges and bins counts, of which the first `count` are used."""
     finite = torch.isfinite(x)
     num = finite.sum()
-    lo = torch.where(finite, x, torch.inf).min()
-    hi = torch.where(finite, x, -torch.inf).max()
+    lo = torch.where(finite, x, torch.inf).min().double()
+    hi = torch.where(finite, x, -torch.inf).max().double()
     zeroed = torch.where(finite, x, 0)
-    # Equal-width edges from min to max (numpy's choice, including +-0.5 around a constant tensor).
-    lo64, hi64 = lo.double(), hi.double()
-    same = lo64 == hi64
-    start, stop = torch.where(same, lo64 - 0.5, lo64), torch.where(same, hi64 + 0.5, hi64)
-    unit = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=x.device)
-    edges = (start + (stop - start) * unit).to(x.dtype)
-    edges = torch.cat([start.to(x.dtype).view(1), edges[1:-1].clamp(start.to(x.dtype), stop.to(x.dtype)),
-                       stop.to(x.dtype).view(1)])
-    # bucket i holds edges[i] <= v < edges[i+1], the last one closed: numpy.histogram's rule.
-    index = torch.bucketize(x, edges[1:-1], right=True)
+    same = lo == hi
+    top = torch.where(same, hi + 0.5, hi)
+    mantissa, exponent = torch.frexp((top - lo) / max(bins - 1, 1))
+    width = torch.ldexp(torch.ones_like(lo), exponent - (mantissa == 0.5).to(exponent.dtype))
+    width = torch.where(torch.ceil(top / width) - torch.floor(lo / width) > bins, width * 2, width)
+    first = torch.floor(lo / width)
+    count = torch.where(same | (bins == 1), 1, torch.ceil(top / width) - first).clamp(1, bins)
+    scaled = (x.double() * (1.0 / width)).floor() - first  # float64: exact for every float32 value
+    index = torch.minimum(scaled.clamp(0, bins), count - 1).to(torch.int64)
     index = torch.where(finite, index, bins)  # non-finite values go to an extra bucket, dropped below
     counts = torch.bincount(index, minlength=bins + 1)[:bins]
-    head = torch.stack([num.double(), (x.numel() - num).double(), lo64, hi64,
-                        zeroed.sum(dtype=torch.float64), torch.linalg.vector_norm(zeroed, dtype=torch.float64) ** 2])
-    return torch.cat([head, edges.double(), counts.double()])
-
-
-def _histogram_row(tensor, bins):
-    """Statistics of one tensor as a float64 vector on its device (layout: _NUM.._EDGES, edges, counts)."""
-    x = _as_flat_float(tensor)
-    return _histogram_row_cpu(x, bins) if x.device.type == "cpu" and CPU_FAST_PATH else _histogram_row_device(x, bins)
+    positions = torch.arange(bins + 1, device=x.device)
+    edges = torch.where(positions == 0, lo, torch.where(positions == count, top, (first + positions) * width))
+    head = torch.stack([num.double(), (x.numel() - num).double(), lo, hi,
+                        zeroed.sum(dtype=torch.float64), torch.linalg.vector_norm(zeroed, dtype=torch.float64) ** 2,
+                        count])
+    return torch.cat([head, edges, counts.double()])
 
 
 def compute_histograms(tensors, bins=DEFAULT_BINS):
     """Histograms of a {name: tensor} mapping; empty tensors are left out. Pure: nothing is logged."""
     if bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins}")
-    names = [name for name, t in tensors.items() if t.numel() > 0]
-    if not names:
-        return {}
-    rows = [_histogram_row(tensors[name], bins) for name in names]
-    devices = {row.device for row in rows}
-    if len(devices) > 1:
-        rows = [row.cpu() for row in rows]
-    table = torch.stack(rows).cpu().numpy()  # note: the one CPU-GPU sync point of a log
-    result = {}
-    for name, row in zip(names, table):
-        edges = row[_EDGES:_EDGES + bins + 1]
-        result[name] = Histogram(num=int(row[_NUM]), nonfinite=int(row[_NONFINITE]),
-                                 min=float(row[_MIN]), max=float(row[_MAX]),
-                                 sum=float(row[_SUM]), sum_squares=float(row[_SUM_SQ]),
-                                 bucket_limits=edges[1:], bucket_counts=row[_EDGES + bins + 1:])
-    return result
+    flat = {name: _as_flat_float(t) for name, t in tensors.items() if t.numel() > 0}
+    on_cpu = {name: x for name, x in flat.items() if x.device.type == "cpu" and CPU_FAST_PATH}
+    small = {name: x for name, x in on_cpu.items() if x.numel() < _NUMPY_BELOW}
+    result = _histograms_numpy(small, bins) if small else {}
+    scratch = _Scratch(max((x.numel() for name, x in on_cpu.items() if name not in result), default=0))
+    result.update({name: _histogram_cpu(x, bins, scratch) for name, x in on_cpu.items() if name not in result})
+    names = [name for name in flat if name not in result]
+    if names:
+        rows = [_histogram_row_device(flat[name], bins) for name in names]
+        if len({row.device for row in rows}) > 1:
+            rows = [row.cpu() for row in rows]
+        table = torch.stack(rows).cpu().numpy()  # note: the one CPU-GPU sync point of a log
+        for name, row in zip(names, table):
+            count = int(row[_COUNT]) if row[_NUM] else 0
+            edges = row[_EDGES:_EDGES + count + 1]
+            result[name] = Histogram(num=int(row[_NUM]), nonfinite=int(row[_NONFINITE]),
+                                     min=float(row[_MIN]), max=float(row[_MAX]),
+                                     sum=float(row[_SUM]), sum_squares=float(row[_SUM_SQ]),
+                                     bucket_limits=edges[1:], bucket_counts=row[_EDGES + bins + 1:][:count])
+    return {name: result[name] for name in flat}
 
 
 def parameter_tensors(model):

@@ -1,11 +1,11 @@
 """Time one full weight-and-gradient histogram log of a ResNet-50: the monitor against the tutorial's loop.
 
-    python bench/histograms.py            # 5 repeats each, CPU
+    python bench/histograms.py            # 9 repeats each, CPU
     python bench/histograms.py --repeats 9 --device cuda
 
 Both write every parameter's <name>_data and <name>_grad histogram once per repeat into their own
-event folder (a temporary one); the script prints the median time of a full log, the ratio, and the
-event-file bytes per histogram.
+event folder (a temporary one), taking turns; the script prints the median time of a full log, the
+ratio of the medians, and the event-file bytes per histogram.
 """
 import argparse
 import statistics
@@ -28,15 +28,18 @@ def tutorial_log(writer, model, step):
         writer.add_histogram(name + '_data', layer.cpu().data.numpy(), step)
 
 
-def timed(log, repeats, device):
-    times = []
-    for step in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        log(step)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def backward(model, device):
+    model(torch.randn(8, 3, 224, 224, device=device)).logsumexp(1).sum().backward()
+
+
+def timed(log, step, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    log(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def event_bytes(folder):
@@ -46,24 +49,30 @@ def event_bytes(folder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).to(device)
-    model(torch.randn(8, 3, 224, 224, device=device)).logsumexp(1).sum().backward()
+    backward(model, device)
     params = sum(p.numel() for p in model.parameters())
     histograms = 2 * len(list(model.parameters()))
     print(f"ResNet-50: {params / 1e6:.1f}M parameters, {histograms} histograms per log, device {device}, "
           f"{torch.get_num_threads()} CPU threads")
 
     with tempfile.TemporaryDirectory() as tmp:
-        with SummaryWriter(f"{tmp}/tutorial") as writer:
-            tutorial = timed(lambda step: tutorial_log(writer, model, step), args.repeats, device)
-        with TrainingMonitor(f"{tmp}/monitor") as monitor:
-            ours = timed(lambda step: monitor.log_parameters(model, step), args.repeats, device)
+        times = {"tutorial": [], "monitor": []}
+        with SummaryWriter(f"{tmp}/tutorial") as writer, TrainingMonitor(f"{tmp}/monitor") as monitor:
+            # each log ends with a flush, so its event writing is timed too and never spills into the other's turn
+            logs = {"tutorial": lambda step: (tutorial_log(writer, model, step), writer.flush()),
+                    "monitor": lambda step: (monitor.log_parameters(model, step), monitor.writer.flush())}
+            for step in range(args.repeats):  # interleaved, so that both see the same machine
+                for name, log in logs.items():
+                    backward(model, device)  # as in training, each log follows a backward pass
+                    times[name].append(timed(log, step, device))
+        tutorial, ours = (statistics.median(times[name]) for name in ("tutorial", "monitor"))
         sizes = {name: event_bytes(f"{tmp}/{name}") / (histograms * args.repeats) for name in ("tutorial", "monitor")}
 
     print(f"{'':28}{'median s / log':>16}{'bytes / histogram':>20}")

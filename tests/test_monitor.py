@@ -27,16 +27,21 @@ def check_against_numpy(histogram, tensor, bins=DEFAULT_BINS):
     assert histogram.num == values.size
     assert histogram.nonfinite == tensor.numel() - values.size
     assert histogram.min == values.min() and histogram.max == values.max()
-    # numpy picks the same equal-width edges from min to max (+-0.5 for a constant tensor) ...
-    counts, edges = np.histogram(values.astype(np.float64), bins=bins)
-    np.testing.assert_allclose(histogram.bucket_limits, edges[1:], rtol=1e-6, atol=1e-6)
-    # ... and with exactly the logged edges, puts every value in the same bucket.
-    left = edges[0] if histogram.min == histogram.max else histogram.min
-    exact, _ = np.histogram(values, bins=np.concatenate([[left], histogram.bucket_limits]))
+    edges = np.concatenate([[histogram.min], histogram.bucket_limits])
+    assert (np.diff(edges) > 0).all() and len(histogram.bucket_counts) <= bins
+    if histogram.min == histogram.max:  # one bucket, half a unit wide
+        assert edges.tolist() == [histogram.min, histogram.min + 0.5]
+    elif bins > 1:  # bucket width: the smallest power of two that spans the range in bins - 1 buckets
+        width = 2.0 ** np.ceil(np.log2((histogram.max - histogram.min) / (bins - 1)))
+        interior = edges[1:-1] / width
+        np.testing.assert_array_equal(interior, np.round(interior))
+        assert edges[-1] == histogram.max and len(histogram.bucket_counts) >= (bins - 1) / 2
+    # with exactly the logged edges, numpy puts every value in the same bucket
+    exact, _ = np.histogram(values.astype(np.float64), bins=edges)
     np.testing.assert_array_equal(histogram.bucket_counts, exact)
-    assert abs(histogram.bucket_counts - counts).sum() <= 2  # numpy's float64 edges may differ by an ulp
-    assert histogram.sum == pytest.approx(values.astype(np.float64).sum(), rel=1e-6, abs=1e-6)
-    assert histogram.sum_squares == pytest.approx((values.astype(np.float64) ** 2).sum(), rel=1e-6)
+    scale = np.abs(values.astype(np.float64)).sum()  # sums are accumulated in the tensor's precision
+    assert histogram.sum == pytest.approx(values.astype(np.float64).sum(), abs=1e-6 * scale + 1e-12)
+    assert histogram.sum_squares == pytest.approx((values.astype(np.float64) ** 2).sum(), rel=1e-4)  # float32 accumulation
 
 
 @pytest.mark.parametrize("make", [
@@ -50,6 +55,39 @@ def check_against_numpy(histogram, tensor, bins=DEFAULT_BINS):
 def test_histogram_counts_match_numpy(make):
     tensor = make(torch.Generator().manual_seed(0))
     check_against_numpy(compute_histograms({"t": tensor})["t"], tensor)
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: torch.arange(-64, 65, dtype=torch.float32) / 8,  # values on the bucket edges themselves
+    lambda g: torch.tensor([-1e-40, -1e-30, 0.0, 1e-30, 200.0, -300.0]),  # tiny values in a wide range
+    lambda g: torch.tensor([-3e38, 3e38, 0.0, -1e-45]),  # the widest float32 range
+    lambda g: torch.tensor([0.0, 1e-45, 3e-45, 7e-45]),  # subnormals only: a tiny width
+    lambda g: 1000 + torch.randn(5000, generator=g) * 1e-4,  # a range of a few ulps far from zero
+    lambda g: torch.randn(20_000, generator=g) * 10 ** torch.randint(-30, 30, (20_000,), generator=g),
+    lambda g: torch.randn(200_001, generator=g),  # large and odd: counted in folded pairs plus one
+    lambda g: 1000 + torch.randn(150_001, generator=g) * 1e-3,  # large and far from zero: shifted before folding
+])
+@pytest.mark.parametrize("bins", [1, 2, 7, DEFAULT_BINS, 256])
+def test_every_value_lands_in_the_bucket_its_edges_say(make, bins):
+    tensor = make(torch.Generator().manual_seed(0))
+    check_against_numpy(compute_histograms({"t": tensor}, bins=bins)["t"], tensor, bins=bins)
+
+
+def test_a_batch_of_tensors_gives_each_the_histogram_it_gets_alone():
+    g = torch.Generator().manual_seed(2)
+    with_nan = torch.randn(300, generator=g)
+    with_nan[7] = float("nan")
+    batch = {"normal": torch.randn(1000, generator=g), "constant": torch.full((5,), -2.0), "nan": with_nan,
+             "all_inf": torch.full((3,), float("inf")), "wide": torch.randn(50, generator=g) * 1e4,
+             "half": torch.randn(64, generator=g).half(), "big": torch.randn(70_000, generator=g),
+             "double": torch.randn(40, generator=g, dtype=torch.float64)}
+    together = compute_histograms(batch)
+    assert list(together) == list(batch)
+    for name, tensor in batch.items():
+        alone = compute_histograms({name: tensor})[name]
+        assert repr(together[name]) == repr(alone), name
+        if alone.num:
+            check_against_numpy(together[name], tensor)
 
 
 def test_nonfinite_values_are_counted_and_left_out_of_the_bins():
