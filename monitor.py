@@ -206,7 +206,9 @@ def _histogram_row_device(x, bins):
     scaled = (x.double() * (1.0 / width)).floor() - first  # float64: exact for every float32 value
     index = torch.minimum(scaled.clamp(0, bins), count - 1).to(torch.int64)
     index = torch.where(finite, index, bins)  # non-finite values go to an extra bucket, dropped below
-    counts = torch.bincount(index, minlength=bins + 1)[:bins]
+    # scatter_add_, not bincount: CUDA's bincount reads the largest index back to the host to size its output
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=x.device).scatter_add_(0, index, torch.ones_like(index))
+    counts = counts[:bins]
     positions = torch.arange(bins + 1, device=x.device)
     edges = torch.where(positions == 0, lo, torch.where(positions == count, top, (first + positions) * width))
     head = torch.stack([num.double(), (x.numel() - num).double(), lo, hi,

@@ -113,14 +113,14 @@ def main():
         run_times = time_train_py(args.epochs, args.runs, tmp)
 
     base = statistics.median(times["no monitor"])
-    print(f"{'variant':30}{'median s':>12}{'overhead':>10}")
+    print(f"{'variant':34}{'median s':>12}{'overhead':>10}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name + ' (epoch)':30}{median:>12.3f}{(median / base - 1):>10.1%}")
+        print(f"{name + ' (epoch)':34}{median:>12.3f}{(median / base - 1):>10.1%}")
     base = statistics.median(run_times["train.py, no monitor"])
     for name, values in run_times.items():
         median = statistics.median(values)
-        print(f"{name + ' (run)':30}{median:>12.3f}{(median / base - 1):>10.1%}")
+        print(f"{name + ' (run)':34}{median:>12.3f}{(median / base - 1):>10.1%}")
     print(f"train.py runs: {args.epochs} epochs each, {args.runs} runs per variant, start-up included")
 
 

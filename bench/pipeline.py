@@ -1,6 +1,7 @@
 """Training throughput at batch 16 on CIFAR-sized PNGs: the tutorial's loop, train.py, and the compute ceiling.
 
     python bench/pipeline.py                    # 5,000 generated 32x32 PNGs, 5 rounds, medians
+    python bench/pipeline.py --device cuda      # the same on a GPU (train.py with its cache on the GPU)
 
 In one process, on the same images and the same model step (the tutorial's Net, SGD with momentum),
 in rounds that take one epoch of each variant in turn (so that a slower spell of the machine hits all
@@ -49,33 +50,37 @@ def make_images(folder, count, seed=0):
     return folder
 
 
-def model_step():
+def model_step(device):
     torch.manual_seed(0)
     net = Net()
     net.initialize_weights()
+    net.to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9, dampening=0.1)
     criterion = nn.CrossEntropyLoss()
 
     def step(inputs, labels):
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad()
         criterion(net(inputs), labels).backward()
         optimizer.step()
     return step
 
 
-def timed_epoch(step, batches, images):
+def timed_epoch(step, batches, images, device):
     start = time.perf_counter()
     for inputs, labels in batches:
         step(inputs, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
 
 
-def train_py_epoch(data_dir, log_dir, round_):
+def train_py_epoch(data_dir, log_dir, round_, device):
     """One train.py run of 2 epochs; the second epoch's images/s as its summary line reports it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         train.main(["--data", str(data_dir), "--log-dir", str(log_dir), "--run-name", str(round_), "--epochs", "2",
-                    "--batch-size", str(BATCH), "--lr", "0.001", "--print-every", "100000"])
+                    "--batch-size", str(BATCH), "--lr", "0.001", "--print-every", "100000", "--device", str(device)])
     events = EventAccumulator(str(Path(log_dir) / str(round_)))
     events.Reload()
     return events.Scalars("train/images_per_second")[-1].value
@@ -86,12 +91,14 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of one epoch per variant")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU row")
     args = parser.parse_args()
+    device = torch.device(args.device)
     normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
     generator = torch.Generator().manual_seed(0)
-    in_memory = [(torch.randn(BATCH, 3, 32, 32, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator))
-                 for _ in range(args.images // BATCH)]
-    ceiling_step, tutorial_step = model_step(), model_step()
+    in_memory = [(torch.randn(BATCH, 3, 32, 32, generator=generator).to(device),
+                  torch.randint(0, 10, (BATCH,), generator=generator).to(device)) for _ in range(args.images // BATCH)]
+    ceiling_step, tutorial_step = model_step(device), model_step(device)
     names = ["compute ceiling (tensors in memory)", "tutorial loop (PIL per image, no workers)",
              "train.py (cache + monitor defaults)"]
     rates = {name: [] for name in names}
@@ -101,12 +108,13 @@ def main():
             transforms.Resize(32), transforms.RandomCrop(32, padding=4), transforms.ToTensor(), normalize]))
         tutorial_loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
         for round_ in range(args.rounds):
-            rates[names[0]].append(timed_epoch(ceiling_step, in_memory, len(in_memory) * BATCH))
-            rates[names[1]].append(timed_epoch(tutorial_step, tutorial_loader, len(dataset)))
-            rates[names[2]].append(train_py_epoch(data_dir, Path(tmp) / "runs", round_))
+            rates[names[0]].append(timed_epoch(ceiling_step, in_memory, len(in_memory) * BATCH, device))
+            rates[names[1]].append(timed_epoch(tutorial_step, tutorial_loader, len(dataset), device))
+            rates[names[2]].append(train_py_epoch(data_dir, Path(tmp) / "runs", round_, device))
     results = {name: statistics.median(values) for name, values in rates.items()}
     top = results["compute ceiling (tensors in memory)"]
-    print(f"batch {BATCH}, {args.images} images, {torch.get_num_threads()} threads, medians of {args.rounds} rounds")
+    print(f"batch {BATCH}, {args.images} images, {torch.get_num_threads()} threads, device {device}, "
+          f"medians of {args.rounds} rounds")
     print(f"{'':44}{'images/s':>10}{'of ceiling':>12}")
     for name, rate in results.items():
         print(f"{name:44}{rate:>10,.0f}{rate / top:>12.0%}   (rounds: {', '.join(f'{r:,.0f}' for r in rates[name])})")

@@ -54,6 +54,8 @@ def histogram_steps(accumulator):
 
 def run_script(*args, cwd=ROOT, env_extra=None, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if "PYTHONPATH" in (env_extra or {}) and os.environ.get("PYTHONPATH"):  # add to it, do not replace it
+        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300, **kwargs)
 

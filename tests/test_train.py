@@ -35,8 +35,8 @@ def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_
     assert [e.step for e in events.Images("valid/confusion_matrix")] == [0, 1]
     assert json.loads((run / "args.json").read_text())["epochs"] == 2
 
-    last = torch.load(run / "last.pt", weights_only=True)
-    best = torch.load(run / "best.pt", weights_only=True)
+    last = torch.load(run / "last.pt", weights_only=True, map_location="cpu")
+    best = torch.load(run / "best.pt", weights_only=True, map_location="cpu")
     assert (last["epoch"], last["batches_done"], last["step"]) == (2, 0, 12)
     assert set(last) >= {"model", "optimizer", "scheduler", "epoch", "step"} and best["epoch"] in (1, 2)
     # The last epoch's weight histogram is the histogram of the weights in the last checkpoint.
@@ -267,8 +267,9 @@ def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path, capsys):
     assert "its optimizer has other parameter groups" in capsys.readouterr().err
 
 
-def torchrun(*args):
-    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args)
+def torchrun(*args):  # gloo on the CPU, also where a GPU is present
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                      "--device", "cpu")
 
 
 def test_torchrun_two_processes_train_one_run_and_resume(data_dir, tmp_path):

@@ -1,0 +1,68 @@
+"""The GPU path: binning on the device, AMP with GradScaler, and train.py on CUDA. Skipped without a GPU."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import train
+from conftest import histogram_steps, load_events
+from monitor import TrainingMonitor, compute_histograms
+from test_monitor import check_against_numpy
+from test_train import HISTOGRAM_TAGS, train_args
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_tensors():
+    g = torch.Generator().manual_seed(0)
+    with_nonfinite = torch.randn(10_000, generator=g)
+    with_nonfinite[[1, 5, 9]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    return {"big": torch.randn(3_000_001, generator=g), "half": torch.randn(5000, generator=g).half(),
+            "bf16": (torch.randn(5000, generator=g) * 300).bfloat16(), "nonfinite": with_nonfinite,
+            "constant": torch.full((7,), 0.25), "all_nan": torch.full((4,), float("nan")),
+            "wide": torch.randn(20_000, generator=g) * 10 ** torch.randint(-30, 30, (20_000,), generator=g),
+            "far": 1000 + torch.randn(150_001, generator=g) * 1e-3}
+
+
+def test_histograms_binned_on_the_gpu_match_numpy_and_the_cpu():
+    tensors = cuda_tensors()
+    on_gpu = compute_histograms({name: t.cuda() for name, t in tensors.items()})
+    on_cpu = compute_histograms(tensors)
+    for name, tensor in tensors.items():
+        gpu, cpu = on_gpu[name], on_cpu[name]
+        assert (gpu.num, gpu.nonfinite, gpu.min, gpu.max) == (cpu.num, cpu.nonfinite, cpu.min, cpu.max), name
+        np.testing.assert_array_equal(gpu.bucket_limits, cpu.bucket_limits)
+        np.testing.assert_array_equal(gpu.bucket_counts, cpu.bucket_counts)
+        if gpu.num:
+            check_against_numpy(gpu, tensor)
+
+
+def test_under_cuda_amp_the_monitor_sees_unscaled_gradients(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 16, device="cuda"), torch.randint(0, 4, (64,), device="cuda")
+    norms = {}
+    for scale in (None, 2.0 ** 16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).cuda()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+        scaler = torch.amp.GradScaler("cuda", init_scale=scale or 1.0, enabled=scale is not None)
+        with TrainingMonitor(tmp_path / str(scale), stats_every=1).watch(model, optimizer) as monitor:
+            for i in range(0, 64, 32):
+                optimizer.zero_grad()
+                with torch.autocast("cuda", dtype=torch.float16, enabled=scale is not None):
+                    loss = nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32])
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                monitor.step()
+        norms[scale] = [e.value for e in load_events(tmp_path / str(scale) / "steps").Scalars("grad_norm/0.weight")]
+    assert norms[2.0 ** 16] == pytest.approx(norms[None], rel=1e-2)  # fp16 forward: close, not equal
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_train_py_on_cuda(amp, data_dir, tmp_path, capsys):
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--device", "cuda", "--amp", amp)) == 0
+    assert "images/s" in capsys.readouterr().out
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+    checkpoint = torch.load(tmp_path / "r" / "last.pt", weights_only=True, map_location="cpu")
+    assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
