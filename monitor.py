@@ -99,14 +99,14 @@ class _Scratch:
 
 
 def _count_buckets(floors, first, buckets, scratch):
-    """torch.bincount of floors - first: `floors` is a float tensor of whole numbers first .. first + buckets - 1.
+    """numpy counts of floors - first: `floors` is a float tensor of whole numbers first .. first + buckets - 1.
 
     bincount runs on one core. A large tensor is folded in two first: pairs a * buckets + b (exact in
     floating point) are counted in a buckets x buckets table whose row and column sums are the counts,
     so only half the values go through bincount, and the shift by `first` is paid on half of them."""
     n = floors.numel()
     if n < 2 ** 17 or buckets > 256:
-        return torch.bincount(scratch.get(torch.int32, n).copy_(floors.sub_(first)), minlength=buckets)
+        return torch.bincount(scratch.get(torch.int32, n).copy_(floors.sub_(first)), minlength=buckets).numpy()
     exact_below = 2 ** (24 if floors.dtype == torch.float32 else 53)
     shift = first * (buckets + 1)
     if (abs(first) + buckets) * (buckets + 1) >= exact_below:  # far from zero: shift first
@@ -114,8 +114,8 @@ def _count_buckets(floors, first, buckets, scratch):
         shift = 0
     half = n // 2
     pairs = torch.add(floors[half:2 * half], floors[:half], alpha=buckets, out=floors[:half]).sub_(shift)
-    table = torch.bincount(scratch.get(torch.int32, half).copy_(pairs), minlength=buckets * buckets)
-    table = table.view(buckets, buckets)
+    table = torch.bincount(scratch.get(torch.int32, half).copy_(pairs), minlength=buckets * buckets).numpy()
+    table = table.reshape(buckets, buckets)
     counts = table.sum(0) + table.sum(1)
     if n % 2:
         counts[int(floors[-1]) - (first if shift else 0)] += 1
@@ -163,17 +163,21 @@ def _histograms_numpy(tensors, bins):
             if finite[i]}
 
 
+def _range_and_moments(values):
+    """min, max, sum and sum of squares of a flat tensor, as floats read in one go."""
+    return torch.stack([*torch.aminmax(values), values.sum(), values.dot(values)]).tolist()
+
+
 def _histogram_cpu(x, bins, scratch):
     """CPU: min and max are free to read here, so the common all-finite tensor skips every masking pass."""
-    lo, hi = (v.item() for v in torch.aminmax(x))
+    lo, hi, total, squares = _range_and_moments(x)
     values, nonfinite = x, 0
     if not (math.isfinite(lo) and math.isfinite(hi)):
         values = x[torch.isfinite(x)]
         nonfinite = x.numel() - values.numel()
         if values.numel() == 0:
             return Histogram(0, nonfinite, math.inf, -math.inf, 0.0, 0.0, np.empty(0), np.empty(0))
-        lo, hi = (v.item() for v in torch.aminmax(values))
-    total, squares = values.sum().item(), values.dot(values).item()
+        lo, hi, total, squares = _range_and_moments(values)
     if not (math.isfinite(total) and math.isfinite(squares)):  # float32 overflowed: rare, so pay for float64 here
         wide = values.double()
         total, squares = wide.sum().item(), wide.dot(wide).item()
@@ -183,7 +187,7 @@ def _histogram_cpu(x, bins, scratch):
         exact = values.double() if values.dtype == torch.float32 and not 2.0 ** -100 <= width <= 1 else values
         scaled = scratch.get(exact.dtype, exact.numel())
         torch.mul(exact, 1.0 / width, out=scaled).floor_()  # exact: a power-of-two scale
-        return _count_buckets(scaled, first, buckets, scratch).numpy()
+        return _count_buckets(scaled, first, buckets, scratch)
     return _bucketed(values.numel(), nonfinite, lo, hi, total, squares, bins, count_buckets)
 
 
