@@ -9,11 +9,12 @@
                 monitor.step()         # before the next zero_grad()
             findings = monitor.epoch_end(epoch, {"valid/accuracy": accuracy})
 
-Histograms are binned with torch on the tensor's own device into at most `bins` buckets of
-equal, power-of-two width between the finite minimum and maximum (exact: each value lies
-in the bucket its edges say), and all tensors of one call reach the host in one transfer. Non-finite values are counted (scalar
-`nonfinite/<tag>`) and left out of the bins; a tensor with no finite value logs only
-that count. Parameters without a gradient are skipped.
+Histograms are binned on the tensor's own device (small CPU tensors together, with numpy)
+into at most `bins` buckets of equal, power-of-two width between the finite minimum and
+maximum (exact: each value lies in the bucket its edges say), and all tensors of one call
+reach the host in one transfer. Non-finite values are counted (scalar `nonfinite/<tag>`)
+and left out of the bins; a tensor with no finite value logs only that count. Parameters
+without a gradient are skipped.
 """
 import io
 import json
