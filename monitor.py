@@ -508,6 +508,24 @@ class TrainingMonitor:
         epoch = self._history[-1]["epoch"] + 1 if self._history else 0
         return nonfinite_values([{"epoch": epoch, "step": self.steps, "layers": stats}], self.thresholds)
 
+    def state_dict(self):
+        """What a resumed run needs to diagnose as if it had never stopped: the epoch summaries the rules
+        compare against, the statistics of an unfinished epoch, the findings so far and the step counts.
+        Plain Python values, so it can go into a checkpoint loaded with torch.load(weights_only=True)."""
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "history": list(self._history),
+                "records": list(self._records), "findings": [f.to_json() for f in self.findings]}
+
+    def load_state_dict(self, state):
+        """Continue from a state_dict() saved with a checkpoint (call before the first step() of the resumed run)."""
+        missing = {"steps", "skipped_steps", "history", "records", "findings"} - set(state)
+        if missing:
+            raise ValueError(f"not a TrainingMonitor state: it lacks {', '.join(sorted(missing))}")
+        self.steps, self.skipped_steps = state["steps"], state["skipped_steps"]
+        self._history, self._records = list(state["history"]), list(state["records"])
+        self.findings = [Finding(**item) for item in state["findings"]]
+        self._reported = {f.key for f in self.findings}
+        return self
+
     def log_parameters(self, model, step, per_step=False):
         """Log `<name>_data` and `<name>_grad` histograms at `step` (an epoch, or an optimizer step if per_step)."""
         writer = self.step_writer if per_step else self.writer

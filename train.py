@@ -284,6 +284,20 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def rng_state(device):
+    """The random state the augmentation draws from (on the device the crops are drawn on), for a checkpoint."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -370,6 +384,8 @@ def train(args, dist):
             print(f"Learning rate changed from {saved_lr:g} to {args.lr:g} (StepLR decays apply as before)")
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
+        if "rng" in checkpoint:  # the crops go on where they stopped: a resumed run trains as an unbroken one
+            set_rng_state(checkpoint["rng"], device)
         start_epoch, start_batch = checkpoint["epoch"], checkpoint["batches_done"]
         step, best_accuracy, totals = checkpoint["step"], checkpoint["best_accuracy"], checkpoint["totals"]
         if start_epoch >= args.epochs:
@@ -388,7 +404,8 @@ def train(args, dist):
         return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "epoch": epoch, "batches_done": batches_done, "step": step, "best_accuracy": best_accuracy,
-                "totals": dict(totals), "classes": classes, "args": saved_args}
+                "totals": dict(totals), "classes": classes, "args": saved_args, "monitor": monitor.state_dict(),
+                "rng": rng_state(device)}
 
     def stop(epoch, batches_done, why):
         save_checkpoint(run_dir / "last.pt", checkpoint_state(epoch, batches_done))
@@ -406,6 +423,8 @@ def train(args, dist):
     monitor = TrainingMonitor(run_dir, stats_every=args.stats_every, hist_every=args.hist_every,
                               thresholds=args.thresholds, purge_epoch=start_epoch if resumed else None,
                               purge_step=step + 1 if resumed else None, start_step=step).watch(net, optimizer)
+    if resumed and "monitor" in checkpoint:  # the diagnosis goes on comparing with the epochs before the stop
+        monitor.load_state_dict(checkpoint["monitor"])
     sampler = train_loader.batch_sampler
     with monitor, StopRequest() as stop_request:
         for epoch in range(start_epoch, args.epochs):

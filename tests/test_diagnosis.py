@@ -154,6 +154,54 @@ def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
     resumed.close()
 
 
+def test_a_resumed_monitor_diagnoses_as_if_the_run_had_never_stopped(tmp_path):
+    """weights_growing compares with the first epoch and three epochs back: a monitor that forgot the epochs
+    before a stop would stay silent; with its state_dict saved in the checkpoint it finds what an unbroken run finds."""
+    x, y = make_data()
+
+    def run(log_dir, stop_at=None, state=None):
+        """Six epochs; with stop_at alone, stop after that step and return the monitor's saved state; with
+        state too, replay the training up to that step unwatched and go on with a new monitor given the state."""
+        torch.manual_seed(0)
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        monitor = TrainingMonitor(log_dir, stats_every=4).watch(model, optimizer) if state is None else None
+        step = 0
+        for epoch in range(6):
+            for i in range(0, len(x), 32):
+                step += 1
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+                optimizer.step()
+                if monitor:
+                    monitor.step()
+                if step == stop_at and state is None:  # the first process: save the state, as a checkpoint does
+                    torch.save(monitor.state_dict(), log_dir / "state.pt")
+                    monitor.close()
+                    return torch.load(log_dir / "state.pt", weights_only=True)
+                if step == stop_at:  # the resumed process
+                    monitor = TrainingMonitor(log_dir, stats_every=4, purge_epoch=epoch, purge_step=step + 1,
+                                              start_step=step).watch(model, optimizer)
+                    if state:
+                        monitor.load_state_dict(state)
+            if monitor:
+                monitor.epoch_end(epoch, {})
+        monitor.close()
+        return monitor.findings
+
+    unbroken = run(tmp_path / "unbroken")
+    assert "weights_growing" in rules(unbroken)
+    stop_at = 3 * 16 + 6  # epoch 4 (index 3), 6 steps in: between two statistics logs
+    state = run(tmp_path / "resumed", stop_at=stop_at)
+    assert state["steps"] == stop_at and len(state["history"]) == 3 and len(state["records"]) == 1
+    assert run(tmp_path / "resumed", stop_at=stop_at, state=state) == unbroken
+    assert [Finding(**item) for item in json.loads((tmp_path / "resumed" / "diagnosis.json").read_text())] == unbroken
+    forgetful = run(tmp_path / "forgetful", stop_at=stop_at, state={})  # resumed without the state
+    assert "weights_growing" not in rules(forgetful)
+    with pytest.raises(ValueError, match="lacks findings, history"):
+        TrainingMonitor(tmp_path / "bad").load_state_dict({"steps": 1, "skipped_steps": 0, "records": []})
+
+
 def test_statistics_are_logged_per_step(tmp_path):
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02)

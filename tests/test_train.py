@@ -147,11 +147,15 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
+    # thresholds at which weights_growing fires once four epochs are known: it compares with three epochs back
+    options = ["--hist-every", "3", "--stats-every", "2", "--threshold", "weight_max_abs=0",
+               "--threshold", "weight_growth=0"]
     monkeypatch.setattr(monitor.TrainingMonitor, "log_parameters", interrupt_at_step_9)
-    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--hist-every", "3", epochs=4)) == 130
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", *options, epochs=4)) == 130
     assert "Resume with: python train.py --resume" in capsys.readouterr().err
     checkpoint = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]) == (1, 3, 9)
+    assert len(checkpoint["monitor"]["history"]) == 1 and len(checkpoint["monitor"]["records"]) == 1
     monkeypatch.setattr(monitor.TrainingMonitor, "log_parameters", log_parameters)
 
     assert train.main(["--resume", str(tmp_path / "r")]) == 0
@@ -160,7 +164,16 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
     assert histogram_steps(load_events(tmp_path / "r" / "steps")) == {
         tag: list(range(3, 25, 3)) for tag in HISTOGRAM_TAGS}
     assert [e.step for e in load_events(tmp_path / "r").Scalars("train/loss")] == [0, 1, 2, 3]
-    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 24
+    resumed = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert resumed["step"] == 24
+
+    # the same run unbroken: the same weights (the crops' random state is in the checkpoint) and the same diagnosis
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "u", *options, epochs=4)) == 0
+    unbroken = torch.load(tmp_path / "u" / "last.pt", weights_only=True)
+    assert all(torch.equal(resumed["model"][name], value) for name, value in unbroken["model"].items())
+    diagnosis = json.loads((tmp_path / "u" / "diagnosis.json").read_text())
+    assert "weights_growing" in {f["rule"] for f in diagnosis if f["epoch"] == 3}
+    assert json.loads((tmp_path / "r" / "diagnosis.json").read_text()) == diagnosis
 
 
 def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
