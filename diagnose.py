@@ -88,6 +88,16 @@ def diagnose_run(run_dir, thresholds):
     return findings, f"{len(history)} steps, {len(history[-1]['layers'])} parameters"
 
 
+def first_occurrences(findings):
+    """[(first finding, how many steps it held, its last step)] per finding key, in order of appearance: a
+    finding that lasts is printed once, as train.py's console does, where --json lists it at every step."""
+    groups = {}
+    for finding in findings:
+        first, count, _ = groups.get(finding.key, (finding, 0, None))
+        groups[finding.key] = (first, count + 1, finding.step)
+    return list(groups.values())
+
+
 def run_folders(path):
     """Every folder under path (path included) that holds event files."""
     return sorted({file.parent for file in Path(path).rglob("*tfevents*") if file.is_file()})
@@ -118,9 +128,10 @@ def main(argv=None):
             findings, summary = [], f"could not read the event files ({type(err).__name__}: {err})"
         report[name] = findings
         if not args.json:
-            print(f"{name}: {summary}; {len(findings)} finding{'s' * (len(findings) != 1)}")
-            for finding in findings:
-                print(f"  {finding}")
+            groups = first_occurrences(findings)
+            print(f"{name}: {summary}; " + (f"{len(groups)} finding{'s' * (len(groups) != 1)}" if groups else "healthy"))
+            for finding, count, last in groups:
+                print(f"  {finding}" + (f" (holds at {count} logged steps, the last at step {last})" if count > 1 else ""))
     if args.json:
         print(json.dumps({name: [f.to_json() for f in findings] for name, findings in report.items()}, indent=2))
     return 0

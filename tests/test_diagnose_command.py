@@ -82,3 +82,15 @@ def test_diagnose_checks_thresholds_as_train_does(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             diagnose.main([str(tmp_path), "--threshold", bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_lasting_finding_is_printed_once_and_listed_at_every_step_in_json(tmp_path, capsys):
+    torch.manual_seed(0)
+    log_with(TensorboardXWriter(str(tmp_path / "run")), deep_sigmoid(), 4, "{}_data", "{}_grad")
+    assert diagnose.main([str(tmp_path / "run"), "--json"]) == 0
+    listed = [f for f in json.loads(capsys.readouterr().out)["run"] if f["rule"] == "vanishing_gradients"]
+    assert [f["step"] for f in listed] == [0, 1, 2, 3]
+    assert diagnose.main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[vanishing_gradients]") == len({tuple(f["parameters"]) for f in listed})
+    assert "(holds at 4 logged steps, the last at step 3)" in out
