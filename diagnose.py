@@ -68,24 +68,26 @@ def summaries(events):
 
 
 def diagnose_run(run_dir, thresholds):
-    """(findings, message): the rules applied at every logged step of one run folder."""
+    """(findings, message): the rules applied at every logged step of one run folder; findings is None
+    when nothing could be examined, and the message says why."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
     events.Reload()
     try:
         events.FirstEventTimestamp()
     except ValueError:
-        return [], "no readable event in its event files (corrupt, or not TensorBoard event files)"
+        return None, "no readable event in its event files (corrupt, or not TensorBoard event files)"
     tags = events.Tags().get("histograms", [])
     if not tags:
-        return [], "no histograms"
+        return None, "no histograms"
     history = summaries(events)
     if not history:
-        return [], f"no weight or gradient histograms recognised among {len(tags)} tags (e.g. {tags[0]})"
+        return None, f"no weight or gradient histograms recognised among {len(tags)} tags (e.g. {tags[0]})"
     findings = []
     for i in range(1, len(history) + 1):
         findings += diagnose(history[:i], thresholds)
-    return findings, f"{len(history)} steps, {len(history[-1]['layers'])} parameters"
+    steps = len(history)
+    return findings, f"{steps} step{'s' * (steps != 1)}, {len(history[-1]['layers'])} parameters"
 
 
 def first_occurrences(findings):
@@ -125,13 +127,17 @@ def main(argv=None):
         try:
             findings, summary = diagnose_run(folder, thresholds)
         except Exception as err:  # a damaged file must not hide the other runs
-            findings, summary = [], f"could not read the event files ({type(err).__name__}: {err})"
-        report[name] = findings
-        if not args.json:
-            groups = first_occurrences(findings)
-            print(f"{name}: {summary}; " + (f"{len(groups)} finding{'s' * (len(groups) != 1)}" if groups else "healthy"))
-            for finding, count, last in groups:
-                print(f"  {finding}" + (f" (holds at {count} logged steps, the last at step {last})" if count > 1 else ""))
+            findings, summary = None, f"could not read the event files ({type(err).__name__}: {err})"
+        report[name] = findings or []
+        if args.json:
+            continue
+        if findings is None:
+            print(f"{name}: {summary}")
+            continue
+        groups = first_occurrences(findings)
+        print(f"{name}: {summary}; " + (f"{len(groups)} finding{'s' * (len(groups) != 1)}" if groups else "healthy"))
+        for finding, count, last in groups:
+            print(f"  {finding}" + (f" (holds at {count} logged steps, the last at step {last})" if count > 1 else ""))
     if args.json:
         print(json.dumps({name: [f.to_json() for f in findings] for name, findings in report.items()}, indent=2))
     return 0

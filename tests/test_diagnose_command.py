@@ -47,6 +47,8 @@ def test_diagnose_reads_every_writer_and_convention(tmp_path, capsys):
     assert diagnose.main([str(tmp_path / "logs" / "torch")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("torch: 2 steps, 18 parameters;") and "[vanishing_gradients]" in out
+    assert diagnose.main([str(tmp_path / "logs" / "healthy")]) == 0
+    assert capsys.readouterr().out == "healthy: 3 steps, 4 parameters; healthy\n"
 
 
 def test_diagnose_explains_what_it_cannot_read(tmp_path, capsys):
@@ -64,7 +66,8 @@ def test_diagnose_explains_what_it_cannot_read(tmp_path, capsys):
     result = run_script("diagnose.py", tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "other: no weight or gradient histograms recognised among 1 tags (e.g. activations/relu1)" in result.stdout
-    assert "broken: no readable event in its event files (corrupt" in result.stdout
+    assert "broken: no readable event in its event files (corrupt, or not TensorBoard event files)\n" in result.stdout
+    assert "healthy" not in result.stdout  # what could not be examined is not called healthy
 
 
 def test_a_truncated_event_file_is_read_up_to_where_it_breaks(tmp_path, capsys):
