@@ -9,7 +9,6 @@ epoch in DataLoader worker processes.
 import json
 import math
 import os
-import signal
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 import torchvision.transforms as transforms
 from torch.utils.data import DataLoader
 
-from utils import DataListError, MyDataset, check_images, read_classes, read_image_list
+from utils import DataListError, MyDataset, check_images, ignore_sigint, read_classes, read_image_list
 
 # The tutorial's per-channel statistics of CIFAR-10's training images.
 CIFAR10_MEAN = [0.4948052, 0.48568845, 0.44682974]
@@ -91,11 +90,6 @@ class CachedBatches:
         return len(self.batch_sampler)
 
 
-def _ignore_sigint(worker_id):
-    # Ctrl-C reaches every process in the terminal's group; only the main process decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def cache_fits(num_images):
     """True when the decoded images would take under a quarter of the memory available now."""
     needed = num_images * 3 * IMAGE_SIZE * IMAGE_SIZE
@@ -167,6 +161,6 @@ def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mea
     valid_data = MyDataset(data_dir / "valid.txt", num_classes=num_classes, transform=transforms.Compose([
         transforms.Resize(IMAGE_SIZE), transforms.CenterCrop(IMAGE_SIZE), transforms.ToTensor(), normalize]))
     options = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                   worker_init_fn=_ignore_sigint)
+                   worker_init_fn=ignore_sigint)
     return (DataLoader(train_data, batch_sampler=train_sampler, **options),
             DataLoader(valid_data, batch_sampler=valid_sampler, **options), classes, False)

@@ -144,4 +144,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # reading large logs takes a while; nothing is written, so just stop
+        sys.exit(130)

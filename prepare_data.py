@@ -15,16 +15,19 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds) ends quietly; main() restores KeyboardInterrupt
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils import DataListError, check_images, read_image_list
+from utils import DataListError, check_images, process_pool, read_image_list
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -157,7 +160,7 @@ def save_images(images, paths, workers, desc):
         folder.mkdir(parents=True, exist_ok=True)
     chunk = 500
     jobs = [(images[i:i + chunk], paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
-    with ProcessPoolExecutor(max_workers=workers) as pool, \
+    with process_pool(workers) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not sys.stderr.isatty()) as progress:
         for done in pool.map(_save_pngs, jobs):
             progress.update(done)
@@ -321,6 +324,7 @@ def build_parser():
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "cifar10":
@@ -335,6 +339,11 @@ def main(argv=None):
     except (PrepareError, DataListError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        unfinished = f"{args.dir / 'stats.json'} was not written" if args.command == "stats" else \
+            f"{args.out} is unfinished (its lists are written last, so nothing reads it yet)"
+        print(f"Stopped: {unfinished}; run the same command again to finish it", file=sys.stderr)
+        return 130
     print(f"{args.out}: " + ", ".join(f"{name} {count}" for name, count in counts.items())
           + f". Next: python prepare_data.py stats {args.out} && python train.py --data {args.out}")
     return 0

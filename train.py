@@ -16,6 +16,9 @@ from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
+if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds) ends quietly; main() restores KeyboardInterrupt
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -548,6 +551,7 @@ def one_line(err):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
     dist = Distributed(args.device)
     try:

@@ -12,9 +12,10 @@ A list file holds one "path label" line per image. A path may contain spaces (th
 label is the last word); a relative path is relative to the list file's folder.
 """
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,24 @@ def _decode_chunk(chunk, size):
     return [_decode(sample, size) for sample in chunk]
 
 
+def ignore_sigint(*_):
+    """In a worker process: Ctrl-C reaches every process of the terminal's group; only the main one decides."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def process_pool(workers):
+    """A ProcessPoolExecutor whose workers ignore Ctrl-C and whose queued work is dropped, not waited for,
+    when the caller stops early (an error in the input, or Ctrl-C): only the chunks already running finish."""
+    pool = ProcessPoolExecutor(workers, initializer=ignore_sigint)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def check_images(samples, size=None, workers=None):
     """Decode every image once, raising DataListError for the first (in list order) that fails.
 
@@ -122,7 +141,7 @@ def check_images(samples, size=None, workers=None):
     progress = tqdm(total=len(samples), desc="Checking images", unit="img", leave=False,
                     disable=len(samples) < 5000 or not sys.stderr.isatty())
     images = []
-    with progress, (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
+    with progress, (process_pool(workers) if workers > 1 else nullcontext()) as pool:
         results = pool.map(_decode_chunk, chunks, [size] * len(chunks)) if pool else \
             (_decode_chunk(c, size) for c in chunks)
         for decoded in results:

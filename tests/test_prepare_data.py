@@ -55,6 +55,26 @@ def test_cifar10_never_overwrites_without_force(tmp_path, capsys):
     assert (out / "train.txt").read_text() != before and len(read_list(out / "train.txt")) == 15
 
 
+def test_ctrl_c_leaves_an_unfinished_output_that_the_same_command_finishes(tmp_path, monkeypatch, capsys):
+    source, _ = make_cifar_batches(tmp_path)
+    out = tmp_path / "cifar"
+    args = ["cifar10", "--archive", str(source), "--out", str(out)]
+    save_images = prepare_data.save_images
+
+    def interrupted(images, paths, workers, desc):
+        if desc == "valid":  # the training images are written, then Ctrl-C
+            raise KeyboardInterrupt
+        return save_images(images, paths, workers, desc)
+
+    monkeypatch.setattr(prepare_data, "save_images", interrupted)
+    assert prepare_data.main(args) == 130
+    assert f"Stopped: {out} is unfinished" in capsys.readouterr().err
+    assert (out / "train").is_dir() and not (out / "train.txt").exists()
+    monkeypatch.setattr(prepare_data, "save_images", save_images)
+    assert prepare_data.main(args) == 0  # no --force needed: nothing was listed
+    assert len(read_list(out / "train.txt")) == 30
+
+
 def test_a_truncated_or_wrong_archive_is_one_clear_line(tmp_path):
     archive, _ = make_cifar_archive(tmp_path)
     truncated = tmp_path / "truncated.tar.gz"

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -198,6 +199,18 @@ def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert histogram_steps(load_events(run)) == {tag: list(range(epochs)) for tag in HISTOGRAM_TAGS}
     assert [e.step for e in load_events(run).Scalars("valid/accuracy")] == list(range(epochs))
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0])
+def test_ctrl_c_while_starting_up_stops_quietly(data_dir, tmp_path, delay):
+    """Ctrl-C while torch loads, or while the data are checked, ends the program without a traceback."""
+    command = [sys.executable, "train.py", *train_args(data_dir, tmp_path / "Result", "--run-name", "r", epochs=1)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
 def test_resume_from_an_older_checkpoint_purges_what_it_rewrites(data_dir, tmp_path):

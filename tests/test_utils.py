@@ -1,4 +1,7 @@
 import math
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -7,7 +10,8 @@ import torchvision.transforms as transforms
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils import DataListError, ImageReadError, MyDataset, Net, class_report, read_image_list, show_confMat, validate
+from utils import (DataListError, ImageReadError, MyDataset, Net, class_report, process_pool, read_image_list,
+                   show_confMat, validate)
 
 TUTORIAL_SHAPES = {  # Chapter 4.4's LeNet-style Net, in named_parameters() order
     "conv1.weight": (6, 3, 5, 5), "conv1.bias": (6,), "conv2.weight": (16, 6, 5, 5), "conv2.bias": (16,),
@@ -118,3 +122,16 @@ def test_batched_random_crop_equals_cropping_the_padded_images_one_by_one():
     padded = F.pad(images, (4,) * 4)
     expected = torch.stack([padded[i, :, top[i]:top[i] + 32, left[i]:left[i] + 32] for i in range(8)])
     assert torch.equal(cropped, expected) and not torch.equal(cropped, images)
+
+
+def test_process_pool_workers_ignore_ctrl_c_and_queued_work_is_dropped_when_stopped_early():
+    with pytest.raises(KeyboardInterrupt):
+        with process_pool(1) as pool:
+            worker = pool.submit(os.getpid).result()
+            os.kill(worker, signal.SIGINT)  # as Ctrl-C reaches every process of the terminal's group
+            assert pool.submit(sum, [1, 2]).result() == 3  # the worker lived through it
+            queued = [pool.submit(time.sleep, 0.5) for _ in range(10)]
+            started = time.monotonic()
+            raise KeyboardInterrupt  # the main process stops: only what already runs is waited for
+    assert time.monotonic() - started < 2.5  # not the 5 s of the whole queue
+    assert sum(f.cancelled() for f in queued) >= 7
