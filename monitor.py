@@ -99,15 +99,22 @@ class _Scratch:
         return self.buffers[dtype][:numel]
 
 
-def _count_buckets(floors, first, buckets, scratch):
-    """numpy counts of floors - first: `floors` is a float tensor of whole numbers first .. first + buckets - 1.
+def _to_ints_in_place(floats):
+    """The whole numbers in a float tensor as integers of the same width, written over it: one array in cache
+    instead of two, for bincount."""
+    return floats.view(torch.int32 if floats.dtype == torch.float32 else torch.int64).copy_(floats)
+
+
+def _count_buckets(floors, first, buckets):
+    """numpy counts of floors - first: `floors` is a float tensor of whole numbers first .. first + buckets - 1,
+    which this overwrites.
 
     bincount runs on one core. A large tensor is folded in two first: pairs a * buckets + b (exact in
     floating point) are counted in a buckets x buckets table whose row and column sums are the counts,
     so only half the values go through bincount, and the shift by `first` is paid on half of them."""
     n = floors.numel()
     if n < 2 ** 17 or buckets > 256:
-        return torch.bincount(scratch.get(torch.int32, n).copy_(floors.sub_(first)), minlength=buckets).numpy()
+        return torch.bincount(_to_ints_in_place(floors.sub_(first)), minlength=buckets).numpy()
     exact_below = 2 ** (24 if floors.dtype == torch.float32 else 53)
     shift = first * (buckets + 1)
     if (abs(first) + buckets) * (buckets + 1) >= exact_below:  # far from zero: shift first
@@ -115,11 +122,12 @@ def _count_buckets(floors, first, buckets, scratch):
         shift = 0
     half = n // 2
     pairs = torch.add(floors[half:2 * half], floors[:half], alpha=buckets, out=floors[:half]).sub_(shift)
-    table = torch.bincount(scratch.get(torch.int32, half).copy_(pairs), minlength=buckets * buckets).numpy()
+    last = int(floors[-1]) if n % 2 else None  # read before the pairs are overwritten as integers
+    table = torch.bincount(_to_ints_in_place(pairs), minlength=buckets * buckets).numpy()
     table = table.reshape(buckets, buckets)
     counts = table.sum(0) + table.sum(1)
-    if n % 2:
-        counts[int(floors[-1]) - (first if shift else 0)] += 1
+    if last is not None:
+        counts[last - (first if shift else 0)] += 1
     return counts
 
 
@@ -188,7 +196,7 @@ def _histogram_cpu(x, bins, scratch):
         exact = values.double() if values.dtype == torch.float32 and not 2.0 ** -100 <= width <= 1 else values
         scaled = scratch.get(exact.dtype, exact.numel())
         torch.mul(exact, 1.0 / width, out=scaled).floor_()  # exact: a power-of-two scale
-        return _count_buckets(scaled, first, buckets, scratch)
+        return _count_buckets(scaled, first, buckets)
     return _bucketed(values.numel(), nonfinite, lo, hi, total, squares, bins, count_buckets)
 
 
