@@ -8,10 +8,13 @@ from conftest import load_events
 from monitor import DEFAULT_BINS, TrainingMonitor, compute_histograms
 
 
-@pytest.fixture(params=["cpu fast path", "device path"], autouse=True)
+@pytest.fixture(params=["cpu fast path", "cpu torch path", "device path"], autouse=True)
 def binning_path(request, monkeypatch):
-    """Every histogram test runs on both code paths: the CPU one and the sync-free one used on GPUs."""
-    monkeypatch.setattr(monitor, "CPU_FAST_PATH", request.param == "cpu fast path")
+    """Every histogram test runs on every code path: on the CPU, small tensors in a numpy batch and the others
+    one by one with torch (here all of them), and the sync-free one used on GPUs."""
+    monkeypatch.setattr(monitor, "CPU_FAST_PATH", request.param != "device path")
+    if request.param == "cpu torch path":
+        monkeypatch.setattr(monitor, "_NUMPY_BELOW", 0)
 
 
 def finite_values(tensor):
@@ -66,6 +69,8 @@ def test_histogram_counts_match_numpy(make):
     lambda g: torch.randn(20_000, generator=g) * 10 ** torch.randint(-30, 30, (20_000,), generator=g),
     lambda g: torch.randn(200_001, generator=g),  # large and odd: counted in folded pairs plus one
     lambda g: 1000 + torch.randn(150_001, generator=g) * 1e-3,  # large and far from zero: shifted before folding
+    lambda g: torch.randn(150_000, generator=g, dtype=torch.float64),  # large float64: folded as float64
+    lambda g: torch.cat([torch.randn(150_000, generator=g), torch.tensor([-3e38, 3e38])]),  # large, widest range
 ])
 @pytest.mark.parametrize("bins", [1, 2, 7, DEFAULT_BINS, 256])
 def test_every_value_lands_in_the_bucket_its_edges_say(make, bins):
