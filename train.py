@@ -296,9 +296,10 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
+    # the generators take their state as a CPU tensor; torch.load(map_location=cuda) has moved it to the GPU
+    torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def resolve_device(name):

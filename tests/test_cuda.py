@@ -66,3 +66,7 @@ def test_train_py_on_cuda(amp, data_dir, tmp_path, capsys):
     assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
     checkpoint = torch.load(tmp_path / "r" / "last.pt", weights_only=True, map_location="cpu")
     assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
+    assert "cuda" in checkpoint["rng"]
+    # resuming on the GPU: the checkpoint is loaded onto it, random states included
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "3"]) == 0
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
