@@ -1,6 +1,7 @@
 """Each rule against a real training run that goes wrong in that way, and a healthy run that stays clean."""
 import json
 import math
+import textwrap
 
 import pytest
 import torch
@@ -339,8 +340,16 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     from conftest import ROOT
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### The monitor in your own training loop"):]
-    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    first = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    section = section[section.index("Continuing the example above:"):]
+    second = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    loop = first[first.index("        for inputs, labels in data:"):]  # the elided loop of the second example
+    second = textwrap.dedent(second).replace("        ...", textwrap.indent(textwrap.dedent(loop), "        "))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    namespace = {}
+    exec(compile(first, "README.md", "exec"), namespace)
     assert isinstance(json.loads((tmp_path / "Result" / "my-loop" / "diagnosis.json").read_text()), list)
     assert len(load_events(tmp_path / "Result" / "my-loop").Histograms("0.weight_grad")) == 5
+    exec(compile(second, "README.md", "exec"), namespace)  # saved, then resumed for two more epochs
+    assert [e.step for e in load_events(tmp_path / "Result" / "my-loop").Histograms("0.weight_grad")] == list(range(7))
+    assert namespace["monitor"].steps == 7 * 50
