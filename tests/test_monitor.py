@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -149,3 +150,23 @@ def test_a_writer_reopened_within_the_same_second_keeps_earlier_events(tmp_path)
     events = load_events(tmp_path)
     assert [e.step for e in events.Histograms("weight_data")] == [0, 1, 2]
     assert [e.value for e in events.Scalars("loss")] == [0.0, 1.0, 2.0]
+
+
+def test_parameter_statistics_and_gradient_flow_match_plain_torch():
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 5))
+    model(torch.randn(16, 300, generator=g)).square().mean().backward()
+    stats = monitor.parameter_statistics(model)
+    names, means, maxes = monitor.gradient_flow(model)
+    assert names == ["0.weight", "2.weight"]
+    for name, p in model.named_parameters():
+        assert stats[name]["max_abs_weight"] == pytest.approx(p.detach().abs().max().item(), rel=1e-6)
+        assert stats[name]["weight_norm"] == pytest.approx(p.detach().norm().item(), rel=1e-5)
+        assert stats[name]["grad_norm"] == pytest.approx(p.grad.norm().item(), rel=1e-5)
+    for name, mean, peak in zip(names, means, maxes):
+        grad = dict(model.named_parameters())[name].grad
+        assert mean == pytest.approx(grad.abs().mean().item(), rel=1e-5)
+        assert peak == pytest.approx(grad.abs().max().item(), rel=1e-6)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    assert math.isnan(monitor.parameter_statistics(model)["0.weight"]["max_abs_weight"])
