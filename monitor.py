@@ -87,16 +87,23 @@ def bin_layout(lo, hi, bins):
 
 
 class _Scratch:
-    """Reusable CPU buffers for one compute_histograms call: a fresh multi-megabyte tensor per step of
-    every parameter costs more in page faults than the arithmetic it holds."""
+    """CPU work buffers, grown as needed and kept between calls by whoever owns them (TrainingMonitor).
+    Memory the allocator hands back to the system between logs costs a page fault per 4 KB when it is
+    touched again, several microseconds each here: more than the binning of the values it holds."""
 
-    def __init__(self, size):
-        self.size, self.buffers = size, {}
+    def __init__(self):
+        self.buffers = {}
 
-    def get(self, dtype, numel):
-        if dtype not in self.buffers:
-            self.buffers[dtype] = torch.empty(self.size, dtype=dtype)
-        return self.buffers[dtype][:numel]
+    def get(self, key, dtype, numel):
+        """A tensor of `numel` values, one per (key, dtype): a later call with the same pair reuses it."""
+        buffer = self.buffers.get((key, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key, dtype] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+    def array(self, key, dtype, numel):
+        """The same as a numpy array (float64 or int64)."""
+        return self.get(key, torch.float64 if dtype == np.float64 else torch.int64, numel).numpy()
 
 
 def _to_ints_in_place(floats):
@@ -144,29 +151,38 @@ def _bucketed(num, nonfinite, lo, hi, total, squares, bins, count_buckets):
     return Histogram(num, nonfinite, lo, hi, total, squares, limits, counts[:count])
 
 
-def _histograms_numpy(tensors, bins):
+def _histograms_numpy(tensors, bins, scratch):
     """Small CPU tensors, in one batch with numpy: a handful of calls for all of them, where one
     torch call per step per tensor would cost more than the arithmetic. Returns {name: Histogram}, leaving
     out tensors with non-finite values (the caller bins those one at a time)."""
     names = list(tensors)
-    values = np.concatenate([tensors[name].numpy() for name in names], dtype=np.float64)  # exact for float32
     sizes = np.array([tensors[name].numel() for name in names])
+    n = int(sizes.sum())
+    values = scratch.array("values", np.float64, n)  # float64: exact for float32, and sums that do not overflow
+    np.concatenate([tensors[name].numpy() for name in names], out=values)
+    work = scratch.array("work", np.float64, n)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     lows, highs = np.minimum.reduceat(values, starts).tolist(), np.maximum.reduceat(values, starts).tolist()
-    totals, squares = np.add.reduceat(values, starts).tolist(), np.add.reduceat(values * values, starts).tolist()
+    totals = np.add.reduceat(values, starts).tolist()
+    squares = np.add.reduceat(np.multiply(values, values, out=work), starts).tolist()
     finite = [math.isfinite(lo) and math.isfinite(hi) for lo, hi in zip(lows, highs)]  # NaN or inf if any is
     layouts = [bin_layout(lo, hi, bins) if ok and lo < hi and bins > 1 else None
                for lo, hi, ok in zip(lows, highs, finite)]
-    offsets = np.cumsum([0] + [layout[2] + 1 if layout else 1 for layout in layouts])
+    offsets = np.cumsum([0] + [layout[2] + 1 if layout else 1 for layout in layouts]).tolist()
     # bucket = floor(v / width) - first, exact for a power-of-two width, shifted to the tensor's own slots;
     # tensors without buckets (one bucket, or non-finite values) count into a slot of their own, unused
-    scale = np.repeat([1 / layout[0] if layout else 0.0 for layout in layouts], sizes)
-    shift = np.repeat([offset - (layout[1] if layout else 0) for offset, layout in zip(offsets, layouts)], sizes)
+    scale, shift = scratch.array("scale", np.float64, n), scratch.array("shift", np.float64, n)
+    for start, size, offset, layout in zip(starts.tolist(), sizes.tolist(), offsets, layouts):
+        scale[start:start + size] = 1 / layout[0] if layout else 0.0
+        shift[start:start + size] = offset - (layout[1] if layout else 0)
     with np.errstate(invalid="ignore"):
-        index = np.floor(values * scale)
+        index = np.floor(np.multiply(values, scale, out=work), out=work)
     if not all(finite):
         index[np.isnan(index)] = 0  # NaN * 0 and inf * 0
-    counts = np.bincount((index + shift).astype(np.intp), minlength=offsets[-1])
+    np.add(index, shift, out=index)
+    ints = scratch.array("ints", np.int64, n)
+    np.copyto(ints, index, casting="unsafe")
+    counts = np.bincount(ints, minlength=offsets[-1])
     return {name: _bucketed(int(size), 0, lo, hi, total, square, bins, lambda *_, i=i: counts[offsets[i]:offsets[i + 1]])
             for i, (name, size, lo, hi, total, square) in enumerate(zip(names, sizes, lows, highs, totals, squares))
             if finite[i]}
@@ -194,7 +210,7 @@ def _histogram_cpu(x, bins, scratch):
     def count_buckets(width, first, buckets):
         # float32 scaled by 1 / width stays exact unless that underflows tiny values to -0.0 or overflows
         exact = values.double() if values.dtype == torch.float32 and not 2.0 ** -100 <= width <= 1 else values
-        scaled = scratch.get(exact.dtype, exact.numel())
+        scaled = scratch.get("scaled", exact.dtype, exact.numel())
         torch.mul(exact, 1.0 / width, out=scaled).floor_()  # exact: a power-of-two scale
         return _count_buckets(scaled, first, buckets)
     return _bucketed(values.numel(), nonfinite, lo, hi, total, squares, bins, count_buckets)
@@ -230,15 +246,16 @@ def _histogram_row_device(x, bins):
     return torch.cat([head, edges, counts.double()])
 
 
-def compute_histograms(tensors, bins=DEFAULT_BINS):
-    """Histograms of a {name: tensor} mapping; empty tensors are left out. Pure: nothing is logged."""
+def compute_histograms(tensors, bins=DEFAULT_BINS, scratch=None):
+    """Histograms of a {name: tensor} mapping; empty tensors are left out. Pure: nothing is logged.
+    `scratch` (a _Scratch) keeps the CPU work buffers from one call to the next."""
     if bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins}")
+    scratch = scratch or _Scratch()
     flat = {name: _as_flat_float(t) for name, t in tensors.items() if t.numel() > 0}
     on_cpu = {name: x for name, x in flat.items() if x.device.type == "cpu" and CPU_FAST_PATH}
     small = {name: x for name, x in on_cpu.items() if x.numel() < _NUMPY_BELOW}
-    result = _histograms_numpy(small, bins) if small else {}
-    scratch = _Scratch(max((x.numel() for name, x in on_cpu.items() if name not in result), default=0))
+    result = _histograms_numpy(small, bins, scratch) if small else {}
     result.update({name: _histogram_cpu(x, bins, scratch) for name, x in on_cpu.items() if name not in result})
     names = [name for name in flat if name not in result]
     if names:
@@ -438,6 +455,7 @@ class TrainingMonitor:
         self.skipped_steps = 0
         self._records = []
         self._history = []
+        self._scratch = _Scratch()  # binning buffers kept between logs
         self.findings = self._load_findings(purge_epoch)
         self._reported = {f.key for f in self.findings}
         self._purge_step = purge_step
@@ -546,7 +564,7 @@ class TrainingMonitor:
     def log_parameters(self, model, step, per_step=False):
         """Log `<name>_data` and `<name>_grad` histograms at `step` (an epoch, or an optimizer step if per_step)."""
         writer = self.step_writer if per_step else self.writer
-        histograms = compute_histograms(parameter_tensors(model), self.bins)
+        histograms = compute_histograms(parameter_tensors(model), self.bins, self._scratch)
         _add_scalars(writer, {"nonfinite/" + tag: h.nonfinite for tag, h in histograms.items() if h.nonfinite}, step)
         if isinstance(writer, SummaryWriter):  # all histograms of the call in one event
             summary = Summary()

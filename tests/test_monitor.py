@@ -170,3 +170,19 @@ def test_parameter_statistics_and_gradient_flow_match_plain_torch():
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
     assert math.isnan(monitor.parameter_statistics(model)["0.weight"]["max_abs_weight"])
+
+
+def test_buffers_kept_between_calls_give_each_call_its_own_histograms():
+    """The monitor keeps its binning buffers from log to log: calls with more, then fewer values than before
+    must not see each other's leftovers."""
+    g = torch.Generator().manual_seed(4)
+    scratch = monitor._Scratch()
+    calls = [{"a": torch.randn(3000, generator=g), "b": torch.randn(200_001, generator=g) * 5},
+             {"a": torch.randn(50, generator=g) + 7, "c": torch.randn(70_000, generator=g, dtype=torch.float64)},
+             {"a": torch.randn(9000, generator=g), "b": torch.full((300_000,), 2.0), "d": torch.randn(10)}]
+    for tensors in calls:
+        kept, fresh = compute_histograms(tensors, scratch=scratch), compute_histograms(tensors)
+        for name, tensor in tensors.items():
+            check_against_numpy(kept[name], tensor)
+            assert np.array_equal(kept[name].bucket_counts, fresh[name].bucket_counts)
+            assert np.array_equal(kept[name].bucket_limits, fresh[name].bucket_limits)
