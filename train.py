@@ -17,7 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds) ends quietly; main() restores KeyboardInterrupt
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    # os._exit, not an exception: one raised inside torch's import can surface in its C++ code and abort
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import numpy as np
 import torch

@@ -201,7 +201,7 @@ def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
     assert [e.step for e in load_events(run).Scalars("valid/accuracy")] == list(range(epochs))
 
 
-@pytest.mark.parametrize("delay", [0.2, 1.0])
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.0, 1.5])
 def test_ctrl_c_while_starting_up_stops_quietly(data_dir, tmp_path, delay):
     """Ctrl-C while torch loads, or while the data are checked, ends the program without a traceback."""
     command = [sys.executable, "train.py", *train_args(data_dir, tmp_path / "Result", "--run-name", "r", epochs=1)]
