@@ -203,8 +203,9 @@ def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
 
 @pytest.mark.parametrize("delay", [0.2, 0.6, 1.0, 1.5])
 def test_ctrl_c_while_starting_up_stops_quietly(data_dir, tmp_path, delay):
-    """Ctrl-C while torch loads, or while the data are checked, ends the program without a traceback."""
-    command = [sys.executable, "train.py", *train_args(data_dir, tmp_path / "Result", "--run-name", "r", epochs=1)]
+    """Ctrl-C while torch loads, or while the data are checked, ends the program without a traceback.
+    (A run of many epochs, so that on a fast machine the signal still comes before the run could end.)"""
+    command = [sys.executable, "train.py", *train_args(data_dir, tmp_path / "Result", "--run-name", "r", epochs=100)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
