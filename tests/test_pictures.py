@@ -1,0 +1,46 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from pictures import draw_text, encode_png, font
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (9, 1, 3), (37, 53, 3)])
+def test_png_decodes_to_the_same_pixels(shape):
+    rng = np.random.default_rng(sum(shape))
+    array = rng.integers(0, 256, shape, dtype=np.uint8)  # rows that differ by more than 127 wrap around in Up
+    decoded = Image.open(io.BytesIO(encode_png(array)))
+    assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
+    assert np.array_equal(np.asarray(decoded), array)
+
+
+def test_png_of_a_plot_is_no_larger_than_pils():
+    image = Image.new("RGB", (400, 300), "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(8):
+        draw.rectangle([20 + 45 * i, 280 - 30 * i, 50 + 45 * i, 290], fill=(33, 113, 181))
+        draw.text((20 + 45 * i, 5), f"layer{i}", fill="black")
+    pil = io.BytesIO()
+    image.save(pil, format="PNG", compress_level=1)
+    assert len(encode_png(np.asarray(image))) <= 1.1 * len(pil.getvalue())
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (4, 4, 4), (0, 4, 3)])
+def test_png_refuses_what_is_not_an_rgb_picture(shape):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        encode_png(np.zeros(shape, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("anchor", ["la", "mb", "rm", "mm"])
+@pytest.mark.parametrize("text", ["conv1", "Confusion_Matrix_valid: rows", "42", "1e-7"])
+def test_cached_text_is_what_imagedraw_draws(text, anchor):
+    background = Image.linear_gradient("L").resize((200, 40)).convert("RGB")  # blending shows on grey too
+    expected, drawn = background.copy(), background.copy()
+    ImageDraw.Draw(expected).text((100, 20), text, fill=(255, 0, 0), font=font(), anchor=anchor)
+    for _ in range(2):  # the second time from the cache
+        drawn = background.copy()
+        draw_text(drawn, (100, 20), text, (255, 0, 0), anchor=anchor)
+    assert not np.array_equal(np.asarray(expected), np.asarray(background))
+    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
