@@ -186,3 +186,10 @@ def test_buffers_kept_between_calls_give_each_call_its_own_histograms():
             check_against_numpy(kept[name], tensor)
             assert np.array_equal(kept[name].bucket_counts, fresh[name].bucket_counts)
             assert np.array_equal(kept[name].bucket_limits, fresh[name].bucket_limits)
+
+
+def test_rewrite_replaces_longer_and_shorter_contents_exactly(tmp_path):
+    path = tmp_path / "gradient_flow.png"
+    for data in (b"a" * 1000, b"short", b"b" * 2000, b""):
+        monitor._rewrite(str(path), data)
+        assert path.read_bytes() == data
