@@ -167,9 +167,16 @@ def test_parameter_statistics_and_gradient_flow_match_plain_torch():
         grad = dict(model.named_parameters())[name].grad
         assert mean == pytest.approx(grad.abs().mean().item(), rel=1e-5)
         assert peak == pytest.approx(grad.abs().max().item(), rel=1e-6)
+    named = list(model.named_parameters())  # what the monitor keeps from watch(): the same figures
+    assert monitor.parameter_statistics(named) == stats and monitor.gradient_flow(named) == (names, means, maxes)
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
     assert math.isnan(monitor.parameter_statistics(model)["0.weight"]["max_abs_weight"])
+
+
+def test_epoch_end_before_watch_says_what_to_do(tmp_path):
+    with TrainingMonitor(tmp_path) as unwatched, pytest.raises(RuntimeError, match=r"watch\(model\)"):
+        unwatched.epoch_end(0, {"loss": 1.0})
 
 
 def test_buffers_kept_between_calls_give_each_call_its_own_histograms():
