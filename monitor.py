@@ -517,8 +517,7 @@ class TrainingMonitor:
         self.model = model
         self._parameters = list(model.named_parameters())  # as they are now: watch() again after changing them
         if optimizer is not None:
-            self._hooks["snapshot"] = optimizer.register_step_pre_hook(self._snapshot_before_update)
-            self._hooks["stepped"] = optimizer.register_step_post_hook(self._mark_stepped)
+            self._hooks["before_step"] = optimizer.register_step_pre_hook(self._before_step)
         return self
 
     def unwatch(self):
@@ -528,12 +527,12 @@ class TrainingMonitor:
         self._hooks.clear()
         self._before_update = None
 
-    def _snapshot_before_update(self, optimizer, args, kwargs):
+    def _before_step(self, optimizer, args, kwargs):
+        """Runs only when the optimizer steps (GradScaler skips the call when it finds inf): notes that it did,
+        and keeps the weights before the update when statistics are due."""
+        self._stepped = True
         if self.stats_every and (self.steps + 1) % self.stats_every == 0:
             self._before_update = {name: p.detach().clone() for name, p in self._parameters}
-
-    def _mark_stepped(self, optimizer, args, kwargs):
-        self._stepped = True
 
     def step(self):
         """Call once per optimizer step, after it and before zero_grad(). Returns the step's urgent findings
@@ -545,7 +544,7 @@ class TrainingMonitor:
         if self.model is None:
             raise RuntimeError("call watch(model) before step()")
         self.steps += 1
-        if "stepped" in self._hooks:
+        if "before_step" in self._hooks:
             stepped, self._stepped = self._stepped, False
             if not stepped:
                 self.skipped_steps += 1

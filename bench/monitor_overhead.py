@@ -43,7 +43,7 @@ class TimedMonitor(TrainingMonitor):
         super().__init__(*args, **kwargs)
         self.spent, self.epochs = 0.0, []  # epochs: (time epoch_end returned, seconds inside since the last)
         TimedMonitor.runs.append(self)
-        for name in ("_snapshot_before_update", "_mark_stepped", "step"):
+        for name in ("_before_step", "step"):
             setattr(self, name, self._timed(getattr(self, name)))
 
     def _timed(self, call):
@@ -122,8 +122,7 @@ def main():
             monitor = None
             if options is not None:
                 monitor = TrainingMonitor(f"{tmp}/{len(runs)}", **options)
-                for hook in ("_snapshot_before_update", "_mark_stepped"):  # optimizer hooks count as inside
-                    setattr(monitor, hook, timed(getattr(monitor, hook), name))
+                monitor._before_step = timed(monitor._before_step, name)  # its optimizer hook counts as inside
                 monitor.watch(net, optimizer)
             runs[name] = (net, optimizer, monitor)
         criterion = nn.CrossEntropyLoss()
