@@ -27,12 +27,11 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import Summary
 
 from diagnosis import Finding, Thresholds, diagnose, nonfinite_values, output_bias_skew
-from pictures import BLACK, draw_text, encode_png
+from pictures import BLACK, Picture, encode_png
 
 DEFAULT_BINS = 64  # at most 64 buckets, about 0.6 KB per histogram event (the Histograms tab shows ~30)
 
@@ -372,20 +371,21 @@ def gradient_flow(model):
     return [name for name, _ in named], means, table[1].tolist()
 
 
-def gradient_flow_image(names, means, maxes, epoch):
-    """Bars of mean and max |gradient| per layer on a log scale, input side on the left, as an (H, W, 3)
-    uint8 array. Drawn with PIL and cached labels: about a millisecond, where a matplotlib figure takes a
-    quarter second."""
+GRID, LIGHT_BLUE, DARK_BLUE, RED = (225, 225, 225), (158, 202, 225), (33, 113, 181), (255, 0, 0)
+
+
+def gradient_flow_picture(names, means, maxes, epoch):
+    """Bars of mean and max |gradient| per layer on a log scale, input side on the left, as a pictures.Picture.
+    Drawn with PIL and cached labels: about a millisecond, where a matplotlib figure takes a quarter second."""
     slot, left, top, bottom, height = 64, 70, 34, 96, 300
     width = left + slot * max(len(names), 1) + 20
-    image = Image.new("RGB", (width, top + height + bottom), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw_text(image, (8, 8), f"epoch {epoch + 1}", BLACK)  # apart from the title, which is then drawn once a run
-    draw_text(image, (left, 8), "Gradient flow: mean |grad| (dark), max |grad| (light)", BLACK)
+    picture = Picture(width, top + height + bottom, [BLACK, GRID, LIGHT_BLUE, DARK_BLUE], text_colors=(BLACK, RED))
+    picture.text((8, 8), f"epoch {epoch + 1}", BLACK)  # apart from the title, which is then drawn once a run
+    picture.text((left, 8), "Gradient flow: mean |grad| (dark), max |grad| (light)", BLACK)
     positive = [v for v in means + maxes if v > 0 and math.isfinite(v)]
     if not positive:
-        draw_text(image, (left, top + height // 2), "no finite, non-zero gradients", (255, 0, 0))
-        return np.asarray(image)
+        picture.text((left, top + height // 2), "no finite, non-zero gradients", RED)
+        return picture
     low = math.floor(math.log10(min(positive)))
     high = max(math.ceil(math.log10(max(positive))), low + 1)
 
@@ -395,16 +395,21 @@ def gradient_flow_image(names, means, maxes, epoch):
         return top + height - (math.log10(value) - low) / (high - low) * height
 
     for power in range(low, high + 1):
-        draw.line([(left - 4, y(10.0 ** power)), (width - 10, y(10.0 ** power))], fill=(225, 225, 225))
-        draw_text(image, (8, y(10.0 ** power) - 7), f"1e{power}", BLACK)
-    draw.line([(left, top), (left, top + height), (width - 10, top + height)], fill=BLACK)
+        picture.line([(left - 4, y(10.0 ** power)), (width - 10, y(10.0 ** power))], GRID)
+        picture.text((8, y(10.0 ** power) - 7), f"1e{power}", BLACK)
+    picture.line([(left, top), (left, top + height), (width - 10, top + height)], BLACK)
     for i, (name, mean, peak) in enumerate(zip(names, means, maxes)):
         x = left + i * slot + 8
-        draw.rectangle([x, y(peak), x + 22, top + height], fill=(158, 202, 225))
-        draw.rectangle([x + 24, y(mean), x + 46, top + height], fill=(33, 113, 181))
+        picture.rectangle([x, y(peak), x + 22, top + height], LIGHT_BLUE)
+        picture.rectangle([x + 24, y(mean), x + 46, top + height], DARK_BLUE)
         for row, part in enumerate(name.split(".")[:3]):  # "layer1.0.conv1.weight" in short lines
-            draw_text(image, (x, top + height + 6 + 14 * row), part[:9], BLACK)
-    return np.asarray(image)
+            picture.text((x, top + height + 6 + 14 * row), part[:9], BLACK)
+    return picture
+
+
+def gradient_flow_image(names, means, maxes, epoch):
+    """gradient_flow_picture() as an (H, W, 3) uint8 array."""
+    return gradient_flow_picture(names, means, maxes, epoch).rgb()
 
 
 def figure_to_array(figure):
@@ -609,12 +614,13 @@ class TrainingMonitor:
         self.log_parameters(model, epoch)
         _add_scalars(self.writer, scalars, epoch)
         if self.is_writer:
-            images = {tag: figure_to_array(image) if isinstance(image, Figure) else image
-                      for tag, image in dict(images).items()}
-            images["gradient_flow"] = gradient_flow_image(*gradient_flow(model), epoch)
-            for tag, image in images.items():
-                png = _add_image(self.writer, tag, image, epoch)
-            _rewrite(os.path.join(self.log_dir, "gradient_flow.png"), png)  # the last image added: the gradient flow
+            for tag, image in dict(images).items():
+                image = figure_to_array(image) if isinstance(image, Figure) else image
+                _add_png(self.writer, tag, encode_png(image), image.shape[0], image.shape[1], epoch)
+            flow = gradient_flow_picture(*gradient_flow(model), epoch)
+            png = flow.png()
+            _add_png(self.writer, "gradient_flow", png, flow.image.height, flow.image.width, epoch)
+            _rewrite(os.path.join(self.log_dir, "gradient_flow.png"), png)
 
         records = self._records or [parameter_statistics(model)]
         self._records = []
@@ -682,12 +688,10 @@ def _add_scalars(writer, scalars, step):
         writer._get_file_writer().add_summary(summary, step)
 
 
-def _add_image(writer, tag, image, step):
-    """Log an (H, W, 3) uint8 image; returns its PNG bytes."""
-    png = encode_png(image)
-    value = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3, encoded_image_string=png)
+def _add_png(writer, tag, png, height, width, step):
+    """Log a PNG-encoded image of height x width pixels."""
+    value = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=value)]), step)
-    return png
 
 
 class _NullWriter:

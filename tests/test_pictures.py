@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pictures import draw_text, encode_png, font
+from pictures import BLACK, SHADES, Picture, draw_text, encode_png, font
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (9, 1, 3), (37, 53, 3)])
@@ -27,10 +27,40 @@ def test_png_of_a_plot_is_no_larger_than_pils():
     assert len(encode_png(np.asarray(image))) <= 1.1 * len(pil.getvalue())
 
 
-@pytest.mark.parametrize("shape", [(4, 4), (4, 4, 4), (0, 4, 3)])
-def test_png_refuses_what_is_not_an_rgb_picture(shape):
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (8, 1), (40, 31)])
+def test_palette_png_decodes_to_the_same_indices_and_colours(shape):
+    rng = np.random.default_rng(sum(shape))
+    palette = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(37)]
+    indices = rng.integers(0, len(palette), shape, dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(encode_png(indices, palette)))
+    assert decoded.mode == "P" and np.array_equal(np.asarray(decoded), indices)
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), np.array(palette, dtype=np.uint8)[indices])
+
+
+@pytest.mark.parametrize("shape, palette", [((4, 4), None), ((4, 4, 4), None), ((0, 4, 3), None),
+                                            ((4, 4, 3), [(0, 0, 0)]), ((0, 4), [(0, 0, 0)])])
+def test_png_refuses_what_is_not_an_rgb_or_palette_picture(shape, palette):
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
-        encode_png(np.zeros(shape, dtype=np.uint8))
+        encode_png(np.zeros(shape, dtype=np.uint8), palette)
+
+
+def test_picture_draws_what_pil_draws_in_rgb_with_text_shades_rounded():
+    blue = (33, 113, 181)
+    picture = Picture(120, 60, [BLACK, blue])
+    picture.rectangle([10, 30.4, 30, 55], blue)
+    picture.line([(0, 25), (119, 25)], BLACK)
+    picture.text((5, 3), "fc1 1e-3", BLACK)
+    expected = Image.new("RGB", (120, 60), "white")
+    draw = ImageDraw.Draw(expected)
+    draw.rectangle([10, 30.4, 30, 55], fill=blue)
+    draw.line([(0, 25), (119, 25)], fill=BLACK)
+    draw.text((5, 3), "fc1 1e-3", fill=BLACK, font=font())
+    drawn, want = picture.rgb().astype(int), np.asarray(expected).astype(int)
+    assert np.abs(drawn - want).max() <= 255 / (2 * SHADES) + 1  # text shading only, to the nearest level
+    assert np.array_equal(drawn[20:], want[20:])  # shapes exactly
+    assert len({tuple(px) for px in drawn[:20].reshape(-1, 3)}) > 3  # antialiased, not two-tone
+    png = Image.open(io.BytesIO(picture.png()))
+    assert np.array_equal(np.asarray(png.convert("RGB")), picture.rgb())
 
 
 @pytest.mark.parametrize("anchor", ["la", "mb", "rm", "mm"])
