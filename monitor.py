@@ -298,20 +298,21 @@ def _norms(tensors, ord):
     aminmax and abs().sum() instead; small ones still share foreach calls, which cost less than a call each."""
     if not tensors:
         return []
-    if ord not in (1, math.inf) or any(t.device.type != "cpu" for t in tensors):
+    if ord not in (1, math.inf) or not all(t.is_cpu for t in tensors):
         return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))
     norms = [torch.zeros(())] * len(tensors)
     small = [i for i, t in enumerate(tensors) if 0 < t.numel() < _NUMPY_BELOW]
     if small:
-        group = [tensors[i] for i in small]
+        group = tensors if len(small) == len(tensors) else [tensors[i] for i in small]
         values = (torch._foreach_norm(group, 1, dtype=torch.float32) if ord == 1
                   else torch._foreach_max(torch._foreach_abs(group)))
         for i, value in zip(small, values):
-            norms[i] = value.float()
-    for i, t in enumerate(tensors):
-        if t.numel() >= _NUMPY_BELOW:
-            norms[i] = (t.abs().sum(dtype=torch.float32) if ord == 1
-                        else torch.stack(torch.aminmax(t)).abs().amax().float())
+            norms[i] = value if value.dtype == torch.float32 else value.float()
+    if len(small) < len(tensors):
+        for i, t in enumerate(tensors):
+            if t.numel() >= _NUMPY_BELOW:
+                norms[i] = (t.abs().sum(dtype=torch.float32) if ord == 1
+                            else torch.stack(torch.aminmax(t)).abs().amax().float())
     return norms
 
 
@@ -337,7 +338,7 @@ def parameter_statistics(model, previous_weights=None):
         if moved else [],
     }
     flat = [v for values in columns.values() for v in values]
-    if len({v.device for v in flat}) > 1:
+    if len({p.device for _, p in named}) > 1:
         flat = [v.cpu() for v in flat]
     table = iter(torch.stack(flat).tolist() if flat else [])  # note: the one CPU-GPU sync point of a statistics log
     values = {key: [next(table) for _ in items] for key, items in columns.items()}
