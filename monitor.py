@@ -16,6 +16,7 @@ reach the host in one transfer. Non-finite values are counted (scalar `nonfinite
 and left out of the bins; a tensor with no finite value logs only that count. Parameters
 without a gradient are skipped.
 """
+import functools
 import json
 import math
 import statistics
@@ -373,38 +374,52 @@ def gradient_flow(model):
 
 
 GRID, LIGHT_BLUE, DARK_BLUE, RED = (225, 225, 225), (158, 202, 225), (33, 113, 181), (255, 0, 0)
+_SLOT, _LEFT, _TOP, _BOTTOM, _HEIGHT = 64, 70, 34, 96, 300  # the gradient-flow picture's layout, in pixels
+
+
+def _flow_y(value, low, high):
+    """The height of a bar's top on the log scale from 10^low to 10^high; zero and non-finite values sit on the axis."""
+    if not (value > 0 and math.isfinite(value)):
+        return _TOP + _HEIGHT
+    return _TOP + _HEIGHT - (math.log10(value) - low) / (high - low) * _HEIGHT
+
+
+@functools.lru_cache(maxsize=4)
+def _gradient_flow_axes(names, low, high):
+    """What stays from one epoch to the next (title, grid, scale, axes, layer names), drawn once; low is None
+    where there is nothing to scale."""
+    width = _LEFT + _SLOT * max(len(names), 1) + 20
+    picture = Picture(width, _TOP + _HEIGHT + _BOTTOM, [BLACK, GRID, LIGHT_BLUE, DARK_BLUE], text_colors=(BLACK, RED))
+    picture.text((_LEFT, 8), "Gradient flow: mean |grad| (dark), max |grad| (light)", BLACK)
+    if low is None:
+        picture.text((_LEFT, _TOP + _HEIGHT // 2), "no finite, non-zero gradients", RED)
+        return picture
+    for power in range(low, high + 1):
+        y = _flow_y(10.0 ** power, low, high)
+        picture.line([(_LEFT - 4, y), (width - 10, y)], GRID)
+        picture.text((8, y - 7), f"1e{power}", BLACK)
+    picture.line([(_LEFT, _TOP), (_LEFT, _TOP + _HEIGHT), (width - 10, _TOP + _HEIGHT)], BLACK)
+    for i, name in enumerate(names):
+        for row, part in enumerate(name.split(".")[:3]):  # "layer1.0.conv1.weight" in short lines
+            picture.text((_LEFT + i * _SLOT + 8, _TOP + _HEIGHT + 6 + 14 * row), part[:9], BLACK)
+    return picture
 
 
 def gradient_flow_picture(names, means, maxes, epoch):
     """Bars of mean and max |gradient| per layer on a log scale, input side on the left, as a pictures.Picture.
-    Drawn with PIL and cached labels: about a millisecond, where a matplotlib figure takes a quarter second."""
-    slot, left, top, bottom, height = 64, 70, 34, 96, 300
-    width = left + slot * max(len(names), 1) + 20
-    picture = Picture(width, top + height + bottom, [BLACK, GRID, LIGHT_BLUE, DARK_BLUE], text_colors=(BLACK, RED))
-    picture.text((8, 8), f"epoch {epoch + 1}", BLACK)  # apart from the title, which is then drawn once a run
-    picture.text((left, 8), "Gradient flow: mean |grad| (dark), max |grad| (light)", BLACK)
+    Drawn with PIL on axes kept from the epoch before: well under a millisecond, where a matplotlib figure
+    takes a quarter second."""
     positive = [v for v in means + maxes if v > 0 and math.isfinite(v)]
-    if not positive:
-        picture.text((left, top + height // 2), "no finite, non-zero gradients", RED)
-        return picture
-    low = math.floor(math.log10(min(positive)))
-    high = max(math.ceil(math.log10(max(positive))), low + 1)
-
-    def y(value):  # log scale; zero and non-finite values sit on the axis
-        if not (value > 0 and math.isfinite(value)):
-            return top + height
-        return top + height - (math.log10(value) - low) / (high - low) * height
-
-    for power in range(low, high + 1):
-        picture.line([(left - 4, y(10.0 ** power)), (width - 10, y(10.0 ** power))], GRID)
-        picture.text((8, y(10.0 ** power) - 7), f"1e{power}", BLACK)
-    picture.line([(left, top), (left, top + height), (width - 10, top + height)], BLACK)
-    for i, (name, mean, peak) in enumerate(zip(names, means, maxes)):
-        x = left + i * slot + 8
-        picture.rectangle([x, y(peak), x + 22, top + height], LIGHT_BLUE)
-        picture.rectangle([x + 24, y(mean), x + 46, top + height], DARK_BLUE)
-        for row, part in enumerate(name.split(".")[:3]):  # "layer1.0.conv1.weight" in short lines
-            picture.text((x, top + height + 6 + 14 * row), part[:9], BLACK)
+    low = high = None
+    if positive:
+        low = math.floor(math.log10(min(positive)))
+        high = max(math.ceil(math.log10(max(positive))), low + 1)
+    picture = _gradient_flow_axes(tuple(names), low, high).copy()
+    picture.text((8, 8), f"epoch {epoch + 1}", BLACK)
+    for i, (mean, peak) in enumerate(zip(means, maxes) if positive else ()):
+        x = _LEFT + i * _SLOT + 8
+        picture.rectangle([x, _flow_y(peak, low, high), x + 22, _TOP + _HEIGHT], LIGHT_BLUE)
+        picture.rectangle([x + 24, _flow_y(mean, low, high), x + 46, _TOP + _HEIGHT], DARK_BLUE)
     return picture
 
 

@@ -6,6 +6,7 @@ from a cache; PNG's adaptive row filter, which tries five filters on every row (
 more than the compression), replaced by one filter for every row; and compressing three bytes a pixel, where a
 plot of a few colours needs one (Picture, a palette image).
 """
+import copy
 import functools
 import struct
 import zlib
@@ -67,6 +68,13 @@ class Picture:
         self.image = Image.new("P", (width, height), 0)
         self.image.putpalette([channel for color in palette for channel in color])
         self._draw = ImageDraw.Draw(self.image)
+
+    def copy(self):
+        """A picture holding this one's drawing, to draw on further."""
+        other = copy.copy(self)
+        other.image = self.image.copy()
+        other._draw = ImageDraw.Draw(other.image)
+        return other
 
     def line(self, xy, color):
         self._draw.line(xy, fill=self._index[color])

@@ -200,3 +200,16 @@ def test_rewrite_replaces_longer_and_shorter_contents_exactly(tmp_path):
     for data in (b"a" * 1000, b"short", b"b" * 2000, b""):
         monitor._rewrite(str(path), data)
         assert path.read_bytes() == data
+
+
+def test_gradient_flow_pictures_drawn_on_kept_axes_equal_fresh_ones():
+    names = ["conv1.weight", "layer1.0.conv2.weight", "fc.weight"]
+    calls = [([1e-3, 2e-4, 5e-2], [1e-1, 3e-3, 0.9], 0),  # then lower bars on the same scale: none of the
+             ([2e-3, 3e-4, 1e-3], [3e-3, 5e-4, 2e-2], 1),  # first call's bars may remain
+             ([0.0, math.nan, 1e-6], [0.0, math.inf, 1e-5], 2),
+             ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], 3)]
+    kept = [monitor.gradient_flow_image(names, means, maxes, epoch) for means, maxes, epoch in calls]
+    for picture, (means, maxes, epoch) in zip(kept, calls):
+        monitor._gradient_flow_axes.cache_clear()
+        assert np.array_equal(picture, monitor.gradient_flow_image(names, means, maxes, epoch))
+    assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[2], kept[3])
