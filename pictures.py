@@ -119,3 +119,9 @@ def encode_png(array, palette=None):
     colors = b"" if palette is None else _chunk(b"PLTE", bytes(channel for color in palette for channel in color))
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + colors + _chunk(b"IDAT", zlib.compress(rows, 1))
             + _chunk(b"IEND", b""))
+
+
+def save_png(path, array):
+    """Write an (H, W, 3) uint8 array to `path` as a PNG."""
+    with open(path, "wb") as fh:
+        fh.write(encode_png(array))

@@ -295,7 +295,7 @@ def confusion_matrix_image(confusion_mat, classes, set_name):
     confusion_mat = np.asarray(confusion_mat)
     n = len(classes)
     shares = row_shares(confusion_mat)
-    cell = max(16, min(44, 520 // max(n, 1)))
+    cell = max(16, min(32, 520 // max(n, 1)))  # TensorBoard fits a card to about 500 pixels: no bigger
     names = [f"{i} {str(c)[:14]}" for i, c in enumerate(classes)]
     left, top = 16 + 7 * max(len(name) for name in names), 48
     image = Image.new("RGB", (left + n * cell + 12, top + n * cell + 24), "white")

@@ -47,7 +47,10 @@ def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_
     assert list(stored.bucket) == counts.tolist() and stored.min == weights.min() and stored.max == weights.max()
     accuracy = events.Scalars("valid/accuracy")[-1].value
     assert 0 <= accuracy <= 1
-    assert (run / "Confusion_Matrix_valid_last.png").is_file()
+    # The confusion matrices in the run folder are the pictures TensorBoard shows: the best and the last epoch's.
+    pictures = [e.encoded_image_string for e in events.Images("valid/confusion_matrix")]
+    assert (run / "Confusion_Matrix_valid_last.png").read_bytes() == pictures[-1]
+    assert (run / "Confusion_Matrix_valid_best.png").read_bytes() == pictures[best["epoch"] - 1]
 
 
 def test_without_cache_workers_decode_every_epoch(data_dir, tmp_path):
