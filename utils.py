@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -299,19 +299,20 @@ def confusion_matrix_image(confusion_mat, classes, set_name):
     names = [f"{i} {str(c)[:14]}" for i, c in enumerate(classes)]
     left, top = 16 + 7 * max(len(name) for name in names), 48
     image = Image.new("RGB", (left + n * cell + 12, top + n * cell + 24), "white")
-    draw = ImageDraw.Draw(image)
+    # the cells at once: one grey pixel per cell, enlarged, each with a light outline
+    cells = np.round(255 * (1 - shares)).astype(np.uint8).repeat(cell, axis=0).repeat(cell, axis=1)
+    edge = np.arange(n * cell) % cell
+    cells[(edge == 0) | (edge == cell - 1)] = 230
+    cells[:, (edge == 0) | (edge == cell - 1)] = 230
+    image.paste(Image.fromarray(cells).convert("RGB"), (left, top))
     draw_text(image, (8, 6), f"Confusion_Matrix_{set_name}: rows true label, columns predicted", BLACK)
     for i in range(n):
         x, y = left + i * cell, top + i * cell
         draw_text(image, (x + cell // 2, top - 4), str(i), BLACK, anchor="mb")
         draw_text(image, (left - 6, y + cell // 2), names[i], BLACK, anchor="rm")
-        for j in range(n):
-            grey = int(round(255 * (1 - shares[i, j])))
-            box = [left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1]
-            draw.rectangle(box, fill=(grey, grey, grey), outline=(230, 230, 230))
-            if n <= 30:
-                draw_text(image, (box[0] + cell // 2, y + cell // 2), str(int(confusion_mat[i, j])), (255, 0, 0),
-                          anchor="mm")
+        for j in range(n if n <= 30 else 0):
+            draw_text(image, (left + j * cell + cell // 2, y + cell // 2), str(int(confusion_mat[i, j])), (255, 0, 0),
+                      anchor="mm")
     draw_text(image, (left, top + n * cell + 6), "Predict label", BLACK)
     return np.asarray(image)
 
