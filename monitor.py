@@ -170,19 +170,17 @@ def _histograms_numpy(tensors, bins, scratch):
                for lo, hi, ok in zip(lows, highs, finite)]
     offsets = np.cumsum([0] + [layout[2] + 1 if layout else 1 for layout in layouts]).tolist()
     # bucket = floor(v / width) - first, exact for a power-of-two width, shifted to the tensor's own slots;
-    # tensors without buckets (one bucket, or non-finite values) count into a slot of their own, unused
-    scale, shift = scratch.array("scale", np.float64, n), scratch.array("shift", np.float64, n)
+    # tensors without buckets (one bucket, or non-finite values) count into a slot of their own, unused.
+    # One tensor at a time, on views: scalars instead of two arrays of per-value scales and shifts.
+    index = scratch.array("ints", np.int64, n)
     for start, size, offset, layout in zip(starts.tolist(), sizes.tolist(), offsets, layouts):
-        scale[start:start + size] = 1 / layout[0] if layout else 0.0
-        shift[start:start + size] = offset - (layout[1] if layout else 0)
-    with np.errstate(invalid="ignore"):
-        index = np.floor(np.multiply(values, scale, out=work), out=work)
-    if not all(finite):
-        index[np.isnan(index)] = 0  # NaN * 0 and inf * 0
-    np.add(index, shift, out=index)
-    ints = scratch.array("ints", np.int64, n)
-    np.copyto(ints, index, casting="unsafe")
-    counts = np.bincount(ints, minlength=offsets[-1])
+        if layout is None:
+            index[start:start + size] = offset
+            continue
+        scaled = np.multiply(values[start:start + size], 1 / layout[0], out=work[start:start + size])
+        np.copyto(index[start:start + size], np.floor(scaled, out=scaled), casting="unsafe")  # whole numbers
+        index[start:start + size] += offset - layout[1]
+    counts = np.bincount(index, minlength=offsets[-1])
     return {name: _bucketed(int(size), 0, lo, hi, total, square, bins, lambda *_, i=i: counts[offsets[i]:offsets[i + 1]])
             for i, (name, size, lo, hi, total, square) in enumerate(zip(names, sizes, lows, highs, totals, squares))
             if finite[i]}
