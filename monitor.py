@@ -32,7 +32,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import Summary
 
 from diagnosis import Finding, Thresholds, diagnose, nonfinite_values, output_bias_skew
-from pictures import BLACK, Picture, encode_png
+from pictures import BLACK, WHITE, Picture, encode_png
 
 DEFAULT_BINS = 64  # at most 64 buckets, about 0.6 KB per histogram event (the Histograms tab shows ~30)
 
@@ -387,7 +387,8 @@ def _gradient_flow_axes(names, low, high):
     """What stays from one epoch to the next (title, grid, scale, axes, layer names), drawn once; low is None
     where there is nothing to scale."""
     width = _LEFT + _SLOT * max(len(names), 1) + 20
-    picture = Picture(width, _TOP + _HEIGHT + _BOTTOM, [BLACK, GRID, LIGHT_BLUE, DARK_BLUE], text_colors=(BLACK, RED))
+    picture = Picture(width, _TOP + _HEIGHT + _BOTTOM, [BLACK, GRID, LIGHT_BLUE, DARK_BLUE],
+                      text=((BLACK, WHITE), (RED, WHITE)))
     picture.text((_LEFT, 8), "Gradient flow: mean |grad| (dark), max |grad| (light)", BLACK)
     if low is None:
         picture.text((_LEFT, _TOP + _HEIGHT // 2), "no finite, non-zero gradients", RED)
@@ -630,11 +631,11 @@ class TrainingMonitor:
         if self.is_writer:
             for tag, image in dict(images).items():
                 image = figure_to_array(image) if isinstance(image, Figure) else image
-                _add_png(self.writer, tag, encode_png(image), image.shape[0], image.shape[1], epoch)
+                png = image.png() if isinstance(image, Picture) else encode_png(image)
+                _add_png(self.writer, tag, png, *image.shape[:2], epoch)
             flow = gradient_flow_picture(*gradient_flow(model), epoch)
-            png = flow.png()
-            _add_png(self.writer, "gradient_flow", png, flow.image.height, flow.image.width, epoch)
-            _rewrite(os.path.join(self.log_dir, "gradient_flow.png"), png)
+            _add_png(self.writer, "gradient_flow", flow.png(), *flow.shape, epoch)
+            _rewrite(os.path.join(self.log_dir, "gradient_flow.png"), flow.png())
 
         records = self._records or [parameter_statistics(model)]
         self._records = []

@@ -39,35 +39,51 @@ def draw_text(image, xy, text, fill, anchor="la"):
 
 
 WHITE = (255, 255, 255)
-SHADES = 16  # steps of a text colour's antialiasing in a Picture
+SHADES = 16  # steps of a text colour's antialiasing in a Picture, unless it says otherwise
 
 
 @functools.lru_cache(maxsize=4096)
-def _text_stamp(text, anchor, first):
-    """(left, top, stamp, mask) for a palette image: the coverage rounded to SHADES levels, as indices
-    first .. first + SHADES - 1 (faint to full), and a mask of the pixels with a level above zero."""
+def _text_stamp(text, anchor, first, shades):
+    """(left, top, stamp, mask) for a palette image: the coverage rounded to `shades` levels, as indices
+    first .. first + shades - 1 (faint to full), and a mask of the pixels with a level above zero."""
     left, top, coverage = _text_mask(text, anchor)
-    levels = [round(v * SHADES / 255) for v in range(256)]
+    levels = [round(v * shades / 255) for v in range(256)]
     stamp = Image.frombytes("P", coverage.size, coverage.point([first + max(level - 1, 0) for level in levels]).tobytes())
     return left, top, stamp, coverage.point([255 if level else 0 for level in levels])
 
 
+@functools.lru_cache(maxsize=16)
+def _palette(colors, text, shades):
+    """(palette, {colour: first index}, {(colour, ground): first shade's index}, palette as bytes) of a Picture."""
+    palette = [WHITE, *colors]
+    index = {}
+    for i, color in enumerate(palette):
+        index.setdefault(color, i)
+    first = {}
+    for color, ground in text:
+        first[color, ground] = len(palette)
+        palette += [tuple(round(g + (c - g) * (k + 1) / shades) for g, c in zip(ground, color)) for k in range(shades)]
+    if len(palette) > 256:
+        raise ValueError(f"a Picture holds at most 256 colours, these need {len(palette)}")
+    return palette, index, first, bytes(channel for color in palette for channel in color)
+
+
 class Picture:
     """A white picture drawn in a few colours, kept as palette indices: a third of RGB's bytes to compress.
-    Text is meant for white ground: its antialiasing uses SHADES blends of its colour with white."""
+    Text is antialiased in `shades` blends of its colour with the colour it is written on: `text` lists the
+    (colour, ground) pairs the picture uses. At most 256 colours in all."""
 
-    def __init__(self, width, height, colors, text_colors=(BLACK,)):
-        palette = [WHITE, *colors]
-        self._index = {color: i for i, color in enumerate(palette)}
-        self._shades = {}
-        for color in text_colors:
-            self._shades[color] = len(palette)
-            palette += [tuple(round(w + (c - w) * (k + 1) / SHADES) for w, c in zip(WHITE, color))
-                        for k in range(SHADES)]
-        self.palette = palette
+    def __init__(self, width, height, colors, text=((BLACK, WHITE),), shades=SHADES):
+        self.palette, self._index, self._first, flat = _palette(tuple(colors), tuple(text), shades)
+        self._shades = shades
         self.image = Image.new("P", (width, height), 0)
-        self.image.putpalette([channel for color in palette for channel in color])
+        self.image.putpalette(flat)
         self._draw = ImageDraw.Draw(self.image)
+        self._png = None
+
+    def index(self, color):
+        """The palette index of one of the picture's colours."""
+        return self._index[color]
 
     def copy(self):
         """A picture holding this one's drawing, to draw on further."""
@@ -77,22 +93,38 @@ class Picture:
         return other
 
     def line(self, xy, color):
+        self._png = None
         self._draw.line(xy, fill=self._index[color])
 
     def rectangle(self, box, color):
+        self._png = None
         self._draw.rectangle(box, fill=self._index[color])
 
-    def text(self, xy, text, color, anchor="la"):
-        """draw_text() on white: the same placement, the coverage rounded down to SHADES steps."""
-        left, top, stamp, mask = _text_stamp(text, anchor, self._shades[color])
+    def put(self, indices, xy):
+        """Put an (H, W) array of palette indices with its top left corner at xy."""
+        self._png = None
+        indices = np.ascontiguousarray(indices, dtype=np.uint8)
+        self.image.paste(Image.frombytes("P", indices.shape[::-1], indices.tobytes()), xy)
+
+    def text(self, xy, text, color, anchor="la", ground=WHITE):
+        """draw_text() on a ground of one colour: the same placement, the coverage rounded to the shades."""
+        self._png = None
+        left, top, stamp, mask = _text_stamp(text, anchor, self._first[color, ground], self._shades)
         self.image.paste(stamp, (round(xy[0]) + left, round(xy[1]) + top), mask)
+
+    @property
+    def shape(self):
+        return self.image.height, self.image.width
 
     def rgb(self):
         """The picture as an (H, W, 3) uint8 array."""
         return np.asarray(self.image.convert("RGB"))
 
     def png(self):
-        return encode_png(np.asarray(self.image), self.palette)
+        """The picture as PNG bytes, encoded once until it is drawn on again."""
+        if self._png is None:
+            self._png = encode_png(np.asarray(self.image), self.palette)
+        return self._png
 
 
 def _chunk(kind, data):
@@ -121,7 +153,7 @@ def encode_png(array, palette=None):
             + _chunk(b"IEND", b""))
 
 
-def save_png(path, array):
-    """Write an (H, W, 3) uint8 array to `path` as a PNG."""
+def save_png(path, picture):
+    """Write a Picture, or an (H, W, 3) uint8 array, to `path` as a PNG."""
     with open(path, "wb") as fh:
-        fh.write(encode_png(array))
+        fh.write(picture.png() if isinstance(picture, Picture) else encode_png(picture))

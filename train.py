@@ -28,7 +28,7 @@ from data import build_loaders, load_normalisation
 from diagnosis import Thresholds, threshold_override
 from monitor import TrainingMonitor
 from pictures import save_png
-from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_image, validate
+from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_picture, validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TENSORBOARD_HISTOGRAM_STEPS = 100  # what TensorBoard's default loader keeps per histogram tag
@@ -509,7 +509,7 @@ def train(args, dist):
                        "valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": epoch_images * dist.world_size / train_seconds}
             metrics.update({f"valid_recall/{name}": r for name, r in zip(classes, recall) if not np.isnan(r)})
             metrics.update({f"valid_precision/{name}": p for name, p in zip(classes, precision) if not np.isnan(p)})
-            picture = confusion_matrix_image(conf_mat, classes, "valid")
+            picture = confusion_matrix_picture(conf_mat, classes, "valid")
             new_findings = monitor.epoch_end(epoch, metrics, {"valid/confusion_matrix": picture}, classes=classes,
                                              recall=[None if np.isnan(r) else float(r) for r in recall])
             print(f"Summary:  {format_epoch(epoch, args.epochs)} train loss {metrics['train/loss']:.4f} "

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pictures import BLACK, draw_text
+from pictures import BLACK, WHITE, Picture
 
 
 class DataListError(ValueError):
@@ -288,33 +288,46 @@ def confusion_matrix_figure(confusion_mat, classes, set_name):
     return fig
 
 
-def confusion_matrix_image(confusion_mat, classes, set_name):
-    """The same picture as confusion_matrix_figure as an (H, W, 3) uint8 array, drawn with PIL and cached
-    labels in a millisecond or two (the matplotlib figure takes about 300 ms): rows are true classes, columns
-    predictions, grey is the row-normalised share, red the count. Columns are numbered; rows give number and name."""
+CELL_GREYS = 33  # shades of grey for a confusion matrix's shares: steps of 1/32 (quarters exact)
+OUTLINE, RED = (230, 230, 230), (255, 0, 0)
+
+
+def confusion_matrix_picture(confusion_mat, classes, set_name):
+    """The same picture as confusion_matrix_figure, as a pictures.Picture drawn with PIL and cached labels in
+    about a millisecond (the matplotlib figure takes about 300 ms): rows are true classes, columns predictions,
+    grey is the row-normalised share (in 1/32 steps), red the count. Columns are numbered; rows give number
+    and name."""
     confusion_mat = np.asarray(confusion_mat)
     n = len(classes)
-    shares = row_shares(confusion_mat)
     cell = max(16, min(32, 520 // max(n, 1)))  # TensorBoard fits a card to about 500 pixels: no bigger
     names = [f"{i} {str(c)[:14]}" for i, c in enumerate(classes)]
     left, top = 16 + 7 * max(len(name) for name in names), 48
-    image = Image.new("RGB", (left + n * cell + 12, top + n * cell + 24), "white")
-    # the cells at once: one grey pixel per cell, enlarged, each with a light outline
-    cells = np.round(255 * (1 - shares)).astype(np.uint8).repeat(cell, axis=0).repeat(cell, axis=1)
+    greys = [(g, g, g) for g in (round(255 * k / (CELL_GREYS - 1)) for k in range(CELL_GREYS))]
+    counts = n <= 30  # written in the cells, in red on their grey
+    text = [(BLACK, WHITE)] + ([(RED, grey) for grey in greys] if counts else [])
+    picture = Picture(left + n * cell + 12, top + n * cell + 24, [*greys, BLACK, OUTLINE], text, shades=6)
+    # the cells at once: one palette index per cell (the greys follow white, from 1), enlarged, with outlines
+    levels = np.round((1 - row_shares(confusion_mat)) * (CELL_GREYS - 1)).astype(int)
+    cells = (1 + levels).repeat(cell, axis=0).repeat(cell, axis=1)
     edge = np.arange(n * cell) % cell
-    cells[(edge == 0) | (edge == cell - 1)] = 230
-    cells[:, (edge == 0) | (edge == cell - 1)] = 230
-    image.paste(Image.fromarray(cells).convert("RGB"), (left, top))
-    draw_text(image, (8, 6), f"Confusion_Matrix_{set_name}: rows true label, columns predicted", BLACK)
+    cells[(edge == 0) | (edge == cell - 1)] = picture.index(OUTLINE)
+    cells[:, (edge == 0) | (edge == cell - 1)] = picture.index(OUTLINE)
+    picture.put(cells, (left, top))
+    picture.text((8, 6), f"Confusion_Matrix_{set_name}: rows true label, columns predicted", BLACK)
     for i in range(n):
         x, y = left + i * cell, top + i * cell
-        draw_text(image, (x + cell // 2, top - 4), str(i), BLACK, anchor="mb")
-        draw_text(image, (left - 6, y + cell // 2), names[i], BLACK, anchor="rm")
-        for j in range(n if n <= 30 else 0):
-            draw_text(image, (left + j * cell + cell // 2, y + cell // 2), str(int(confusion_mat[i, j])), (255, 0, 0),
-                      anchor="mm")
-    draw_text(image, (left, top + n * cell + 6), "Predict label", BLACK)
-    return np.asarray(image)
+        picture.text((x + cell // 2, top - 4), str(i), BLACK, anchor="mb")
+        picture.text((left - 6, y + cell // 2), names[i], BLACK, anchor="rm")
+        for j in range(n if counts else 0):
+            picture.text((left + j * cell + cell // 2, y + cell // 2), str(int(confusion_mat[i, j])), RED,
+                         anchor="mm", ground=greys[levels[i, j]])
+    picture.text((left, top + n * cell + 6), "Predict label", BLACK)
+    return picture
+
+
+def confusion_matrix_image(confusion_mat, classes, set_name):
+    """confusion_matrix_picture() as an (H, W, 3) uint8 array."""
+    return confusion_matrix_picture(confusion_mat, classes, set_name).rgb()
 
 
 def show_confMat(confusion_mat, classes, set_name, out_dir):

@@ -74,3 +74,29 @@ def test_cached_text_is_what_imagedraw_draws(text, anchor):
         draw_text(drawn, (100, 20), text, (255, 0, 0), anchor=anchor)
     assert not np.array_equal(np.asarray(expected), np.asarray(background))
     assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+
+
+def test_picture_text_on_a_coloured_ground_blends_with_that_ground():
+    grey, red = (64, 64, 64), (255, 0, 0)
+    picture = Picture(60, 30, [grey], text=[(red, grey)], shades=6)
+    picture.rectangle([0, 0, 59, 29], grey)
+    picture.text((30, 15), "173", red, anchor="mm", ground=grey)
+    expected = Image.new("RGB", (60, 30), grey)
+    ImageDraw.Draw(expected).text((30, 15), "173", fill=red, font=font(), anchor="mm")
+    difference = np.abs(picture.rgb().astype(int) - np.asarray(expected).astype(int))
+    assert difference.max() <= 255 / (2 * 6) + 1
+    assert len({tuple(px) for px in picture.rgb().reshape(-1, 3)}) > 3  # shades between grey and red
+
+
+def test_picture_png_follows_later_drawing():
+    picture = Picture(20, 10, [BLACK])
+    first = picture.png()
+    assert picture.png() is first  # encoded once
+    picture.rectangle([2, 2, 5, 5], BLACK)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(picture.png())).convert("RGB")), picture.rgb())
+    assert picture.png() != first
+
+
+def test_picture_refuses_more_than_256_colours():
+    with pytest.raises(ValueError, match="256 colours"):
+        Picture(4, 4, [(i, i, i) for i in range(200)], text=[(BLACK, (i, i, i)) for i in range(5)])
