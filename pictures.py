@@ -42,14 +42,21 @@ WHITE = (255, 255, 255)
 SHADES = 16  # steps of a text colour's antialiasing in a Picture, unless it says otherwise
 
 
+@functools.lru_cache(maxsize=None)
+def _shade_tables(first, shades):
+    """Lookup tables from 8-bit coverage to palette indices first .. first + shades - 1, and to a mask."""
+    levels = [round(v * shades / 255) for v in range(256)]
+    return [first + max(level - 1, 0) for level in levels], [255 if level else 0 for level in levels]
+
+
 @functools.lru_cache(maxsize=4096)
 def _text_stamp(text, anchor, first, shades):
     """(left, top, stamp, mask) for a palette image: the coverage rounded to `shades` levels, as indices
     first .. first + shades - 1 (faint to full), and a mask of the pixels with a level above zero."""
     left, top, coverage = _text_mask(text, anchor)
-    levels = [round(v * shades / 255) for v in range(256)]
-    stamp = Image.frombytes("P", coverage.size, coverage.point([first + max(level - 1, 0) for level in levels]).tobytes())
-    return left, top, stamp, coverage.point([255 if level else 0 for level in levels])
+    to_index, to_mask = _shade_tables(first, shades)
+    stamp = Image.frombytes("P", coverage.size, coverage.point(to_index).tobytes())
+    return left, top, stamp, coverage.point(to_mask)
 
 
 @functools.lru_cache(maxsize=16)
