@@ -213,3 +213,17 @@ def test_gradient_flow_pictures_drawn_on_kept_axes_equal_fresh_ones():
         monitor._gradient_flow_axes.cache_clear()
         assert np.array_equal(picture, monitor.gradient_flow_image(names, means, maxes, epoch))
     assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[2], kept[3])
+
+
+def test_scalars_logged_again_under_the_same_tags_keep_each_steps_values(tmp_path):
+    from tensorboardX import SummaryWriter
+    with SummaryWriter(tmp_path) as writer:
+        scalars = monitor._Scalars()
+        scalars.add(writer, {"a": 1.0, "b": 2.0}, 0)
+        scalars.add(writer, {"a": 3.0, "b": 4.0}, 1)  # the same tags: the kept message, new values
+        scalars.add(writer, {"b": 5.0, "c": 6.0}, 2)  # other tags
+        scalars.add(writer, {}, 3)
+    events = load_events(tmp_path)
+    assert [(e.step, e.value) for e in events.Scalars("a")] == [(0, 1.0), (1, 3.0)]
+    assert [(e.step, e.value) for e in events.Scalars("b")] == [(0, 2.0), (1, 4.0), (2, 5.0)]
+    assert [(e.step, e.value) for e in events.Scalars("c")] == [(2, 6.0)]
