@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import text as text_summary
 
 from diagnosis import Finding, Thresholds, diagnose, nonfinite_values, output_bias_skew
 from pictures import BLACK, WHITE, Picture, encode_png
@@ -499,7 +500,8 @@ class TrainingMonitor:
         self._statistics_scalars, self._epoch_scalars = _Scalars(), _Scalars()
         self.findings = self._load_findings(purge_epoch)
         self._reported = {f.key for f in self.findings}
-        self._written = None  # diagnosis.json as last written by this monitor
+        self._written = False  # diagnosis.json, by this monitor
+        self._text = None, None  # the last diagnosis message for the text tab, and its Summary
         self._purge_step = purge_step
         self._flush_secs = flush_secs
         self.is_writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -646,11 +648,15 @@ class TrainingMonitor:
             findings += output_bias_skew(epoch, self.steps, *_output_bias(model, len(classes)), classes, recall,
                                          self.thresholds)
         self.findings += findings
-        self.writer.add_text("diagnosis", "\n\n".join(f"- {f}" for f in findings) or "No findings.", epoch)
-        text = json.dumps([f.to_json() for f in self.findings], indent=2)
-        if self.is_writer and text != self._written:
-            _rewrite(os.path.join(self.log_dir, "diagnosis.json"), text.encode())
-            self._written = text
+        message = "\n\n".join(f"- {f}" for f in findings) or "No findings."
+        if message != self._text[0]:  # "No findings." epoch after epoch: its message is built once
+            self._text = message, text_summary("diagnosis", message)
+        if self.is_writer:
+            self.writer._get_file_writer().add_summary(self._text[1], epoch)
+            if findings or not self._written:  # diagnosis.json changes only with new findings
+                _rewrite(os.path.join(self.log_dir, "diagnosis.json"),
+                         json.dumps([f.to_json() for f in self.findings], indent=2).encode())
+                self._written = True
         new = [f for f in findings if f.key not in self._reported]
         self._reported.update(f.key for f in new)
         return new

@@ -69,7 +69,10 @@ def test_a_healthy_run_has_no_finding(tmp_path):
     findings, urgent = train(mlp(), tmp_path, lr=0.02, weight_decay=5e-4, noise=0.2, epochs=10)
     assert findings == [] and urgent == []
     assert json.loads((tmp_path / "diagnosis.json").read_text()) == []
-    assert [e.step for e in load_events(tmp_path).Images("gradient_flow")] == list(range(10))
+    events = load_events(tmp_path)
+    assert [e.step for e in events.Images("gradient_flow")] == list(range(10))
+    texts = events.Tensors("diagnosis/text_summary")  # one message a step, the same Summary each time
+    assert [(t.step, t.tensor_proto.string_val[0]) for t in texts] == [(step, b"No findings.") for step in range(10)]
 
 
 def test_deep_sigmoid_network_has_vanishing_gradients(tmp_path):
