@@ -298,42 +298,63 @@ def _cell_size(n):
     return max(16, min(32, 520 // max(n, 1)))  # TensorBoard fits a card to about 500 pixels: no bigger
 
 
+class _ConfusionMatrixFrame:
+    """A confusion-matrix picture's frame (title, class numbers and names), drawn once, holding the last matrix
+    drawn in it: the next one redraws only the cells that changed, which from one epoch to the next are few."""
+
+    def __init__(self, classes, set_name):
+        n, self.cell = len(classes), _cell_size(len(classes))
+        names = [f"{i} {c[:14]}" for i, c in enumerate(classes)]
+        self.left, self.top = 16 + 7 * max(len(name) for name in names), 48
+        text = [(BLACK, WHITE)] + ([(RED, grey) for grey in _GREYS] if n <= 30 else [])
+        self.picture = Picture(self.left + n * self.cell + 12, self.top + n * self.cell + 24,
+                               [*_GREYS, BLACK, OUTLINE], text, shades=6)
+        self.picture.text((8, 6), f"Confusion_Matrix_{set_name}: rows true label, columns predicted", BLACK)
+        for i in range(n):
+            self.picture.text((self.left + i * self.cell + self.cell // 2, self.top - 4), str(i), BLACK, anchor="mb")
+            self.picture.text((self.left - 6, self.top + i * self.cell + self.cell // 2), names[i], BLACK, anchor="rm")
+        self.picture.text((self.left, self.top + n * self.cell + 6), "Predict label", BLACK)
+        self.counts = self.levels = None  # of the cells drawn so far: none
+        edge = np.arange(self.cell)
+        self.outline = (edge == 0) | (edge == self.cell - 1)
+
+    def draw(self, counts):
+        cell, n = self.cell, len(counts)
+        levels = np.round((1 - row_shares(counts)) * (CELL_GREYS - 1)).astype(int)
+        picture = self.picture.copy()
+        if self.counts is None:  # every cell at once: one palette index per cell (the greys from 1), enlarged
+            cells = (1 + levels).repeat(cell, axis=0).repeat(cell, axis=1)
+            ring = np.tile(self.outline, n)
+            cells[ring], cells[:, ring] = picture.index(OUTLINE), picture.index(OUTLINE)
+            picture.put(cells, (self.left, self.top))
+            changed = np.ndindex(counts.shape)
+        else:
+            changed = map(tuple, np.argwhere((counts != self.counts) | (levels != self.levels)))
+        block = np.empty((cell, cell), dtype=np.uint8)
+        for i, j in changed:
+            x, y = self.left + j * cell, self.top + i * cell
+            if self.counts is not None:
+                block[:] = 1 + levels[i, j]
+                block[self.outline], block[:, self.outline] = picture.index(OUTLINE), picture.index(OUTLINE)
+                picture.put(block, (x, y))
+            if n <= 30:  # the count in red on its cell's grey
+                picture.text((x + cell // 2, y + cell // 2), str(int(counts[i, j])), RED, anchor="mm",
+                             ground=_GREYS[levels[i, j]])
+        self.picture, self.counts, self.levels = picture, counts, levels
+        return picture.copy()
+
+
 @functools.lru_cache(maxsize=4)
 def _confusion_matrix_frame(classes, set_name):
-    """(picture, left, top): what stays from one epoch to the next (title, class numbers and names), drawn once."""
-    n, cell = len(classes), _cell_size(len(classes))
-    names = [f"{i} {c[:14]}" for i, c in enumerate(classes)]
-    left, top = 16 + 7 * max(len(name) for name in names), 48
-    text = [(BLACK, WHITE)] + ([(RED, grey) for grey in _GREYS] if n <= 30 else [])
-    picture = Picture(left + n * cell + 12, top + n * cell + 24, [*_GREYS, BLACK, OUTLINE], text, shades=6)
-    picture.text((8, 6), f"Confusion_Matrix_{set_name}: rows true label, columns predicted", BLACK)
-    for i in range(n):
-        picture.text((left + i * cell + cell // 2, top - 4), str(i), BLACK, anchor="mb")
-        picture.text((left - 6, top + i * cell + cell // 2), names[i], BLACK, anchor="rm")
-    picture.text((left, top + n * cell + 6), "Predict label", BLACK)
-    return picture, left, top
+    return _ConfusionMatrixFrame(classes, set_name)
 
 
 def confusion_matrix_picture(confusion_mat, classes, set_name):
-    """The same picture as confusion_matrix_figure, as a pictures.Picture drawn with PIL, on a frame kept from
-    the epoch before, in about a millisecond (the matplotlib figure takes about 300 ms): rows are true classes,
-    columns predictions, grey is the row-normalised share (in 1/32 steps), red the count. Columns are numbered;
-    rows give number and name."""
-    confusion_mat = np.asarray(confusion_mat)
-    n, cell = len(classes), _cell_size(len(classes))
-    frame, left, top = _confusion_matrix_frame(tuple(str(c) for c in classes), set_name)
-    picture = frame.copy()
-    # the cells at once: one palette index per cell (the greys follow white, from 1), enlarged, with outlines
-    levels = np.round((1 - row_shares(confusion_mat)) * (CELL_GREYS - 1)).astype(int)
-    cells = (1 + levels).repeat(cell, axis=0).repeat(cell, axis=1)
-    edge = np.arange(n * cell) % cell
-    cells[(edge == 0) | (edge == cell - 1)] = picture.index(OUTLINE)
-    cells[:, (edge == 0) | (edge == cell - 1)] = picture.index(OUTLINE)
-    picture.put(cells, (left, top))
-    for i, j in np.ndindex(confusion_mat.shape) if n <= 30 else ():  # counts in red on their cell's grey
-        picture.text((left + j * cell + cell // 2, top + i * cell + cell // 2), str(int(confusion_mat[i, j])), RED,
-                     anchor="mm", ground=_GREYS[levels[i, j]])
-    return picture
+    """The same picture as confusion_matrix_figure, as a pictures.Picture drawn with PIL in about a millisecond
+    (the matplotlib figure takes about 300 ms): rows are true classes, columns predictions, grey is the
+    row-normalised share (in 1/32 steps), red the count. Columns are numbered; rows give number and name.
+    Drawn over the previous call's picture for the same classes, where only the changed cells are redrawn."""
+    return _confusion_matrix_frame(tuple(str(c) for c in classes), set_name).draw(np.array(confusion_mat))
 
 
 def confusion_matrix_image(confusion_mat, classes, set_name):

@@ -139,9 +139,11 @@ def test_process_pool_workers_ignore_ctrl_c_and_queued_work_is_dropped_when_stop
 
 def test_confusion_matrices_drawn_on_a_kept_frame_equal_fresh_ones():
     import utils
-    matrices = [np.array([[30, 2, 0], [1, 25, 9], [0, 0, 41]]), np.array([[7, 0, 0], [0, 0, 0], [3, 3, 3]])]
+    matrices = [np.array([[30, 2, 0], [1, 25, 9], [0, 0, 41]]), np.array([[7, 0, 0], [0, 0, 0], [3, 3, 3]]),
+                np.array([[7, 0, 0], [0, 0, 0], [3, 3, 3]]), np.array([[7, 0, 0], [0, 0, 0], [3, 4, 3]]),
+                np.array([[6, 1, 0], [0, 0, 0], [3, 4, 3]])]  # the same again, then one or two cells change
     kept = [utils.confusion_matrix_image(m, ["cat", "dog", "bird"], "valid") for m in matrices]
     for image, matrix in zip(kept, matrices):
         utils._confusion_matrix_frame.cache_clear()
         assert np.array_equal(image, utils.confusion_matrix_image(matrix, ["cat", "dog", "bird"], "valid"))
-    assert not np.array_equal(kept[0], kept[1])
+    assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[2], kept[3])
