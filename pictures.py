@@ -23,7 +23,7 @@ def font():
 
 
 @functools.lru_cache(maxsize=4096)
-def _text_mask(text, anchor):
+def text_mask(text, anchor):
     """(left, top, mask): `text` rendered once as an 8-bit coverage mask, placed relative to its anchor point."""
     left, top, right, bottom = font().getbbox(text, anchor=anchor)
     mask = Image.new("L", (max(right - left, 1), max(bottom - top, 1)), 0)
@@ -34,7 +34,7 @@ def _text_mask(text, anchor):
 def draw_text(image, xy, text, fill, anchor="la"):
     """ImageDraw.text(xy, text, fill, font(), anchor) from a cache of rendered labels: xy is rounded to whole
     pixels and `fill` is an RGB tuple. The mask blends the colour into what is beneath, as ImageDraw does."""
-    left, top, mask = _text_mask(text, anchor)
+    left, top, mask = text_mask(text, anchor)
     image.paste(fill, (round(xy[0]) + left, round(xy[1]) + top), mask)
 
 
@@ -53,7 +53,7 @@ def _shade_tables(first, shades):
 def _text_stamp(text, anchor, first, shades):
     """(left, top, stamp, mask) for a palette image: the coverage rounded to `shades` levels, as indices
     first .. first + shades - 1 (faint to full), and a mask of the pixels with a level above zero."""
-    left, top, coverage = _text_mask(text, anchor)
+    left, top, coverage = text_mask(text, anchor)
     to_index, to_mask = _shade_tables(first, shades)
     stamp = Image.frombytes("P", coverage.size, coverage.point(to_index).tobytes())
     return left, top, stamp, coverage.point(to_mask)
@@ -91,6 +91,10 @@ class Picture:
     def index(self, color):
         """The palette index of one of the picture's colours."""
         return self._index[color]
+
+    def shade(self, color, ground=WHITE):
+        """The palette index of the first (faintest) of the shades of `color` written on `ground`."""
+        return self._first[color, ground]
 
     def copy(self):
         """A picture holding this one's drawing, to draw on further."""

@@ -147,3 +147,32 @@ def test_confusion_matrices_drawn_on_a_kept_frame_equal_fresh_ones():
         utils._confusion_matrix_frame.cache_clear()
         assert np.array_equal(image, utils.confusion_matrix_image(matrix, ["cat", "dog", "bird"], "valid"))
     assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[2], kept[3])
+
+
+def test_confusion_matrix_writes_counts_only_where_they_fit():
+    import utils
+    classes = [f"c{i}" for i in range(25)]  # 20-pixel cells: two digits fit, three do not
+    small = np.full((25, 25), 3) + np.eye(25, dtype=int) * 40
+    large = small.copy()
+    large[0, 0] = 400
+    with_counts, without = (utils.confusion_matrix_image(m, classes, "valid") for m in (small, large))
+    red = lambda image: ((image[..., 0] > 200) & (image[..., 1] < 100)).sum()  # noqa: E731
+    assert red(with_counts) > 25 * 25 * 5 and red(without) == 0
+    utils._confusion_matrix_frame.cache_clear()
+    assert np.array_equal(without, utils.confusion_matrix_image(large, classes, "valid"))
+
+
+@pytest.mark.parametrize("count", [0, 7, 42, 123, 909])
+def test_confusion_matrix_counts_look_as_pil_writes_them(count):
+    import utils
+    from PIL import Image, ImageDraw
+    from pictures import font
+    image = utils.confusion_matrix_image(np.array([[count, 5], [0, 1]]), ["a", "b"], "valid")
+    frame = utils._confusion_matrix_frame(("a", "b"), "valid")
+    x, y, cell = frame.left, frame.top, frame.cell
+    ground = tuple(int(v) for v in image[y + 2, x + 2])  # inside the outline, away from the digits
+    expected = Image.new("RGB", (cell, cell), ground)
+    ImageDraw.Draw(expected).text((cell // 2, cell // 2), str(count), fill=(255, 0, 0), font=font(), anchor="mm")
+    inner = np.s_[1:-1, 1:-1]
+    difference = np.abs(image[y:y + cell, x:x + cell][inner].astype(int) - np.asarray(expected)[inner].astype(int))
+    assert difference.max() <= 255 / (2 * utils.COUNT_SHADES) + 1
