@@ -489,7 +489,7 @@ class TrainingMonitor:
         self.thresholds = thresholds or Thresholds()
         self.steps = start_step
         self.model = None
-        self._parameters = None
+        self._parameters = self._snapshot = None
         self._hooks = {}
         self._before_update = None
         self._stepped = False
@@ -539,6 +539,7 @@ class TrainingMonitor:
         self.unwatch()
         self.model = model
         self._parameters = list(model.named_parameters())  # as they are now: watch() again after changing them
+        self._snapshot = None
         if optimizer is not None:
             self._hooks["before_step"] = optimizer.register_step_pre_hook(self._before_step)
         return self
@@ -555,7 +556,13 @@ class TrainingMonitor:
         and keeps the weights before the update when statistics are due."""
         self._stepped = True
         if self.stats_every and (self.steps + 1) % self.stats_every == 0:
-            self._before_update = {name: p.detach().clone() for name, p in self._parameters}
+            with torch.no_grad():  # into buffers kept from one snapshot to the next: no allocations
+                params = [p for _, p in self._parameters]
+                if self._snapshot is None or any(b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+                                                 for b, p in zip(self._snapshot, params)):
+                    self._snapshot = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+                torch._foreach_copy_(self._snapshot, params)
+            self._before_update = {name: b for (name, _), b in zip(self._parameters, self._snapshot)}
 
     def step(self):
         """Call once per optimizer step, after it and before zero_grad(). Returns the step's urgent findings

@@ -227,3 +227,21 @@ def test_scalars_logged_again_under_the_same_tags_keep_each_steps_values(tmp_pat
     assert [(e.step, e.value) for e in events.Scalars("a")] == [(0, 1.0), (1, 3.0)]
     assert [(e.step, e.value) for e in events.Scalars("b")] == [(0, 2.0), (1, 4.0), (2, 5.0)]
     assert [(e.step, e.value) for e in events.Scalars("c")] == [(2, 6.0)]
+
+
+def test_update_ratio_is_the_steps_change_over_the_weight(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with TrainingMonitor(tmp_path, stats_every=2).watch(model, optimizer) as monitor:
+        for step in range(6):  # the snapshot buffers are reused from one statistics step to the next
+            before = {name: p.detach().clone() for name, p in model.named_parameters()}
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).square().mean().backward()
+            optimizer.step()
+            monitor.step()
+            if step % 2 == 1:
+                for name, p in model.named_parameters():
+                    expected = (p.detach() - before[name]).norm() / p.detach().norm()
+                    assert monitor._records[-1][name]["update_ratio"] == pytest.approx(expected.item(), rel=1e-5)
+        assert len(monitor._records) == 3
