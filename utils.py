@@ -301,8 +301,8 @@ def _cell_size(n):
 
 
 class _ConfusionMatrixFrame:
-    """A confusion-matrix picture's frame (title, class numbers and names), drawn once, holding the last matrix
-    drawn in it: the next one redraws only the cells that changed, which from one epoch to the next are few."""
+    """A confusion-matrix picture's frame (title, class numbers and names), drawn once, and the cells of a
+    matrix drawn into a copy of it with a few array operations."""
 
     def __init__(self, classes, set_name):
         n, self.cell = len(classes), _cell_size(len(classes))
@@ -316,8 +316,8 @@ class _ConfusionMatrixFrame:
             self.picture.text((self.left + i * self.cell + self.cell // 2, self.top - 4), str(i), BLACK, anchor="mb")
             self.picture.text((self.left - 6, self.top + i * self.cell + self.cell // 2), names[i], BLACK, anchor="rm")
         self.picture.text((self.left, self.top + n * self.cell + 6), "Predict label", BLACK)
-        self.counts = self.levels = self.write = None  # of the cells drawn so far: none
         self._counts = {}  # count text: its shade levels in a cell
+        self._red = np.array([self.picture.shade(RED, grey) for grey in _GREYS] if n <= 30 else [0], dtype=np.uint8)
         edge = np.arange(self.cell)
         self.outline = (edge == 0) | (edge == self.cell - 1)
 
@@ -342,24 +342,21 @@ class _ConfusionMatrixFrame:
         return levels
 
     def draw(self, counts):
+        """A Picture of `counts` in this frame: every cell as one block of palette indices, its grey (the greys
+        come first, from 1), its count in shades of red on that grey where counts fit, its outline."""
         cell, n = self.cell, len(counts)
-        levels = np.round((1 - row_shares(counts)) * (CELL_GREYS - 1)).astype(int)
+        levels = np.round((1 - row_shares(counts)) * (CELL_GREYS - 1)).astype(np.uint8)
+        grey = (1 + levels)[:, :, None, None]
+        if n <= 30 and DIGIT_ADVANCE * len(str(int(counts.max(initial=0)))) <= cell - 2:
+            shades = np.stack([self._count(str(count)) for count in counts.ravel().tolist()]).reshape(n, n, cell, cell)
+            blocks = np.where(shades > 0, (self._red[levels] - 1)[:, :, None, None] + shades, grey)
+        else:
+            blocks = np.repeat(np.repeat(grey, cell, axis=2), cell, axis=3)
         picture = self.picture.copy()
-        write = n <= 30 and DIGIT_ADVANCE * len(str(int(counts.max(initial=0)))) <= cell - 2  # counts that fit
-        changed = (np.ndindex(counts.shape) if self.counts is None or write != self.write
-                   else map(tuple, np.argwhere((counts != self.counts) | (levels != self.levels))))
-        outline = picture.index(OUTLINE)
-        for i, j in changed:  # each cell as one block of palette indices: its grey (from 1), its count in red
-            grey = 1 + levels[i, j]
-            if write:
-                shades = self._count(str(int(counts[i, j])))
-                block = np.where(shades > 0, picture.shade(RED, _GREYS[levels[i, j]]) - 1 + shades, grey)
-            else:
-                block = np.full((cell, cell), grey)
-            block[self.outline], block[:, self.outline] = outline, outline
-            picture.put(block, (self.left + j * cell, self.top + i * cell))
-        self.picture, self.counts, self.levels, self.write = picture, counts, levels, write
-        return picture.copy()
+        blocks[:, :, self.outline, :] = picture.index(OUTLINE)
+        blocks[:, :, :, self.outline] = picture.index(OUTLINE)
+        picture.put(blocks.transpose(0, 2, 1, 3).reshape(n * cell, n * cell), (self.left, self.top))
+        return picture
 
 
 @functools.lru_cache(maxsize=4)
@@ -371,8 +368,7 @@ def confusion_matrix_picture(confusion_mat, classes, set_name):
     """The same picture as confusion_matrix_figure, as a pictures.Picture drawn with PIL in about a millisecond
     (the matplotlib figure takes about 300 ms): rows are true classes, columns predictions, grey is the
     row-normalised share (in 1/32 steps), red the count (up to 30 classes, where the counts fit in their cells).
-    Columns are numbered; rows give number and name. Drawn over the previous call's picture for the same
-    classes, where only the changed cells are redrawn."""
+    Columns are numbered; rows give number and name. The frame is drawn once for a list of classes."""
     return _confusion_matrix_frame(tuple(str(c) for c in classes), set_name).draw(np.array(confusion_mat))
 
 
