@@ -31,13 +31,6 @@ def text_mask(text, anchor):
     return left, top, mask
 
 
-def draw_text(image, xy, text, fill, anchor="la"):
-    """ImageDraw.text(xy, text, fill, font(), anchor) from a cache of rendered labels: xy is rounded to whole
-    pixels and `fill` is an RGB tuple. The mask blends the colour into what is beneath, as ImageDraw does."""
-    left, top, mask = text_mask(text, anchor)
-    image.paste(fill, (round(xy[0]) + left, round(xy[1]) + top), mask)
-
-
 WHITE = (255, 255, 255)
 SHADES = 16  # steps of a text colour's antialiasing in a Picture, unless it says otherwise
 
@@ -118,7 +111,8 @@ class Picture:
         self.image.paste(Image.frombytes("P", indices.shape[::-1], indices.tobytes()), xy)
 
     def text(self, xy, text, color, anchor="la", ground=WHITE):
-        """draw_text() on a ground of one colour: the same placement, the coverage rounded to the shades."""
+        """ImageDraw.text(xy, text, color, font(), anchor) on a ground of one colour, from a cache of rendered
+        labels: xy rounded to whole pixels, the coverage to the picture's shades."""
         self._png = None
         left, top, stamp, mask = _text_stamp(text, anchor, self._first[color, ground], self._shades)
         self.image.paste(stamp, (round(xy[0]) + left, round(xy[1]) + top), mask)
@@ -162,9 +156,3 @@ def encode_png(array, palette=None):
     colors = b"" if palette is None else _chunk(b"PLTE", bytes(channel for color in palette for channel in color))
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + colors + _chunk(b"IDAT", zlib.compress(rows, 1))
             + _chunk(b"IEND", b""))
-
-
-def save_png(path, picture):
-    """Write a Picture, or an (H, W, 3) uint8 array, to `path` as a PNG."""
-    with open(path, "wb") as fh:
-        fh.write(picture.png() if isinstance(picture, Picture) else encode_png(picture))

@@ -27,7 +27,6 @@ import torch.nn as nn
 from data import build_loaders, load_normalisation
 from diagnosis import Thresholds, threshold_override
 from monitor import TrainingMonitor
-from pictures import save_png
 from utils import DataListError, ImageReadError, Net, class_report, confusion_matrix_picture, validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -525,7 +524,7 @@ def train(args, dist):
             if is_best:
                 save_checkpoint(run_dir / "best.pt", state)
                 if dist.is_main:  # the picture TensorBoard shows (matplotlib's took 0.3 s an epoch)
-                    save_png(run_dir / "Confusion_Matrix_valid_best.png", picture)
+                    (run_dir / "Confusion_Matrix_valid_best.png").write_bytes(picture.png())
             if dist.any(stop_request.requested) and epoch + 1 < args.epochs:
                 monitor.flush()
                 print(f"Stopped after epoch {epoch + 1}. Resume with: python train.py --resume {run_dir}",
@@ -536,7 +535,7 @@ def train(args, dist):
                                                     "hparam/final_valid_accuracy": accuracy,
                                                     "hparam/final_train_loss": metrics["train/loss"]}, epoch)
     if dist.is_main:
-        save_png(run_dir / "Confusion_Matrix_valid_last.png", picture)
+        (run_dir / "Confusion_Matrix_valid_last.png").write_bytes(picture.png())
     print("Per-class results on the validation set (last epoch):")
     for name, r, p, n in zip(classes, recall, precision, conf_mat.sum(axis=1)):
         print(f"  class {name:<12} images {n:<6} recall {percent(r)}  precision {percent(p)}")

@@ -291,7 +291,6 @@ def confusion_matrix_figure(confusion_mat, classes, set_name):
 
 CELL_GREYS = 33  # shades of grey for a confusion matrix's shares: steps of 1/32 (quarters exact)
 COUNT_SHADES = 6  # steps of the red counts' antialiasing on their grey
-DIGIT_ADVANCE = 7  # pixels from one figure to the next in pictures.font(), the same for every digit
 OUTLINE, RED = (230, 230, 230), (255, 0, 0)
 _GREYS = tuple((g, g, g) for g in (round(255 * k / (CELL_GREYS - 1)) for k in range(CELL_GREYS)))
 
@@ -320,6 +319,7 @@ class _ConfusionMatrixFrame:
         self._red = np.array([self.picture.shade(RED, grey) for grey in _GREYS] if n <= 30 else [0], dtype=np.uint8)
         edge = np.arange(self.cell)
         self.outline = (edge == 0) | (edge == self.cell - 1)
+        self.advance = round(font().getlength("0"))  # pixels from one digit to the next: the figures are tabular
 
     def _count(self, text):
         """The shade levels (0: none) of a count written in the middle of a cell, as a (cell, cell) array, put
@@ -333,7 +333,7 @@ class _ConfusionMatrixFrame:
         for i, digit in enumerate(text):
             digit_left, digit_top, coverage = text_mask(digit, "la")
             glyph = np.round(np.asarray(coverage) * (COUNT_SHADES / 255)).astype(np.uint8)
-            x = self.cell // 2 + left + DIGIT_ADVANCE * i + digit_left - start
+            x = self.cell // 2 + left + self.advance * i + digit_left - start
             y = self.cell // 2 + top + digit_top - top_la
             region = levels[max(y, 0):y + glyph.shape[0], max(x, 0):x + glyph.shape[1]]
             np.maximum(region, glyph[max(-y, 0):max(-y, 0) + region.shape[0], max(-x, 0):max(-x, 0) + region.shape[1]],
@@ -347,7 +347,7 @@ class _ConfusionMatrixFrame:
         cell, n = self.cell, len(counts)
         levels = np.round((1 - row_shares(counts)) * (CELL_GREYS - 1)).astype(np.uint8)
         grey = (1 + levels)[:, :, None, None]
-        if n <= 30 and DIGIT_ADVANCE * len(str(int(counts.max(initial=0)))) <= cell - 2:
+        if n <= 30 and self.advance * len(str(int(counts.max(initial=0)))) <= cell - 2:
             shades = np.stack([self._count(str(count)) for count in counts.ravel().tolist()]).reshape(n, n, cell, cell)
             blocks = np.where(shades > 0, (self._red[levels] - 1)[:, :, None, None] + shades, grey)
         else:

@@ -173,6 +173,7 @@ def test_confusion_matrix_counts_look_as_pil_writes_them(count):
     ground = tuple(int(v) for v in image[y + 2, x + 2])  # inside the outline, away from the digits
     expected = Image.new("RGB", (cell, cell), ground)
     ImageDraw.Draw(expected).text((cell // 2, cell // 2), str(count), fill=(255, 0, 0), font=font(), anchor="mm")
+    assert {font().getlength(digit) for digit in "0123456789"} == {frame.advance}  # counts are put together
     inner = np.s_[1:-1, 1:-1]
     difference = np.abs(image[y:y + cell, x:x + cell][inner].astype(int) - np.asarray(expected)[inner].astype(int))
     assert difference.max() <= 255 / (2 * utils.COUNT_SHADES) + 1
