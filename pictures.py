@@ -35,10 +35,16 @@ WHITE = (255, 255, 255)
 SHADES = 16  # steps of a text colour's antialiasing in a Picture, unless it says otherwise
 
 
+def shade_levels(coverage, shades):
+    """8-bit text coverage rounded to `shades` levels (0: nothing, `shades`: full), the steps a Picture's text is
+    drawn in: level k is palette index shade(colour, ground) + k - 1."""
+    return np.round(np.asarray(coverage) * (shades / 255)).astype(np.uint8)
+
+
 @functools.lru_cache(maxsize=None)
 def _shade_tables(first, shades):
     """Lookup tables from 8-bit coverage to palette indices first .. first + shades - 1, and to a mask."""
-    levels = [round(v * shades / 255) for v in range(256)]
+    levels = shade_levels(np.arange(256), shades).tolist()
     return [first + max(level - 1, 0) for level in levels], [255 if level else 0 for level in levels]
 
 

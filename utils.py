@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pictures import BLACK, WHITE, Picture, font, text_mask
+from pictures import BLACK, WHITE, Picture, font, shade_levels, text_mask
 
 
 class DataListError(ValueError):
@@ -332,7 +332,7 @@ class _ConfusionMatrixFrame:
         levels = np.zeros((self.cell, self.cell), dtype=np.uint8)
         for i, digit in enumerate(text):
             digit_left, digit_top, coverage = text_mask(digit, "la")
-            glyph = np.round(np.asarray(coverage) * (COUNT_SHADES / 255)).astype(np.uint8)
+            glyph = shade_levels(coverage, COUNT_SHADES)
             x = self.cell // 2 + left + self.advance * i + digit_left - start
             y = self.cell // 2 + top + digit_top - top_la
             region = levels[max(y, 0):y + glyph.shape[0], max(x, 0):x + glyph.shape[1]]
