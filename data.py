@@ -9,20 +9,107 @@ epoch in DataLoader worker processes.
 import json
 import math
 import os
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as transforms
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from utils import DataListError, MyDataset, check_images, ignore_sigint, read_classes, read_image_list
+from utils import DataListError, MyDataset, read_image_list
 
 # The tutorial's per-channel statistics of CIFAR-10's training images.
 CIFAR10_MEAN = [0.4948052, 0.48568845, 0.44682974]
 CIFAR10_STD = [0.24580306, 0.24236229, 0.2603115]
 IMAGE_SIZE = 32
 PADDING = 4
+
+
+def read_classes(path):
+    """Class names, one per line of `path` (line i names label i)."""
+    path = Path(path)
+    names = [line.strip() for line in path.read_text().splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    for number, name in enumerate(names, start=1):
+        if not name:
+            raise DataListError(f"{path}:{number}: empty class name; write one class name per line")
+    if not names:
+        raise DataListError(f"{path}: no class names; write one class name per line, or delete the file")
+    return names
+
+
+
+def _decode(sample, size):
+    path, _, where = sample
+    if not os.path.isfile(path):
+        return f"{where}: image '{path}' not found; fix the path or remove the line", None
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return f"{where}: cannot read image '{path}' ({err}); replace the file or remove the line", None
+    if size is None:
+        return None, None
+    if img.size != (size, size):  # most data sets are already the network's size: skip the no-op resize
+        img = TF.center_crop(TF.resize(img, size), size)
+    return None, np.asarray(img).transpose(2, 0, 1)
+
+
+def _decode_chunk(chunk, size):
+    return [_decode(sample, size) for sample in chunk]
+
+
+def ignore_sigint(*_):
+    """In a worker process: Ctrl-C reaches every process of the terminal's group; only the main one decides."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def process_pool(workers):
+    """A ProcessPoolExecutor whose workers ignore Ctrl-C and whose queued work is dropped, not waited for,
+    when the caller stops early (an error in the input, or Ctrl-C): only the chunks already running finish."""
+    pool = ProcessPoolExecutor(workers, initializer=ignore_sigint)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def check_images(samples, size=None, workers=None):
+    """Decode every image once, raising DataListError for the first (in list order) that fails.
+
+    With `size`, also return them as one uint8 tensor (N, 3, size, size), each resized so
+    its short side is `size` and centre-cropped: the decoded-once cache of a data set.
+    Small images decode faster in one thread than in several (PIL holds the GIL for most of
+    the work), so large lists are spread over processes instead, in chunks.
+    """
+    chunk = 2000
+    chunks = [samples[i:i + chunk] for i in range(0, len(samples), chunk)]
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    progress = tqdm(total=len(samples), desc="Checking images", unit="img", leave=False,
+                    disable=len(samples) < 5000 or not sys.stderr.isatty())
+    images = []
+    with progress, (process_pool(workers) if workers > 1 else nullcontext()) as pool:
+        results = pool.map(_decode_chunk, chunks, [size] * len(chunks)) if pool else \
+            (_decode_chunk(c, size) for c in chunks)
+        for decoded in results:
+            for problem, array in decoded:
+                if problem:
+                    raise DataListError(problem)
+                images.append(array)
+            progress.update(len(decoded))
+    return torch.from_numpy(np.stack(images)) if size is not None else None
 
 
 class EpochBatchSampler:

@@ -19,7 +19,7 @@ from tensorboardX import SummaryWriter
 
 import sys
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from monitor import TrainingMonitor  # noqa: E402
+from gradwatch import TrainingMonitor  # noqa: E402
 
 
 def tutorial_log(writer, model, step):

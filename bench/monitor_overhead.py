@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from data import build_loaders  # noqa: E402
-from monitor import TrainingMonitor  # noqa: E402
+from gradwatch import TrainingMonitor  # noqa: E402
 from utils import Net  # noqa: E402
 
 
@@ -76,14 +76,14 @@ def time_train_py(epochs, repeats, tmp):
     """Per epoch of `train.py --epochs N` runs (all but the first epoch of each): the epoch's wall time
     (from one epoch_end() to the next) and the seconds spent inside the monitor during it."""
     train.TrainingMonitor = TimedMonitor
-    draw = train.confusion_matrix_picture
-    train.confusion_matrix_picture = timed_picture(draw, TimedMonitor.runs)
+    draw = train.confusion_matrix_image
+    train.confusion_matrix_image = timed_picture(draw, TimedMonitor.runs)
     try:
         for repeat in range(repeats):
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 train.main(["--epochs", str(epochs), "--log-dir", tmp, "--run-name", f"run-{repeat}"])
     finally:
-        train.TrainingMonitor, train.confusion_matrix_picture = TrainingMonitor, draw
+        train.TrainingMonitor, train.confusion_matrix_image = TrainingMonitor, draw
     walls, inside = [], []
     for run in TimedMonitor.runs:
         for (before, _), (after, spent) in zip(run.epochs, run.epochs[1:]):

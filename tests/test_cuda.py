@@ -1,4 +1,4 @@
-"""The GPU path: binning on the device, AMP with GradScaler, and train.py on CUDA. Skipped without a GPU."""
+"""Histograms and statistics on the GPU, AMP with GradScaler, and train.py on CUDA. Skipped without a GPU."""
 import numpy as np
 import pytest
 import torch
@@ -6,8 +6,9 @@ from torch import nn
 
 import train
 from conftest import histogram_steps, load_events
-from monitor import TrainingMonitor, compute_histograms
-from test_monitor import check_against_numpy
+from gradwatch import TrainingMonitor, compute_histograms, parameter_statistics
+from gradwatch.histograms import CHUNK
+from test_histograms import check_against_numpy
 from test_train import HISTOGRAM_TAGS, train_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -20,21 +21,32 @@ def cuda_tensors():
     return {"big": torch.randn(3_000_001, generator=g), "half": torch.randn(5000, generator=g).half(),
             "bf16": (torch.randn(5000, generator=g) * 300).bfloat16(), "nonfinite": with_nonfinite,
             "constant": torch.full((7,), 0.25), "all_nan": torch.full((4,), float("nan")),
-            "wide": torch.randn(20_000, generator=g) * 10 ** torch.randint(-30, 30, (20_000,), generator=g),
-            "far": 1000 + torch.randn(150_001, generator=g) * 1e-3}
+            "scales": torch.randn(20_000, generator=g) * 10 ** torch.randint(-30, 30, (20_000,), generator=g),
+            "far": 1000 + torch.randn(150_001, generator=g) * 1e-3, "chunked": torch.randn(CHUNK + 7, generator=g),
+            "wide": torch.randn(20_000, generator=g) * 100}
 
 
 def test_histograms_binned_on_the_gpu_match_numpy_and_the_cpu():
     tensors = cuda_tensors()
     on_gpu = compute_histograms({name: t.cuda() for name, t in tensors.items()})
     on_cpu = compute_histograms(tensors)
+    mixed = compute_histograms({name: t.cuda() if i % 2 else t for i, (name, t) in enumerate(tensors.items())})
     for name, tensor in tensors.items():
         gpu, cpu = on_gpu[name], on_cpu[name]
         assert (gpu.num, gpu.nonfinite, gpu.min, gpu.max) == (cpu.num, cpu.nonfinite, cpu.min, cpu.max), name
         np.testing.assert_array_equal(gpu.bucket_limits, cpu.bucket_limits)
         np.testing.assert_array_equal(gpu.bucket_counts, cpu.bucket_counts)
+        np.testing.assert_array_equal(mixed[name].bucket_counts, cpu.bucket_counts)
         if gpu.num:
             check_against_numpy(gpu, tensor)
+
+
+def test_statistics_on_the_gpu_equal_those_on_the_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model(torch.randn(8, 16)).square().mean().backward()
+    on_cpu = parameter_statistics(model)
+    assert parameter_statistics(model.cuda()) == pytest.approx(on_cpu, rel=1e-5)
 
 
 def test_under_cuda_amp_the_monitor_sees_unscaled_gradients(tmp_path):

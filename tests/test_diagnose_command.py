@@ -7,7 +7,7 @@ import torch.nn as nn
 from tensorboardX import SummaryWriter as TensorboardXWriter
 from torch.utils.tensorboard import SummaryWriter as TorchWriter
 
-import diagnose
+from gradwatch import cli as diagnose
 from conftest import run_script
 from test_diagnosis import deep_sigmoid, make_data, mlp, train
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from conftest import load_events
-from diagnosis import Finding, Thresholds, output_bias_skew
-from monitor import TrainingMonitor
+from gradwatch import Finding, Thresholds, TrainingMonitor
+from gradwatch.diagnosis import output_bias_skew
 
 CLASSES = ["a", "b", "c", "d"]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import data
-import monitor
 import train
+from gradwatch import TrainingMonitor
 from conftest import ROOT, histogram_steps, load_events, run_script
 from utils import Net
 
@@ -143,7 +143,7 @@ def test_existing_run_is_not_overwritten(data_dir, tmp_path, capsys):
 
 
 def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_dir, tmp_path, monkeypatch, capsys):
-    log_parameters = monitor.TrainingMonitor.log_parameters
+    log_parameters = TrainingMonitor.log_parameters
 
     def interrupt_at_step_9(self, model, step, per_step=False):
         result = log_parameters(self, model, step, per_step)
@@ -154,13 +154,13 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
     # thresholds at which weights_growing fires once four epochs are known: it compares with three epochs back
     options = ["--hist-every", "3", "--stats-every", "2", "--threshold", "weight_max_abs=0",
                "--threshold", "weight_growth=0"]
-    monkeypatch.setattr(monitor.TrainingMonitor, "log_parameters", interrupt_at_step_9)
+    monkeypatch.setattr(TrainingMonitor, "log_parameters", interrupt_at_step_9)
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", *options, epochs=4)) == 130
     assert "Resume with: python train.py --resume" in capsys.readouterr().err
     checkpoint = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"]) == (1, 3, 9)
     assert len(checkpoint["monitor"]["history"]) == 1 and len(checkpoint["monitor"]["records"]) == 1
-    monkeypatch.setattr(monitor.TrainingMonitor, "log_parameters", log_parameters)
+    monkeypatch.setattr(TrainingMonitor, "log_parameters", log_parameters)
 
     assert train.main(["--resume", str(tmp_path / "r")]) == 0
     assert "Resuming" in capsys.readouterr().out

@@ -10,8 +10,9 @@ import torchvision.transforms as transforms
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils import (DataListError, ImageReadError, MyDataset, Net, class_report, process_pool, read_image_list,
-                   show_confMat, validate)
+from data import process_pool
+from train import class_report
+from utils import DataListError, ImageReadError, MyDataset, Net, read_image_list, show_confMat, validate
 
 TUTORIAL_SHAPES = {  # Chapter 4.4's LeNet-style Net, in named_parameters() order
     "conv1.weight": (6, 3, 5, 5), "conv1.bias": (6,), "conv2.weight": (16, 6, 5, 5), "conv2.bias": (16,),
@@ -71,11 +72,14 @@ def test_class_report_recall_and_precision():
     assert precision[0] == pytest.approx(1.0) and precision[1] == pytest.approx(0.0)
 
 
-def test_show_confmat_writes_a_png(tmp_path):
-    path = show_confMat(np.array([[5, 1], [2, 7]]), ["cat", "dog"], "valid", str(tmp_path))
+def test_show_confmat_writes_the_picture_train_py_logs(tmp_path):
+    from gradwatch import confusion_matrix_image
+    conf_mat = np.array([[5, 1], [2, 7]])
+    path = show_confMat(conf_mat, ["cat", "dog"], "valid", str(tmp_path))
     assert path == str(tmp_path / "Confusion_Matrixvalid.png")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.width > 100
+        assert np.array_equal(np.asarray(img), np.asarray(confusion_matrix_image(conf_mat, ["cat", "dog"], "valid")))
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -98,17 +102,6 @@ def test_unreadable_image_at_load_time_names_its_path(tmp_path):
     dataset = MyDataset(txt_path=tmp_path / "list.txt")
     with pytest.raises(ImageReadError, match=str(tmp_path / "bad.png")):
         dataset[0]
-
-
-def test_confusion_matrix_image_shades_cells_by_row_share():
-    from utils import confusion_matrix_image
-    conf_mat = np.array([[3, 1], [0, 4]])
-    image = confusion_matrix_image(conf_mat, ["cat", "dog"], "valid")
-    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    greys = sorted({tuple(px) for px in image.reshape(-1, 3) if px[0] == px[1] == px[2]})
-    for share in (0.75, 0.25, 0.0, 1.0):  # every row-normalised share is a cell's grey level
-        level = int(round(255 * (1 - share)))
-        assert (level, level, level) in greys
 
 
 def test_batched_random_crop_equals_cropping_the_padded_images_one_by_one():
@@ -135,45 +128,3 @@ def test_process_pool_workers_ignore_ctrl_c_and_queued_work_is_dropped_when_stop
             raise KeyboardInterrupt  # the main process stops: only what already runs is waited for
     assert time.monotonic() - started < 2.5  # not the 5 s of the whole queue
     assert sum(f.cancelled() for f in queued) >= 7
-
-
-def test_confusion_matrices_drawn_on_a_kept_frame_equal_fresh_ones():
-    import utils
-    matrices = [np.array([[30, 2, 0], [1, 25, 9], [0, 0, 41]]), np.array([[7, 0, 0], [0, 0, 0], [3, 3, 3]]),
-                np.array([[7, 0, 0], [0, 0, 0], [3, 3, 3]]), np.array([[7, 0, 0], [0, 0, 0], [3, 4, 3]]),
-                np.array([[6, 1, 0], [0, 0, 0], [3, 4, 3]])]  # the same again, then one or two cells change
-    kept = [utils.confusion_matrix_image(m, ["cat", "dog", "bird"], "valid") for m in matrices]
-    for image, matrix in zip(kept, matrices):
-        utils._confusion_matrix_frame.cache_clear()
-        assert np.array_equal(image, utils.confusion_matrix_image(matrix, ["cat", "dog", "bird"], "valid"))
-    assert not np.array_equal(kept[0], kept[1]) and not np.array_equal(kept[2], kept[3])
-
-
-def test_confusion_matrix_writes_counts_only_where_they_fit():
-    import utils
-    classes = [f"c{i}" for i in range(25)]  # 20-pixel cells: two digits fit, three do not
-    small = np.full((25, 25), 3) + np.eye(25, dtype=int) * 40
-    large = small.copy()
-    large[0, 0] = 400
-    with_counts, without = (utils.confusion_matrix_image(m, classes, "valid") for m in (small, large))
-    red = lambda image: ((image[..., 0] > 200) & (image[..., 1] < 100)).sum()  # noqa: E731
-    assert red(with_counts) > 25 * 25 * 5 and red(without) == 0
-    utils._confusion_matrix_frame.cache_clear()
-    assert np.array_equal(without, utils.confusion_matrix_image(large, classes, "valid"))
-
-
-@pytest.mark.parametrize("count", [0, 7, 42, 123, 909])
-def test_confusion_matrix_counts_look_as_pil_writes_them(count):
-    import utils
-    from PIL import Image, ImageDraw
-    from pictures import font
-    image = utils.confusion_matrix_image(np.array([[count, 5], [0, 1]]), ["a", "b"], "valid")
-    frame = utils._confusion_matrix_frame(("a", "b"), "valid")
-    x, y, cell = frame.left, frame.top, frame.cell
-    ground = tuple(int(v) for v in image[y + 2, x + 2])  # inside the outline, away from the digits
-    expected = Image.new("RGB", (cell, cell), ground)
-    ImageDraw.Draw(expected).text((cell // 2, cell // 2), str(count), fill=(255, 0, 0), font=font(), anchor="mm")
-    assert {font().getlength(digit) for digit in "0123456789"} == {frame.advance}  # counts are put together
-    inner = np.s_[1:-1, 1:-1]
-    difference = np.abs(image[y:y + cell, x:x + cell][inner].astype(int) - np.asarray(expected)[inner].astype(int))
-    assert difference.max() <= 255 / (2 * utils.COUNT_SHADES) + 1

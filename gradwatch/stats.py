@@ -1,0 +1,107 @@
+"""Per-parameter statistics of weights and gradients as plain numbers, and the epoch summaries the rules read."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .histograms import to_host
+
+NamedParameters = Sequence[tuple[str, torch.nn.Parameter]]
+STAT_KEYS = ("grad_norm", "grad_rms", "weight_norm", "max_abs_weight", "update_ratio", "nonfinite_share")
+
+
+def named_parameters(model: torch.nn.Module | NamedParameters) -> NamedParameters:
+    """A Module's named_parameters() as a list; a list of (name, parameter) pairs is passed through."""
+    return list(model.named_parameters()) if isinstance(model, torch.nn.Module) else model
+
+
+def parameter_tensors(model: torch.nn.Module | NamedParameters) -> dict[str, torch.Tensor]:
+    """The tutorial's tags: {'<name>_data': weight, '<name>_grad': gradient}; no _grad where there is no gradient."""
+    tensors = {}
+    for name, param in named_parameters(model):
+        tensors[name + "_data"] = param
+        if param.grad is not None:
+            tensors[name + "_grad"] = param.grad
+    return tensors
+
+
+def _norms(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
+    """Norms as 0-dim tensors, one kernel per device and dtype (torch.nn.utils.clip_grad_norm_ uses the same
+    foreach call); half precision is widened first so that its norms cannot overflow. An empty tensor's is 0."""
+    wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t if t.numel() else t.new_zeros(1)
+            for t in tensors]
+    return list(torch._foreach_norm(wide, ord)) if wide else []
+
+
+def _to_floats(columns: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
+    """The same lists of 0-dim tensors as floats, read by the host in one transfer per device."""
+    host = to_host({(key, i): value for key, values in columns.items() for i, value in enumerate(values)})
+    return {key: [host[key, i] for i in range(len(values))] for key, values in columns.items()}
+
+
+@torch.no_grad()
+def parameter_statistics(
+    model: torch.nn.Module | NamedParameters, previous_weights: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, dict[str, float]]:
+    """Per-parameter statistics, as floats: {name: {key: value}} with the keys of STAT_KEYS, the gradient's only
+    where there is a gradient; update_ratio = ||w - w_before|| / ||w|| for the names in `previous_weights` (the
+    weights before the optimizer step); and {"total": {"grad_norm": ...}} over all gradients. Pure."""
+    previous_weights = previous_weights or {}
+    named = named_parameters(model)
+    weights = [w for _, w in named]
+    graded = [(name, p.grad.coalesce().values() if p.grad.is_sparse else p.grad) for name, p in named if p.grad is not None]
+    moved = [(name, w) for name, w in named if name in previous_weights]
+    changes = [w - previous_weights[name] for name, w in moved]
+    values = _to_floats({
+        "weight_norm": _norms(weights, 2),
+        "max_abs_weight": _norms(weights, math.inf),
+        "grad_norm": _norms([g for _, g in graded], 2),
+        "update_norm": _norms(changes, 2),
+    })
+    stats = {name: {"weight_norm": w, "max_abs_weight": m}
+             for (name, _), w, m in zip(named, values["weight_norm"], values["max_abs_weight"])}
+    for (name, grad), norm in zip(graded, values["grad_norm"]):
+        share = 0.0
+        if not math.isfinite(norm):  # count non-finite values only where the norm shows there are some
+            share = (~torch.isfinite(grad)).sum().item() / max(grad.numel(), 1)
+        stats[name].update(grad_norm=norm, grad_rms=norm / math.sqrt(max(grad.numel(), 1)), nonfinite_share=share)
+    for (name, _), update in zip(moved, values["update_norm"]):
+        weight_norm = stats[name]["weight_norm"]
+        stats[name]["update_ratio"] = update / weight_norm if weight_norm > 0 else math.nan
+    if graded:
+        stats["total"] = {"grad_norm": math.sqrt(sum(n * n for n in values["grad_norm"]))}
+    return stats
+
+
+@torch.no_grad()
+def gradient_flow(model: torch.nn.Module | NamedParameters) -> tuple[list[str], list[float], list[float]]:
+    """(names, mean |grad|, max |grad|) of the weight tensors that have a dense gradient, in model order."""
+    named = [(name, p.grad) for name, p in named_parameters(model)
+             if p.grad is not None and not p.grad.is_sparse and name.endswith("weight")]
+    values = _to_floats({"l1": _norms([g for _, g in named], 1), "peak": _norms([g for _, g in named], math.inf)})
+    means = [total / max(g.numel(), 1) for total, (_, g) in zip(values["l1"], named)]
+    return [name for name, _ in named], means, values["peak"]
+
+
+def _median(values: list[float | None]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def summarize_epoch(epoch: int, step: int, records: list[dict[str, dict[str, float]]]) -> dict:
+    """An epoch summary (see diagnosis.py) from the statistics logged during the epoch: medians per layer, and the
+    latest weight norm and max |w|."""
+    layers = {}
+    for name, latest in records[-1].items():
+        if name == "total":
+            continue
+        layers[name] = {key: _median([r.get(name, {}).get(key) for r in records])
+                        for key in STAT_KEYS if any(key in r.get(name, {}) for r in records)}
+        layers[name].update(max_abs_weight=latest["max_abs_weight"], weight_norm=latest["weight_norm"])
+    totals = [r["total"]["grad_norm"] for r in records if "total" in r]
+    return {"epoch": epoch, "step": step, "layers": layers,
+            "total_grad_norm_max": max(totals, default=math.nan), "total_grad_norm_median": _median(totals)}
