@@ -6,6 +6,7 @@ crop with 4 pixels of zero padding) and normalisation run on whole batches of te
 on the training device. Without it, the tutorial's MyDataset decodes every image every
 epoch in DataLoader worker processes.
 """
+
 import json
 import math
 import os
@@ -45,7 +46,6 @@ def read_classes(path):
     if not names:
         raise DataListError(f"{path}: no class names; write one class name per line, or delete the file")
     return names
-
 
 
 def _decode(sample, size):
@@ -95,15 +95,14 @@ def check_images(samples, size=None, workers=None):
     the work), so large lists are spread over processes instead, in chunks.
     """
     chunk = 2000
-    chunks = [samples[i:i + chunk] for i in range(0, len(samples), chunk)]
+    chunks = [samples[i : i + chunk] for i in range(0, len(samples), chunk)]
     workers = min(workers or os.cpu_count() or 1, len(chunks))
-    progress = tqdm(total=len(samples), desc="Checking images", unit="img", leave=False,
-                    disable=len(samples) < 5000 or not sys.stderr.isatty())
+    quiet = len(samples) < 5000 or not sys.stderr.isatty()
+    progress = tqdm(total=len(samples), desc="Checking images", unit="img", leave=False, disable=quiet)
     images = []
-    with progress, (process_pool(workers) if workers > 1 else nullcontext()) as pool:
-        results = pool.map(_decode_chunk, chunks, [size] * len(chunks)) if pool else \
-            (_decode_chunk(c, size) for c in chunks)
-        for decoded in results:
+    with progress, process_pool(workers) if workers > 1 else nullcontext() as pool:
+        decode = pool.map if pool else map
+        for decoded in decode(_decode_chunk, chunks, [size] * len(chunks)):
             for problem, array in decoded:
                 if problem:
                     raise DataListError(problem)
@@ -136,8 +135,8 @@ class EpochBatchSampler:
             order = torch.arange(self.size)
         if self.world_size > 1:
             padded = math.ceil(self.size / self.world_size) * self.world_size
-            order = torch.cat([order, order[:padded - self.size]])[self.rank::self.world_size]
-        for batch in order.split(self.batch_size)[self.start:]:
+            order = torch.cat([order, order[: padded - self.size]])[self.rank :: self.world_size]
+        for batch in order.split(self.batch_size)[self.start :]:
             yield batch.tolist()
 
     def __len__(self):
@@ -200,21 +199,22 @@ def load_normalisation(data_dir):
     """(mean, std, where they came from): data_dir/stats.json (prepare_data.py stats) or the CIFAR-10 constants."""
     path = Path(data_dir) / "stats.json"
     if not path.is_file():
-        return CIFAR10_MEAN, CIFAR10_STD, (f"the tutorial's CIFAR-10 constants ({path} not found; "
-                                           f"python prepare_data.py stats {data_dir} computes it)")
+        where = (
+            f"the tutorial's CIFAR-10 constants ({path} not found; python prepare_data.py stats {data_dir} makes it)"
+        )
+        return CIFAR10_MEAN, CIFAR10_STD, where
     try:
         stats = json.loads(path.read_text())
         mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError("needs three means and three positive standard deviations")
     except (ValueError, KeyError, TypeError) as err:
-        raise DataListError(f"{path}: unusable ({err}); recompute it with: "
-                            f"python prepare_data.py stats {data_dir} --force") from None
+        again = f"recompute it with: python prepare_data.py stats {data_dir} --force"
+        raise DataListError(f"{path}: unusable ({err}); {again}") from None
     return mean, std, str(path)
 
 
-def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                  rank=0, world_size=1):
+def build_loaders(data_dir, batch_size, seed, device, workers, cache, mean, std, rank=0, world_size=1):
     """Check data_dir's lists and every image, then return (train batches, valid batches, classes, cached).
 
     The train batches' `batch_sampler` is an EpochBatchSampler, sharded by rank under torchrun; every rank
@@ -222,8 +222,8 @@ def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mea
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataListError(f"{data_dir}: data folder not found; pass --data DIR holding train.txt and valid.txt "
-                            f"(python prepare_data.py makes them from CIFAR-10 or a folder of images)")
+        how = "pass --data DIR holding train.txt and valid.txt (python prepare_data.py makes them)"
+        raise DataListError(f"{data_dir}: data folder not found; {how}")
     classes_path = data_dir / "classes.txt"
     num_classes = len(read_classes(classes_path)) if classes_path.is_file() else None
     lists = [read_image_list(data_dir / f"{split}.txt", num_classes) for split in ("train", "valid")]
@@ -233,21 +233,21 @@ def build_loaders(data_dir, batch_size, seed, device, workers, cache="auto", mea
     cached = cache == "yes" or (cache == "auto" and cache_fits(sum(map(len, lists))))
 
     if cached:
-        def batches(samples, sampler, augment):
+        batches = []
+        for samples, sampler in zip(lists, (train_sampler, valid_sampler)):
             images = check_images(samples, size=IMAGE_SIZE).to(device)
             labels = torch.tensor([label for _, label, _ in samples], device=device)
-            return CachedBatches(images, labels, sampler, mean, std, augment)
-        return (batches(lists[0], train_sampler, True), batches(lists[1], valid_sampler, False), classes, True)
+            batches.append(CachedBatches(images, labels, sampler, mean, std, augment=sampler is train_sampler))
+        return (*batches, classes, True)
 
     for samples in lists:
         check_images(samples)
-    normalize = transforms.Normalize(mean, std)
-    train_data = MyDataset(data_dir / "train.txt", num_classes=num_classes, transform=transforms.Compose([
-        transforms.Resize(IMAGE_SIZE), transforms.RandomCrop(IMAGE_SIZE, padding=PADDING), transforms.ToTensor(),
-        normalize]))
-    valid_data = MyDataset(data_dir / "valid.txt", num_classes=num_classes, transform=transforms.Compose([
-        transforms.Resize(IMAGE_SIZE), transforms.CenterCrop(IMAGE_SIZE), transforms.ToTensor(), normalize]))
-    options = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                   worker_init_fn=ignore_sigint)
-    return (DataLoader(train_data, batch_sampler=train_sampler, **options),
-            DataLoader(valid_data, batch_sampler=valid_sampler, **options), classes, False)
+    finish = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    crop = {"train": transforms.RandomCrop(IMAGE_SIZE, padding=PADDING), "valid": transforms.CenterCrop(IMAGE_SIZE)}
+    options = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loaders = []
+    for split, sampler in (("train", train_sampler), ("valid", valid_sampler)):
+        transform = transforms.Compose([transforms.Resize(IMAGE_SIZE), crop[split], *finish])
+        dataset = MyDataset(data_dir / f"{split}.txt", transform=transform, num_classes=num_classes)
+        loaders.append(DataLoader(dataset, batch_sampler=sampler, worker_init_fn=ignore_sigint, **options))
+    return (*loaders, classes, False)

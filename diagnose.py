@@ -1,7 +1,7 @@
 """Diagnose any TensorBoard log folder: `python diagnose.py Result`, the same as the `diagnose` command.
 
-    python diagnose.py Result                 # every run under Result
-    python diagnose.py Result/my-run --json   # one run, findings as JSON
+python diagnose.py Result                 # every run under Result
+python diagnose.py Result/my-run --json   # one run, findings as JSON
 """
 
 import os

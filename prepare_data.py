@@ -9,6 +9,7 @@
 Every output folder gets train.txt, valid.txt, test.txt and classes.txt; paths in a list are
 relative to the list's folder. An existing output is never overwritten without --force.
 """
+
 import argparse
 import json
 import os
@@ -71,11 +72,13 @@ def read_cifar10(archive):
                     if name in CIFAR10_FILES and member.isfile():
                         raw[name] = tar.extractfile(member).read()
     except FileNotFoundError as err:
-        raise PrepareError(f"{archive}: {err.strerror.lower()} ({Path(err.filename).name}); pass the "
-                           f"cifar-10-python.tar.gz archive or the cifar-10-batches-py folder") from None
+        what = f"{err.strerror.lower()} ({Path(err.filename).name})"
+        raise PrepareError(
+            f"{archive}: {what}; pass cifar-10-python.tar.gz or the cifar-10-batches-py folder"
+        ) from None
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise PrepareError(f"{archive}: truncated or not a tar archive ({err}); download "
-                           f"cifar-10-python.tar.gz again or use --download") from None
+        again = "download cifar-10-python.tar.gz again or use --download"
+        raise PrepareError(f"{archive}: truncated or not a tar archive ({err}); {again}") from None
     missing = [name for name in CIFAR10_FILES if name not in raw]
     if missing:
         raise PrepareError(f"{archive}: no {', '.join(missing)} inside; is it the CIFAR-10 *python* archive?")
@@ -94,9 +97,9 @@ def read_cifar10(archive):
                 batch_labels = np.asarray(batch["labels"], dtype=np.int64)
             except (KeyError, ValueError) as err:
                 raise PrepareError(f"{archive}: {name} is malformed ({type(err).__name__}: {err})") from None
-            if len(batch_labels) != len(data) or (len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < 10):
-                raise PrepareError(f"{archive}: {name} has {len(data)} images but {len(batch_labels)} labels "
-                                   f"or labels outside 0..9")
+            if len(batch_labels) != len(data) or not ((0 <= batch_labels) & (batch_labels < 10)).all():
+                counts = f"{len(data)} images but {len(batch_labels)} labels"
+                raise PrepareError(f"{archive}: {name} has {counts} or labels outside 0..9")
             images.append(data)
             labels.append(batch_labels)
         splits[split] = (np.concatenate(images), np.concatenate(labels))
@@ -109,7 +112,7 @@ def _quotas(sizes, fraction):
     exact = {label: size * fraction for label, size in sizes.items()}
     counts = {label: int(value) for label, value in exact.items()}
     leftover = round(sum(sizes.values()) * fraction) - sum(counts.values())
-    for label in sorted(exact, key=lambda k: (counts[k] - exact[k], k))[:max(leftover, 0)]:
+    for label in sorted(exact, key=lambda k: (counts[k] - exact[k], k))[: max(leftover, 0)]:
         counts[label] += 1
     return counts
 
@@ -129,7 +132,7 @@ def stratified_split(labels, fractions, seed):
         rng.shuffle(shuffled)
         start = 0
         for name in quotas:
-            parts[name] += shuffled[start:start + quotas[name][label]]
+            parts[name] += shuffled[start : start + quotas[name][label]]
             start += quotas[name][label]
         parts[first] += shuffled[start:]
     return {name: sorted(indices) for name, indices in parts.items()}
@@ -161,9 +164,11 @@ def save_images(images, paths, workers, desc):
     for folder in {Path(p).parent for p in paths}:
         folder.mkdir(parents=True, exist_ok=True)
     chunk = 500
-    jobs = [(images[i:i + chunk], paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
-    with process_pool(workers) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=not sys.stderr.isatty()) as progress:
+    jobs = [(images[i : i + chunk], paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
+    with (
+        process_pool(workers) as pool,
+        tqdm(total=len(paths), desc=desc, unit="img", disable=not sys.stderr.isatty()) as progress,
+    ):
         for done in pool.map(_save_pngs, jobs):
             progress.update(done)
 
@@ -171,11 +176,14 @@ def save_images(images, paths, workers, desc):
 def download_cifar10(root):
     """Fetch the archive into root with torchvision, checking its MD5; returns its path."""
     from torchvision.datasets.utils import download_url
+
     try:
         download_url(CIFAR10_URL, str(root), "cifar-10-python.tar.gz", CIFAR10_MD5)
     except (OSError, RuntimeError) as err:
-        raise PrepareError(f"could not download {CIFAR10_URL} ({err}); this machine may have no internet: "
-                           f"fetch cifar-10-python.tar.gz elsewhere and pass --archive PATH") from None
+        elsewhere = "fetch cifar-10-python.tar.gz elsewhere and pass --archive PATH"
+        raise PrepareError(
+            f"could not download {CIFAR10_URL} ({err}); this machine may have no internet: {elsewhere}"
+        ) from None
     return Path(root) / "cifar-10-python.tar.gz"
 
 
@@ -191,17 +199,17 @@ def prepare_cifar10(args):
     test_images, test_labels = splits["test"]
     held = stratified_split(train_labels.tolist(), {"train": 1.0, "valid": args.train_to_valid}, args.seed)
     parts = stratified_split(test_labels.tolist(), {"test": 1.0, "valid": args.valid_fraction}, args.seed)
-    sources = {"train": (train_images, train_labels, held["train"]),
-               "valid": (np.concatenate([train_images[held["valid"]], test_images[parts["valid"]]]),
-                         np.concatenate([train_labels[held["valid"]], test_labels[parts["valid"]]]), None),
-               "test": (test_images, test_labels, parts["test"])}
-    if args.force:
-        for split in sources:
-            shutil.rmtree(args.out / split, ignore_errors=True)
+    valid_images = np.concatenate([train_images[held["valid"]], test_images[parts["valid"]]])
+    valid_labels = np.concatenate([train_labels[held["valid"]], test_labels[parts["valid"]]])
+    sources = {
+        "train": (train_images[held["train"]], train_labels[held["train"]]),
+        "valid": (valid_images, valid_labels),
+        "test": (test_images[parts["test"]], test_labels[parts["test"]]),
+    }
     lists = {}
-    for split, (images, labels, indices) in sources.items():
-        if indices is not None:
-            images, labels = images[indices], labels[indices]
+    for split, (images, labels) in sources.items():
+        if args.force:
+            shutil.rmtree(args.out / split, ignore_errors=True)
         rows = [(f"{split}/{classes[label]}/{i:05d}.png", int(label)) for i, label in enumerate(labels)]
         save_images(images, [str(args.out / path) for path, _ in rows], args.workers, split)
         lists[split] = rows
@@ -226,8 +234,8 @@ def find_images(src):
                 else:
                     skipped += 1
         if not images:
-            raise PrepareError(f"{class_dir}: class folder without images ({', '.join(IMAGE_EXTENSIONS)}); "
-                               f"add images or remove the folder")
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            raise PrepareError(f"{class_dir}: class folder without images ({kinds}); add images or remove the folder")
         classes[class_dir.name] = images
     if not classes:
         raise PrepareError(f"{src}: no class folders; expected {src}/<class>/<image> as for ImageFolder")
@@ -268,8 +276,8 @@ def compute_stats(data_dir, workers=4):
     samples = read_image_list(Path(data_dir) / "train.txt")
     images = check_images(samples, size=32, workers=workers).numpy()
     values = images.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64) / 255
-    return {"mean": values.mean(axis=1).tolist(), "std": values.std(axis=1).tolist(), "images": len(samples),
-            "source": "train.txt"}
+    mean, std = values.mean(axis=1).tolist(), values.std(axis=1).tolist()
+    return {"mean": mean, "std": std, "images": len(samples), "source": "train.txt"}
 
 
 def prepare_stats(args):
@@ -287,38 +295,34 @@ def fraction(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[1])
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     commands = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter
     workers = min(4, os.cpu_count() or 1)
 
-    cifar = commands.add_parser("cifar10", formatter_class=defaults,
-                                help="convert the CIFAR-10 python archive to PNGs and lists")
+    def command(name, help):
+        return commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    cifar = command("cifar10", "convert the CIFAR-10 python archive to PNGs and lists")
     cifar.add_argument("--archive", type=Path, help="cifar-10-python.tar.gz or the cifar-10-batches-py folder")
     cifar.add_argument("--download", action="store_true", help="download the archive (checks its MD5) into --out")
     cifar.add_argument("--out", type=Path, required=True, help="output folder")
-    cifar.add_argument("--valid-fraction", type=fraction, default=0.5,
-                       help="share of the 10,000 test images that go to valid (the rest to test)")
-    cifar.add_argument("--train-to-valid", type=fraction, default=0.0,
-                       help="share of the 50,000 training images moved to valid")
+    cifar.add_argument("--valid-fraction", type=fraction, default=0.5, help="share of the test images for valid")
+    cifar.add_argument("--train-to-valid", type=fraction, default=0.0, help="share of the training images for valid")
     cifar.add_argument("--seed", type=int, default=0, help="seeds the splits")
     cifar.add_argument("--workers", type=int, default=workers, help="processes writing PNGs")
     cifar.add_argument("--force", action="store_true", help="replace an existing output")
 
-    folder = commands.add_parser("folder", formatter_class=defaults,
-                                 help="list a class-per-folder image tree (ImageFolder layout)")
+    folder = command("folder", "list a class-per-folder image tree (ImageFolder layout)")
     folder.add_argument("src", type=Path, help="folder with one sub-folder of images per class")
     folder.add_argument("--out", type=Path, required=True, help="output folder for the lists")
     folder.add_argument("--valid", type=fraction, default=0.1, help="share of each class for valid")
     folder.add_argument("--test", type=fraction, default=0.1, help="share of each class for test")
     folder.add_argument("--seed", type=int, default=0, help="seeds the split")
-    folder.add_argument("--copy", action="store_true", help="copy the images under --out instead of "
-                                                          "referencing them in place")
+    folder.add_argument("--copy", action="store_true", help="copy the images under --out instead of listing them")
     folder.add_argument("--force", action="store_true", help="replace existing lists")
 
-    stats = commands.add_parser("stats", formatter_class=defaults,
-                                help="per-channel mean and std of a data folder's training images")
+    stats = command("stats", "per-channel mean and std of a data folder's training images")
     stats.add_argument("dir", type=Path, help="data folder holding train.txt")
     stats.add_argument("--workers", type=int, default=workers, help="decoding threads")
     stats.add_argument("--force", action="store_true", help="replace an existing stats.json")
@@ -335,19 +339,20 @@ def main(argv=None):
             counts = prepare_folder(args)
         else:
             stats = prepare_stats(args)
-            print(f"{args.dir / 'stats.json'}: mean {[round(m, 4) for m in stats['mean']]}, "
-                  f"std {[round(s, 4) for s in stats['std']]} over {stats['images']} training images")
+            mean, std = ([round(v, 4) for v in stats[key]] for key in ("mean", "std"))
+            print(f"{args.dir / 'stats.json'}: mean {mean}, std {std} over {stats['images']} training images")
             return 0
     except (PrepareError, DataListError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        unfinished = f"{args.dir / 'stats.json'} was not written" if args.command == "stats" else \
-            f"{args.out} is unfinished (its lists are written last, so nothing reads it yet)"
+        unfinished = f"{args.out} is unfinished (its lists are written last, so nothing reads it yet)"
+        if args.command == "stats":
+            unfinished = f"{args.dir / 'stats.json'} was not written"
         print(f"Stopped: {unfinished}; run the same command again to finish it", file=sys.stderr)
         return 130
-    print(f"{args.out}: " + ", ".join(f"{name} {count}" for name, count in counts.items())
-          + f". Next: python prepare_data.py stats {args.out} && python train.py --data {args.out}")
+    summary = ", ".join(f"{name} {count}" for name, count in counts.items())
+    print(f"{args.out}: {summary}. Next: python prepare_data.py stats {args.out} && python train.py --data {args.out}")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Train the tutorial's CNN on a list of images and watch every layer's weights and gradients in TensorBoard.
 
-    python train.py                           # sample digits in Data/, run folder Result/<timestamp>
-    tensorboard --logdir Result               # then open http://localhost:6006
-    python train.py --resume Result/<run>     # continue a stopped run (add --epochs N to train longer)
-    python train.py --help                    # every option and its default
+python train.py                           # sample digits in Data/, run folder Result/<timestamp>
+tensorboard --logdir Result               # then open http://localhost:6006
+python train.py --resume Result/<run>     # continue a stopped run (add --epochs N to train longer)
+python train.py --help                    # every option and its default
 """
 
 import argparse
@@ -34,6 +34,8 @@ from utils import DataListError, ImageReadError, Net, validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TENSORBOARD_HISTOGRAM_STEPS = 100  # what TensorBoard's default loader keeps per histogram tag
+PROGRESS = ("epoch", "batches_done", "step", "best_accuracy", "totals")  # where a run stands, in its checkpoints
+TOTALS = ("loss_sum", "correct", "seen")  # of the epoch so far
 
 
 def checked(convert, test, requirement):
@@ -73,9 +75,8 @@ def device_name(text):
 def run_folder(text):
     path = Path(text)
     if not path.is_dir():
-        raise argparse.ArgumentTypeError(
-            f"run folder '{text}' does not exist; pass a folder under the log dir, e.g. Result/<run-name>"
-        )
+        hint = "pass a folder under the log dir, e.g. Result/<run-name>"
+        raise argparse.ArgumentTypeError(f"run folder '{text}' does not exist; {hint}")
     for name in ("args.json", "last.pt"):
         if not (path / name).is_file():
             raise argparse.ArgumentTypeError(f"'{text}' has no {name}, so it is not a run folder train.py can resume")
@@ -99,61 +100,69 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show every default, except where there is none to show."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, [], False) else super()._get_help_string(action)
+
+
+OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's table says more
+    "data": [
+        ("--data", dict(type=Path, default=Path("Data"), help="folder with train.txt, valid.txt, classes.txt")),
+        ("--cache", dict(choices=("auto", "yes", "no"), default="auto")),
+        ("--workers", dict(type=non_negative_int, default=min(2, os.cpu_count() or 1))),
+    ],
+    "optimisation (the tutorial's SGD with StepLR)": [
+        ("--epochs", dict(type=positive_int, default=20, help="epochs to train in all")),
+        ("--batch-size", dict(type=positive_int, default=16, help="training images per step")),
+        ("--lr", dict(type=positive_float, default=0.01, help="initial learning rate")),
+        ("--momentum", dict(type=non_negative_float, default=0.9, help="SGD momentum")),
+        ("--dampening", dict(type=non_negative_float, default=0.1, help="SGD dampening of the momentum")),
+        ("--weight-decay", dict(type=non_negative_float, default=0.0, help="L2 penalty for every layer")),
+        ("--step-size", dict(type=positive_int, default=15, help="StepLR: epochs between decays")),
+        ("--gamma", dict(type=positive_float, default=0.1, help="StepLR: decay factor")),
+        ("--seed", dict(type=int, default=0, help="seeds the weights and the shuffling")),
+        ("--device", dict(type=device_name, default="auto", help="auto picks CUDA when available")),
+        ("--amp", dict(choices=("off", "bf16", "fp16"), default="off")),
+        ("--layer-lr", dict(action="append", type=key_value(positive_float), default=[], metavar="NAME=FACTOR")),
+        ("--layer-wd", dict(action="append", type=key_value(non_negative_float), default=[], metavar="NAME=VALUE")),
+    ],
+    "logging": [
+        ("--log-dir", dict(type=Path, default=Path("Result"), help="where run folders go")),
+        ("--run-name", dict(help="run folder name under --log-dir (default: the start time)")),
+        ("--hist-every", dict(type=non_negative_int, default=0)),
+        ("--print-every", dict(type=positive_int, default=10, help="iterations between progress lines")),
+        ("--resume", dict(type=run_folder, metavar="RUN_DIR")),
+    ],
+    "diagnosis (see README: The diagnosis)": [
+        ("--stats-every", dict(type=non_negative_int, default=50)),
+        ("--stop-on-nonfinite", dict(action="store_true")),
+        ("--threshold", dict(action="append", type=threshold_override, default=[], metavar="NAME=VALUE")),
+    ],
+}
+HELP = {  # help texts too long for the table
+    "--cache": "decode every image once and keep it in memory as uint8 (auto: when it takes under a quarter of the "
+    "free memory); 'no' decodes each image every epoch, as the tutorial does",
+    "--workers": "DataLoader worker processes without the cache (0 loads in the training process)",
+    "--amp": "mixed precision: autocast to bf16, or to fp16 with a GradScaler (fp16 needs CUDA)",
+    "--layer-lr": "multiply the learning rate of a parameter or module prefix, e.g. conv1=10 (repeatable)",
+    "--layer-wd": "weight decay of a parameter or module prefix, e.g. fc1=5e-4 (repeatable)",
+    "--hist-every": "also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only",
+    "--resume": "continue the run in RUN_DIR from its last checkpoint; options given with it override the saved ones",
+    "--stats-every": "log per-layer statistics every N optimizer steps (into <run>/steps); 0: once per epoch",
+    "--stop-on-nonfinite": "stop at the first NaN or Inf in the loss (checked every step) or the logged gradients",
+    "--threshold": f"change a diagnosis threshold (repeatable); names: {', '.join(Thresholds.names())}",
+}
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Train the tutorial's CNN on an image list, writing weight and gradient histograms of every "
-        "layer to TensorBoard each epoch.",
+        description="Train the tutorial's CNN on an image list, writing weight and gradient histograms of every layer "
+        "to TensorBoard each epoch.",
         epilog="Example: python train.py --epochs 5 && tensorboard --logdir Result",
         formatter_class=HelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=Path("Data"),
-                      help="folder holding train.txt and valid.txt ('path label' per line) and optionally classes.txt")
-    data.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
-                      help="decode every image once and keep it in memory as uint8 (auto: when it takes under a "
-                      "quarter of the free memory); 'no' decodes each image every epoch, as the tutorial does")
-    data.add_argument("--workers", type=non_negative_int, default=min(2, os.cpu_count() or 1),
-                      help="DataLoader worker processes without the cache (0 loads in the training process)")
-    optim = parser.add_argument_group("optimisation (the tutorial's SGD with StepLR)")
-    optim.add_argument("--epochs", type=positive_int, default=20, help="epochs to train in all")
-    optim.add_argument("--batch-size", type=positive_int, default=16, help="training images per step")
-    optim.add_argument("--lr", type=positive_float, default=0.01, help="initial learning rate")
-    optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
-    optim.add_argument("--dampening", type=non_negative_float, default=0.1, help="SGD dampening of the momentum")
-    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="L2 penalty for every layer")
-    optim.add_argument("--step-size", type=positive_int, default=15, help="StepLR: epochs between decays")
-    optim.add_argument("--gamma", type=positive_float, default=0.1, help="StepLR: decay factor")
-    optim.add_argument("--seed", type=int, default=0, help="seeds the weights and the shuffling")
-    optim.add_argument("--device", type=device_name, default="auto", help="auto picks CUDA when available")
-    optim.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
-                       help="mixed precision: autocast to bf16, or to fp16 with a GradScaler (fp16 needs CUDA)")
-    optim.add_argument("--layer-lr", action="append", type=key_value(positive_float), default=[],
-                       metavar="NAME=FACTOR",
-                       help="multiply the learning rate of a parameter or module prefix, e.g. conv1=10 (repeatable)")
-    optim.add_argument("--layer-wd", action="append", type=key_value(non_negative_float), default=[],
-                       metavar="NAME=VALUE",
-                       help="weight decay of a parameter or module prefix, e.g. fc1=5e-4 (repeatable)")
-    logging = parser.add_argument_group("logging")
-    logging.add_argument("--log-dir", type=Path, default=Path("Result"), help="where run folders go")
-    logging.add_argument("--run-name", default=None,
-                         help="run folder name under --log-dir (default: the start time, e.g. 20261126-171500)")
-    logging.add_argument("--hist-every", type=non_negative_int, default=0,
-                         help="also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only")
-    logging.add_argument("--print-every", type=positive_int, default=10, help="iterations between progress lines")
-    logging.add_argument("--resume", type=run_folder, default=None, metavar="RUN_DIR",
-                         help="continue the run in RUN_DIR from its last checkpoint; options given with it override "
-                         "the saved ones (e.g. --epochs)")
-    watch = parser.add_argument_group("diagnosis (see README: The diagnosis)")
-    watch.add_argument("--stats-every", type=non_negative_int, default=20,
-                       help="log per-layer statistics every N optimizer steps; 0: once per epoch")
-    watch.add_argument("--stop-on-nonfinite", action="store_true",
-                       help="stop at the first NaN or Inf in the loss or the logged gradients (checks the loss "
-                       "every step)")
-    watch.add_argument("--threshold", action="append", type=threshold_override, default=[], metavar="NAME=VALUE",
-                       help=f"change a diagnosis threshold (repeatable); names: {', '.join(Thresholds.names())}")
+    for title, options in OPTIONS.items():
+        group = parser.add_argument_group(title)
+        for option, settings in options:
+            group.add_argument(option, **{"help": HELP.get(option), **settings})
     return parser
 
 
@@ -166,8 +175,7 @@ def parse_args(argv=None):
         saved = json.loads((run_dir / "args.json").read_text())
         known = {action.dest for action in parser._actions}
         saved = {key: value for key, value in saved.items() if key in known}
-        for key in ("data", "log_dir"):
-            saved[key] = Path(saved[key])
+        saved["data"], saved["log_dir"] = Path(saved["data"]), Path(saved["log_dir"])
         args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
         args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
     args.thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
@@ -214,6 +222,10 @@ class RunError(Exception):
     """A run folder that cannot be used as asked; the message says what to do instead."""
 
 
+def warn(message):
+    print(message, file=sys.stderr, flush=True)
+
+
 class StopRequest:
     """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks at safe points; a second Ctrl-C stops at once."""
 
@@ -224,8 +236,8 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: stopping after this iteration and saving a checkpoint "
-              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        warn(f"\n{name} received: stopping after this iteration and saving a checkpoint (Ctrl-C again to stop at once)")
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -239,14 +251,14 @@ class StopRequest:
 class Distributed:
     """This process's place in a torchrun job (WORLD_SIZE, RANK and LOCAL_RANK set by torchrun), or rank 0 of 1.
 
-    Every rank runs the same loop on its shard of each epoch; the main process (rank 0) alone prints,
-    writes events and checkpoints. The collectives below are no-ops for a single process.
+    Every rank runs the same loop on its shard of each epoch; the main process (rank 0, is_main_process())
+    alone prints, writes events and checkpoints. The collectives below are no-ops for a single process.
     """
 
     def __init__(self, device_name):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = resolve_device(device_name)
+        self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else None
+        self.device = self.device or torch.device(device_name)
         if self.world_size > 1:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -281,27 +293,6 @@ class Distributed:
             torch.distributed.destroy_process_group()
 
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def rng_state(device):
-    """The random state the augmentation draws from (on the device the crops are drawn on), for a checkpoint."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    # the generators take their state as a CPU tensor; torch.load(map_location=cuda) has moved it to the GPU
-    torch.set_rng_state(state["cpu"].cpu())
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
 def prepare_run_dir(args):
     """Name (a timestamp unless --run-name) and create <log-dir>/<run-name> for a new run; a resumed run has one."""
     if args.resume is not None:
@@ -321,30 +312,22 @@ def class_report(conf_mat):
         return hits / conf_mat.sum(axis=1), hits / conf_mat.sum(axis=0)
 
 
-def percent(value):
-    return "      -" if np.isnan(value) else f"{value:7.2%}"
-
-
 def format_epoch(epoch, epochs):
     return f"Epoch[{epoch + 1:0>3}/{epochs:0>3}]"
 
 
 @dataclass
 class Run:
-    """One training run: what setup() builds, and where the loop stands (saved in every checkpoint)."""
+    """One training run: what setup() builds, and where the loop stands (all of it saved in every checkpoint)."""
 
     args: argparse.Namespace
     dist: Distributed
     run_dir: Path
     classes: list
-    train_loader: Any
-    valid_loader: Any
-    net: nn.Module  # what is logged and saved
-    model: nn.Module  # what trains: net, or its DistributedDataParallel wrapper under torchrun
+    loaders: tuple  # (training batches, validation batches)
+    net: nn.Module  # what is logged and saved; under torchrun `model` wraps it in DistributedDataParallel
     optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    autocast: Any
+    model: nn.Module = None
     monitor: Any = None
     epoch: int = 0  # the epoch running, or to run next
     batches_done: int = 0  # its iterations done
@@ -352,12 +335,18 @@ class Run:
     best_accuracy: float = 0.0
     totals: dict = field(default_factory=dict)  # the epoch's loss sum, correct predictions and images so far
 
+    def __post_init__(self):
+        args, device = self.args, self.dist.device
+        self.model = nn.parallel.DistributedDataParallel(self.net) if self.dist.world_size > 1 else self.net
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.step_size, gamma=args.gamma)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        # entering even a disabled autocast costs about 5% of a small model's step: none without --amp
+        self.autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "off" else nullcontext()
+
     def state(self):
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "batches_done": self.batches_done, "step": self.step, "best_accuracy": self.best_accuracy,
-                "totals": dict(self.totals), "classes": self.classes, "args": saved_args(self.args),
-                "monitor": self.monitor.state_dict(), "rng": rng_state(self.dist.device)}
+        state = {key: getattr(self, key).state_dict() for key in ("optimizer", "scheduler", "scaler", "monitor")}
+        state.update({key: getattr(self, key) for key in PROGRESS}, model=self.net.state_dict(), classes=self.classes)
+        return {**state, "args": saved_args(self.args), "rng": rng_state(self.dist.device)}
 
     def save(self, *names):
         """Write the checkpoint under each name, atomically: a crash mid-save leaves the previous one intact."""
@@ -365,35 +354,49 @@ class Run:
             return
         state = self.state()
         for name in names:
-            tmp = self.run_dir / (name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.run_dir / name)
+            torch.save(state, self.run_dir / (name + ".tmp"))
+            os.replace(self.run_dir / (name + ".tmp"), self.run_dir / name)
 
     def stop(self, why):
         self.save("last.pt")
-        print(f"{why}: checkpoint saved at epoch {self.epoch + 1}, iteration {self.batches_done}. "
-              f"Resume with: python train.py --resume {self.run_dir}", file=sys.stderr)
+        where = f"epoch {self.epoch + 1}, iteration {self.batches_done}"
+        warn(f"{why}: checkpoint saved at {where}. Resume with: python train.py --resume {self.run_dir}")
 
 
 def saved_args(args):
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-            if key != "thresholds"}
+    """The options as args.json holds them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "thresholds"}
+
+
+def rng_state(device):
+    """The random state the augmentation draws from (on the device the crops are drawn on), for a checkpoint."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 def setup(args, dist):
     """Check the data, then build the model, the optimiser and the run folder of a new or resumed run."""
-    device = dist.device
-    if args.amp == "fp16" and device.type != "cuda":
+    if args.amp == "fp16" and dist.device.type != "cuda":
         raise RunError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     start = time.perf_counter()
     mean, std, normalisation = load_normalisation(args.data)
-    train_loader, valid_loader, classes, cached = build_loaders(args.data, args.batch_size, args.seed, device,
-                                                                args.workers, args.cache, mean, std,
-                                                                rank=dist.rank, world_size=dist.world_size)
-    print(f"Checked {train_loader.batch_sampler.size} training and {valid_loader.batch_sampler.size} validation "
-          f"images in {time.perf_counter() - start:.1f}s; "
-          f"{'decoded once, kept in memory' if cached else 'decoded every epoch (no cache)'}")
-    print(f"Normalising with {normalisation}")
+    train_loader, valid_loader, classes, cached = build_loaders(
+        args.data,
+        args.batch_size,
+        args.seed,
+        dist.device,
+        args.workers,
+        args.cache,
+        mean,
+        std,
+        dist.rank,
+        dist.world_size,
+    )
+    images = f"{train_loader.batch_sampler.size} training and {valid_loader.batch_sampler.size} validation images"
+    how = "decoded once, kept in memory" if cached else "decoded every epoch (no cache)"
+    print(f"Checked {images} in {time.perf_counter() - start:.1f}s; {how}\nNormalising with {normalisation}")
     if not (args.data / "classes.txt").is_file():
         print(f"{args.data / 'classes.txt'} not found: naming the {len(classes)} classes 0..{len(classes) - 1}")
     if dist.is_main:
@@ -403,19 +406,13 @@ def setup(args, dist):
     torch.manual_seed(args.seed)
     net = Net(num_classes=len(classes))
     net.initialize_weights()
-    net.to(device)
+    net.to(dist.device)
     try:
         groups = param_groups(net, args.lr, args.weight_decay, args.layer_lr, args.layer_wd)
     except ValueError as err:
         raise RunError(f"--layer-lr/--layer-wd: {err}") from None
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, dampening=args.dampening)
-    # entering even a disabled autocast costs about 5% of a small model's step: use none without --amp
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "off" else nullcontext()
-    # DDP averages the gradients over the ranks during backward
-    model = torch.nn.parallel.DistributedDataParallel(net) if dist.world_size > 1 else net
-    return Run(args, dist, args.log_dir / args.run_name, classes, train_loader, valid_loader, net, model, optimizer,
-               torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma),
-               torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"), autocast)
+    return Run(args, dist, args.log_dir / args.run_name, classes, (train_loader, valid_loader), net, optimizer)
 
 
 def resume(run):
@@ -423,29 +420,29 @@ def resume(run):
     args, device = run.args, run.dist.device
     checkpoint = torch.load(run.run_dir / "last.pt", map_location=device, weights_only=True)
     if checkpoint["classes"] != run.classes:
-        raise RunError(f"{args.data}: its classes differ from the ones {run.run_dir} was trained on; "
-                       f"resume with the same --data")
+        raise RunError(f"{args.data}: its classes differ from those {run.run_dir} was trained on; use the same --data")
     run.net.load_state_dict(checkpoint["model"])
     try:
         run.optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError:
-        raise RunError(f"{run.run_dir}: its optimizer has other parameter groups; resume with the run's own "
-                       f"--layer-lr/--layer-wd settings (see its args.json)") from None
+        own = "resume with the run's own --layer-lr/--layer-wd settings (see its args.json)"
+        raise RunError(f"{run.run_dir}: its optimizer has other parameter groups; {own}") from None
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     saved_lr = checkpoint["args"]["lr"]
     if args.lr != saved_lr:  # --lr given with --resume rescales every group's schedule
         factor = args.lr / saved_lr
         for group in run.optimizer.param_groups:
-            group["lr"] *= factor
-            group["initial_lr"] *= factor
+            group["lr"], group["initial_lr"] = group["lr"] * factor, group["initial_lr"] * factor
         run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
         print(f"Learning rate changed from {saved_lr:g} to {args.lr:g} (StepLR decays apply as before)")
     if checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
     if "rng" in checkpoint:  # the crops go on where they stopped: a resumed run trains as an unbroken one
-        set_rng_state(checkpoint["rng"], device)
-    run.epoch, run.batches_done = checkpoint["epoch"], checkpoint["batches_done"]
-    run.step, run.best_accuracy, run.totals = checkpoint["step"], checkpoint["best_accuracy"], checkpoint["totals"]
+        torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())  # the generators take CPU tensors; map_location moved it
+        if "cuda" in checkpoint["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
+    for key in PROGRESS:
+        setattr(run, key, checkpoint[key])
     return checkpoint.get("monitor")
 
 
@@ -453,62 +450,41 @@ def open_monitor(run, monitor_state):
     """The monitor of the run, continuing from its saved state on resume (the diagnosis compares with the
     epochs before the stop) and rewriting, on each step axis, only what comes after the checkpoint."""
     args, resumed = run.args, run.args.resume is not None
-    monitor = TrainingMonitor(run.run_dir, stats_every=args.stats_every, hist_every=args.hist_every,
-                              thresholds=args.thresholds, purge_epoch=run.epoch if resumed else None,
-                              purge_step=run.step + 1 if resumed else None, start_step=run.step)
+    purge = dict(purge_epoch=run.epoch, purge_step=run.step + 1) if resumed else {}
+    every = dict(stats_every=args.stats_every, hist_every=args.hist_every)
+    monitor = TrainingMonitor(run.run_dir, thresholds=args.thresholds, start_step=run.step, **every, **purge)
     monitor.watch(run.net, run.optimizer)
     if monitor_state:
         monitor.load_state_dict(monitor_state)
-    histogram_steps = args.epochs
-    if args.hist_every:
-        histogram_steps = max(args.epochs, len(run.train_loader) * args.epochs // args.hist_every)
-    if histogram_steps > TENSORBOARD_HISTOGRAM_STEPS:
-        print(f"Note: this run logs {histogram_steps} histogram steps per tag; TensorBoard shows a sample of "
-              f"{TENSORBOARD_HISTOGRAM_STEPS} unless started with: "
-              f"tensorboard --logdir {args.log_dir} --samples_per_plugin histograms=0")
+    steps = max(args.epochs, len(run.loaders[0]) * args.epochs // args.hist_every if args.hist_every else 0)
+    if steps > TENSORBOARD_HISTOGRAM_STEPS:
+        everything = f"tensorboard --logdir {args.log_dir} --samples_per_plugin histograms=0"
+        print(
+            f"Note: this run logs {steps} histogram steps per tag; TensorBoard shows a sample of "
+            f"{TENSORBOARD_HISTOGRAM_STEPS} unless started with: {everything}"
+        )
     return monitor
-
-
-class RunningTotals:
-    """The epoch's loss and accuracy so far. Sums stay on the device between progress lines, where they are read
-    (summed over all ranks) into `totals`."""
-
-    def __init__(self, device, totals):
-        self.totals = totals
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.seen = 0
-
-    def add(self, loss, outputs, labels):
-        self.loss += loss.detach() * labels.size(0)
-        self.correct += (outputs.argmax(dim=1) == labels).sum()
-        self.seen += labels.size(0)
-
-    def read(self, dist):
-        # note: a CPU-GPU sync point, once per progress line
-        loss_sum, correct, seen = dist.sum([self.loss.item(), self.correct.item(), self.seen])
-        self.totals["loss_sum"] += loss_sum
-        self.totals["correct"] += int(correct)
-        self.totals["seen"] += int(seen)
-        self.loss.zero_()
-        self.correct.zero_()
-        self.seen = 0
-        return self.totals
 
 
 def train_one_epoch(run, stop_request):
     """Train run.epoch from its run.batches_done-th iteration on, printing progress. Returns None at the epoch's
     end, or an exit status after a checkpoint when it had to stop early."""
-    args, dist, sampler = run.args, run.dist, run.train_loader.batch_sampler
-    device = dist.device
+    args, dist, loader = run.args, run.dist, run.loaders[0]
     run.net.train()
-    sampler.set_epoch(run.epoch, run.batches_done)
+    loader.batch_sampler.set_epoch(run.epoch, run.batches_done)
     if run.batches_done == 0:
-        run.totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
-    running = RunningTotals(device, run.totals)
+        run.totals = dict.fromkeys(TOTALS, 0.0)
+    window = torch.zeros(3, dtype=torch.float64, device=dist.device)  # TOTALS since the last progress line
+
+    def add_window():
+        # note: a CPU-GPU sync point, once per progress line; sums over all ranks
+        for key, value in zip(TOTALS, dist.sum(window.tolist())):
+            run.totals[key] += value
+        window.zero_()
+
     try:
-        for inputs, labels in run.train_loader:
-            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
             run.optimizer.zero_grad(set_to_none=True)
             with run.autocast:  # forward
                 outputs = run.model(inputs)
@@ -516,24 +492,26 @@ def train_one_epoch(run, stop_request):
             run.scaler.scale(loss).backward()
             run.scaler.step(run.optimizer)  # unscales the gradients first: the monitor sees true values
             run.scaler.update()
-            run.step += 1
-            run.batches_done += 1
+            run.step, run.batches_done = run.step + 1, run.batches_done + 1
             urgent = run.monitor.step()  # statistics and step histograms, when due
             # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
             if args.stop_on_nonfinite and (urgent or not math.isfinite(loss.item())):
                 return stop_on_nonfinite(run, urgent)
-            running.add(loss, outputs, labels)
-            if run.batches_done % args.print_every == 0 or run.batches_done == len(sampler):
-                totals = running.read(dist)
-                print(f"Training: {format_epoch(run.epoch, args.epochs)} "
-                      f"Iteration[{run.batches_done:0>3}/{len(sampler):0>3}] Loss: {totals['loss_sum'] / totals['seen']:.4f} "
-                      f"Acc: {totals['correct'] / totals['seen']:.2%}", flush=True)
-            if dist.any(stop_request.requested) and run.batches_done < len(sampler):
-                running.read(dist)
+            window[0] += loss.detach() * len(labels)
+            window[1] += (outputs.argmax(dim=1) == labels).sum()
+            window[2] += len(labels)
+            if run.batches_done % args.print_every == 0 or run.batches_done == len(loader):
+                add_window()
+                totals = run.totals
+                where = f"{format_epoch(run.epoch, args.epochs)} Iteration[{run.batches_done:0>3}/{len(loader):0>3}]"
+                loss, accuracy = totals["loss_sum"] / totals["seen"], totals["correct"] / totals["seen"]
+                print(f"Training: {where} Loss: {loss:.4f} Acc: {accuracy:.2%}", flush=True)
+            if dist.any(stop_request.requested) and run.batches_done < len(loader):
+                add_window()
                 run.stop("Stopped")
                 return 130
     except ImageReadError:
-        running.read(dist)
+        add_window()
         run.stop("Stopped on a bad image")
         raise
     return None
@@ -541,34 +519,32 @@ def train_one_epoch(run, stop_request):
 
 def stop_on_nonfinite(run, urgent):
     """Save the state at the first non-finite loss or gradient as nonfinite.pt and say what to do; exit status 3."""
-    save_as = run.run_dir / "nonfinite.pt"
-    last_good = (run.run_dir / "last.pt").exists()
+    then = "start again with a smaller --lr"
+    if (run.run_dir / "last.pt").exists():
+        then = f"resume from the last good epoch with: python train.py --resume {run.run_dir} --lr SMALLER"
     run.save("nonfinite.pt")
     what = "gradients in " + ", ".join(urgent[0].parameters) if urgent else "loss"
-    then = (f"resume from the last good epoch with: python train.py --resume {run.run_dir} --lr SMALLER"
-            if last_good else "start again with a smaller --lr")
-    print(f"Stopped: non-finite {what} at step {run.step} (epoch {run.epoch + 1}); the state is in {save_as}. "
-          f"Lower the learning rate or clip gradients: {then}", file=sys.stderr)
+    where = f"at step {run.step} (epoch {run.epoch + 1}); the state is in {run.run_dir / 'nonfinite.pt'}"
+    warn(f"Stopped: non-finite {what} {where}. Lower the learning rate or clip gradients: {then}")
     return 3
 
 
 def validate_and_log(run, lr, images_per_second):
     """Validate, hand the epoch's metrics, confusion matrix and per-class recall to the monitor, and print the
     epoch's summary and new findings. Returns (validation accuracy, confusion matrix, its picture, metrics)."""
-    args, totals = run.args, run.totals
-    conf_mat, accuracy = validate(run.net, run.valid_loader, "valid", run.classes)
+    totals = run.totals
+    conf_mat, accuracy = validate(run.net, run.loaders[1], "valid", run.classes)
     recall, precision = class_report(conf_mat)
-    metrics = {"train/loss": totals["loss_sum"] / totals["seen"], "train/accuracy": totals["correct"] / totals["seen"],
-               "valid/accuracy": accuracy, "train/lr": lr,
-               "train/images_per_second": images_per_second}
+    metrics = {"train/loss": totals["loss_sum"] / totals["seen"], "train/accuracy": totals["correct"] / totals["seen"]}
+    metrics.update({"valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": images_per_second})
     metrics.update({f"valid_recall/{name}": r for name, r in zip(run.classes, recall) if not np.isnan(r)})
     metrics.update({f"valid_precision/{name}": p for name, p in zip(run.classes, precision) if not np.isnan(p)})
     picture = confusion_matrix_image(conf_mat, run.classes, "valid")
-    findings = run.monitor.epoch_end(run.epoch, metrics, {"valid/confusion_matrix": picture}, classes=run.classes,
-                                     recall=[None if np.isnan(r) else float(r) for r in recall])
-    print(f"Summary:  {format_epoch(run.epoch, args.epochs)} train loss {metrics['train/loss']:.4f} "
-          f"acc {metrics['train/accuracy']:.2%} | valid acc {accuracy:.2%} | lr {lr:.3g} | "
-          f"{metrics['train/images_per_second']:,.0f} images/s", flush=True)
+    recall = [None if np.isnan(r) else float(r) for r in recall]
+    findings = run.monitor.epoch_end(run.epoch, metrics, {"valid/confusion_matrix": picture}, run.classes, recall)
+    trained = f"train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2%}"
+    rest = f"valid acc {accuracy:.2%} | lr {lr:.3g} | {images_per_second:,.0f} images/s"
+    print(f"Summary:  {format_epoch(run.epoch, run.args.epochs)} {trained} | {rest}", flush=True)
     for finding in findings:
         print(f"Diagnosis: {finding}", flush=True)
     return accuracy, conf_mat, picture, metrics
@@ -588,12 +564,12 @@ def report(run, conf_mat, picture):
     """The last epoch's per-class results, and where to look."""
     if run.dist.is_main:
         picture.save(run.run_dir / "Confusion_Matrix_valid_last.png")
-    recall, precision = class_report(conf_mat)
     print("Per-class results on the validation set (last epoch):")
-    for name, r, p, n in zip(run.classes, recall, precision, conf_mat.sum(axis=1)):
-        print(f"  class {name:<12} images {n:<6} recall {percent(r)}  precision {percent(p)}")
-    print(f"Finished training: best validation accuracy {run.best_accuracy:.2%}. "
-          f"See it with: tensorboard --logdir {run.args.log_dir}")
+    for name, r, p, n in zip(run.classes, *class_report(conf_mat), conf_mat.sum(axis=1)):
+        recall, precision = ("      -" if np.isnan(v) else f"{v:7.2%}" for v in (r, p))
+        print(f"  class {name:<12} images {n:<6} recall {recall}  precision {precision}")
+    best = f"best validation accuracy {run.best_accuracy:.2%}"
+    print(f"Finished training: {best}. See it with: tensorboard --logdir {run.args.log_dir}")
 
 
 def train(args, dist):
@@ -601,15 +577,16 @@ def train(args, dist):
     run = setup(args, dist)
     monitor_state = resume(run) if args.resume is not None else None
     if run.epoch >= args.epochs:
-        print(f"{run.run_dir} has already trained {run.epoch} epochs; pass --epochs N (N > {run.epoch}) "
-              f"to train it further")
+        print(f"{run.run_dir} has already trained {run.epoch} epochs; pass --epochs N (N > {run.epoch}) to train on")
         return 0
     if args.resume is not None:
         print(f"Resuming {run.run_dir} at epoch {run.epoch + 1}, iteration {run.batches_done + 1}")
     if dist.is_main:
         (run.run_dir / "args.json").write_text(json.dumps(saved_args(args), indent=2) + "\n")
-    print(f"Run folder: {run.run_dir}   device: {dist.device}   classes: {len(run.classes)}   "
-          f"parameters: {sum(p.numel() for p in run.net.parameters()):,}")
+    parameters = sum(p.numel() for p in run.net.parameters())
+    print(
+        f"Run folder: {run.run_dir}   device: {dist.device}   classes: {len(run.classes)}   parameters: {parameters:,}"
+    )
     with open_monitor(run, monitor_state) as run.monitor, StopRequest() as stop_request:
         while run.epoch < args.epochs:
             group = run.optimizer.param_groups[0]  # the base learning rate, as StepLR has decayed it so far
@@ -624,12 +601,11 @@ def train(args, dist):
             checkpoint(run, accuracy, picture)
             if dist.any(stop_request.requested) and run.epoch < args.epochs:
                 run.monitor.flush()
-                print(f"Stopped after epoch {run.epoch}. Resume with: python train.py --resume {run.run_dir}",
-                      file=sys.stderr)
+                warn(f"Stopped after epoch {run.epoch}. Resume with: python train.py --resume {run.run_dir}")
                 return 130
-        final = {"hparam/best_valid_accuracy": run.best_accuracy, "hparam/final_valid_accuracy": accuracy,
-                 "hparam/final_train_loss": metrics["train/loss"]}
-        run.monitor.log_hparams(hyperparameters(args), final, run.epoch - 1)
+        final = {"best_valid_accuracy": run.best_accuracy, "final_valid_accuracy": accuracy}
+        final["final_train_loss"] = metrics["train/loss"]
+        run.monitor.log_hparams(hyperparameters(args), {f"hparam/{k}": v for k, v in final.items()}, run.epoch - 1)
     report(run, conf_mat, picture)
     return 0
 
@@ -649,15 +625,14 @@ def main(argv=None):
     try:
         return train(args, dist)
     except (DataListError, ImageReadError, RunError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        warn(f"error: {one_line(err)}")
         return 1
     except KeyboardInterrupt:
         run_dir = args.log_dir / (args.run_name or "")
         if args.run_name and (run_dir / "last.pt").is_file():
-            print(f"Stopped at once; resume from the last checkpoint with: python train.py --resume {run_dir}",
-                  file=sys.stderr)
+            warn(f"Stopped at once; resume from the last checkpoint with: python train.py --resume {run_dir}")
         else:
-            print("Stopped before the first checkpoint; nothing to resume", file=sys.stderr)
+            warn("Stopped before the first checkpoint; nothing to resume")
         return 130
     finally:
         dist.close()

@@ -11,6 +11,7 @@
 A list file holds one "path label" line per image. A path may contain spaces (the
 label is the last word); a relative path is relative to the list file's folder.
 """
+
 import os
 from pathlib import Path
 
@@ -40,8 +41,8 @@ def read_image_list(txt_path, num_classes=None):
     """
     txt_path = Path(txt_path)
     if not txt_path.is_file():
-        raise DataListError(f"{txt_path}: list file not found; it should hold one 'path label' line per image "
-                            f"(python prepare_data.py makes one from CIFAR-10 or a folder of images)")
+        how = "it should hold one 'path label' line per image (python prepare_data.py makes one)"
+        raise DataListError(f"{txt_path}: list file not found; {how}")
     root = txt_path.resolve().parent
     samples = []
     with open(txt_path, encoding="utf-8") as fh:
@@ -57,13 +58,12 @@ def read_image_list(txt_path, num_classes=None):
             try:
                 label = int(label_text)
             except ValueError:
-                raise DataListError(f"{where}: label '{label_text}' is not an integer; "
-                                    f"write 'path label' with an integer label") from None
+                raise DataListError(f"{where}: label '{label_text}' is not an integer; write 'path label'") from None
             if label < 0:
                 raise DataListError(f"{where}: label {label} is negative; labels run from 0 to N-1 for N classes")
             if num_classes is not None and label >= num_classes:
-                raise DataListError(f"{where}: label {label} is out of range ({num_classes} classes); "
-                                    f"use 0 to {num_classes - 1} or add the class to classes.txt")
+                fix = f"use 0 to {num_classes - 1} or add the class to classes.txt"
+                raise DataListError(f"{where}: label {label} is out of range ({num_classes} classes); {fix}")
             samples.append((str(root / name), label, where))
     if not samples:
         raise DataListError(f"{txt_path}: the list is empty; add one 'path label' line per image")
@@ -76,8 +76,8 @@ def load_image(path):
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError) as err:
-        raise ImageReadError(f"{path}: cannot read image ({err}); replace the file or remove it from the list, "
-                             f"then resume the run") from None
+        fix = "replace the file or remove it from the list, then resume the run"
+        raise ImageReadError(f"{path}: cannot read image ({err}); {fix}") from None
 
 
 class MyDataset(Dataset):
@@ -142,7 +142,7 @@ class Net(nn.Module):
 def validate(net, data_loader, set_name, classes_name):
     """Return (confusion matrix, accuracy): conf_mat[true, predicted] counts, accuracy in [0, 1].
 
-    `set_name` is kept for the tutorial's signature; printing is the caller's business. The network's train/eval mode is restored afterwards.
+    `set_name` is kept for the tutorial's signature. The network's train/eval mode is restored afterwards.
     """
     was_training = net.training
     net.eval()
@@ -150,8 +150,7 @@ def validate(net, data_loader, set_name, classes_name):
     n = len(classes_name)
     conf_mat = torch.zeros(n * n, dtype=torch.int64, device=device)
     for images, labels in data_loader:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         predicted = net(images).argmax(dim=1)
         conf_mat += torch.bincount(labels * n + predicted, minlength=n * n)
     net.train(was_training)

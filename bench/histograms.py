@@ -1,14 +1,24 @@
-"""Time one full weight-and-gradient histogram log of a ResNet-50: the monitor against the tutorial's loop.
+"""Time one full weight-and-gradient histogram log: the tutorial's loop, per-tensor torch.histc, and the monitor.
 
-    python bench/histograms.py            # 9 repeats each after one warm-up round, CPU
-    python bench/histograms.py --repeats 9 --device cuda
+    python bench/histograms.py                          # ResNet-50 and a 162M-parameter transformer, CPU
+    python bench/histograms.py --device cuda            # the same on a GPU
+    python bench/histograms.py --models resnet50 --repeats 9
 
-Both write every parameter's <name>_data and <name>_grad histogram once per repeat into their own
-event folder (a temporary one), taking turns; the script prints the median time of a full log, the
-ratio of the medians with the range of the repeats' own ratios, and the event-file bytes per histogram.
+Every variant writes each parameter's <name>_data and <name>_grad histogram once per repeat into its own
+event folder (a temporary one) and flushes it, so writing is timed too. The variants take turns after the
+same backward pass, so that a slower spell of the machine hits all of them alike; a first round warms up
+and is not counted. Printed per model: the median milliseconds of a full log, for the monitor split into
+computing the histograms and writing them; the ratios of the medians; event bytes per histogram.
+
+- tutorial: `writer.add_histogram(name + '_grad', layer.grad.cpu().data.numpy(), epoch)`, as Chapter 4.4;
+- histc: what peers such as wandb.watch do, per tensor on its device: min and max (read by the host),
+  `torch.histc` with 64 bins, sums, then `add_histogram_raw`;
+- monitor: `TrainingMonitor.log_parameters` (compute_histograms, then one event for all histograms).
 """
+
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,72 +27,123 @@ import torch
 import torchvision
 from tensorboardX import SummaryWriter
 
-import sys
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gradwatch import TrainingMonitor  # noqa: E402
+from gradwatch import TrainingMonitor, compute_histograms
+from gradwatch.stats import parameter_tensors
+
+
+def transformer(vocabulary=50257, width=768, layers=12):
+    """A GPT-2-small-sized encoder with its own output layer: 162M parameters."""
+    layer = torch.nn.TransformerEncoderLayer(width, width // 64, 4 * width, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    return torch.nn.Sequential(torch.nn.Embedding(vocabulary, width), encoder, torch.nn.Linear(width, vocabulary))
+
+
+MODELS = {  # name: (model, one batch of its input)
+    "resnet50": (lambda: torchvision.models.resnet50(weights=None), lambda d: torch.randn(8, 3, 224, 224, device=d)),
+    "transformer": (transformer, lambda d: torch.randint(0, 50257, (2, 64), device=d)),
+}
 
 
 def tutorial_log(writer, model, step):
     for name, layer in model.named_parameters():
-        writer.add_histogram(name + '_grad', layer.grad.cpu().data.numpy(), step)
-        writer.add_histogram(name + '_data', layer.cpu().data.numpy(), step)
+        writer.add_histogram(name + "_grad", layer.grad.cpu().data.numpy(), step)
+        writer.add_histogram(name + "_data", layer.cpu().data.numpy(), step)
 
 
-def backward(model, device):
-    model(torch.randn(8, 3, 224, 224, device=device)).logsumexp(1).sum().backward()
+def histc_log(writer, model, step, bins=64):
+    for tag, tensor in parameter_tensors(model).items():
+        x = tensor.detach().reshape(-1).float()
+        if not torch.isfinite(x).all():
+            x = x[torch.isfinite(x)]
+        lo, hi = torch.aminmax(x)
+        lo, hi = lo.item(), hi.item()  # note: a host sync per tensor
+        counts = torch.histc(x, bins, lo, hi).cpu().tolist()
+        limits = torch.linspace(lo, hi, bins + 1)[1:].tolist()
+        writer.add_histogram_raw(tag, lo, hi, x.numel(), x.sum().item(), x.dot(x).item(), limits, counts, step)
 
 
-def timed(log, step, device):
+def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    log(step)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def event_bytes(folder):
     return sum(f.stat().st_size for f in Path(folder).rglob("events.out.tfevents.*"))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-
+def bench(name, device, repeats, tmp):
+    make_model, make_input = MODELS[name]
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).to(device)
-    backward(model, device)
+    model = make_model().to(device)
     params = sum(p.numel() for p in model.parameters())
     histograms = 2 * len(list(model.parameters()))
-    print(f"ResNet-50: {params / 1e6:.1f}M parameters, {histograms} histograms per log, device {device}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(f"\n{name}: {params / 1e6:.1f}M parameters, {histograms} histograms per log", flush=True)
+    with (
+        SummaryWriter(f"{tmp}/{name}-tutorial") as tutorial,
+        SummaryWriter(f"{tmp}/{name}-histc") as histc,
+        TrainingMonitor(f"{tmp}/{name}-monitor") as monitor,
+    ):
+        times = {"tutorial": [], "histc": [], "monitor": [], "monitor: compute": [], "monitor: write": []}
 
+        def monitor_log(step):
+            start = time.perf_counter()
+            computed = compute_histograms(parameter_tensors(model), monitor.bins)
+            synchronize(device)
+            computing = time.perf_counter() - start
+            monitor.log_histograms(computed, step)
+            monitor.flush()
+            return computing
+
+        logs = {
+            "tutorial": lambda step: (tutorial_log(tutorial, model, step), tutorial.flush()),
+            "histc": lambda step: (histc_log(histc, model, step), histc.flush()),
+            "monitor": monitor_log,
+        }
+        for step in range(repeats + 1):
+            for variant, log in logs.items():
+                model.zero_grad(set_to_none=True)
+                model(make_input(device)).float().logsumexp(-1).sum().backward()
+                synchronize(device)
+                start = time.perf_counter()
+                computing = log(step)
+                synchronize(device)
+                if step:  # the first round warms up (first allocations, lazy set-up)
+                    times[variant].append(time.perf_counter() - start)
+                    if variant == "monitor":
+                        times["monitor: compute"].append(computing)
+                        times["monitor: write"].append(times["monitor"][-1] - computing)
+    medians = {variant: statistics.median(values) for variant, values in times.items()}
+    sizes = {
+        v: event_bytes(f"{tmp}/{name}-{v}") / (histograms * (repeats + 1)) for v in ("tutorial", "histc", "monitor")
+    }
+    print(f"{'variant':20}{'ms per log':>12}{'bytes per histogram':>22}")
+    for variant, median in medians.items():
+        size = f"{sizes[variant]:,.0f}" if variant in sizes else ""
+        print(f"{variant:20}{median * 1e3:>12.1f}{size:>22}")
+    print(
+        f"monitor: {medians['tutorial'] / medians['monitor']:.1f}x faster than the tutorial's loop, "
+        f"{medians['histc'] / medians['monitor']:.1f}x faster than per-tensor histc",
+        flush=True,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round (default 3)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--models", default="resnet50,transformer", help="comma-separated: resnet50, transformer")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    names = args.models.split(",")
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        sys.exit(f"error: unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {args.repeats} repeats")
     with tempfile.TemporaryDirectory() as tmp:
-        times = {"tutorial": [], "monitor": []}
-        with SummaryWriter(f"{tmp}/tutorial") as writer, TrainingMonitor(f"{tmp}/monitor") as monitor:
-            # each log ends with a flush, so its event writing is timed too and never spills into the other's turn
-            logs = {"tutorial": lambda step: (tutorial_log(writer, model, step), writer.flush()),
-                    "monitor": lambda step: (monitor.log_parameters(model, step), monitor.writer.flush())}
-            for step in range(args.repeats + 1):  # interleaved, so that both see the same machine
-                for name, log in logs.items():
-                    backward(model, device)  # as in training, each log follows a backward pass
-                    seconds = timed(log, step, device)
-                    if step:  # the first round warms up (first allocations, lazy set-up) and is not counted
-                        times[name].append(seconds)
-        tutorial, ours = (statistics.median(times[name]) for name in ("tutorial", "monitor"))
-        sizes = {name: event_bytes(f"{tmp}/{name}") / (histograms * (args.repeats + 1)) for name in ("tutorial", "monitor")}
-
-    print(f"{'':28}{'median s / log':>16}{'bytes / histogram':>20}")
-    print(f"{'tutorial add_histogram loop':28}{tutorial:>16.3f}{sizes['tutorial']:>20,.0f}")
-    print(f"{'TrainingMonitor':28}{ours:>16.3f}{sizes['monitor']:>20,.0f}")
-    paired = sorted(t / m for t, m in zip(times["tutorial"], times["monitor"]))  # each repeat's own ratio
-    print(f"speed-up: {tutorial / ours:.1f}x (repeat by repeat: {paired[0]:.1f}x to {paired[-1]:.1f}x)   "
-          f"size ratio: {sizes['tutorial'] / sizes['monitor']:.1f}x")
+        for name in names:
+            bench(name, device, args.repeats, tmp)
 
 
 if __name__ == "__main__":

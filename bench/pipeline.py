@@ -10,6 +10,7 @@ three alike):
 - train.py as users run it (its cache, its monitor at the defaults), images/s from its summary line;
 - the compute ceiling: the same step on batches already in memory as tensors.
 """
+
 import argparse
 import contextlib
 import os
@@ -63,6 +64,7 @@ def model_step(device):
         optimizer.zero_grad()
         criterion(net(inputs), labels).backward()
         optimizer.step()
+
     return step
 
 
@@ -78,17 +80,37 @@ def timed_epoch(step, batches, images, device):
 def train_py_epoch(data_dir, log_dir, round_, device):
     """One train.py run of 2 epochs; the second epoch's images/s as its summary line reports it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        train.main(["--data", str(data_dir), "--log-dir", str(log_dir), "--run-name", str(round_), "--epochs", "2",
-                    "--batch-size", str(BATCH), "--lr", "0.001", "--print-every", "100000", "--device", str(device)])
+        train.main(
+            [
+                "--data",
+                str(data_dir),
+                "--log-dir",
+                str(log_dir),
+                "--run-name",
+                str(round_),
+                "--epochs",
+                "2",
+                "--batch-size",
+                str(BATCH),
+                "--lr",
+                "0.001",
+                "--print-every",
+                "100000",
+                "--device",
+                str(device),
+            ]
+        )
     events = EventAccumulator(str(Path(log_dir) / str(round_)))
     events.Reload()
     return events.Scalars("train/images_per_second")[-1].value
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of one epoch per variant")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU row")
@@ -96,16 +118,28 @@ def main():
     device = torch.device(args.device)
     normalize = transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)
     generator = torch.Generator().manual_seed(0)
-    in_memory = [(torch.randn(BATCH, 3, 32, 32, generator=generator).to(device),
-                  torch.randint(0, 10, (BATCH,), generator=generator).to(device)) for _ in range(args.images // BATCH)]
+    in_memory = [
+        (
+            torch.randn(BATCH, 3, 32, 32, generator=generator).to(device),
+            torch.randint(0, 10, (BATCH,), generator=generator).to(device),
+        )
+        for _ in range(args.images // BATCH)
+    ]
     ceiling_step, tutorial_step = model_step(device), model_step(device)
-    names = ["compute ceiling (tensors in memory)", "tutorial loop (PIL per image, no workers)",
-             "train.py (cache + monitor defaults)"]
+    names = [
+        "compute ceiling (tensors in memory)",
+        "tutorial loop (PIL per image, no workers)",
+        "train.py (cache + monitor defaults)",
+    ]
     rates = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_images(Path(tmp) / "data", args.images)
-        dataset = MyDataset(txt_path=data_dir / "train.txt", transform=transforms.Compose([
-            transforms.Resize(32), transforms.RandomCrop(32, padding=4), transforms.ToTensor(), normalize]))
+        dataset = MyDataset(
+            txt_path=data_dir / "train.txt",
+            transform=transforms.Compose(
+                [transforms.Resize(32), transforms.RandomCrop(32, padding=4), transforms.ToTensor(), normalize]
+            ),
+        )
         tutorial_loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
         for round_ in range(args.rounds):
             rates[names[0]].append(timed_epoch(ceiling_step, in_memory, len(in_memory) * BATCH, device))
@@ -113,8 +147,10 @@ def main():
             rates[names[2]].append(train_py_epoch(data_dir, Path(tmp) / "runs", round_, device))
     results = {name: statistics.median(values) for name, values in rates.items()}
     top = results["compute ceiling (tensors in memory)"]
-    print(f"batch {BATCH}, {args.images} images, {torch.get_num_threads()} threads, device {device}, "
-          f"medians of {args.rounds} rounds")
+    print(
+        f"batch {BATCH}, {args.images} images, {torch.get_num_threads()} threads, device {device}, "
+        f"medians of {args.rounds} rounds"
+    )
     print(f"{'':44}{'images/s':>10}{'of ceiling':>12}")
     for name, rate in results.items():
         print(f"{name:44}{rate:>10,.0f}{rate / top:>12.0%}   (rounds: {', '.join(f'{r:,.0f}' for r in rates[name])})")

@@ -5,6 +5,7 @@
 The archive has the official layout and size but random pixels (this machine cannot download the real
 one); random 32x32 PNGs compress worse than photographs, so the real archive converts a little faster.
 """
+
 import statistics
 import sys
 import tempfile
@@ -13,8 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-import prepare_data  # noqa: E402
 from conftest import make_cifar_archive  # noqa: E402
+
+import prepare_data  # noqa: E402
 
 
 def main():
@@ -27,8 +29,10 @@ def main():
             start = time.perf_counter()
             assert prepare_data.main(["cifar10", "--archive", str(archive), "--out", f"{tmp}/out{run}"]) == 0
             times.append(time.perf_counter() - start)
-        print(f"convert 60,000 images: {', '.join(f'{t:.1f} s' for t in times)} "
-              f"(median {statistics.median(times):.1f} s, {60_000 / statistics.median(times):,.0f} images/s)")
+        print(
+            f"convert 60,000 images: {', '.join(f'{t:.1f} s' for t in times)} "
+            f"(median {statistics.median(times):.1f} s, {60_000 / statistics.median(times):,.0f} images/s)"
+        )
         start = time.perf_counter()
         assert prepare_data.main(["stats", f"{tmp}/out0"]) == 0
         print(f"stats over the 50,000 training images: {time.perf_counter() - start:.1f} s")

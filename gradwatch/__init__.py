@@ -18,16 +18,3 @@ from .pictures import confusion_matrix_image, gradient_flow_image
 from .stats import gradient_flow, parameter_statistics
 
 __version__ = "0.1.0"
-__all__ = [
-    "Finding",
-    "Histogram",
-    "Thresholds",
-    "TrainingMonitor",
-    "compute_histograms",
-    "confusion_matrix_image",
-    "diagnose",
-    "gradient_flow",
-    "gradient_flow_image",
-    "is_main_process",
-    "parameter_statistics",
-]

@@ -10,6 +10,7 @@ Per-layer statistics come from the stored histograms (min, max, count, sum of sq
 rules that need only those run on them: vanishing gradients, non-finite values,
 exploding gradients and weights growing, one epoch summary per logged step.
 """
+
 import argparse
 import json
 import math
@@ -26,20 +27,12 @@ def classify(tag):
     """('weight' | 'grad', parameter name) for a recognised tag, else None."""
     for suffix, kind in (("_data", "weight"), ("_grad", "grad")):
         if tag.endswith(suffix):
-            return kind, tag[:-len(suffix)]
+            return kind, tag[: -len(suffix)]
     for prefixes, kind in ((WEIGHT_PREFIXES, "weight"), (GRADIENT_PREFIXES, "grad")):
         for prefix in prefixes:
             if tag.lower().startswith(prefix):
-                return kind, tag[len(prefix):]
+                return kind, tag[len(prefix) :]
     return None
-
-
-def histogram_statistics(histogram):
-    """Layer statistics recoverable from one stored histogram."""
-    num = histogram.num
-    norm = math.sqrt(histogram.sum_squares) if histogram.sum_squares >= 0 else math.nan
-    return {"num": num, "norm": norm, "rms": norm / math.sqrt(num) if num else math.nan,
-            "max_abs": max(abs(histogram.min), abs(histogram.max)) if num else math.nan}
 
 
 def summaries(events):
@@ -51,19 +44,19 @@ def summaries(events):
             continue
         kind, name = recognised
         for event in events.Histograms(tag):
-            stats = histogram_statistics(event.histogram_value)
+            h = event.histogram_value  # its norm from the sum of squares, max |w| from min and max
+            norm = math.sqrt(h.sum_squares) if h.sum_squares >= 0 else math.nan
             layer = by_step.setdefault(event.step, {}).setdefault(name, {})
             if kind == "weight":
-                layer.update(weight_norm=stats["norm"], max_abs_weight=stats["max_abs"])
+                layer.update(weight_norm=norm, max_abs_weight=max(abs(h.min), abs(h.max)) if h.num else math.nan)
             else:
-                layer.update(grad_rms=stats["rms"], grad_norm=stats["norm"],
-                             nonfinite_share=0.0 if math.isfinite(stats["norm"]) else 1.0)
+                rms = norm / math.sqrt(h.num) if h.num else math.nan
+                layer.update(grad_rms=rms, grad_norm=norm, nonfinite_share=0.0 if math.isfinite(norm) else 1.0)
     history = []
-    for step in sorted(by_step):
-        layers = by_step[step]
+    for step, layers in sorted(by_step.items()):
         total = math.sqrt(sum(layer.get("grad_norm", 0.0) ** 2 for layer in layers.values()))
-        history.append({"epoch": step, "step": step, "layers": layers,
-                        "total_grad_norm_max": total, "total_grad_norm_median": total})
+        history.append({"epoch": step, "step": step, "layers": layers})
+        history[-1].update(total_grad_norm_max=total, total_grad_norm_median=total)
     return history
 
 
@@ -71,6 +64,7 @@ def diagnose_run(run_dir, thresholds):
     """(findings, message): the rules applied at every logged step of one run folder; findings is None
     when nothing could be examined, and the message says why."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
     events.Reload()
     try:
@@ -116,12 +110,15 @@ def main(argv=None):
 
 
 def _main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[1])
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("path", type=Path, help="a run folder or a folder of runs")
     parser.add_argument("--json", action="store_true", help="print {run: [findings]} as JSON")
-    parser.add_argument("--threshold", action="append", type=threshold_override, default=[], metavar="NAME=VALUE",
-                        help=f"change a threshold (repeatable); names: {', '.join(Thresholds.names())}")
+    names = ", ".join(Thresholds.names())
+    about = f"change a threshold (repeatable); names: {names}"
+    parser.add_argument(
+        "--threshold", action="append", type=threshold_override, default=[], metavar="NAME=VALUE", help=about
+    )
     args = parser.parse_args(argv)
     thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
     if not args.path.exists():
@@ -151,4 +148,3 @@ def _main(argv):
     if args.json:
         print(json.dumps({name: [f.to_json() for f in findings] for name, findings in report.items()}, indent=2))
     return 0
-

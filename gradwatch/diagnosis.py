@@ -12,6 +12,9 @@ An epoch summary is a dict:
      "total_grad_norm_median": float}                 # median of the same logs
 Missing keys are allowed: a rule skips what it cannot see.
 """
+
+from __future__ import annotations
+
 import argparse
 import math
 import statistics
@@ -90,59 +93,69 @@ class Finding:
         return f"[{self.rule}] epoch {self.epoch + 1}, step {self.step}: {self.message} Try: {self.suggestion}"
 
 
-def _weight_layers(layers):
-    """Names of the multi-element weight tensors in model order (biases and norms' gains tell less)."""
-    return [name for name, s in layers.items() if name.endswith("weight") and "grad_rms" in s]
+SUGGESTIONS = {  # what to try, per rule; {name} is the first parameter concerned
+    "vanishing_gradients": "residual connections or normalisation layers, an auxiliary loss near the early layers, "
+    "or a larger learning rate for them (--layer-lr NAME=FACTOR); check for saturating activations or dead ReLUs.",
+    "nonfinite_gradients": "lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), check the data "
+    "and the loss for invalid values; --stop-on-nonfinite stops the run at the first occurrence.",
+    "exploding_gradients": "lower the learning rate or clip gradients (torch.nn.utils.clip_grad_norm_).",
+    "weights_growing": "weight decay for this layer (--layer-wd {name}=5e-4), or a lower learning rate.",
+    "not_learning": "a larger learning rate for these layers (--layer-lr NAME=FACTOR), less weight decay, or check "
+    "that they receive gradients.",
+    "moving_too_fast": "a lower learning rate for these layers (--layer-lr NAME=0.1) or for the whole model.",
+    "output_bias_skew": "check that class's share of the training data (rebalance or weight the loss), or "
+    "re-initialise the output bias.",
+}
 
 
-def _finite(value):
+def _finding(rule: str, parameters: list[str], summary: dict, evidence: dict, message: str) -> Finding:
+    suggestion = SUGGESTIONS[rule].format(name=parameters[0])
+    return Finding(rule, parameters, summary["epoch"], summary["step"], evidence, message, suggestion)
+
+
+def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def vanishing_gradients(history, t):
+def vanishing_gradients(history: list[dict], t: Thresholds) -> list[Finding]:
     now = history[-1]
     layers = now.get("layers", {})
-    names = [n for n in _weight_layers(layers) if _finite(layers[n]["grad_rms"])]
-    if len(names) < 2:
+    # weight tensors in model order (biases and norms' gains tell less)
+    rms = {n: s["grad_rms"] for n, s in layers.items() if n.endswith("weight") and _finite(s.get("grad_rms"))}
+    if len(rms) < 2:
         return []
-    first, last = names[0], names[-1]
-    rms = {n: layers[n]["grad_rms"] for n in names}
+    first, last = list(rms)[0], list(rms)[-1]
     findings = []
     if rms[last] > 0 and rms[first] < t.vanishing_ratio * rms[last]:
-        early = [n for n in names[:-1] if rms[n] < t.vanishing_ratio * rms[last]]
-        findings.append(Finding(
-            "vanishing_gradients", early, now["epoch"], now["step"],
-            {"grad_rms": {n: rms[n] for n in early + [last]}, "ratio_first_to_last": rms[first] / rms[last],
-             "threshold": t.vanishing_ratio},
-            f"gradients of {', '.join(early)} are {rms[last] / rms[first]:.0f}x smaller (RMS {rms[first]:.2g}) than "
-            f"those of the last layer {last} (RMS {rms[last]:.2g}).",
-            "residual connections or normalisation layers, an auxiliary loss near the early layers, or a larger "
-            "learning rate for them (--layer-lr NAME=FACTOR)."))
-    floor = [n for n in names if rms[n] < t.vanishing_floor and n not in (findings[0].parameters if findings else [])]
+        early = [n for n in list(rms)[:-1] if rms[n] < t.vanishing_ratio * rms[last]]
+        evidence = {"grad_rms": {n: rms[n] for n in early + [last]}, "ratio_first_to_last": rms[first] / rms[last]}
+        smaller = f"{rms[last] / rms[first]:.0f}x smaller than" if rms[first] > 0 else "zero, against"
+        message = f"gradients of {', '.join(early)} are {smaller} those of the last layer {last} "
+        message += f"(RMS {rms[first]:.2g} against {rms[last]:.2g})."
+        findings.append(
+            _finding("vanishing_gradients", early, now, {**evidence, "threshold": t.vanishing_ratio}, message)
+        )
+    done = findings[0].parameters if findings else []
+    floor = [n for n in rms if rms[n] < t.vanishing_floor and n not in done]
     if floor:
-        findings.append(Finding(
-            "vanishing_gradients", floor, now["epoch"], now["step"],
-            {"grad_rms": {n: rms[n] for n in floor}, "floor": t.vanishing_floor},
-            f"gradients of {', '.join(floor)} have an RMS below {t.vanishing_floor:g}: these layers barely learn.",
-            "check for saturating activations (sigmoid, tanh) or dead ReLUs; residual connections or a larger "
-            "learning rate for these layers (--layer-lr NAME=FACTOR)."))
+        evidence = {"grad_rms": {n: rms[n] for n in floor}, "floor": t.vanishing_floor}
+        message = f"gradients of {', '.join(floor)} have an RMS below {t.vanishing_floor:g}: these layers barely learn."
+        findings.append(_finding("vanishing_gradients", floor, now, evidence, message))
     return findings
 
 
-def nonfinite_values(history, t):
+def nonfinite_values(history: list[dict], t: Thresholds) -> list[Finding]:
     now = history[-1]
     bad = {n: s["nonfinite_share"] for n, s in now.get("layers", {}).items() if s.get("nonfinite_share", 0) > 0}
     if not bad:
         return []
-    return [Finding(
-        "nonfinite_gradients", sorted(bad), now["epoch"], now["step"], {"nonfinite_share": bad},
-        f"NaN or Inf values in the gradients of {', '.join(sorted(bad))} "
-        f"(up to {max(bad.values()):.1%} of a tensor).",
-        "lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), check the data and the loss "
-        "for invalid values; --stop-on-nonfinite stops the run at the first occurrence.")]
+    message = (
+        f"NaN or Inf values in the gradients of {', '.join(sorted(bad))} (up to {max(bad.values()):.1%} of a tensor)."
+    )
+    return [_finding("nonfinite_gradients", sorted(bad), now, {"nonfinite_share": bad}, message)]
 
 
-def exploding_gradients(history, t):
+def exploding_gradients(history: list[dict], t: Thresholds) -> list[Finding]:
     now = history[-1]
     before = [h["total_grad_norm_median"] for h in history[:-1] if _finite(h.get("total_grad_norm_median"))]
     peak = now.get("total_grad_norm_max")
@@ -151,20 +164,16 @@ def exploding_gradients(history, t):
     baseline = statistics.median(before)
     if baseline <= 0 or peak < t.exploding_factor * baseline:
         return []
-    return [Finding(
-        "exploding_gradients", ["total"], now["epoch"], now["step"],
-        {"total_grad_norm_max": peak, "median_before": baseline, "factor": peak / baseline,
-         "threshold": t.exploding_factor},
-        f"the total gradient norm reached {peak:.3g}, {peak / baseline:.0f}x its median of {baseline:.3g} "
-        f"in the epochs before.",
-        "lower the learning rate or clip gradients (torch.nn.utils.clip_grad_norm_).")]
+    evidence = {"total_grad_norm_max": peak, "median_before": baseline, "factor": peak / baseline}
+    message = f"the total gradient norm reached {peak:.3g}, {peak / baseline:.0f}x its median of {baseline:.3g} in the "
+    message += "epochs before."
+    return [_finding("exploding_gradients", ["total"], now, {**evidence, "threshold": t.exploding_factor}, message)]
 
 
-def weights_growing(history, t):
+def weights_growing(history: list[dict], t: Thresholds) -> list[Finding]:
     if len(history) <= t.weight_window:
         return []
-    now, window_start = history[-1], history[-1 - t.weight_window]
-    start = history[0]
+    now, start, window_start = history[-1], history[0], history[-1 - t.weight_window]
     findings = []
     for name, s in now.get("layers", {}).items():
         first = start.get("layers", {}).get(name, {}).get("max_abs_weight")
@@ -173,70 +182,79 @@ def weights_growing(history, t):
         if not all(map(_finite, (first, earlier, value))) or first <= 0:
             continue
         if value > t.weight_max_abs and value >= t.weight_growth * first and value > earlier:
-            findings.append(Finding(
-                "weights_growing", [name], now["epoch"], now["step"],
-                {"max_abs_weight": value, "after_first_epoch": first, f"{t.weight_window}_epochs_before": earlier,
-                 "weight_norm": s.get("weight_norm")},
-                f"{name}: max |w| grew from {first:.3g} after the first epoch to {value:.3g} and is still growing.",
-                f"weight decay for this layer (--layer-wd {name}=5e-4), or a lower learning rate."))
+            evidence = {
+                "max_abs_weight": value,
+                "after_first_epoch": first,
+                f"{t.weight_window}_epochs_before": earlier,
+            }
+            message = (
+                f"{name}: max |w| grew from {first:.3g} after the first epoch to {value:.3g} and is still growing."
+            )
+            findings.append(
+                _finding("weights_growing", [name], now, {**evidence, "weight_norm": s.get("weight_norm")}, message)
+            )
     return findings
 
 
-def update_ratio(history, t):
+def update_ratio(history: list[dict], t: Thresholds) -> list[Finding]:
     now = history[-1]
-    slow, fast = {}, {}
+    ratios = {}
     for name, s in now.get("layers", {}).items():
-        ratio = s.get("update_ratio")
         # weights only: a bias that starts at zero moves by a large fraction of its size early on, harmlessly
-        if not name.endswith("weight") or not _finite(ratio) or s.get("weight_norm", 0) <= 0:
-            continue
-        if ratio < t.update_slow:
-            slow[name] = ratio
-        elif ratio > t.update_fast:
-            fast[name] = ratio
+        if name.endswith("weight") and _finite(s.get("update_ratio")) and s.get("weight_norm", 0) > 0:
+            ratios[name] = s["update_ratio"]
     findings = []
-    if slow:
-        findings.append(Finding(
-            "not_learning", sorted(slow), now["epoch"], now["step"], {"update_ratio": slow, "threshold": t.update_slow},
-            f"{', '.join(sorted(slow))} change by less than {t.update_slow:g} of their size per step "
-            f"(median ||dw||/||w||: {min(slow.values()):.2g}).",
-            "a larger learning rate for these layers (--layer-lr NAME=FACTOR), less weight decay, or check that "
-            "they receive gradients."))
-    if fast:
-        findings.append(Finding(
-            "moving_too_fast", sorted(fast), now["epoch"], now["step"], {"update_ratio": fast, "threshold": t.update_fast},
-            f"{', '.join(sorted(fast))} change by more than {t.update_fast:g} of their size per step "
-            f"(median ||dw||/||w||: {max(fast.values()):.2g}).",
-            "a lower learning rate for these layers (--layer-lr NAME=0.1) or for the whole model."))
+    for rule, threshold, outside, most, comparison in (
+        ("not_learning", t.update_slow, lambda r: r < t.update_slow, min, "less"),
+        ("moving_too_fast", t.update_fast, lambda r: r > t.update_fast, max, "more"),
+    ):
+        found = {name: r for name, r in sorted(ratios.items()) if outside(r)}
+        if found:
+            message = f"{', '.join(found)} change by {comparison} than {threshold:g} of their size per step "
+            message += f"(median ||dw||/||w||: {most(found.values()):.2g})."
+            findings.append(_finding(rule, list(found), now, {"update_ratio": found, "threshold": threshold}, message))
     return findings
 
 
-def output_bias_skew(epoch, step, bias_name, bias, classes, recall, t):
+def output_bias_skew(
+    epoch: int,
+    step: int,
+    bias_name: str | None,
+    bias: list[float] | None,
+    classes: list,
+    recall: list | None,
+    t: Thresholds,
+) -> list[Finding]:
     """Classes whose output-layer bias is an outlier among the classes, beside their validation recall."""
     if bias is None or len(bias) < 3:
         return []
     centre = statistics.median(bias)
     spread = 1.4826 * statistics.median(abs(b - centre) for b in bias)
-    outliers = {}
+    findings = []
     for i, b in enumerate(bias):
         deviation = b - centre
         z = deviation / spread if spread > 0 else (math.copysign(math.inf, deviation) if deviation else 0.0)
-        if abs(deviation) >= t.bias_min_deviation and abs(z) >= t.bias_z:
-            outliers[i] = (b, z)
-    return [Finding(
-        "output_bias_skew", [f"{bias_name}[{i}]"], epoch, step,
-        {"class": classes[i], "bias": b, "median_bias": centre, "robust_z": z,
-         "validation_recall": recall[i] if recall else None},
-        f"class '{classes[i]}' has output bias {b:.3g} against a median of {centre:.3g} among the classes"
-        + (f"; its validation recall is {recall[i]:.1%}." if recall and recall[i] is not None else "."),
-        "check that class's share of the training data (rebalance or weight the loss), "
-        "or re-initialise the output bias.") for i, (b, z) in outliers.items()]
+        if abs(deviation) < t.bias_min_deviation or abs(z) < t.bias_z:
+            continue
+        class_recall = recall[i] if recall else None
+        evidence = {
+            "class": classes[i],
+            "bias": b,
+            "median_bias": centre,
+            "robust_z": z,
+            "validation_recall": class_recall,
+        }
+        message = f"class '{classes[i]}' has output bias {b:.3g} against a median of {centre:.3g} among the classes"
+        message += f"; its validation recall is {class_recall:.1%}." if class_recall is not None else "."
+        summary = {"epoch": epoch, "step": step}
+        findings.append(_finding("output_bias_skew", [f"{bias_name}[{i}]"], summary, evidence, message))
+    return findings
 
 
 RULES = (vanishing_gradients, nonfinite_values, exploding_gradients, weights_growing, update_ratio)
 
 
-def diagnose(history, thresholds=None):
-    """All layer rules on the latest epoch summary of `history` (oldest first)."""
+def diagnose(history: list[dict], thresholds: Thresholds | None = None) -> list[Finding]:
+    """All layer rules on the latest epoch summary of `history` (oldest first). Pure: nothing is logged."""
     thresholds = thresholds or Thresholds()
     return [finding for rule in RULES for finding in rule(history, thresholds)]

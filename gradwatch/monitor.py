@@ -64,7 +64,7 @@ class TrainingMonitor:
         self,
         log_dir: str | os.PathLike,
         bins: int = DEFAULT_BINS,
-        stats_every: int = 20,
+        stats_every: int = 50,
         hist_every: int = 0,
         thresholds: Thresholds | None = None,
         purge_epoch: int | None = None,
@@ -72,8 +72,12 @@ class TrainingMonitor:
         start_step: int = 0,
         flush_secs: int = 30,
     ):
-        for name, value, low in (("bins", bins, 1), ("stats_every", stats_every, 0), ("hist_every", hist_every, 0),
-                                 ("start_step", start_step, 0)):
+        for name, value, low in (
+            ("bins", bins, 1),
+            ("stats_every", stats_every, 0),
+            ("hist_every", hist_every, 0),
+            ("start_step", start_step, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
@@ -106,15 +110,16 @@ class TrainingMonitor:
         with open(path) as fh:
             return [Finding(**item) for item in json.load(fh) if item["epoch"] < purge_epoch]
 
+    def _writer(self, per_step: bool) -> SummaryWriter:
+        if per_step and self._step_writer is None:
+            self._step_writer = SummaryWriter(os.path.join(self.log_dir, "steps"), **self._step_writer_options)
+        return self._step_writer if per_step else self.writer
+
     def _log(self, values: list[Summary.Value], step: int, per_step: bool = False) -> None:
         """All values of one log as one event: one queue entry and record instead of one per value, which cost
         about 0.1 ms each (7 ms for a statistics log of 61 scalars)."""
-        if not (self.is_writer and values):
-            return
-        if per_step and self._step_writer is None:
-            self._step_writer = SummaryWriter(os.path.join(self.log_dir, "steps"), **self._step_writer_options)
-        writer = self._step_writer if per_step else self.writer
-        writer.file_writer.add_summary(Summary(value=values), step)
+        if self.is_writer and values:
+            self._writer(per_step).file_writer.add_summary(Summary(value=values), step)
 
     def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainingMonitor:
         """Attach to `model` as its parameters are now (watch again after changing its layers); with `optimizer`,
@@ -143,7 +148,7 @@ class TrainingMonitor:
         self._stepped = True
         if self.stats_every and (self.steps + 1) % self.stats_every == 0:
             with torch.no_grad():
-                self._before_update = {name: p.detach().clone() for name, p in self._parameters}
+                self._before_update = {name: p.clone() for name, p in self._parameters}
 
     def step(self) -> list[Finding]:
         """Call once per optimizer step, after it and before zero_grad(). Returns the step's urgent findings
@@ -168,24 +173,36 @@ class TrainingMonitor:
         stats = parameter_statistics(self._parameters, self._before_update)
         self._before_update = None
         self._records.append(stats)
-        scalars = {f"{key}/{name}": value for name, values in stats.items() for key, value in values.items()
-                   if math.isfinite(value)}  # a non-finite norm shows as nonfinite_share instead
-        self._log(_scalar_values(scalars), self.steps, per_step=True)
+        scalars = {f"{key}/{name}": value for name, values in stats.items() for key, value in values.items()}
+        finite = {tag: value for tag, value in scalars.items() if math.isfinite(value)}  # else: nonfinite_share
+        self._log(_scalar_values(finite), self.steps, per_step=True)
         epoch = self._history[-1]["epoch"] + 1 if self._history else 0
         return nonfinite_values([{"epoch": epoch, "step": self.steps, "layers": stats}], self.thresholds)
 
-    def log_parameters(self, model: torch.nn.Module | NamedParameters, step: int,
-                       per_step: bool = False) -> dict[str, Histogram]:
+    def log_parameters(
+        self, model: torch.nn.Module | NamedParameters, step: int, per_step: bool = False
+    ) -> dict[str, Histogram]:
         """Log the `<name>_data` and `<name>_grad` histograms of `model` (a Module, or its named_parameters() as a
         list) at `step`: an epoch, or an optimizer step if per_step. Returns them."""
         histograms = compute_histograms(parameter_tensors(model), self.bins)
+        self.log_histograms(histograms, step, per_step)
+        return histograms
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int, per_step: bool = False) -> None:
+        """Write {tag: Histogram} at `step`, with the count of each tensor's non-finite values as `nonfinite/<tag>`
+        where it has some; a tensor without finite values has that count alone."""
         nonfinite = {"nonfinite/" + tag: h.nonfinite for tag, h in histograms.items() if h.nonfinite}
         values = [_histogram_value(tag, h) for tag, h in histograms.items() if h.num]
         self._log(values + _scalar_values(nonfinite), step, per_step)
-        return histograms
 
-    def epoch_end(self, epoch: int, scalars: Mapping[str, float], images: Mapping[str, Any] = (),
-                  classes: list[str] | None = None, recall: list[float | None] | None = None) -> list[Finding]:
+    def epoch_end(
+        self,
+        epoch: int,
+        scalars: Mapping[str, float],
+        images: Mapping[str, Any] = (),
+        classes: list[str] | None = None,
+        recall: list[float | None] | None = None,
+    ) -> list[Finding]:
         """Everything an epoch writes: histograms, `scalars` ({tag: number}), `images` ({tag: PIL image, (H, W, 3)
         uint8 array or matplotlib figure}), the gradient flow and the diagnosis; with `classes` (names) and
         `recall` (per class) the output-layer bias is checked too. Returns the findings not reported before."""
@@ -219,16 +236,18 @@ class TrainingMonitor:
             return
         if hasattr(image, "savefig"):  # a matplotlib figure
             self.writer.add_figure(tag, image, step, close=False)
-        else:
-            self.writer.add_image(tag, np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image),
-                                  step, dataformats="HWC")
+            return
+        array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        self.writer.add_image(tag, array, step, dataformats="HWC")
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to diagnose as if it had never stopped: the epoch summaries the rules compare
         against, the statistics of an unfinished epoch, the findings so far and the step counts. Plain Python
         values, so that it can go into a checkpoint loaded with torch.load(weights_only=True)."""
-        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "history": list(self._history),
-                "records": list(self._records), "findings": [f.to_json() for f in self.findings]}
+        history, records, findings = list(self._history), list(self._records), [f.to_json() for f in self.findings]
+        return dict(
+            steps=self.steps, skipped_steps=self.skipped_steps, history=history, records=records, findings=findings
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> TrainingMonitor:
         """Continue from a state_dict() saved with a checkpoint (call before the first step() of the resumed run)."""

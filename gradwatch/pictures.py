@@ -28,7 +28,9 @@ def _canvas(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw
     return image, draw
 
 
-def gradient_flow_image(names: Sequence[str], means: Sequence[float], maxes: Sequence[float], epoch: int) -> Image.Image:
+def gradient_flow_image(
+    names: Sequence[str], means: Sequence[float], maxes: Sequence[float], epoch: int
+) -> Image.Image:
     """Bars of each weight layer's mean (dark) and max (light) |gradient| on a log scale, input side on the left:
     vanishing gradients show as bars that shrink towards the left."""
     title = f"Gradient flow, epoch {epoch + 1}: mean |grad| (dark), max |grad| (light)"
@@ -86,6 +88,8 @@ def confusion_matrix_image(confusion_mat: np.ndarray, classes: Sequence[str], se
         draw.text((left + i * cell + cell // 2, top - 4), str(i), BLACK, font(), anchor="mb")
         draw.text((left - 6, top + i * cell + cell // 2), names[i], BLACK, font(), anchor="rm")
         for j in range(n if fits else 0):
-            draw.text((left + j * cell + cell / 2, top + i * cell + cell / 2), str(counts[i, j]), RED, font(), anchor="mm")
+            draw.text(
+                (left + j * cell + cell / 2, top + i * cell + cell / 2), str(counts[i, j]), RED, font(), anchor="mm"
+            )
     draw.text((left, top + n * cell + 6), "Predict label", BLACK, font())
     return image

@@ -32,8 +32,9 @@ def parameter_tensors(model: torch.nn.Module | NamedParameters) -> dict[str, tor
 def _norms(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
     """Norms as 0-dim tensors, one kernel per device and dtype (torch.nn.utils.clip_grad_norm_ uses the same
     foreach call); half precision is widened first so that its norms cannot overflow. An empty tensor's is 0."""
-    wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t if t.numel() else t.new_zeros(1)
-            for t in tensors]
+    wide = [
+        t.float() if t.dtype in (torch.float16, torch.bfloat16) else t if t.numel() else t.new_zeros(1) for t in tensors
+    ]
     return list(torch._foreach_norm(wide, ord)) if wide else []
 
 
@@ -53,17 +54,23 @@ def parameter_statistics(
     previous_weights = previous_weights or {}
     named = named_parameters(model)
     weights = [w for _, w in named]
-    graded = [(name, p.grad.coalesce().values() if p.grad.is_sparse else p.grad) for name, p in named if p.grad is not None]
+    graded = [
+        (name, p.grad.coalesce().values() if p.grad.is_sparse else p.grad) for name, p in named if p.grad is not None
+    ]
     moved = [(name, w) for name, w in named if name in previous_weights]
     changes = [w - previous_weights[name] for name, w in moved]
-    values = _to_floats({
-        "weight_norm": _norms(weights, 2),
-        "max_abs_weight": _norms(weights, math.inf),
-        "grad_norm": _norms([g for _, g in graded], 2),
-        "update_norm": _norms(changes, 2),
-    })
-    stats = {name: {"weight_norm": w, "max_abs_weight": m}
-             for (name, _), w, m in zip(named, values["weight_norm"], values["max_abs_weight"])}
+    values = _to_floats(
+        {
+            "weight_norm": _norms(weights, 2),
+            "max_abs_weight": _norms(weights, math.inf),
+            "grad_norm": _norms([g for _, g in graded], 2),
+            "update_norm": _norms(changes, 2),
+        }
+    )
+    stats = {
+        name: {"weight_norm": w, "max_abs_weight": m}
+        for (name, _), w, m in zip(named, values["weight_norm"], values["max_abs_weight"])
+    }
     for (name, grad), norm in zip(graded, values["grad_norm"]):
         share = 0.0
         if not math.isfinite(norm):  # count non-finite values only where the norm shows there are some
@@ -80,8 +87,11 @@ def parameter_statistics(
 @torch.no_grad()
 def gradient_flow(model: torch.nn.Module | NamedParameters) -> tuple[list[str], list[float], list[float]]:
     """(names, mean |grad|, max |grad|) of the weight tensors that have a dense gradient, in model order."""
-    named = [(name, p.grad) for name, p in named_parameters(model)
-             if p.grad is not None and not p.grad.is_sparse and name.endswith("weight")]
+    named = [
+        (name, p.grad)
+        for name, p in named_parameters(model)
+        if p.grad is not None and not p.grad.is_sparse and name.endswith("weight")
+    ]
     values = _to_floats({"l1": _norms([g for _, g in named], 1), "peak": _norms([g for _, g in named], math.inf)})
     means = [total / max(g.numel(), 1) for total, (_, g) in zip(values["l1"], named)]
     return [name for name, _ in named], means, values["peak"]
@@ -99,9 +109,17 @@ def summarize_epoch(epoch: int, step: int, records: list[dict[str, dict[str, flo
     for name, latest in records[-1].items():
         if name == "total":
             continue
-        layers[name] = {key: _median([r.get(name, {}).get(key) for r in records])
-                        for key in STAT_KEYS if any(key in r.get(name, {}) for r in records)}
+        layers[name] = {
+            key: _median([r.get(name, {}).get(key) for r in records])
+            for key in STAT_KEYS
+            if any(key in r.get(name, {}) for r in records)
+        }
         layers[name].update(max_abs_weight=latest["max_abs_weight"], weight_norm=latest["weight_norm"])
     totals = [r["total"]["grad_norm"] for r in records if "total" in r]
-    return {"epoch": epoch, "step": step, "layers": layers,
-            "total_grad_norm_max": max(totals, default=math.nan), "total_grad_norm_median": _median(totals)}
+    return {
+        "epoch": epoch,
+        "step": step,
+        "layers": layers,
+        "total_grad_norm_max": max(totals, default=math.nan),
+        "total_grad_norm_median": _median(totals),
+    }

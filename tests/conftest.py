@@ -41,8 +41,9 @@ def data_dir(tmp_path):
 
 
 def load_events(run_dir):
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0, "images": 0,
-                                                                 "tensors": 0})
+    accumulator = EventAccumulator(
+        str(run_dir), size_guidance={"histograms": 0, "scalars": 0, "images": 0, "tensors": 0}
+    )
     accumulator.Reload()
     return accumulator
 
@@ -55,8 +56,9 @@ def run_script(*args, cwd=ROOT, env_extra=None, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     if "PYTHONPATH" in (env_extra or {}) and os.environ.get("PYTHONPATH"):  # add to it, do not replace it
         env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -66,6 +68,7 @@ def make_cifar_batches(folder, per_batch=6, test_size=10, seed=0):
     """The official CIFAR-10 python layout (pickled dicts with bytes keys, as the archive holds them) in
     folder/cifar-10-batches-py; returns {batch name: (images as N x 32 x 32 x 3, labels)}."""
     import pickle
+
     rng = np.random.default_rng(seed)
     root = Path(folder) / "cifar-10-batches-py"
     root.mkdir(parents=True)
@@ -73,12 +76,15 @@ def make_cifar_batches(folder, per_batch=6, test_size=10, seed=0):
     for name, size in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test_size)]:
         data = rng.integers(0, 256, (size, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size)]
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(size)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(size)],
+        }
         (root / name).write_bytes(pickle.dumps(batch, protocol=2))
         made[name] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels)
-    meta = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CIFAR_CLASSES],
-            b"num_vis": 3072}
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_vis": 3072}
     (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return root, made
 
@@ -86,6 +92,7 @@ def make_cifar_batches(folder, per_batch=6, test_size=10, seed=0):
 def make_cifar_archive(folder, **kwargs):
     """cifar-10-python.tar.gz in folder, holding what make_cifar_batches makes."""
     import tarfile
+
     root, made = make_cifar_batches(Path(folder) / "unpacked", **kwargs)
     archive = Path(folder) / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

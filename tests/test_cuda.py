@@ -1,15 +1,16 @@
 """Histograms and statistics on the GPU, AMP with GradScaler, and train.py on CUDA. Skipped without a GPU."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import histogram_steps, load_events
+from test_histograms import check_against_numpy
+from test_train import HISTOGRAM_TAGS, train_args
 from torch import nn
 
 import train
-from conftest import histogram_steps, load_events
 from gradwatch import TrainingMonitor, compute_histograms, parameter_statistics
 from gradwatch.histograms import CHUNK
-from test_histograms import check_against_numpy
-from test_train import HISTOGRAM_TAGS, train_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -18,12 +19,18 @@ def cuda_tensors():
     g = torch.Generator().manual_seed(0)
     with_nonfinite = torch.randn(10_000, generator=g)
     with_nonfinite[[1, 5, 9]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-    return {"big": torch.randn(3_000_001, generator=g), "half": torch.randn(5000, generator=g).half(),
-            "bf16": (torch.randn(5000, generator=g) * 300).bfloat16(), "nonfinite": with_nonfinite,
-            "constant": torch.full((7,), 0.25), "all_nan": torch.full((4,), float("nan")),
-            "scales": torch.randn(20_000, generator=g) * 10 ** torch.randint(-30, 30, (20_000,), generator=g),
-            "far": 1000 + torch.randn(150_001, generator=g) * 1e-3, "chunked": torch.randn(CHUNK + 7, generator=g),
-            "wide": torch.randn(20_000, generator=g) * 100}
+    return {
+        "big": torch.randn(3_000_001, generator=g),
+        "half": torch.randn(5000, generator=g).half(),
+        "bf16": (torch.randn(5000, generator=g) * 300).bfloat16(),
+        "nonfinite": with_nonfinite,
+        "constant": torch.full((7,), 0.25),
+        "all_nan": torch.full((4,), float("nan")),
+        "scales": torch.randn(20_000, generator=g) * 10 ** torch.randint(-30, 30, (20_000,), generator=g),
+        "far": 1000 + torch.randn(150_001, generator=g) * 1e-3,
+        "chunked": torch.randn(CHUNK + 7, generator=g),
+        "wide": torch.randn(20_000, generator=g) * 100,
+    }
 
 
 def test_histograms_binned_on_the_gpu_match_numpy_and_the_cpu():
@@ -53,7 +60,7 @@ def test_under_cuda_amp_the_monitor_sees_unscaled_gradients(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(64, 16, device="cuda"), torch.randint(0, 4, (64,), device="cuda")
     norms = {}
-    for scale in (None, 2.0 ** 16):
+    for scale in (None, 2.0**16):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).cuda()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
@@ -62,13 +69,13 @@ def test_under_cuda_amp_the_monitor_sees_unscaled_gradients(tmp_path):
             for i in range(0, 64, 32):
                 optimizer.zero_grad()
                 with torch.autocast("cuda", dtype=torch.float16, enabled=scale is not None):
-                    loss = nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32])
+                    loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 monitor.step()
         norms[scale] = [e.value for e in load_events(tmp_path / str(scale) / "steps").Scalars("grad_norm/0.weight")]
-    assert norms[2.0 ** 16] == pytest.approx(norms[None], rel=1e-2)  # fp16 forward: close, not equal
+    assert norms[2.0**16] == pytest.approx(norms[None], rel=1e-2)  # fp16 forward: close, not equal
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])

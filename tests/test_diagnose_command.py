@@ -1,15 +1,17 @@
 """diagnose.py on logs written by this project, by tensorboardX's add_histogram and by torch.utils.tensorboard."""
+
 import json
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import run_script
 from tensorboardX import SummaryWriter as TensorboardXWriter
+from test_diagnosis import deep_sigmoid, make_data, mlp, train
 from torch.utils.tensorboard import SummaryWriter as TorchWriter
 
+from gradwatch import TrainingMonitor
 from gradwatch import cli as diagnose
-from conftest import run_script
-from test_diagnosis import deep_sigmoid, make_data, mlp, train
 
 
 def log_with(writer, model, epochs, weight_tag, grad_tag, lr=0.05):
@@ -19,7 +21,7 @@ def log_with(writer, model, epochs, weight_tag, grad_tag, lr=0.05):
     for epoch in range(epochs):
         for i in range(0, 256, 32):
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+            nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
             optimizer.step()
         for name, param in model.named_parameters():
             writer.add_histogram(weight_tag.format(name), param.detach().numpy(), epoch)
@@ -74,7 +76,7 @@ def test_a_truncated_event_file_is_read_up_to_where_it_breaks(tmp_path, capsys):
     log_with(TensorboardXWriter(str(tmp_path / "run")), deep_sigmoid(), 3, "{}_data", "{}_grad")
     event_file = next((tmp_path / "run").glob("events.out.tfevents.*"))
     data = event_file.read_bytes()
-    event_file.write_bytes(data[:int(len(data) * 0.8)])  # as a writer killed mid-record leaves it
+    event_file.write_bytes(data[: int(len(data) * 0.8)])  # as a writer killed mid-record leaves it
     assert diagnose.main([str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("run: ") and "steps" in out and "[vanishing_gradients]" in out
@@ -97,3 +99,21 @@ def test_a_lasting_finding_is_printed_once_and_listed_at_every_step_in_json(tmp_
     out = capsys.readouterr().out
     assert out.count("[vanishing_gradients]") == len({tuple(f["parameters"]) for f in listed})
     assert "(holds at 4 logged steps, the last at step 3)" in out
+
+
+def test_a_runs_step_axis_folder_is_part_of_the_run(tmp_path, capsys):
+    """The monitor writes <run>/steps beside the run's epoch events; diagnose reports the run once."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = make_data()
+    with TrainingMonitor(tmp_path / "logs" / "run", hist_every=2, stats_every=2).watch(model, optimizer) as monitor:
+        for epoch in range(2):
+            for i in range(0, 128, 32):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
+                optimizer.step()
+                monitor.step()
+            monitor.epoch_end(epoch, {})
+    assert (tmp_path / "logs" / "run" / "steps").is_dir()
+    assert diagnose.main([str(tmp_path / "logs")]) == 0
+    assert capsys.readouterr().out == "run: 2 steps, 4 parameters; healthy\n"

@@ -1,4 +1,5 @@
 """Each rule against a real training run that goes wrong in that way, and a healthy run that stays clean."""
+
 import json
 import math
 import textwrap
@@ -6,9 +7,9 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import load_events
-from gradwatch import Finding, Thresholds, TrainingMonitor
+
+from gradwatch import Finding, Thresholds, TrainingMonitor, diagnose
 from gradwatch.diagnosis import output_bias_skew
 
 CLASSES = ["a", "b", "c", "d"]
@@ -50,14 +51,15 @@ def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None
         for epoch in range(epochs):
             for i in range(0, len(x), batch):
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[i:i + batch]), y[i:i + batch]).backward()
+                nn.functional.cross_entropy(model(x[i : i + batch]), y[i : i + batch]).backward()
                 optimizer.step()
                 urgent += monitor.step()
             with torch.no_grad():
                 predicted = model(x).argmax(1)
             recall = [((predicted == c) & (y == c)).sum().item() / (y == c).sum().item() for c in range(len(CLASSES))]
-            monitor.epoch_end(epoch, {"train/accuracy": (predicted == y).float().mean().item()},
-                              classes=CLASSES, recall=recall)
+            monitor.epoch_end(
+                epoch, {"train/accuracy": (predicted == y).float().mean().item()}, classes=CLASSES, recall=recall
+            )
     return monitor.findings, urgent
 
 
@@ -107,8 +109,10 @@ def test_weights_growing_without_decay_and_not_with_it(tmp_path):
     assert "--layer-wd 2.weight=" in growing[0].suggestion
 
     model = mlp()  # acting on the finding: weight decay for that layer
-    groups = [{"params": [p for n, p in model.named_parameters() if n != "2.weight"]},
-              {"params": [model[2].weight], "weight_decay": 2e-2}]
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n != "2.weight"]},
+        {"params": [model[2].weight], "weight_decay": 2e-2},
+    ]
     findings, _ = train(model, tmp_path / "decayed", lr=0.05, epochs=6, groups=groups)
     assert "weights_growing" not in rules(findings)
 
@@ -139,7 +143,7 @@ def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
         for epoch in range(3):
             for i in range(0, 128, 32):
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+                nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
                 optimizer.step()
                 monitor.step()
             reported.append(monitor.epoch_end(epoch, {}))
@@ -175,7 +179,7 @@ def test_a_resumed_monitor_diagnoses_as_if_the_run_had_never_stopped(tmp_path):
             for i in range(0, len(x), 32):
                 step += 1
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+                nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
                 optimizer.step()
                 if monitor:
                     monitor.step()
@@ -184,8 +188,9 @@ def test_a_resumed_monitor_diagnoses_as_if_the_run_had_never_stopped(tmp_path):
                     monitor.close()
                     return torch.load(log_dir / "state.pt", weights_only=True)
                 if step == stop_at:  # the resumed process
-                    monitor = TrainingMonitor(log_dir, stats_every=4, purge_epoch=epoch, purge_step=step + 1,
-                                              start_step=step).watch(model, optimizer)
+                    monitor = TrainingMonitor(
+                        log_dir, stats_every=4, purge_epoch=epoch, purge_step=step + 1, start_step=step
+                    ).watch(model, optimizer)
                     if state:
                         monitor.load_state_dict(state)
             if monitor:
@@ -213,7 +218,7 @@ def test_statistics_are_logged_per_step(tmp_path):
     with TrainingMonitor(tmp_path, stats_every=3).watch(model, optimizer) as monitor:
         for i in range(0, 320, 32):
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+            nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
             before = model[0].weight.detach().clone()
             optimizer.step()
             if monitor.steps + 1 == 9:
@@ -224,8 +229,9 @@ def test_statistics_are_logged_per_step(tmp_path):
     assert [e.step for e in events.Scalars("update_ratio/0.weight")] == [3, 6, 9]
     assert events.Scalars("update_ratio/0.weight")[-1].value == pytest.approx(expected_ratio, rel=1e-4)
     assert events.Scalars("grad_norm/0.weight")[-1].value == pytest.approx(expected_norm, rel=1e-4)
-    assert {"weight_norm/0.weight", "max_abs_weight/2.bias", "grad_norm/total", "nonfinite_share/2.weight"} <= \
-        set(events.Tags()["scalars"])
+    assert {"weight_norm/0.weight", "max_abs_weight/2.bias", "grad_norm/total", "nonfinite_share/2.weight"} <= set(
+        events.Tags()["scalars"]
+    )
 
 
 def test_watch_validates_and_unwatch_removes_its_hook(tmp_path):
@@ -264,7 +270,7 @@ def grad_norm_logged(log_dir, name="grad_norm/0.weight"):
 def test_under_amp_the_monitor_sees_unscaled_gradients_and_skips_overflowed_steps(tmp_path):
     x, y = make_data()
     norms = {}
-    for scale in (None, 2.0 ** 16):
+    for scale in (None, 2.0**16):
         torch.manual_seed(0)
         model = mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
@@ -272,12 +278,12 @@ def test_under_amp_the_monitor_sees_unscaled_gradients_and_skips_overflowed_step
         with TrainingMonitor(tmp_path / str(scale), stats_every=1).watch(model, optimizer) as monitor:
             for i in range(0, 96, 32):
                 optimizer.zero_grad()
-                scaler.scale(nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32])).backward()
+                scaler.scale(nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])).backward()
                 scaler.step(optimizer)  # unscale_, then step
                 scaler.update()
                 assert monitor.step() == []
         norms[scale] = grad_norm_logged(tmp_path / str(scale))
-    assert norms[2.0 ** 16] == pytest.approx(norms[None], rel=1e-5)
+    assert norms[2.0**16] == pytest.approx(norms[None], rel=1e-5)
 
     model = mlp()  # a scale so large that the gradients overflow: GradScaler skips the step
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
@@ -301,7 +307,7 @@ def test_under_gradient_accumulation_the_accumulated_gradient_is_logged_once_per
         for i in range(0, 128, 64):
             optimizer.zero_grad()
             for j in (i, i + 32):  # two micro-batches per optimizer step
-                (nn.functional.cross_entropy(model(x[j:j + 32]), y[j:j + 32]) / 2).backward()
+                (nn.functional.cross_entropy(model(x[j : j + 32]), y[j : j + 32]) / 2).backward()
             expected.append(model[0].weight.grad.norm().item())
             optimizer.step()
             monitor.step()
@@ -309,8 +315,9 @@ def test_under_gradient_accumulation_the_accumulated_gradient_is_logged_once_per
 
 
 def _ddp_worker(rank, world_size, log_dir, port):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         model = nn.parallel.DistributedDataParallel(mlp())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
@@ -328,6 +335,7 @@ def _ddp_worker(rank, world_size, log_dir, port):
 
 def test_only_rank_0_writes_under_torch_distributed(tmp_path):
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -341,12 +349,13 @@ def test_only_rank_0_writes_under_torch_distributed(tmp_path):
 
 def test_the_readme_example_runs(tmp_path, monkeypatch):
     from conftest import ROOT
+
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### The monitor in your own training loop"):]
-    first = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
-    section = section[section.index("Continuing the example above:"):]
-    second = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
-    loop = first[first.index("        for inputs, labels in data:"):]  # the elided loop of the second example
+    section = readme[readme.index("## The monitor in your own training loop") :]
+    first = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python"))]
+    section = section[section.index("Continuing the example above:") :]
+    second = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python"))]
+    loop = first[first.index("        for inputs, labels in data:") : first.index("\nprint(")]  # the elided loop
     second = textwrap.dedent(second).replace("        ...", textwrap.indent(textwrap.dedent(loop), "        "))
     monkeypatch.chdir(tmp_path)
     namespace = {}
@@ -356,3 +365,19 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(second, "README.md", "exec"), namespace)  # saved, then resumed for two more epochs
     assert [e.step for e in load_events(tmp_path / "Result" / "my-loop").Histograms("0.weight_grad")] == list(range(7))
     assert namespace["monitor"].steps == 7 * 50
+
+
+def test_rules_read_zero_and_missing_statistics_without_raising():
+    """Every number a rule reads can be zero, NaN or missing: a first layer with exactly zero gradients is
+    reported as vanishing, never divided by."""
+    layers = {
+        "0.weight": {"grad_rms": 0.0, "weight_norm": 0.0, "max_abs_weight": 0.0, "update_ratio": math.nan},
+        "1.weight": {"grad_rms": 1e-3, "weight_norm": 1.0, "max_abs_weight": 0.5, "update_ratio": 1e-3},
+        "1.bias": {},
+    }
+    summary = {"epoch": 0, "step": 10, "layers": layers, "total_grad_norm_max": 0.0, "total_grad_norm_median": 0.0}
+    findings = diagnose([summary, {**summary, "epoch": 1}, {"epoch": 2, "step": 30}])
+    assert findings == []  # the last summary has no layers: nothing to see
+    findings = diagnose([summary, {**summary, "epoch": 1}])
+    vanishing = [f for f in findings if f.rule == "vanishing_gradients"]
+    assert vanishing and "are zero, against those of the last layer 1.weight" in vanishing[0].message

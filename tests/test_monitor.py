@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import load_events
+
 from gradwatch import TrainingMonitor, gradient_flow, parameter_statistics
 
 
@@ -21,8 +21,15 @@ def test_log_parameters_writes_both_tags_and_skips_missing_gradients(tmp_path):
         monitor.log_parameters(model, 0)
     events = load_events(tmp_path)
     tags = set(events.Tags()["histograms"])
-    assert tags == {"0.weight_data", "0.bias_data", "2.weight_data", "2.bias_data", "0.weight_grad", "0.bias_grad",
-                    "2.weight_grad"}
+    assert tags == {
+        "0.weight_data",
+        "0.bias_data",
+        "2.weight_data",
+        "2.bias_data",
+        "0.weight_grad",
+        "0.bias_grad",
+        "2.weight_grad",
+    }
     stored = events.Histograms("2.weight_data")[0].histogram_value
     counts, _ = np.histogram(model[2].weight.detach().numpy(), bins=np.concatenate([[stored.min], stored.bucket_limit]))
     assert list(stored.bucket) == counts.tolist() and stored.num == 8

@@ -2,11 +2,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CIFAR_CLASSES, make_cifar_archive, make_cifar_batches, make_data, run_script
 from PIL import Image
 
 import prepare_data
 import train
-from conftest import CIFAR_CLASSES, make_cifar_archive, make_cifar_batches, make_data, run_script
 
 
 def read_list(path):
@@ -91,6 +91,7 @@ def test_a_truncated_or_wrong_archive_is_one_clear_line(tmp_path):
 def test_download_without_internet_says_what_to_do(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise OSError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr("torchvision.datasets.utils.download_url", offline)
     assert prepare_data.main(["cifar10", "--download", "--out", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
@@ -100,8 +101,11 @@ def test_download_without_internet_says_what_to_do(tmp_path, monkeypatch, capsys
 def make_tree(src):
     """Three classes, one with a space in its name, one with images in nested folders, plus non-images."""
     rng = np.random.default_rng(0)
-    layout = {"cat": ["a.png", "b.jpg", "c.png", "d.png", "e.png"], "big dog": ["x.png", "y.png", "z.png",
-              "w.png", "v.png"], "fish": ["deep/one.png", "deep/deeper/two.jpeg", "three.png", "4.png", "5.png"]}
+    layout = {
+        "cat": ["a.png", "b.jpg", "c.png", "d.png", "e.png"],
+        "big dog": ["x.png", "y.png", "z.png", "w.png", "v.png"],
+        "fish": ["deep/one.png", "deep/deeper/two.jpeg", "three.png", "4.png", "5.png"],
+    }
     for name, files in layout.items():
         for file in files:
             path = src / name / file
@@ -137,7 +141,11 @@ def test_folder_copy_empty_class_and_empty_tree(tmp_path, capsys):
     listed = [p for split in ("train", "valid", "test") for p, _ in read_list(out / f"{split}.txt")]
     assert len(listed) == 15 and all(p.is_file() and out in p.resolve().parents for p in listed)
     assert [p.relative_to(out).parts[1:] for p in listed if p.name == "two.jpeg"][0] == (
-        "fish", "deep", "deeper", "two.jpeg")  # copied with its nested folders, under <split>/<class>/
+        "fish",
+        "deep",
+        "deeper",
+        "two.jpeg",
+    )  # copied with its nested folders, under <split>/<class>/
     (src / "empty").mkdir()
     assert prepare_data.main(["folder", str(src), "--out", str(tmp_path / "o"), "--force"]) == 1
     assert "empty: class folder without images" in capsys.readouterr().err

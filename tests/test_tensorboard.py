@@ -1,4 +1,5 @@
 """What users see: a real TensorBoard process serving a short run, read through its HTTP data API."""
+
 import json
 import socket
 import subprocess
@@ -9,9 +10,9 @@ import urllib.request
 
 import pytest
 import torch
+from test_train import HISTOGRAM_TAGS, train_args
 
 import train
-from test_train import HISTOGRAM_TAGS, train_args
 
 
 def free_port():
@@ -29,12 +30,30 @@ def get(port, path, **query):
 @pytest.fixture
 def served_run(data_dir, tmp_path):
     # --threshold update_fast=1e-9 makes the moving_too_fast rule fire, so the Text tab has a finding to show
-    assert train.main(train_args(data_dir, tmp_path / "logs", "--run-name", "r", "--threshold",
-                                 "update_fast=1e-9", "--stats-every", "3")) == 0
+    assert (
+        train.main(
+            train_args(
+                data_dir, tmp_path / "logs", "--run-name", "r", "--threshold", "update_fast=1e-9", "--stats-every", "3"
+            )
+        )
+        == 0
+    )
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "logs"),
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(tmp_path / "logs"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:  # the server is up once it lists the run with its histogram tags

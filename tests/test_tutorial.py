@@ -1,6 +1,7 @@
 import shutil
 
 from conftest import ROOT, histogram_steps, load_events, make_data, run_script
+
 from utils import Net
 
 TAGS = {name + suffix for name, _ in Net().named_parameters() for suffix in ("_data", "_grad")}

@@ -15,9 +15,16 @@ from train import class_report
 from utils import DataListError, ImageReadError, MyDataset, Net, read_image_list, show_confMat, validate
 
 TUTORIAL_SHAPES = {  # Chapter 4.4's LeNet-style Net, in named_parameters() order
-    "conv1.weight": (6, 3, 5, 5), "conv1.bias": (6,), "conv2.weight": (16, 6, 5, 5), "conv2.bias": (16,),
-    "fc1.weight": (120, 400), "fc1.bias": (120,), "fc2.weight": (84, 120), "fc2.bias": (84,),
-    "fc3.weight": (10, 84), "fc3.bias": (10,),
+    "conv1.weight": (6, 3, 5, 5),
+    "conv1.bias": (6,),
+    "conv2.weight": (16, 6, 5, 5),
+    "conv2.bias": (16,),
+    "fc1.weight": (120, 400),
+    "fc1.bias": (120,),
+    "fc2.weight": (84, 120),
+    "fc2.bias": (84,),
+    "fc3.weight": (10, 84),
+    "fc3.bias": (10,),
 }
 
 
@@ -74,6 +81,7 @@ def test_class_report_recall_and_precision():
 
 def test_show_confmat_writes_the_picture_train_py_logs(tmp_path):
     from gradwatch import confusion_matrix_image
+
     conf_mat = np.array([[5, 1], [2, 7]])
     path = show_confMat(conf_mat, ["cat", "dog"], "valid", str(tmp_path))
     assert path == str(tmp_path / "Confusion_Matrixvalid.png")
@@ -82,12 +90,15 @@ def test_show_confmat_writes_the_picture_train_py_logs(tmp_path):
         assert np.array_equal(np.asarray(img), np.asarray(confusion_matrix_image(conf_mat, ["cat", "dog"], "valid")))
 
 
-@pytest.mark.parametrize("line, problem", [
-    ("train/a.png", "no label"),
-    ("train/a.png cat", "label 'cat' is not an integer"),
-    ("train/a.png 4", "label 4 is out of range (4 classes)"),
-    ("train/a.png -1", "label -1 is negative"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("train/a.png", "no label"),
+        ("train/a.png cat", "label 'cat' is not an integer"),
+        ("train/a.png 4", "label 4 is out of range (4 classes)"),
+        ("train/a.png -1", "label -1 is negative"),
+    ],
+)
 def test_bad_list_lines_name_file_and_line(tmp_path, line, problem):
     listing = tmp_path / "train.txt"
     listing.write_text(f"ok.png 0\n\n{line}\n")
@@ -106,14 +117,16 @@ def test_unreadable_image_at_load_time_names_its_path(tmp_path):
 
 def test_batched_random_crop_equals_cropping_the_padded_images_one_by_one():
     import torch.nn.functional as F
+
     from data import random_crop
+
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     torch.manual_seed(3)
     cropped = random_crop(images, 4)
     torch.manual_seed(3)
     top, left = torch.randint(0, 9, (8,)), torch.randint(0, 9, (8,))
     padded = F.pad(images, (4,) * 4)
-    expected = torch.stack([padded[i, :, top[i]:top[i] + 32, left[i]:left[i] + 32] for i in range(8)])
+    expected = torch.stack([padded[i, :, top[i] : top[i] + 32, left[i] : left[i] + 32] for i in range(8)])
     assert torch.equal(cropped, expected) and not torch.equal(cropped, images)
 
 

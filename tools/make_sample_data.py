@@ -9,6 +9,7 @@ black (the digit 24x24 in a 4-pixel margin), under Data/<split>/<class>/<index>.
 and the lists train.txt / valid.txt ("path label", paths relative to Data/) and
 classes.txt. scikit-learn is needed only here, never at training time.
 """
+
 import argparse
 import shutil
 from pathlib import Path
@@ -39,8 +40,9 @@ def to_png(image8x8):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "Data")
     parser.add_argument("--valid-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,9 @@
 """Retake README's screenshots: train the sample run, serve it with TensorBoard, photograph it headless.
 
-    apt-get install chromium          # Debian's package; the script calls /usr/bin/chromium
-    python tools/screenshots.py       # writes docs/*.png (about a minute)
+apt-get install chromium          # Debian's package; the script calls /usr/bin/chromium
+python tools/screenshots.py       # writes docs/*.png (about a minute)
 """
+
 import argparse
 import shutil
 import socket
@@ -28,11 +29,27 @@ def free_port():
 
 
 def screenshot(chromium, url, path, profile):
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1400,1000",
-                    "--virtual-time-budget=20000", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            "--window-size=1400,1000",
+            "--virtual-time-budget=20000",
+            f"--screenshot={path}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def main():
@@ -43,13 +60,37 @@ def main():
     args.out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp) / "Result"
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "--log-dir", str(logs), "--run-name", "sample",
-                        "--print-every", "1000"], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                "--log-dir",
+                str(logs),
+                "--run-name",
+                "sample",
+                "--print-every",
+                "1000",
+            ],
+            check=True,
+            cwd=ROOT,
+        )
         shutil.copy(logs / "sample" / "gradient_flow.png", args.out / "gradient_flow.png")
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logs), "--host",
-                                   "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                str(logs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             for _ in range(120):
                 try:
