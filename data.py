@@ -1,14 +1,12 @@
 """The input pipeline of train.py: list files checked up front, then batches of normalised 3x32x32 images.
 
-Two paths give the same images. With the cache (the default where it fits in memory),
-each image is decoded once into a uint8 tensor and the tutorial's augmentation (random
-crop with 4 pixels of zero padding) and normalisation run on whole batches of tensors,
-on the training device. Without it, the tutorial's MyDataset decodes every image every
-epoch in DataLoader worker processes.
+With the cache (the default where it fits in memory), each image is decoded once into a uint8 tensor and the
+tutorial's augmentation (random crop with 4 pixels of zero padding) and normalisation run on whole batches, on
+the training device. Without it, the tutorial's MyDataset decodes every image every epoch in worker processes.
 """
 
+import itertools
 import json
-import math
 import os
 import signal
 import sys
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 import torchvision.transforms as transforms
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from utils import DataListError, MyDataset, read_image_list
@@ -111,36 +109,20 @@ def check_images(samples, size=None, workers=None):
     return torch.from_numpy(np.stack(images)) if size is not None else None
 
 
-class EpochBatchSampler:
-    """Batches of indices whose order depends only on (seed, epoch), so a resumed epoch can skip what it has done.
-
-    With world_size > 1 (torchrun), rank r takes every world_size-th index of the epoch's order, the order
-    padded with its first indices to a multiple of world_size, as DistributedSampler does: every rank has
-    the same number of batches.
-    """
+class EpochBatchSampler(BatchSampler):
+    """Batches whose order depends only on (seed, epoch), so that a resumed epoch can skip those it has done;
+    under torchrun each rank takes its share, as DistributedSampler deals it (padded to the same length)."""
 
     def __init__(self, size, batch_size, seed=0, shuffle=True, rank=0, world_size=1):
-        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
+        super().__init__(DistributedSampler(range(size), world_size, rank, shuffle, seed), batch_size, drop_last=False)
+        self.size, self.start = size, 0
 
     def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
+        self.sampler.set_epoch(epoch)
+        self.start = start_batch
 
     def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator)
-        else:
-            order = torch.arange(self.size)
-        if self.world_size > 1:
-            padded = math.ceil(self.size / self.world_size) * self.world_size
-            order = torch.cat([order, order[: padded - self.size]])[self.rank :: self.world_size]
-        for batch in order.split(self.batch_size)[self.start :]:
-            yield batch.tolist()
-
-    def __len__(self):
-        return math.ceil(math.ceil(self.size / self.world_size) / self.batch_size)
+        return itertools.islice(super().__iter__(), self.start, None)
 
 
 def random_crop(images, padding):
@@ -186,23 +168,12 @@ def cache_fits(num_images):
     return needed < available / 4
 
 
-def load_classes(data_dir, *lists):
-    """Class names from data_dir/classes.txt, or '0'..'N-1' from the largest label when it is absent."""
-    path = Path(data_dir) / "classes.txt"
-    if path.is_file():
-        return read_classes(path)
-    num_classes = 1 + max(label for samples in lists for _, label, _ in samples)
-    return [str(i) for i in range(num_classes)]
-
-
 def load_normalisation(data_dir):
     """(mean, std, where they came from): data_dir/stats.json (prepare_data.py stats) or the CIFAR-10 constants."""
     path = Path(data_dir) / "stats.json"
     if not path.is_file():
-        where = (
-            f"the tutorial's CIFAR-10 constants ({path} not found; python prepare_data.py stats {data_dir} makes it)"
-        )
-        return CIFAR10_MEAN, CIFAR10_STD, where
+        hint = f"{path} not found; python prepare_data.py stats {data_dir} makes it"
+        return CIFAR10_MEAN, CIFAR10_STD, f"the tutorial's CIFAR-10 constants ({hint})"
     try:
         stats = json.loads(path.read_text())
         mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
@@ -224,10 +195,10 @@ def build_loaders(data_dir, batch_size, seed, device, workers, cache, mean, std,
     if not data_dir.is_dir():
         how = "pass --data DIR holding train.txt and valid.txt (python prepare_data.py makes them)"
         raise DataListError(f"{data_dir}: data folder not found; {how}")
-    classes_path = data_dir / "classes.txt"
-    num_classes = len(read_classes(classes_path)) if classes_path.is_file() else None
+    classes = read_classes(data_dir / "classes.txt") if (data_dir / "classes.txt").is_file() else None
+    num_classes = len(classes) if classes else None
     lists = [read_image_list(data_dir / f"{split}.txt", num_classes) for split in ("train", "valid")]
-    classes = load_classes(data_dir, *lists)
+    classes = classes or [str(i) for i in range(1 + max(label for samples in lists for _, label, _ in samples))]
     train_sampler = EpochBatchSampler(len(lists[0]), batch_size, seed, rank=rank, world_size=world_size)
     valid_sampler = EpochBatchSampler(len(lists[1]), batch_size * 4, shuffle=False)
     cached = cache == "yes" or (cache == "auto" and cache_fits(sum(map(len, lists))))

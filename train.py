@@ -213,8 +213,8 @@ def hyperparameters(args):
     """The settings shown in TensorBoard's HParams tab."""
     keys = ("lr", "batch_size", "momentum", "dampening", "weight_decay", "epochs", "step_size", "gamma", "seed")
     values = {key: getattr(args, key) for key in keys}
-    values["layer_lr"] = ",".join(f"{n}={v:g}" for n, v in args.layer_lr) or "-"
-    values["layer_wd"] = ",".join(f"{n}={v:g}" for n, v in args.layer_wd) or "-"
+    for key in ("layer_lr", "layer_wd"):
+        values[key] = ",".join(f"{n}={v:g}" for n, v in getattr(args, key)) or "-"
     return values
 
 
@@ -270,22 +270,20 @@ class Distributed:
 
     def sum(self, values):
         """Sum a list of numbers over all ranks."""
-        if self.world_size == 1:
-            return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
     def any(self, flag):
         """True on every rank when it is true on one: a stop request must stop all ranks at the same step."""
-        return flag if self.world_size == 1 else self.sum([float(flag)])[0] > 0
+        return self.sum([float(flag)])[0] > 0
 
     def broadcast(self, value):
         """Rank 0's value on every rank."""
-        if self.world_size == 1:
-            return value
         box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
+        if self.world_size > 1:
+            torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
     def close(self):
@@ -382,18 +380,11 @@ def setup(args, dist):
         raise RunError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     start = time.perf_counter()
     mean, std, normalisation = load_normalisation(args.data)
-    train_loader, valid_loader, classes, cached = build_loaders(
-        args.data,
-        args.batch_size,
-        args.seed,
-        dist.device,
-        args.workers,
-        args.cache,
-        mean,
-        std,
-        dist.rank,
-        dist.world_size,
+    shard = dict(rank=dist.rank, world_size=dist.world_size)
+    loaders = build_loaders(
+        args.data, args.batch_size, args.seed, dist.device, args.workers, args.cache, mean, std, **shard
     )
+    train_loader, valid_loader, classes, cached = loaders
     images = f"{train_loader.batch_sampler.size} training and {valid_loader.batch_sampler.size} validation images"
     how = "decoded once, kept in memory" if cached else "decoded every epoch (no cache)"
     print(f"Checked {images} in {time.perf_counter() - start:.1f}s; {how}\nNormalising with {normalisation}")

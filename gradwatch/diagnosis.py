@@ -23,26 +23,18 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass
 class Thresholds:
-    vanishing_ratio: float = 1e-2
-    """Vanishing gradients: the first weight layer's gradient RMS is below this fraction of the last one's."""
-    vanishing_floor: float = 1e-7
-    """Vanishing gradients: a weight layer's gradient RMS is below this, whatever the others do."""
-    exploding_factor: float = 100.0
-    """Exploding gradients: the total gradient norm exceeds this multiple of its median over the epochs before."""
-    weight_max_abs: float = 1.0
-    """Weights growing: max |w| above this ..."""
-    weight_growth: float = 2.0
-    """... and at least this multiple of its value after the first epoch ..."""
-    weight_window: int = 3
-    """... and still growing over this many epochs (the tutorial: below 0.3 at first, 0.6 and more later)."""
-    bias_z: float = 3.5
-    """Output bias skew: a class's bias lies this many robust standard deviations (1.4826 MAD) from the median ..."""
-    bias_min_deviation: float = 1.0
-    """... and at least this far from it in absolute terms."""
-    update_slow: float = 1e-6
-    """Not learning: the median update-to-weight ratio ||dw|| / ||w|| of a layer over an epoch is below this."""
-    update_fast: float = 1e-1
-    """Moving too fast: that ratio is above this (about 1e-3 is typical of healthy training)."""
+    """When each rule fires (README's table says the same)."""
+
+    vanishing_ratio: float = 1e-2  # the first weight layer's gradient RMS is below this fraction of the last one's
+    vanishing_floor: float = 1e-7  # or a weight layer's gradient RMS is below this, whatever the others do
+    exploding_factor: float = 100.0  # the total gradient norm exceeds this multiple of its median in earlier epochs
+    weight_max_abs: float = 1.0  # weights growing: max |w| above this ...
+    weight_growth: float = 2.0  # ... and at least this multiple of its value after the first epoch ...
+    weight_window: int = 3  # ... and still growing over this many epochs (the tutorial: 0.3 at first, 0.6 later)
+    bias_z: float = 3.5  # an output bias this many robust standard deviations (1.4826 MAD) from the median ...
+    bias_min_deviation: float = 1.0  # ... and at least this far from it
+    update_slow: float = 1e-6  # not learning: a layer's median update-to-weight ratio ||dw|| / ||w|| is below this
+    update_fast: float = 1e-1  # moving too fast: it is above this (about 1e-3 is typical of healthy training)
 
     @classmethod
     def names(cls):
@@ -216,16 +208,10 @@ def update_ratio(history: list[dict], t: Thresholds) -> list[Finding]:
     return findings
 
 
-def output_bias_skew(
-    epoch: int,
-    step: int,
-    bias_name: str | None,
-    bias: list[float] | None,
-    classes: list,
-    recall: list | None,
-    t: Thresholds,
-) -> list[Finding]:
-    """Classes whose output-layer bias is an outlier among the classes, beside their validation recall."""
+def output_bias_skew(summary: dict, bias: tuple, classes: list, recall: list | None, t: Thresholds) -> list[Finding]:
+    """Classes whose output-layer bias (`bias`: its name and values) is an outlier among the classes, reported with
+    their validation recall."""
+    bias_name, bias = bias
     if bias is None or len(bias) < 3:
         return []
     centre = statistics.median(bias)
@@ -246,7 +232,6 @@ def output_bias_skew(
         }
         message = f"class '{classes[i]}' has output bias {b:.3g} against a median of {centre:.3g} among the classes"
         message += f"; its validation recall is {class_recall:.1%}." if class_recall is not None else "."
-        summary = {"epoch": epoch, "step": step}
         findings.append(_finding("output_bias_skew", [f"{bias_name}[{i}]"], summary, evidence, message))
     return findings
 

@@ -219,8 +219,8 @@ class TrainingMonitor:
         self._history.append(summarize_epoch(epoch, self.steps, records))
         findings = diagnose(self._history, self.thresholds)
         if classes is not None:
-            bias_name, bias = _output_bias(self._parameters, len(classes))
-            findings += output_bias_skew(epoch, self.steps, bias_name, bias, classes, recall, self.thresholds)
+            bias = _output_bias(self._parameters, len(classes))
+            findings += output_bias_skew(self._history[-1], bias, classes, recall, self.thresholds)
         self.findings += findings
         if self.is_writer:
             self.writer.add_text("diagnosis", "\n\n".join(f"- {f}" for f in findings) or "No findings.", epoch)

@@ -259,7 +259,8 @@ def test_thresholds_are_configurable_by_name():
 
 
 def test_bias_rule_with_identical_biases_but_one():
-    findings = output_bias_skew(0, 10, "fc.bias", [0.0, 0.0, 0.0, 3.0], CLASSES, [1.0, 1.0, 1.0, 0.5], Thresholds())
+    bias = ("fc.bias", [0.0, 0.0, 0.0, 3.0])
+    findings = output_bias_skew({"epoch": 0, "step": 10}, bias, CLASSES, [1.0, 1.0, 1.0, 0.5], Thresholds())
     assert len(findings) == 1 and findings[0].evidence["class"] == "d" and math.isinf(findings[0].evidence["robust_z"])
 
 
