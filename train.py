@@ -338,7 +338,7 @@ class Run:
         self.model = nn.parallel.DistributedDataParallel(self.net) if self.dist.world_size > 1 else self.net
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.step_size, gamma=args.gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        # entering even a disabled autocast costs about 5% of a small model's step: none without --amp
+        # entering even a disabled autocast costs time on every step: none without --amp
         self.autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "off" else nullcontext()
 
     def state(self):

@@ -1,4 +1,9 @@
-"""The pictures the monitor logs, drawn with PIL: the gradient flow and the confusion matrix."""
+"""The pictures the monitor logs, drawn with PIL: the gradient flow and the confusion matrix.
+
+TensorBoard's image cards show a picture up to about 330 pixels wide as it is, and shrink a wider one by dropping
+pixel columns, which erases parts of thin text; so these pictures stay that narrow for a small model (wider ones
+read well with "Show actual image size").
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 BLACK, WHITE, RED = (0, 0, 0), (255, 255, 255), (255, 0, 0)
 GRID, LIGHT_BLUE, DARK_BLUE = (225, 225, 225), (158, 202, 225), (33, 113, 181)
-SLOT, LEFT, TOP, HEIGHT, BOTTOM = 64, 70, 34, 300, 50  # the gradient-flow picture's layout, in pixels
+SLOT, LEFT, TOP, HEIGHT, BOTTOM = 52, 46, 46, 240, 50  # the gradient-flow picture's layout, in pixels
+LINE = 15  # pixels from one line of text to the next
 OUTLINE = 230  # the grey between confusion-matrix cells
 
 
@@ -20,11 +26,13 @@ def font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=12)
 
 
-def _canvas(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    """A white picture at least as wide as its title, with the title drawn at the top left."""
-    image = Image.new("RGB", (max(width, math.ceil(font().getlength(title)) + 16), height), WHITE)
+def _canvas(width: int, height: int, title: list[str]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A white picture at least as wide as its title, with the title's lines drawn at the top left."""
+    width = max(width, *(math.ceil(font().getlength(line)) + 16 for line in title))
+    image = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(image)
-    draw.text((8, 8), title, BLACK, font())
+    for i, line in enumerate(title):
+        draw.text((8, 6 + LINE * i), line, BLACK, font())
     return image, draw
 
 
@@ -33,9 +41,9 @@ def gradient_flow_image(
 ) -> Image.Image:
     """Bars of each weight layer's mean (dark) and max (light) |gradient| on a log scale, input side on the left:
     vanishing gradients show as bars that shrink towards the left."""
-    title = f"Gradient flow, epoch {epoch + 1}: mean |grad| (dark), max |grad| (light)"
-    image, draw = _canvas(LEFT + SLOT * max(len(names), 1) + 20, TOP + HEIGHT + BOTTOM, title)
-    right = image.width - 10
+    title = [f"Gradient flow, epoch {epoch + 1}", "mean |grad| (dark), max |grad| (light)"]
+    image, draw = _canvas(LEFT + SLOT * max(len(names), 1) + 12, TOP + HEIGHT + BOTTOM, title)
+    right = image.width - 8
     positive = [v for v in [*means, *maxes] if v > 0 and math.isfinite(v)]
     if not positive:
         draw.text((LEFT, TOP + HEIGHT // 2), "no finite, non-zero gradients", RED, font())
@@ -48,15 +56,15 @@ def gradient_flow_image(
 
     for power in range(low, high + 1):
         draw.line([(LEFT - 4, y(10.0**power)), (right, y(10.0**power))], GRID)
-        draw.text((8, y(10.0**power) - 7), f"1e{power}", BLACK, font())
+        draw.text((6, y(10.0**power) - 7), f"1e{power}", BLACK, font())
     draw.line([(LEFT, TOP), (LEFT, TOP + HEIGHT), (right, TOP + HEIGHT)], BLACK)
     for i, (name, mean, peak) in enumerate(zip(names, means, maxes)):
-        x = LEFT + i * SLOT + 8
-        for offset, value, colour in ((0, peak, LIGHT_BLUE), (24, mean, DARK_BLUE)):
+        x = LEFT + i * SLOT + 6
+        for offset, value, colour in ((0, peak, LIGHT_BLUE), (20, mean, DARK_BLUE)):
             if value > 0 and math.isfinite(value):  # zero and non-finite values have no bar
-                draw.rectangle([x + offset, y(value), x + offset + 22, TOP + HEIGHT], colour)
+                draw.rectangle([x + offset, y(value), x + offset + 18, TOP + HEIGHT], colour)
         for row, part in enumerate(name.split(".")[:3]):  # "layer1.0.conv1.weight" in short lines
-            draw.text((x, TOP + HEIGHT + 6 + 14 * row), part[:9], BLACK, font())
+            draw.text((x, TOP + HEIGHT + 4 + 14 * row), part[:7], BLACK, font())
     return image
 
 
@@ -73,11 +81,11 @@ def confusion_matrix_image(confusion_mat: np.ndarray, classes: Sequence[str], se
     columns numbered."""
     counts = np.asarray(confusion_mat)
     n = len(classes)
-    cell = max(16, min(32, 520 // max(n, 1)))  # TensorBoard fits a card to about 500 pixels
+    cell = max(16, min(26, 260 // max(n, 1)))
     names = [f"{i} {str(c)[:14]}" for i, c in enumerate(classes)]
-    left, top = 16 + math.ceil(max(font().getlength(name) for name in names)), 48
-    title = f"Confusion_Matrix_{set_name}: rows true label, columns predicted"
-    image, draw = _canvas(left + n * cell + 12, top + n * cell + 24, title)
+    left, top = 14 + math.ceil(max(font().getlength(name) for name in names)), 56
+    title = [f"Confusion_Matrix_{set_name}", "rows: true label, columns: predicted"]
+    image, draw = _canvas(left + n * cell + 8, top + n * cell + 22, title)
 
     greys = np.round(255 * (1 - row_shares(counts))).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
     for edge in (0, cell - 1):  # each cell's outline
@@ -85,11 +93,11 @@ def confusion_matrix_image(confusion_mat: np.ndarray, classes: Sequence[str], se
     image.paste(Image.fromarray(greys).convert("RGB"), (left, top))
     fits = n <= 30 and font().getlength(str(counts.max(initial=0))) <= cell - 2
     for i in range(n):
-        draw.text((left + i * cell + cell // 2, top - 4), str(i), BLACK, font(), anchor="mb")
+        draw.text((left + i * cell + cell // 2, top - 3), str(i), BLACK, font(), anchor="mb")
         draw.text((left - 6, top + i * cell + cell // 2), names[i], BLACK, font(), anchor="rm")
         for j in range(n if fits else 0):
             draw.text(
                 (left + j * cell + cell / 2, top + i * cell + cell / 2), str(counts[i, j]), RED, font(), anchor="mm"
             )
-    draw.text((left, top + n * cell + 6), "Predict label", BLACK, font())
+    draw.text((left, top + n * cell + 5), "Predict label", BLACK, font())
     return image

@@ -4,28 +4,30 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from gradwatch.pictures import DARK_BLUE, LEFT, SLOT, confusion_matrix_image, font, gradient_flow_image
+from gradwatch.pictures import DARK_BLUE, LEFT, LINE, SLOT, confusion_matrix_image, font, gradient_flow_image
 
 
-def title_is_drawn_whole(image, title):
-    """The picture's title strip equals the title drawn alone by ImageDraw on a white canvas as wide as the
-    picture: nothing clipped at the right edge, nothing drawn over it."""
-    expected = Image.new("RGB", (image.width, 26), "white")
-    ImageDraw.Draw(expected).text((8, 8), title, (0, 0, 0), font())
-    return np.array_equal(np.asarray(image)[:26], np.asarray(expected))
+def title_is_drawn_whole(image, *lines):
+    """The picture's title strip equals the title's lines drawn alone by ImageDraw on a white canvas as wide as
+    the picture: nothing clipped at the right edge, nothing drawn over them."""
+    height = 6 + LINE * len(lines)
+    expected = Image.new("RGB", (image.width, height), "white")
+    for i, line in enumerate(lines):
+        ImageDraw.Draw(expected).text((8, 6 + LINE * i), line, (0, 0, 0), font())
+    return np.array_equal(np.asarray(image)[:height], np.asarray(expected))
 
 
 @pytest.mark.parametrize("layers", [1, 2, 12])
 def test_gradient_flow_title_is_drawn_whole_whatever_the_number_of_layers(layers):
     names = [f"layer{i}.weight" for i in range(layers)]
     image = gradient_flow_image(names, [1e-3] * layers, [1e-2] * layers, epoch=19)
-    assert title_is_drawn_whole(image, "Gradient flow, epoch 20: mean |grad| (dark), max |grad| (light)")
+    assert title_is_drawn_whole(image, "Gradient flow, epoch 20", "mean |grad| (dark), max |grad| (light)")
     assert image.width >= LEFT + SLOT * layers
 
 
 def bar_top(image, layer):
     """The highest row of a layer's dark (mean) bar."""
-    column = np.asarray(image)[:, LEFT + layer * SLOT + 8 + 35]
+    column = np.asarray(image)[:, LEFT + layer * SLOT + 6 + 29]
     rows = np.flatnonzero((column == DARK_BLUE).all(axis=1))
     return rows.min() if rows.size else None
 
@@ -49,7 +51,8 @@ def test_confusion_matrix_cells_are_grey_by_row_share_with_red_counts():
     for share in (0.75, 0.25, 0.0, 1.0):  # every row-normalised share is a cell's grey level
         level = round(255 * (1 - share))
         assert (level, level, level) in greys
-    assert title_is_drawn_whole(Image.fromarray(image), "Confusion_Matrix_valid: rows true label, columns predicted")
+    title = "Confusion_Matrix_valid", "rows: true label, columns: predicted"
+    assert title_is_drawn_whole(Image.fromarray(image), *title)
     assert ((image[..., 0] > 200) & (image[..., 1] < 100)).sum() > 4 * 5  # four counts in red
 
 
@@ -68,3 +71,12 @@ def test_confusion_matrix_of_a_class_without_samples_and_of_many_classes():
     assert image.mode == "RGB"
     many = confusion_matrix_image(np.eye(100, dtype=int), [str(i) for i in range(100)], "valid")
     assert many.width >= 100 * 16 and many.height >= 100 * 16
+
+
+def test_the_sample_models_pictures_fit_a_tensorboard_card_unscaled():
+    """TensorBoard shrinks a picture wider than its card (about 330 pixels) by dropping columns, erasing parts of
+    thin text: the tutorial's five weight layers and ten classes fit."""
+    names = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]
+    assert gradient_flow_image(names, [1e-3] * 5, [1e-2] * 5, epoch=19).width <= 330
+    conf_mat = np.full((10, 10), 3) + np.eye(10, dtype=int) * 300
+    assert confusion_matrix_image(conf_mat, [str(i) for i in range(10)], "valid").width <= 330
