@@ -72,12 +72,10 @@ class TrainingMonitor:
         start_step: int = 0,
         flush_secs: int = 30,
     ):
-        for name, value, low in (
-            ("bins", bins, 1),
-            ("stats_every", stats_every, 0),
-            ("hist_every", hist_every, 0),
-            ("start_step", start_step, 0),
-        ):
+        counts = dict(
+            bins=(bins, 1), stats_every=(stats_every, 0), hist_every=(hist_every, 0), start_step=(start_step, 0)
+        )
+        for name, (value, low) in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if thresholds is not None and not isinstance(thresholds, Thresholds):

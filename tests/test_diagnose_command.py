@@ -10,7 +10,6 @@ from tensorboardX import SummaryWriter as TensorboardXWriter
 from test_diagnosis import deep_sigmoid, make_data, mlp, train
 from torch.utils.tensorboard import SummaryWriter as TorchWriter
 
-from gradwatch import TrainingMonitor
 from gradwatch import cli as diagnose
 
 
@@ -103,17 +102,7 @@ def test_a_lasting_finding_is_printed_once_and_listed_at_every_step_in_json(tmp_
 
 def test_a_runs_step_axis_folder_is_part_of_the_run(tmp_path, capsys):
     """The monitor writes <run>/steps beside the run's epoch events; diagnose reports the run once."""
-    model = mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = make_data()
-    with TrainingMonitor(tmp_path / "logs" / "run", hist_every=2, stats_every=2).watch(model, optimizer) as monitor:
-        for epoch in range(2):
-            for i in range(0, 128, 32):
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
-                optimizer.step()
-                monitor.step()
-            monitor.epoch_end(epoch, {})
+    train(mlp(), tmp_path / "logs" / "run", lr=0.02, epochs=2, hist_every=2)
     assert (tmp_path / "logs" / "run" / "steps").is_dir()
     assert diagnose.main([str(tmp_path / "logs")]) == 0
     assert capsys.readouterr().out == "run: 2 steps, 4 parameters; healthy\n"

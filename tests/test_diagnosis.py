@@ -41,13 +41,13 @@ def deep_sigmoid(depth=8):
     return nn.Sequential(*layers, nn.Linear(20, len(CLASSES)))
 
 
-def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None, batch=32):
+def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None, batch=32, **options):
     """An ordinary training loop with the monitor's three calls; returns (all findings, urgent ones from step())."""
     torch.manual_seed(0)
     x, y = make_data(noise)
     optimizer = torch.optim.SGD(groups or model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     urgent = []
-    with TrainingMonitor(log_dir, stats_every=4).watch(model, optimizer) as monitor:
+    with TrainingMonitor(log_dir, **{"stats_every": 4, **options}).watch(model, optimizer) as monitor:
         for epoch in range(epochs):
             for i in range(0, len(x), batch):
                 optimizer.zero_grad()
