@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -484,7 +485,7 @@ def train_one_epoch(run, stop_request):
             run.scaler.step(run.optimizer)  # unscales the gradients first: the monitor sees true values
             run.scaler.update()
             run.step, run.batches_done = run.step + 1, run.batches_done + 1
-            urgent = run.monitor.step()  # statistics and step histograms, when due
+            urgent = run.monitor.step(loss)  # statistics and step histograms, when due
             # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
             if args.stop_on_nonfinite and (urgent or not math.isfinite(loss.item())):
                 return stop_on_nonfinite(run, urgent)
@@ -522,22 +523,23 @@ def stop_on_nonfinite(run, urgent):
 
 def validate_and_log(run, lr, images_per_second):
     """Validate, hand the epoch's metrics, confusion matrix and per-class recall to the monitor, and print the
-    epoch's summary and new findings. Returns (validation accuracy, confusion matrix, its picture, metrics)."""
+    epoch's summary. Returns (validation accuracy, confusion matrix, its picture, metrics)."""
     totals = run.totals
-    conf_mat, accuracy = validate(run.net, run.loaders[1], "valid", run.classes)
+    conf_mat, accuracy, valid_loss = validate(
+        run.net, run.loaders[1], "valid", run.classes, nn.functional.cross_entropy
+    )
     recall, precision = class_report(conf_mat)
     metrics = {"train/loss": totals["loss_sum"] / totals["seen"], "train/accuracy": totals["correct"] / totals["seen"]}
-    metrics.update({"valid/accuracy": accuracy, "train/lr": lr, "train/images_per_second": images_per_second})
+    metrics.update({"valid/accuracy": accuracy, "valid/loss": valid_loss, "train/lr": lr})
+    metrics["train/images_per_second"] = images_per_second
     metrics.update({f"valid_recall/{name}": r for name, r in zip(run.classes, recall) if not np.isnan(r)})
     metrics.update({f"valid_precision/{name}": p for name, p in zip(run.classes, precision) if not np.isnan(p)})
     picture = confusion_matrix_image(conf_mat, run.classes, "valid")
     recall = [None if np.isnan(r) else float(r) for r in recall]
-    findings = run.monitor.epoch_end(run.epoch, metrics, {"valid/confusion_matrix": picture}, run.classes, recall)
+    run.monitor.epoch_end(run.epoch, metrics, {"valid/confusion_matrix": picture}, run.classes, recall)
     trained = f"train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2%}"
     rest = f"valid acc {accuracy:.2%} | lr {lr:.3g} | {images_per_second:,.0f} images/s"
     print(f"Summary:  {format_epoch(run.epoch, run.args.epochs)} {trained} | {rest}", flush=True)
-    for finding in findings:
-        print(f"Diagnosis: {finding}", flush=True)
     return accuracy, conf_mat, picture, metrics
 
 
@@ -578,14 +580,15 @@ def train(args, dist):
     print(
         f"Run folder: {run.run_dir}   device: {dist.device}   classes: {len(run.classes)}   parameters: {parameters:,}"
     )
+    status = None
     with open_monitor(run, monitor_state) as run.monitor, StopRequest() as stop_request:
-        while run.epoch < args.epochs:
+        while run.epoch < args.epochs and status is None:
             group = run.optimizer.param_groups[0]  # the base learning rate, as StepLR has decayed it so far
             lr = args.lr * group["lr"] / group["initial_lr"]
             seen, started = run.totals.get("seen", 0) if run.batches_done else 0, time.perf_counter()
             status = train_one_epoch(run, stop_request)
             if status is not None:
-                return status
+                break
             throughput = (run.totals["seen"] - seen) / (time.perf_counter() - started)  # all ranks' images
             accuracy, conf_mat, picture, metrics = validate_and_log(run, lr, throughput)
             run.scheduler.step()
@@ -593,12 +596,17 @@ def train(args, dist):
             if dist.any(stop_request.requested) and run.epoch < args.epochs:
                 run.monitor.flush()
                 warn(f"Stopped after epoch {run.epoch}. Resume with: python train.py --resume {run.run_dir}")
-                return 130
-        final = {"best_valid_accuracy": run.best_accuracy, "final_valid_accuracy": accuracy}
-        final["final_train_loss"] = metrics["train/loss"]
-        run.monitor.log_hparams(hyperparameters(args), {f"hparam/{k}": v for k, v in final.items()}, run.epoch - 1)
-    report(run, conf_mat, picture)
-    return 0
+                status = 130
+        if status is None:
+            final = {"best_valid_accuracy": run.best_accuracy, "final_valid_accuracy": accuracy}
+            final["final_train_loss"] = metrics["train/loss"]
+            run.monitor.log_hparams(hyperparameters(args), {f"hparam/{k}": v for k, v in final.items()}, run.epoch - 1)
+    print(f"Diagnosis (in full in {run.run_dir / 'diagnosis.json'} and TensorBoard's Text tab):")
+    for paragraph in run.monitor.story().splitlines():
+        print(textwrap.fill(paragraph, 116, initial_indent="  ", subsequent_indent="    "))
+    if status is None:
+        report(run, conf_mat, picture)
+    return status or 0
 
 
 def one_line(err):

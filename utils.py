@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -107,20 +106,19 @@ class Net(nn.Module):
 
     def __init__(self, num_classes=10):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool1 = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.pool2 = nn.MaxPool2d(2, 2)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
+        # the tutorial's layers, with its ReLUs as modules after the layers they follow: the monitor watches them
+        self.conv1, self.relu1, self.pool1 = nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2, 2)
+        self.conv2, self.relu2, self.pool2 = nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2)
+        self.fc1, self.relu3 = nn.Linear(16 * 5 * 5, 120), nn.ReLU()
+        self.fc2, self.relu4 = nn.Linear(120, 84), nn.ReLU()
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x):
-        x = self.pool1(F.relu(self.conv1(x)))
-        x = self.pool2(F.relu(self.conv2(x)))
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
         x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
+        x = self.relu3(self.fc1(x))
+        x = self.relu4(self.fc2(x))
         return self.fc3(x)
 
     def initialize_weights(self):
@@ -139,8 +137,9 @@ class Net(nn.Module):
 
 
 @torch.no_grad()
-def validate(net, data_loader, set_name, classes_name):
-    """Return (confusion matrix, accuracy): conf_mat[true, predicted] counts, accuracy in [0, 1].
+def validate(net, data_loader, set_name, classes_name, loss_fn=None):
+    """Return (confusion matrix, accuracy): conf_mat[true, predicted] counts, accuracy in [0, 1]; with `loss_fn`
+    (e.g. torch.nn.functional.cross_entropy), (confusion matrix, accuracy, the mean loss per image).
 
     `set_name` is kept for the tutorial's signature. The network's train/eval mode is restored afterwards.
     """
@@ -149,14 +148,18 @@ def validate(net, data_loader, set_name, classes_name):
     device = next(net.parameters()).device
     n = len(classes_name)
     conf_mat = torch.zeros(n * n, dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for images, labels in data_loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        predicted = net(images).argmax(dim=1)
-        conf_mat += torch.bincount(labels * n + predicted, minlength=n * n)
+        outputs = net(images)
+        conf_mat += torch.bincount(labels * n + outputs.argmax(dim=1), minlength=n * n)
+        if loss_fn is not None:
+            loss += loss_fn(outputs, labels, reduction="sum")
     net.train(was_training)
     conf_mat = conf_mat.view(n, n).cpu().numpy()  # one host transfer per validation
     total = conf_mat.sum()
-    return conf_mat, float(np.trace(conf_mat) / total) if total else 0.0
+    accuracy = float(np.trace(conf_mat) / total) if total else 0.0
+    return (conf_mat, accuracy) if loss_fn is None else (conf_mat, accuracy, loss.item() / max(total, 1))
 
 
 def show_confMat(confusion_mat, classes, set_name, out_dir):

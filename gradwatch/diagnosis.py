@@ -1,16 +1,24 @@
-"""Rules that read per-layer statistics the way the tutorial reads its histograms, and say what to try.
+"""Rules that read a training run the way a practitioner reads its curves and histograms, and the story they tell.
 
-Each rule is a pure function of an epoch's summary (and the summaries before it) that returns
-Findings: which rule, which parameters, the evidence in numbers, and a suggestion. A healthy
-run produces none. The thresholds are fields of Thresholds, each documented there.
+Each rule is a pure function of the epoch summaries so far (oldest first) that returns Findings about the latest
+one: the rule, the parameters or layers concerned, the evidence in numbers and a message. A healthy run produces
+none. The thresholds are the fields of Thresholds. `record` merges an epoch's findings into the run's: a finding
+that lasts is one entry with its first and last epoch, and a finding that follows from an earlier one names it
+as its `cause` and leaves the suggestion to it; `story` tells them in the order they began.
 
-An epoch summary is a dict:
-    {"epoch": int, "step": int,                       # step: optimizer steps done at the epoch's end
-     "layers": {name: {"grad_rms": float, "weight_norm": float, "max_abs_weight": float,
-                       "update_ratio": float, "nonfinite_share": float}},   # medians over the epoch's logs
-     "total_grad_norm_max": float,                    # largest total gradient norm logged in the epoch
-     "total_grad_norm_median": float}                 # median of the same logs
-Missing keys are allowed: a rule skips what it cannot see.
+An epoch summary is a dict; a rule skips what it cannot see:
+    {"epoch": int, "step": int,                    # step: optimizer steps done at the epoch's end
+     "layers": {name: {"grad_rms", "grad_zero_share", "weight_norm", "max_abs_weight", "update_ratio",
+                       "nonfinite_share": float}},   # medians over the epoch's statistics logs
+     "activations": {name: {"kind": "relu" | "sigmoid" | "tanh", "layer": str, "share": float}},
+         # the median share of a ReLU's units (channels or features) with no positive output for a whole batch,
+         # or of a sigmoid's or tanh's outputs within 1% of their limits; "layer" is the layer that feeds it
+     "total_grad_norm_max": float, "total_grad_norm_median": float,
+     "losses": [{"step": int, "mean": float, "max": float, "max_step": int, "nonfinite_step": int | None}],
+         # the training loss in windows of steps, one per statistics log
+     "first_loss": float,                          # the run's first training loss
+     "metrics": {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy": float},
+     "num_classes": int, "lr": float}
 """
 
 from __future__ import annotations
@@ -18,7 +26,25 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+
+METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
+    "train_loss": ("train/loss", "train_loss", "loss/train", "Loss/train", "training_loss", "train/loss_epoch", "loss"),
+    "train_accuracy": ("train/accuracy", "train_acc", "train/acc", "accuracy/train", "Accuracy/train", "acc"),
+    "valid_loss": ("valid/loss", "val_loss", "val/loss", "validation/loss", "loss/val", "Loss/val", "eval/loss"),
+    "valid_accuracy": (
+        "valid/accuracy",
+        "val_acc",
+        "val/acc",
+        "val/accuracy",
+        "val_accuracy",
+        "validation/accuracy",
+        "accuracy/val",
+        "Accuracy/val",
+        "eval/accuracy",
+        "eval_accuracy",
+    ),
+}
 
 
 @dataclass
@@ -35,6 +61,18 @@ class Thresholds:
     bias_min_deviation: float = 1.0  # ... and at least this far from it
     update_slow: float = 1e-6  # not learning: a layer's median update-to-weight ratio ||dw|| / ||w|| is below this
     update_fast: float = 1e-1  # moving too fast: it is above this (about 1e-3 is typical of healthy training)
+    initial_loss_factor: float = 3.0  # high_initial_loss: the first training loss is above this multiple of ln C
+    diverging_factor: float = 1.5  # diverging: the training loss rises above this multiple of its first value
+    dead_share: float = 0.5  # dead_units: this share of a ReLU's units gave no positive output for a whole batch
+    saturated_share: float = 0.5  # saturated: this share of a sigmoid's or tanh's outputs within 1% of their limits
+    stuck_loss: float = 0.9  # stuck: the training loss stays above this fraction of ln C (C classes) ...
+    chance_margin: float = 0.1  # ... and the accuracy within this of chance (1 / C) ...
+    stuck_epochs: int = 5  # ... for this many epochs in a row
+    generalisation_gap: float = 0.3  # no_generalisation: training accuracy this far above chance, validation near it
+    overfit_gap: float = 0.05  # overfitting: training accuracy this far above validation accuracy, and further than
+    overfit_rise: float = 0.1  # at the best validation loss, which it exceeds now by this fraction
+    oscillation_windows: int = 8  # oscillating: over the last this many windows of the training loss ...
+    oscillation_amplitude: float = 0.2  # ... it went up and down by this fraction of its level, without falling
 
     @classmethod
     def names(cls):
@@ -66,43 +104,116 @@ def threshold_override(text):
 @dataclass
 class Finding:
     rule: str
-    parameters: list
-    epoch: int
-    step: int
-    evidence: dict
+    parameters: list  # the parameters or layers concerned; empty for the whole run
+    epoch: int  # the epoch (from 0) at whose end it was first found
+    step: int  # the optimizer step at which it began, as near as the evidence tells
+    evidence: dict  # the numbers the rule read when it was first found
     message: str
-    suggestion: str
+    suggestion: str | None  # what to try; None for a consequence of an earlier finding (see cause)
+    last_epoch: int = -1  # the last epoch it held
+    cause: str | None = None  # the id of the earlier finding it follows from
+    severity: str = "warning"  # or "note": a slow start that ended on its own
+
+    def __post_init__(self):
+        self.last_epoch = max(self.last_epoch, self.epoch)
 
     @property
-    def key(self):
-        """Findings with the same key say the same thing; the console reports each key once."""
-        return self.rule, tuple(self.parameters)
+    def key(self) -> tuple:
+        """Findings with the same key say the same thing: a finding that lasts is one entry. One per parameter for
+        the rules that look at parameters one by one, one per rule for the others."""
+        return (
+            (self.rule, *self.parameters[:1]) if self.rule in ("weights_growing", "output_bias_skew") else (self.rule,)
+        )
 
-    def to_json(self):
-        return asdict(self)
+    @property
+    def id(self) -> str:
+        return ":".join(self.key)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, item: dict) -> Finding:
+        """A finding from diagnosis.json or a monitor's state_dict()."""
+        return cls(**{key: value for key, value in item.items() if key != "id"})
 
     def __str__(self):
-        return f"[{self.rule}] epoch {self.epoch + 1}, step {self.step}: {self.message} Try: {self.suggestion}"
+        epochs = (
+            f"epochs {self.epoch + 1}-{self.last_epoch + 1}"
+            if self.last_epoch > self.epoch
+            else f"epoch {self.epoch + 1}"
+        )
+        after = f" It follows from {self.cause}." if self.cause else ""
+        return f"[{self.rule}] {epochs}, step {self.step}: {self.message}{after}" + (
+            f" Try: {self.suggestion}" if self.suggestion else ""
+        )
 
 
-SUGGESTIONS = {  # what to try, per rule; {name} is the first parameter concerned
-    "vanishing_gradients": "residual connections or normalisation layers, an auxiliary loss near the early layers, "
-    "or a larger learning rate for them (--layer-lr NAME=FACTOR); check for saturating activations or dead ReLUs.",
-    "nonfinite_gradients": "lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), check the data "
-    "and the loss for invalid values; --stop-on-nonfinite stops the run at the first occurrence.",
-    "exploding_gradients": "lower the learning rate or clip gradients (torch.nn.utils.clip_grad_norm_).",
-    "weights_growing": "weight decay for this layer (--layer-wd {name}=5e-4), or a lower learning rate.",
+SUGGESTIONS = {  # what to try, per rule; {lr} and {lr_up}: the learning rate a tenth and ten times as large
+    "high_initial_loss": "check that the inputs are normalised and that the initial weights are small (the "
+    "defaults of torch.nn, or the tutorial's Net.initialize_weights).",
+    "diverging": "lower the learning rate at least ten times{lr}; check that the inputs are normalised; clip "
+    "gradients (torch.nn.utils.clip_grad_norm_).",
+    "nonfinite_gradients": "lower the learning rate{lr}, clip gradients (torch.nn.utils.clip_grad_norm_), check the "
+    "data and the loss for invalid values; --stop-on-nonfinite stops at the first one.",
+    "exploding_gradients": "lower the learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
+    "dead_units": "a smaller negative bias or a better initialisation (Kaiming's), or LeakyReLU.",
+    "saturated": "ReLU instead of sigmoid or tanh in hidden layers, normalisation layers, or smaller initial weights.",
+    "vanishing_gradients": "residual connections or normalisation layers, an auxiliary loss near the early layers, or "
+    "a larger learning rate for them (--layer-lr NAME=FACTOR).",
     "not_learning": "a larger learning rate for these layers (--layer-lr NAME=FACTOR), less weight decay, or check "
     "that they receive gradients.",
     "moving_too_fast": "a lower learning rate for these layers (--layer-lr NAME=0.1) or for the whole model.",
+    "stuck": "a larger learning rate{lr_up}; if that does not help, check that the labels match the images and that "
+    "the inputs are normalised.",
+    "oscillating": "a lower learning rate{lr} or a larger batch.",
+    "weights_growing": "weight decay for this layer (--layer-wd {name}=5e-4), or a lower learning rate.",
     "output_bias_skew": "check that class's share of the training data (rebalance or weight the loss), or "
     "re-initialise the output bias.",
+    "no_generalisation": "check that the training labels match the images (a shuffled list?); if they do, more data, "
+    "augmentation or weight decay against memorisation.",
+    "overfitting": "keep the best validation epoch (best.pt), and weight decay (--weight-decay), augmentation or "
+    "more data.",
 }
+LOWER, RAISE = -1, 1
+DIRECTION = {  # what a rule's suggestion does to the learning rate, and what to suggest instead where that
+    # would go against the run's history (raising it after the loss diverged, lowering it for a run that is stuck)
+    "diverging": (LOWER, SUGGESTIONS["diverging"]),
+    "nonfinite_gradients": (LOWER, "check the data and the loss for invalid values, clip gradients."),
+    "exploding_gradients": (LOWER, "clip gradients (torch.nn.utils.clip_grad_norm_)."),
+    "moving_too_fast": (LOWER, "clip gradients (torch.nn.utils.clip_grad_norm_), or warm the learning rate up."),
+    "oscillating": (LOWER, "a larger batch, or clip gradients."),
+    "vanishing_gradients": (RAISE, "residual connections or normalisation layers, or an auxiliary loss."),
+    "not_learning": (RAISE, "check that these layers receive gradients and are in the optimizer."),
+    "stuck": (RAISE, "check that the labels match the images and that the inputs are normalised."),
+}
+CAUSES = {  # rule: the rules whose earlier findings it can follow from
+    "diverging": ("high_initial_loss",),
+    "exploding_gradients": ("diverging", "high_initial_loss"),
+    "nonfinite_gradients": ("diverging", "exploding_gradients", "high_initial_loss"),
+    "dead_units": ("diverging", "exploding_gradients", "high_initial_loss"),
+    "saturated": ("diverging", "exploding_gradients", "high_initial_loss"),
+    "vanishing_gradients": ("dead_units", "saturated", "diverging", "exploding_gradients", "high_initial_loss"),
+    "not_learning": ("dead_units", "saturated", "vanishing_gradients", "diverging", "high_initial_loss"),
+    "moving_too_fast": ("diverging", "exploding_gradients", "high_initial_loss"),
+    "stuck": ("diverging", "dead_units", "saturated", "vanishing_gradients", "not_learning", "high_initial_loss"),
+    "oscillating": ("diverging", "exploding_gradients"),
+    "weights_growing": ("diverging", "output_bias_skew"),
+    "output_bias_skew": ("diverging", "dead_units", "not_learning", "stuck"),
+    "overfitting": ("weights_growing",),
+}
+ORDER = list(SUGGESTIONS)  # findings that began at the same step are told in this order
 
 
-def _finding(rule: str, parameters: list[str], summary: dict, evidence: dict, message: str) -> Finding:
-    suggestion = SUGGESTIONS[rule].format(name=parameters[0])
-    return Finding(rule, parameters, summary["epoch"], summary["step"], evidence, message, suggestion)
+def _finding(
+    rule: str, parameters: list, summary: dict, evidence: dict, message: str, step: int | None = None, epoch=None
+) -> Finding:
+    lr = summary.get("lr")
+    fill = {"lr": f" (to {lr / 10:g} or less)" if lr else "", "lr_up": f" (e.g. {lr * 10:g})" if lr else ""}
+    suggestion = SUGGESTIONS[rule].format(name=parameters[0] if parameters else "", **fill)
+    step = summary["step"] if step is None else step
+    first = summary["epoch"] if epoch is None else epoch
+    return Finding(rule, parameters, first, step, evidence, message, suggestion, last_epoch=summary["epoch"])
 
 
 def _finite(value: float | None) -> bool:
@@ -208,6 +319,148 @@ def update_ratio(history: list[dict], t: Thresholds) -> list[Finding]:
     return findings
 
 
+def _classes(summary: dict) -> int | None:
+    classes = summary.get("num_classes")
+    return classes if classes and classes >= 2 else None
+
+
+def high_initial_loss(history: list[dict], t: Thresholds) -> list[Finding]:
+    now, classes = history[0], _classes(history[0])
+    first = now.get("first_loss")
+    if len(history) > 1 or not classes or not _finite(first) or first <= t.initial_loss_factor * math.log(classes):
+        return []
+    expected = math.log(classes)
+    message = f"the first training loss was {first:.3g}, {first / expected:.0f}x the {expected:.2f} (ln {classes}) "
+    message += "of an untrained model: the initial weights or the inputs are far too large."
+    return [_finding("high_initial_loss", [], now, {"first_loss": first, "expected": expected}, message, step=1)]
+
+
+def diverging(history: list[dict], t: Thresholds) -> list[Finding]:
+    now, first = history[-1], history[0].get("first_loss")
+    windows = now.get("losses", [])
+    limit = t.diverging_factor * first if _finite(first) and first > 0 else math.inf
+    high = next((w for w in windows if w["max"] > limit), None)  # NaN compares False
+    bad = next((w for w in windows if w.get("nonfinite_step") is not None), None)
+    if high is not None:
+        peak = max((w for w in windows if _finite(w["max"])), key=lambda w: w["max"])
+        when = f"in the first {peak['max_step']} steps" if now["epoch"] == 0 else f"by step {peak['max_step']}"
+        message = f"the training loss rose from {first:.3g} to {peak['max']:.3g} {when}: the learning rate is too high."
+        evidence = {"first_loss": first, "peak": peak["max"], "peak_step": peak["max_step"]}
+        return [
+            _finding("diverging", [], now, {**evidence, "threshold": t.diverging_factor}, message, high["max_step"])
+        ]
+    if bad is not None:
+        step = bad["nonfinite_step"]
+        message = f"the training loss became NaN or Inf at step {step} without rising first: a batch with invalid "
+        message += "values, or an overflow."
+        finding = _finding("diverging", [], now, {"nonfinite_step": step}, message, step)
+        finding.suggestion = "check the data and the loss for NaN or Inf (--stop-on-nonfinite stops at the first)."
+        return [finding]
+    return []
+
+
+def dead_units(history: list[dict], t: Thresholds) -> list[Finding]:
+    now = history[-1]
+    dead = {a["layer"]: a["share"] for a in now.get("activations", {}).values() if a["kind"] == "relu"}
+    dead = {layer: share for layer, share in dead.items() if share >= t.dead_share}
+    if not dead:
+        return []
+    parts = ", ".join(f"{share:.0%} of {layer}'s" for layer, share in dead.items())
+    message = f"{parts} units gave no positive output for a whole batch: their ReLUs no longer fire (dead units)."
+    return [_finding("dead_units", list(dead), now, {"dead_share": dead, "threshold": t.dead_share}, message)]
+
+
+def saturated(history: list[dict], t: Thresholds) -> list[Finding]:
+    now = history[-1]
+    found = {a["layer"]: a for a in now.get("activations", {}).values() if a["kind"] in ("sigmoid", "tanh")}
+    found = {layer: a for layer, a in found.items() if a["share"] >= t.saturated_share}
+    if not found:
+        return []
+    parts = ", ".join(f"{a['share']:.0%} of {layer}'s {a['kind']}" for layer, a in found.items())
+    message = f"{parts} outputs are within 1% of their limits, where their gradient is nearly zero (saturated)."
+    evidence = {"saturated_share": {layer: a["share"] for layer, a in found.items()}, "threshold": t.saturated_share}
+    return [_finding("saturated", list(found), now, evidence, message)]
+
+
+def _loss(summary: dict) -> float | None:
+    """The epoch's training loss: as the training loop reported it, else the median of its windows."""
+    windows = [w["mean"] for w in summary.get("losses", []) if _finite(w["mean"])]
+    return summary.get("metrics", {}).get("train_loss", statistics.median(windows) if windows else None)
+
+
+def stuck(history: list[dict], t: Thresholds) -> list[Finding]:
+    classes = _classes(history[-1])
+    if not classes or len(history) < t.stuck_epochs:
+        return []
+    recent, chance, start = history[-t.stuck_epochs :], 1 / classes, math.log(classes)
+    for summary in recent:
+        metrics = summary.get("metrics", {})
+        accuracy = metrics.get("valid_accuracy", metrics.get("train_accuracy"))
+        if not (_finite(_loss(summary)) and _finite(accuracy)):
+            return []
+        if _loss(summary) < t.stuck_loss * start or accuracy > chance + t.chance_margin:
+            return []
+    now = history[-1]
+    accuracy = now["metrics"].get("valid_accuracy", now["metrics"].get("train_accuracy"))
+    message = f"the training loss stays near {start:.2f} (ln {classes}, an untrained model's) and the accuracy near "
+    message += f"chance ({accuracy:.1%}; chance {chance:.1%}): the model is not learning."
+    evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0]["epoch"]}
+    return [_finding("stuck", [], now, evidence, f"since epoch {recent[0]['epoch'] + 1} {message}")]
+
+
+def no_generalisation(history: list[dict], t: Thresholds) -> list[Finding]:
+    now, classes = history[-1], _classes(history[-1])
+    metrics = now.get("metrics", {})
+    train, valid = metrics.get("train_accuracy"), metrics.get("valid_accuracy")
+    if not classes or not (_finite(train) and _finite(valid)):
+        return []
+    chance = 1 / classes
+    if train < chance + t.generalisation_gap or valid > chance + t.chance_margin:
+        return []
+    message = f"the training accuracy reached {train:.1%} while the validation accuracy stays near chance "
+    message += f"({valid:.1%}; chance {chance:.1%}): what the model learns does not carry over to new images."
+    evidence = {"train_accuracy": train, "valid_accuracy": valid, "chance": chance}
+    return [_finding("no_generalisation", [], now, evidence, message)]
+
+
+def overfitting(history: list[dict], t: Thresholds) -> list[Finding]:
+    def get(summary, key):
+        return summary.get("metrics", {}).get(key)
+
+    seen = [s for s in history if all(_finite(get(s, k)) for k in ("valid_loss", "train_accuracy", "valid_accuracy"))]
+    if len(seen) < 2 or seen[-1] is not history[-1]:
+        return []
+    best, now = min(seen, key=lambda s: get(s, "valid_loss")), seen[-1]
+    gap, best_gap = (get(s, "train_accuracy") - get(s, "valid_accuracy") for s in (now, best))
+    if (
+        get(now, "valid_loss") < (1 + t.overfit_rise) * get(best, "valid_loss")
+        or gap < max(best_gap, 0) + t.overfit_gap
+    ):
+        return []
+    message = f"since epoch {best['epoch'] + 1} the validation loss rose from {get(best, 'valid_loss'):.3g} to "
+    message += f"{get(now, 'valid_loss'):.3g} and the gap between training and validation accuracy grew from "
+    message += f"{best_gap:.1%} to {gap:.1%}: the model fits its training images at the expense of new ones."
+    evidence = {"best_epoch": best["epoch"], "valid_loss": get(now, "valid_loss"), "gap": gap, "best_gap": best_gap}
+    return [_finding("overfitting", [], now, evidence, message)]
+
+
+def oscillating(history: list[dict], t: Thresholds) -> list[Finding]:
+    means = [w["mean"] for s in history for w in s.get("losses", [])][-t.oscillation_windows :]
+    if len(means) < t.oscillation_windows or not all(map(_finite, means)):
+        return []
+    steps = [b - a for a, b in zip(means, means[1:])]
+    turns = sum(1 for a, b in zip(steps, steps[1:]) if a * b < 0)
+    level, swing = statistics.median(means), statistics.median(abs(d) for d in steps)
+    half = len(means) // 2
+    falling = statistics.mean(means[half:]) < 0.9 * statistics.mean(means[:half])
+    if turns < len(steps) - 2 or swing < t.oscillation_amplitude * level or falling:
+        return []
+    message = f"over its last {len(means)} statistics logs the training loss went up and down by {swing:.3g} "
+    message += f"(around {level:.3g}) without falling: the steps overshoot."
+    evidence = {"loss_windows": means, "swing": swing, "threshold": t.oscillation_amplitude}
+    return [_finding("oscillating", [], history[-1], evidence, message)]
+
+
 def output_bias_skew(summary: dict, bias: tuple, classes: list, recall: list | None, t: Thresholds) -> list[Finding]:
     """Classes whose output-layer bias (`bias`: its name and values) is an outlier among the classes, reported with
     their validation recall."""
@@ -236,10 +489,86 @@ def output_bias_skew(summary: dict, bias: tuple, classes: list, recall: list | N
     return findings
 
 
-RULES = (vanishing_gradients, nonfinite_values, exploding_gradients, weights_growing, update_ratio)
+RULES = [high_initial_loss, diverging, exploding_gradients, nonfinite_values, dead_units, saturated]
+RULES += [vanishing_gradients, update_ratio, stuck, oscillating, weights_growing, no_generalisation, overfitting]
 
 
 def diagnose(history: list[dict], thresholds: Thresholds | None = None) -> list[Finding]:
-    """All layer rules on the latest epoch summary of `history` (oldest first). Pure: nothing is logged."""
+    """Every rule on the latest epoch summary of `history` (oldest first). Pure: nothing is logged."""
     thresholds = thresholds or Thresholds()
     return [finding for rule in RULES for finding in rule(history, thresholds)]
+
+
+def record(findings: list[Finding], new: list[Finding], epoch: int) -> tuple[list[Finding], list[Finding]]:
+    """The run's findings with epoch `epoch`'s `new` ones merged in, in the order they began, each linked to the
+    earlier finding it follows from; and the findings that began this epoch. Pure: the arguments are kept."""
+    merged, begun = {f.key: replace(f) for f in findings}, []
+    for finding in new:
+        if finding.key in merged:
+            kept = merged[finding.key]
+            kept.last_epoch = max(kept.last_epoch, finding.last_epoch)
+            kept.parameters = [*kept.parameters, *(p for p in finding.parameters if p not in kept.parameters)]
+        else:
+            merged[finding.key] = replace(finding)
+            begun.append(merged[finding.key])
+    ordered = sorted(merged.values(), key=lambda f: (f.epoch, f.step, ORDER.index(f.rule)))
+    _link(ordered, epoch)
+    return ordered, begun
+
+
+def _link(findings: list[Finding], epoch: int) -> None:
+    """Causes, severities and suggestions of findings in the order they began: a finding that can follow from an
+    earlier one (CAUSES) does, and leaves the suggestion to it; no suggestion goes against the run's history."""
+    diverged = any(f.rule in ("diverging", "exploding_gradients") for f in findings)
+    direction = 0  # the first problem's, for the learning rate
+    for i, finding in enumerate(findings):
+        causes = [f for f in findings[:i] if f.rule in CAUSES.get(finding.rule, ()) and _related(f, finding)]
+        finding.cause = causes[0].id if causes else None
+        slow_start = finding.rule in ("stuck", "not_learning", "vanishing_gradients") and finding.last_epoch < epoch
+        finding.severity = "note" if slow_start and not finding.cause else "warning"
+        if finding.cause:
+            finding.suggestion = None
+            continue
+        way, instead = DIRECTION.get(finding.rule, (0, None))
+        if way and (way == -direction or (way == RAISE and diverged)):
+            finding.suggestion = instead
+        elif way and not direction:
+            direction = way
+
+
+def _related(cause: Finding, effect: Finding) -> bool:
+    """Whether `cause` can explain `effect`: a finding about the whole run explains any; otherwise they must share a
+    layer (conv1 explains conv1.weight; fc3.bias[3], one class's output bias, explains fc3.bias)."""
+
+    def layers(finding):
+        return {p.split("[")[0].removesuffix(".weight").removesuffix(".bias") for p in finding.parameters}
+
+    return not cause.parameters or not effect.parameters or bool(layers(cause) & layers(effect))
+
+
+def story(findings: list[Finding], told_in_full: int = 2) -> str:
+    """The run's findings told in the order they began, one paragraph per problem: what happened, what followed
+    from it (the first `told_in_full` in full, the others by name), and what to try."""
+    paragraphs = []
+    for root in (f for f in findings if f.cause is None):
+        causes, chain = {root.id}, []
+        for finding in findings:
+            if finding.cause in causes:
+                causes.add(finding.id)
+                chain.append(finding)
+        if root.severity == "note":
+            paragraphs.append(
+                f"Note, {_when(root)}: {root.message} It ended after epoch {root.last_epoch + 1}: a slow start."
+            )
+            continue
+        text = [f"Problem, {_when(root)}: {root.message}"]
+        text += [f"Then, {_when(f)}: {f.message}" for f in chain[:told_in_full]]
+        if chain[told_in_full:]:
+            text.append("Then also: " + ", ".join(f"{f.rule} ({_when(f)})" for f in chain[told_in_full:]) + ".")
+        paragraphs.append(" ".join([*text, f"Try: {root.suggestion}"]))
+    return "\n".join(paragraphs) or "No findings."
+
+
+def _when(finding: Finding) -> str:
+    epochs = f"epoch {finding.epoch + 1}" + (f"-{finding.last_epoch + 1}" if finding.last_epoch > finding.epoch else "")
+    return f"{epochs}, step {finding.step}"

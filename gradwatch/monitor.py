@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
+import sys
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -16,12 +20,13 @@ from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.summary import histogram_raw
 
-from .diagnosis import Finding, Thresholds, diagnose, nonfinite_values, output_bias_skew
-from .histograms import DEFAULT_BINS, Histogram, compute_histograms
+from .diagnosis import METRIC_TAGS, RULES, Finding, Thresholds, nonfinite_values, output_bias_skew, record, story
+from .histograms import DEFAULT_BINS, Histogram, compute_histograms, to_host
 from .pictures import gradient_flow_image
 from .stats import NamedParameters, gradient_flow, parameter_statistics, parameter_tensors, summarize_epoch
 
 STATE_KEYS = {"steps", "skipped_steps", "history", "records", "findings"}
+ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh"}
 
 
 def is_main_process() -> bool:
@@ -46,14 +51,16 @@ class TrainingMonitor:
 
         monitor = TrainingMonitor("Result/run").watch(model, optimizer)
         ...  loss.backward(); optimizer.step()       # (scaler.step(optimizer) under AMP: grads are unscaled)
-        monitor.step()                               # once per optimizer step, before zero_grad()
+        monitor.step(loss)                           # once per optimizer step, before zero_grad()
         ...
         findings = monitor.epoch_end(epoch, {"valid/accuracy": acc}, classes=names, recall=recall)
+        print(monitor.story())                       # at the end: what went wrong, in the order it began
 
-    Every `stats_every` optimizer steps it logs per-layer statistics; every `hist_every` steps, histograms;
-    at each epoch's end the tutorial's `<name>_data` / `<name>_grad` histograms, the gradient-flow image,
-    the scalars and images it is given, and the diagnosis (diagnosis.json, the Text tab, and the findings
-    not reported before, which it returns).
+    Every `stats_every` optimizer steps it logs per-layer statistics, the training loss and the activations of
+    ReLU, sigmoid and tanh modules; every `hist_every` steps, histograms; at each epoch's end the tutorial's
+    `<name>_data` / `<name>_grad` histograms, the gradient-flow image, the scalars and images it is given, and
+    the diagnosis (diagnosis.json, the Text tab, and the findings that began, which it returns). Nothing it does
+    can end the training run: a failure inside it is reported once and training goes on.
 
     Epochs and optimizer steps are two step axes, so each gets its own event folder: a tag keeps one axis,
     and a resumed run purges exactly what it rewrites on each (epochs in `log_dir`, optimizer steps in
@@ -91,8 +98,14 @@ class TrainingMonitor:
         self._before_update: dict[str, torch.Tensor] | None = None
         self._records: list[dict] = []  # statistics of the epoch so far
         self._history: list[dict] = []  # one summary per finished epoch
+        self._losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last statistics log
+        self._windows: list[dict] = []  # the epoch's training loss, one window per statistics log
+        self._first_loss: float | None = None
+        self._activations: list[tuple] = []  # (name, module, kind, the layer feeding it)
+        self._activation_values: dict[str, tuple] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._failed: set[str] = set()
         self.findings = self._load_findings(purge_epoch)
-        self._reported = {f.key for f in self.findings}
         self.is_writer = is_main_process()
         # Event file names hold the time in whole seconds; a nanosecond suffix keeps a run resumed within the
         # same second from overwriting the file it continues, and sorts it after that file.
@@ -106,7 +119,28 @@ class TrainingMonitor:
         if purge_epoch is None or not os.path.isfile(path):
             return []
         with open(path) as fh:
-            return [Finding(**item) for item in json.load(fh) if item["epoch"] < purge_epoch]
+            findings = [Finding.from_json(item) for item in json.load(fh) if item["epoch"] < purge_epoch]
+        for finding in findings:
+            finding.last_epoch = min(finding.last_epoch, purge_epoch - 1)
+        return findings
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Nothing the monitor does may end the user's run: a failure is reported once, in one line, its traceback
+        goes to <log_dir>/gradwatch-errors.log, and training goes on."""
+        try:
+            yield
+        except Exception as err:
+            path = os.path.join(self.log_dir, "gradwatch-errors.log")
+            if what not in self._failed:
+                self._failed.add(what)
+                print(
+                    f"gradwatch: {what} failed ({type(err).__name__}: {err}); training goes on; see {path}",
+                    file=sys.stderr,
+                )
+            if self.is_writer:
+                with open(path, "a") as fh:
+                    traceback.print_exc(file=fh)
 
     def _writer(self, per_step: bool) -> SummaryWriter:
         if per_step and self._step_writer is None:
@@ -127,11 +161,55 @@ class TrainingMonitor:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.unwatch()
-        self.model = model
+        self.model, self._optimizer = model, optimizer
         self._parameters = list(model.named_parameters())
+        self._activations, layer = [], None
+        for name, module in model.named_modules():
+            layer = name if any(True for _ in module.parameters(recurse=False)) else layer
+            if type(module) in ACTIVATIONS:
+                self._activations.append((name, module, ACTIVATIONS[type(module)], layer or name))
         if optimizer is not None:
             self._hooks["before_step"] = optimizer.register_step_pre_hook(self._before_step)
+        if self.stats_every == 1:
+            self._arm()
         return self
+
+    def _arm(self) -> None:
+        """Forward hooks that measure the activations of the next training forward pass, removed after the next
+        statistics log: they cost nothing on the other steps."""
+        for name, module, kind, layer in self._activations:
+
+            def hook(module, inputs, output, name=name, kind=kind, layer=layer):
+                if module.training and isinstance(output, torch.Tensor):
+                    self._activation_values[name] = (kind, layer, _activation_share(kind, output.detach()))
+
+            self._hooks[f"activation {name}"] = module.register_forward_hook(hook)
+
+    def _disarm(self) -> dict[str, dict]:
+        """The activations measured since the hooks were placed, as {name: {"kind", "layer", "share"}}; removes them."""
+        for key in [key for key in self._hooks if key.startswith("activation ")]:
+            self._hooks.pop(key).remove()
+        values, self._activation_values = self._activation_values, {}
+        shares = to_host({name: share for name, (_, _, share) in values.items()})
+        return {
+            name: {"kind": kind, "layer": layer, "share": shares[name]} for name, (kind, layer, _) in values.items()
+        }
+
+    def _take_losses(self, per_step: bool = True) -> None:
+        """The training losses since the last call as a window of the epoch (one transfer), logged as `loss`."""
+        if not self._losses:
+            return
+        steps, host = [s for s, _ in self._losses], to_host({i: loss for i, (_, loss) in enumerate(self._losses)})
+        values, self._losses = [host[i] for i in range(len(steps))], []
+        self._first_loss = values[0] if self._first_loss is None else self._first_loss
+        finite = [(value, step) for value, step in zip(values, steps) if math.isfinite(value)]
+        nonfinite = next((step for value, step in zip(values, steps) if not math.isfinite(value)), None)
+        peak, peak_step = max(finite, default=(math.nan, None))
+        mean = statistics.fmean(v for v, _ in finite) if finite else math.nan
+        window = {"step": steps[-1], "mean": mean, "max": peak, "max_step": peak_step, "nonfinite_step": nonfinite}
+        self._windows.append(window)
+        if finite:
+            self._log(_scalar_values({"loss": mean}), steps[-1], per_step=True)
 
     def unwatch(self) -> None:
         """Remove every hook this monitor placed; safe to call twice."""
@@ -139,24 +217,36 @@ class TrainingMonitor:
             handle.remove()
         self._hooks.clear()
         self._before_update = None
+        self._activation_values = {}
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         """Runs only when the optimizer steps (GradScaler skips the call when it finds inf): notes that it did,
         and copies the weights before the update when statistics are due."""
         self._stepped = True
         if self.stats_every and (self.steps + 1) % self.stats_every == 0:
-            with torch.no_grad():
+            with self._guard("copying the weights for the update ratio"), torch.no_grad():
                 self._before_update = {name: p.clone() for name, p in self._parameters}
 
-    def step(self) -> list[Finding]:
-        """Call once per optimizer step, after it and before zero_grad(). Returns the step's urgent findings
-        (non-finite gradients) when statistics were taken, else an empty list.
+    def step(self, loss: torch.Tensor | float | None = None) -> list[Finding]:
+        """Call once per optimizer step, after it and before zero_grad(), with the step's training loss if you can:
+        it stays on its device until the next statistics log. Returns the step's urgent findings (non-finite
+        gradients) when statistics were taken, else an empty list.
 
         With the optimizer watched, a step GradScaler skipped (its scaled gradients overflowed) is counted
         (scalar amp/skipped_steps) and not examined: its gradients are infinite by design."""
         if self.model is None:
             raise RuntimeError("call watch(model) before step()")
         self.steps += 1
+        if loss is not None:
+            self._losses.append((self.steps, loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)))
+        urgent = []
+        with self._guard("the step's statistics"):
+            urgent = self._take_step()
+        if self.stats_every and (self.steps + 1) % self.stats_every == 0:
+            self._arm()
+        return urgent
+
+    def _take_step(self) -> list[Finding]:
         if "before_step" in self._hooks:
             stepped, self._stepped = self._stepped, False
             if not stepped:
@@ -170,9 +260,11 @@ class TrainingMonitor:
             return []
         stats = parameter_statistics(self._parameters, self._before_update)
         self._before_update = None
+        self._take_losses()
+        stats["activations"] = self._disarm()
         self._records.append(stats)
         scalars = {f"{key}/{name}": value for name, values in stats.items() for key, value in values.items()}
-        finite = {tag: value for tag, value in scalars.items() if math.isfinite(value)}  # else: nonfinite_share
+        finite = {tag: v for tag, v in scalars.items() if isinstance(v, float) and math.isfinite(v)}  # else: share
         self._log(_scalar_values(finite), self.steps, per_step=True)
         epoch = self._history[-1]["epoch"] + 1 if self._history else 0
         return nonfinite_values([{"epoch": epoch, "step": self.steps, "layers": stats}], self.thresholds)
@@ -206,28 +298,45 @@ class TrainingMonitor:
         `recall` (per class) the output-layer bias is checked too. Returns the findings not reported before."""
         if self.model is None:
             raise RuntimeError("call watch(model) before epoch_end()")
-        self.log_parameters(self._parameters, epoch)
-        self._log(_scalar_values(scalars), epoch)
-        flow = gradient_flow_image(*gradient_flow(self._parameters), epoch)
-        for tag, image in {**dict(images), "gradient_flow": flow}.items():
-            self._add_image(tag, image, epoch)
+        with self._guard("the histograms"):
+            self.log_parameters(self._parameters, epoch)
+        with self._guard("writing the scalars"):
+            self._log(_scalar_values(scalars), epoch)
+        for tag, image in dict(images).items():
+            with self._guard(f"the image {tag}"):
+                self._add_image(tag, image, epoch)
+        with self._guard("the gradient-flow picture"):
+            flow = gradient_flow_image(*gradient_flow(self._parameters), epoch)
+            self._add_image("gradient_flow", flow, epoch)
+            if self.is_writer:
+                flow.save(os.path.join(self.log_dir, "gradient_flow.png"))
+        with self._guard("the epoch's statistics"):
+            self._take_losses()
+            records = self._records or [{**parameter_statistics(self._parameters), "activations": self._disarm()}]
+            lr = self._optimizer.param_groups[0]["lr"] if self._optimizer else None
+            context = dict(losses=self._windows, first_loss=self._first_loss, metrics=_metrics(scalars), lr=lr)
+            self._history.append(summarize_epoch(epoch, self.steps, records, **context, num_classes=len(classes or ())))
+        self._records, self._windows = [], []
+        findings = []
+        summarised = bool(self._history) and self._history[-1]["epoch"] == epoch  # no summary, no rule
+        for rule in RULES if summarised else ():
+            with self._guard(f"the {rule.__name__} rule"):
+                findings += rule(self._history, self.thresholds)
+        if classes is not None and summarised:
+            with self._guard("the output_bias_skew rule"):
+                bias = _output_bias(self._parameters, len(classes))
+                findings += output_bias_skew(self._history[-1], bias, classes, recall, self.thresholds)
+        self.findings, begun = record(self.findings, findings, epoch)
+        with self._guard("writing the diagnosis"):
+            if self.is_writer:
+                self.writer.add_text("diagnosis", "\n\n".join(f"- {f}" for f in self.findings) or "No findings.", epoch)
+                with open(os.path.join(self.log_dir, "diagnosis.json"), "w") as fh:
+                    json.dump([f.to_json() for f in self.findings], fh, indent=2)
+        return begun
 
-        records = self._records or [parameter_statistics(self._parameters)]
-        self._records = []
-        self._history.append(summarize_epoch(epoch, self.steps, records))
-        findings = diagnose(self._history, self.thresholds)
-        if classes is not None:
-            bias = _output_bias(self._parameters, len(classes))
-            findings += output_bias_skew(self._history[-1], bias, classes, recall, self.thresholds)
-        self.findings += findings
-        if self.is_writer:
-            self.writer.add_text("diagnosis", "\n\n".join(f"- {f}" for f in findings) or "No findings.", epoch)
-            with open(os.path.join(self.log_dir, "diagnosis.json"), "w") as fh:
-                json.dump([f.to_json() for f in self.findings], fh, indent=2)
-            flow.save(os.path.join(self.log_dir, "gradient_flow.png"))
-        new = [f for f in findings if f.key not in self._reported]
-        self._reported.update(f.key for f in new)
-        return new
+    def story(self) -> str:
+        """The diagnosis as a story: each problem in the order it began, what followed from it, and what to try."""
+        return story(self.findings)
 
     def _add_image(self, tag: str, image: Any, step: int) -> None:
         if not self.is_writer:
@@ -240,12 +349,12 @@ class TrainingMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to diagnose as if it had never stopped: the epoch summaries the rules compare
-        against, the statistics of an unfinished epoch, the findings so far and the step counts. Plain Python
-        values, so that it can go into a checkpoint loaded with torch.load(weights_only=True)."""
-        history, records, findings = list(self._history), list(self._records), [f.to_json() for f in self.findings]
-        return dict(
-            steps=self.steps, skipped_steps=self.skipped_steps, history=history, records=records, findings=findings
-        )
+        against, the statistics and losses of an unfinished epoch, the findings so far and the step counts. Plain
+        Python values, so that it can go into a checkpoint loaded with torch.load(weights_only=True)."""
+        self._take_losses()
+        state = dict(steps=self.steps, skipped_steps=self.skipped_steps, history=list(self._history))
+        state.update(records=list(self._records), windows=list(self._windows), first_loss=self._first_loss)
+        return {**state, "findings": [f.to_json() for f in self.findings]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> TrainingMonitor:
         """Continue from a state_dict() saved with a checkpoint (call before the first step() of the resumed run)."""
@@ -254,8 +363,8 @@ class TrainingMonitor:
             raise ValueError(f"not a TrainingMonitor state: it lacks {', '.join(sorted(missing))}")
         self.steps, self.skipped_steps = state["steps"], state["skipped_steps"]
         self._history, self._records = list(state["history"]), list(state["records"])
-        self.findings = [Finding(**item) for item in state["findings"]]
-        self._reported = {f.key for f in self.findings}
+        self._windows, self._first_loss = list(state.get("windows", [])), state.get("first_loss")
+        self.findings = [Finding.from_json(item) for item in state["findings"]]
         return self
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], epoch: int) -> None:
@@ -282,6 +391,20 @@ class TrainingMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _activation_share(kind: str, output: torch.Tensor) -> torch.Tensor:
+    """For a ReLU, the share of its units (channels, or features) that gave no positive output for the whole batch;
+    for a sigmoid or tanh, the share of its outputs within 1% of their limits."""
+    if kind == "relu":
+        units = output.movedim(1 if output.ndim in (2, 4, 5) else -1, 0).flatten(1)
+        return 1 - (units > 0).any(1).float().mean()
+    return ((output < 0.01) | (output > 0.99) if kind == "sigmoid" else output.abs() > 0.99).float().mean()
+
+
+def _metrics(scalars: Mapping[str, float]) -> dict[str, float]:
+    """The training and validation loss and accuracy among an epoch's scalars, under the tags of METRIC_TAGS."""
+    return {key: float(scalars[tag]) for key, tags in METRIC_TAGS.items() for tag in tags[::-1] if tag in scalars}
 
 
 def _output_bias(parameters: NamedParameters, num_classes: int) -> tuple[str | None, list[float] | None]:

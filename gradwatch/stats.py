@@ -5,13 +5,23 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .histograms import to_host
 
 NamedParameters = Sequence[tuple[str, torch.nn.Parameter]]
-STAT_KEYS = ("grad_norm", "grad_rms", "weight_norm", "max_abs_weight", "update_ratio", "nonfinite_share")
+STAT_KEYS = (
+    "grad_norm",
+    "grad_rms",
+    "grad_zero_share",
+    "weight_norm",
+    "max_abs_weight",
+    "update_ratio",
+    "nonfinite_share",
+)
+EXTRA = ("total", "activations")  # the keys of a statistics record that are not parameters
 
 
 def named_parameters(model: torch.nn.Module | NamedParameters) -> NamedParameters:
@@ -64,6 +74,7 @@ def parameter_statistics(
             "weight_norm": _norms(weights, 2),
             "max_abs_weight": _norms(weights, math.inf),
             "grad_norm": _norms([g for _, g in graded], 2),
+            "grad_nonzero": [torch.count_nonzero(g) for _, g in graded],
             "update_norm": _norms(changes, 2),
         }
     )
@@ -71,11 +82,13 @@ def parameter_statistics(
         name: {"weight_norm": w, "max_abs_weight": m}
         for (name, _), w, m in zip(named, values["weight_norm"], values["max_abs_weight"])
     }
-    for (name, grad), norm in zip(graded, values["grad_norm"]):
+    sizes = {name: max(p.numel(), 1) for name, p in named}  # a sparse gradient's values: shares of the whole
+    for (name, grad), norm, nonzero in zip(graded, values["grad_norm"], values["grad_nonzero"]):
         share = 0.0
         if not math.isfinite(norm):  # count non-finite values only where the norm shows there are some
-            share = (~torch.isfinite(grad)).sum().item() / max(grad.numel(), 1)
-        stats[name].update(grad_norm=norm, grad_rms=norm / math.sqrt(max(grad.numel(), 1)), nonfinite_share=share)
+            share = (~torch.isfinite(grad)).sum().item() / sizes[name]
+        rms, zero_share = norm / math.sqrt(sizes[name]), 1 - nonzero / sizes[name]
+        stats[name].update(grad_norm=norm, grad_rms=rms, grad_zero_share=zero_share, nonfinite_share=share)
     for (name, _), update in zip(moved, values["update_norm"]):
         weight_norm = stats[name]["weight_norm"]
         stats[name]["update_ratio"] = update / weight_norm if weight_norm > 0 else math.nan
@@ -102,24 +115,25 @@ def _median(values: list[float | None]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def summarize_epoch(epoch: int, step: int, records: list[dict[str, dict[str, float]]]) -> dict:
-    """An epoch summary (see diagnosis.py) from the statistics logged during the epoch: medians per layer, and the
-    latest weight norm and max |w|."""
+def summarize_epoch(epoch: int, step: int, records: list[dict], **context: Any) -> dict:
+    """An epoch summary (see diagnosis.py) from the statistics records logged during the epoch: medians per layer
+    and per activation, the latest weight norm and max |w|; `context` adds the rest (the epoch's loss windows,
+    metrics, num_classes, first_loss, lr)."""
     layers = {}
     for name, latest in records[-1].items():
-        if name == "total":
+        if name in EXTRA:
             continue
-        layers[name] = {
-            key: _median([r.get(name, {}).get(key) for r in records])
-            for key in STAT_KEYS
-            if any(key in r.get(name, {}) for r in records)
-        }
+        present = [key for key in STAT_KEYS if any(key in r.get(name, {}) for r in records)]
+        layers[name] = {key: _median([r.get(name, {}).get(key) for r in records]) for key in present}
         layers[name].update(max_abs_weight=latest["max_abs_weight"], weight_norm=latest["weight_norm"])
-    totals = [r["total"]["grad_norm"] for r in records if "total" in r]
-    return {
-        "epoch": epoch,
-        "step": step,
-        "layers": layers,
-        "total_grad_norm_max": max(totals, default=math.nan),
-        "total_grad_norm_median": _median(totals),
+    activations = {}
+    for record in records:
+        for name, values in record.get("activations", {}).items():
+            activations.setdefault(name, []).append(values)
+    activations = {
+        name: {**found[-1], "share": _median([v["share"] for v in found])} for name, found in activations.items()
     }
+    totals = [r["total"]["grad_norm"] for r in records if "total" in r]
+    summary = {"epoch": epoch, "step": step, "layers": layers, "activations": activations}
+    summary.update(total_grad_norm_max=max(totals, default=math.nan), total_grad_norm_median=_median(totals))
+    return {**summary, **context}

@@ -148,17 +148,19 @@ def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
                 monitor.step()
             reported.append(monitor.epoch_end(epoch, {}))
     saved = json.loads((tmp_path / "diagnosis.json").read_text())
-    assert {"rule", "parameters", "epoch", "step", "evidence", "message", "suggestion"} == set(saved[0])
-    assert [Finding(**item) for item in saved] == monitor.findings
+    schema = {"id", "rule", "parameters", "epoch", "last_epoch", "step", "evidence", "message", "suggestion", "cause"}
+    assert set(saved[0]) == schema | {"severity"}
+    assert [Finding.from_json(item) for item in saved] == monitor.findings
     keys = [f.key for epoch_findings in reported for f in epoch_findings]
-    assert reported[0] and len(keys) == len(set(keys))  # the same finding is reported once
-    assert len(keys) < len(monitor.findings)  # though it is recorded at every epoch it holds
+    assert reported[0] and len(keys) == len(set(keys)) == len(monitor.findings)  # each finding begins once
+    vanishing = next(f for f in monitor.findings if f.rule == "vanishing_gradients")
+    assert (vanishing.epoch, vanishing.last_epoch) == (0, 2)  # one entry for the three epochs it held
     texts = load_events(tmp_path).Tensors("diagnosis/text_summary")
     assert [t.step for t in texts] == [0, 1, 2] and b"vanishing_gradients" in texts[0].tensor_proto.string_val[0]
 
     # a resumed monitor keeps what came before the epoch it rewrites
     resumed = TrainingMonitor(tmp_path, purge_epoch=2)
-    assert {f.epoch for f in resumed.findings} == {0, 1}
+    assert {f.epoch for f in resumed.findings} == {0} and max(f.last_epoch for f in resumed.findings) == 1
     resumed.close()
 
 
@@ -204,7 +206,8 @@ def test_a_resumed_monitor_diagnoses_as_if_the_run_had_never_stopped(tmp_path):
     state = run(tmp_path / "resumed", stop_at=stop_at)
     assert state["steps"] == stop_at and len(state["history"]) == 3 and len(state["records"]) == 1
     assert run(tmp_path / "resumed", stop_at=stop_at, state=state) == unbroken
-    assert [Finding(**item) for item in json.loads((tmp_path / "resumed" / "diagnosis.json").read_text())] == unbroken
+    saved = json.loads((tmp_path / "resumed" / "diagnosis.json").read_text())
+    assert [Finding.from_json(item) for item in saved] == unbroken
     forgetful = run(tmp_path / "forgetful", stop_at=stop_at, state={})  # resumed without the state
     assert "weights_growing" not in rules(forgetful)
     with pytest.raises(ValueError, match="lacks findings, history"):

@@ -340,7 +340,7 @@ def test_the_sample_data_trains_without_findings(tmp_path, capsys):
     assert (
         train.main(["--log-dir", str(tmp_path), "--run-name", "r", "--epochs", "4", "--data", str(ROOT / "Data")]) == 0
     )
-    assert "Diagnosis:" not in capsys.readouterr().out
+    assert "TensorBoard's Text tab):\n  No findings.\n" in capsys.readouterr().out
     run = tmp_path / "r"
     assert json.loads((run / "diagnosis.json").read_text()) == []
     assert (run / "gradient_flow.png").is_file()
@@ -393,3 +393,33 @@ def test_amp_bf16_trains_on_the_cpu_and_fp16_asks_for_cuda(data_dir, tmp_path, c
     if not torch.cuda.is_available():
         assert train.main(train_args(data_dir, tmp_path, "--amp", "fp16", "--device", "cpu", epochs=1)) == 1
         assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.monitor_failures
+def test_a_failing_rule_or_statistic_never_ends_the_run(data_dir, tmp_path, capsys, monkeypatch):
+    """The monitor's own failures are reported once, in one line, with the traceback in the run folder; the run
+    finishes, its checkpoints and the rest of the monitor's work intact."""
+    import gradwatch.monitor
+
+    def broken_rule(history, thresholds):
+        raise ZeroDivisionError("a rule that divides by a zero norm")
+
+    def broken_statistics(*args, **kwargs):
+        raise RuntimeError("statistics of a strange parameter")
+
+    monkeypatch.setattr(gradwatch.monitor, "RULES", [broken_rule, *gradwatch.monitor.RULES])
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "rule", "--stats-every", "2")) == 0
+    log = tmp_path / "rule" / "gradwatch-errors.log"
+    assert capsys.readouterr().err.splitlines() == [
+        f"gradwatch: the broken_rule rule failed (ZeroDivisionError: a rule that divides by a zero norm); training "
+        f"goes on; see {log}"
+    ]
+    assert log.read_text().count("Traceback") == 2  # each epoch's failure
+    assert json.loads((tmp_path / "rule" / "diagnosis.json").read_text()) == []  # the other rules ran
+
+    monkeypatch.setattr(gradwatch.monitor, "parameter_statistics", broken_statistics)
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "statistics", "--stats-every", "2")) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("statistics" in line and "RuntimeError" in line for line in err)  # steps', epoch's
+    assert torch.load(tmp_path / "statistics" / "last.pt", weights_only=True)["epoch"] == 2
+    assert histogram_steps(load_events(tmp_path / "statistics")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
