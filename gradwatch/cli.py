@@ -1,23 +1,25 @@
-"""Diagnose any TensorBoard log folder from its weight and gradient histograms, whoever wrote them.
+"""Diagnose any TensorBoard log folder from its scalars and histograms, whoever wrote them.
 
-    diagnose Result                 # every run under Result (or: python diagnose.py Result)
-    diagnose Result/my-run --json   # one run, findings as JSON
+    diagnose Result                      # every run under Result (or: python diagnose.py Result)
+    diagnose Result/my-run --classes 10  # one run; the number of classes gives the untrained loss, ln C
+    diagnose Result/my-run --json        # its findings as JSON
 
-Weight and gradient tags are recognised in the common conventions: the tutorial's `<name>_data` /
-`<name>_grad`, and prefixes such as `weights/<name>`, `parameters/<name>`, `grad/<name>`,
-`gradients/<name>` (tensorboardX, torch.utils.tensorboard and this project's monitor all qualify).
-Per-layer statistics come from the stored histograms (min, max, count, sum of squares), and the
-rules that need only those run on them: vanishing gradients, non-finite values,
-exploding gradients and weights growing, one epoch summary per logged step.
+Weight and gradient histograms are recognised in the common conventions: the tutorial's `<name>_data` /
+`<name>_grad`, and prefixes such as `weights/<name>`, `parameters/<name>`, `grad/<name>`, `gradients/<name>`;
+per-layer statistics come from them (the norm from the sum of squares, max |w| from min and max). The training
+and validation loss and accuracy are read from the scalars under common tags (train/loss, train_loss, Loss/train,
+loss; val_acc, valid/accuracy, val/accuracy; ...). The rules that need only these run at every logged step, and
+their findings are told as the monitor tells them.
 """
 
 import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
-from .diagnosis import Thresholds, diagnose, threshold_override
+from .diagnosis import METRIC_TAGS, Thresholds, diagnose, record, story, threshold_override
 
 WEIGHT_PREFIXES = ("weights/", "weight/", "parameters/", "params/", "param/")
 GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
@@ -35,9 +37,12 @@ def classify(tag):
     return None
 
 
-def summaries(events):
-    """Epoch summaries (diagnosis.py's format), one per logged step, from an EventAccumulator's histograms."""
-    by_step = {}
+def summaries(events, classes=None, step_events=None):
+    """Epoch summaries (diagnosis.py's format), one per logged step, from an EventAccumulator's histograms and
+    scalars (the steps of a metric where there are no histograms). The training loss comes per optimizer step from
+    `step_events` (the monitor's <run>/steps) when given, else from the run's scalars; its points are given to the
+    logged steps by wall time, since the two may count steps differently."""
+    by_step, walls = {}, {}
     for tag in events.Tags().get("histograms", []):
         recognised = classify(tag)
         if recognised is None:
@@ -47,51 +52,69 @@ def summaries(events):
             h = event.histogram_value  # its norm from the sum of squares, max |w| from min and max
             norm = math.sqrt(h.sum_squares) if h.sum_squares >= 0 else math.nan
             layer = by_step.setdefault(event.step, {}).setdefault(name, {})
+            walls[event.step] = max(walls.get(event.step, 0), event.wall_time)
             if kind == "weight":
                 layer.update(weight_norm=norm, max_abs_weight=max(abs(h.min), abs(h.max)) if h.num else math.nan)
             else:
                 rms = norm / math.sqrt(h.num) if h.num else math.nan
                 layer.update(grad_rms=rms, grad_norm=norm, nonfinite_share=0.0 if math.isfinite(norm) else 1.0)
-    history = []
-    for step, layers in sorted(by_step.items()):
+    metrics = {key: _scalars(events, tags) for key, tags in METRIC_TAGS.items()}  # key: [(step, wall, value)]
+    if not by_step:  # no histograms: the steps of the metrics, epoch by epoch where the validation's are logged
+        order = ("valid_accuracy", "valid_loss", "train_accuracy", "train_loss")
+        for step, wall, _ in next((metrics[key] for key in order if metrics[key]), []):
+            by_step[step], walls[step] = {}, wall
+    losses = (_scalars(step_events, ("loss",)) if step_events else []) or metrics["train_loss"]
+    # an untrained model's loss is where the loss starts: a first logged value may already hold a divergence
+    first_loss = math.log(classes) if classes and classes > 1 else losses[0][2] if losses else None
+    history, previous = [], -math.inf
+    for index, (step, layers) in enumerate(sorted(by_step.items())):
         total = math.sqrt(sum(layer.get("grad_norm", 0.0) ** 2 for layer in layers.values()))
-        history.append({"epoch": step, "step": step, "layers": layers})
-        history[-1].update(total_grad_norm_max=total, total_grad_norm_median=total)
+        windows = [_window(s, v) for s, wall, v in losses if previous < wall <= walls[step]]
+        values = {key: v for key, series in metrics.items() for s, _, v in series if s == step}
+        done = windows[-1]["step"] if windows else step  # on the loss's step axis where it has one
+        history.append({"epoch": index, "step": done, "layers": layers, "losses": windows, "metrics": values})
+        history[-1].update(total_grad_norm_max=total, total_grad_norm_median=total, num_classes=classes)
+        history[-1]["first_loss"], previous = first_loss, walls[step]
     return history
 
 
-def diagnose_run(run_dir, thresholds):
-    """(findings, message): the rules applied at every logged step of one run folder; findings is None
-    when nothing could be examined, and the message says why."""
+def _scalars(events, tags):
+    """[(step, wall time, value)] of the first of `tags` that `events` holds, else []."""
+    tag = next((tag for tag in tags if tag in events.Tags().get("scalars", [])), None)
+    return [(e.step, e.wall_time, e.value) for e in events.Scalars(tag)] if tag else []
+
+
+def _window(step, value):
+    """One logged training loss as a window of the loss (diagnosis.py's format)."""
+    nonfinite = None if math.isfinite(value) else step
+    return {"step": step, "mean": value, "max": value, "max_step": step, "nonfinite_step": nonfinite}
+
+
+def diagnose_run(run_dir, thresholds, classes=None):
+    """(findings, message): the rules applied at every logged step of one run folder, its findings merged as the
+    monitor merges them; findings is None when nothing could be examined, and the message says why."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
-    events.Reload()
+    def load(folder):
+        events = EventAccumulator(str(folder), size_guidance={"histograms": 0, "scalars": 0})
+        events.Reload()
+        return events
+
+    events = load(run_dir)
     try:
         events.FirstEventTimestamp()
     except ValueError:
         return None, "no readable event in its event files (corrupt, or not TensorBoard event files)"
     tags = events.Tags().get("histograms", [])
-    if not tags:
-        return None, "no histograms"
-    history = summaries(events)
+    history = summaries(events, classes, load(run_dir / "steps") if (run_dir / "steps").is_dir() else None)
     if not history:
-        return None, f"no weight or gradient histograms recognised among {len(tags)} tags (e.g. {tags[0]})"
+        found = f"among {len(tags)} histogram tags (e.g. {tags[0]})" if tags else "and no histograms"
+        return None, f"no weight or gradient histograms and no loss or accuracy scalars recognised {found}"
     findings = []
-    for i in range(1, len(history) + 1):
-        findings += diagnose(history[:i], thresholds)
-    steps = len(history)
-    return findings, f"{steps} step{'s' * (steps != 1)}, {len(history[-1]['layers'])} parameters"
-
-
-def first_occurrences(findings):
-    """[(first finding, how many steps it held, its last step)] per finding key, in order of appearance: a
-    finding that lasts is printed once, as train.py's console does, where --json lists it at every step."""
-    groups = {}
-    for finding in findings:
-        first, count, _ = groups.get(finding.key, (finding, 0, None))
-        groups[finding.key] = (first, count + 1, finding.step)
-    return list(groups.values())
+    for i, summary in enumerate(history):
+        findings, _ = record(findings, diagnose(history[: i + 1], thresholds), summary["epoch"])
+    steps, parameters = len(history), len(history[-1]["layers"])
+    return findings, f"{steps} step{'s' * (steps != 1)}, {parameters} parameters"
 
 
 def run_folders(path):
@@ -114,6 +137,7 @@ def _main(argv):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("path", type=Path, help="a run folder or a folder of runs")
     parser.add_argument("--json", action="store_true", help="print {run: [findings]} as JSON")
+    parser.add_argument("--classes", type=int, help="the number of classes, for the loss of an untrained model")
     names = ", ".join(Thresholds.names())
     about = f"change a threshold (repeatable); names: {names}"
     parser.add_argument(
@@ -132,7 +156,7 @@ def _main(argv):
     for folder in folders:
         name = str(folder.relative_to(args.path)) if folder != args.path else folder.name
         try:
-            findings, summary = diagnose_run(folder, thresholds)
+            findings, summary = diagnose_run(folder, thresholds, args.classes)
         except Exception as err:  # a damaged file must not hide the other runs
             findings, summary = None, f"could not read the event files ({type(err).__name__}: {err})"
         report[name] = findings or []
@@ -141,10 +165,10 @@ def _main(argv):
         if findings is None:
             print(f"{name}: {summary}")
             continue
-        groups = first_occurrences(findings)
-        print(f"{name}: {summary}; " + (f"{len(groups)} finding{'s' * (len(groups) != 1)}" if groups else "healthy"))
-        for finding, count, last in groups:
-            print(f"  {finding}" + (f" (holds at {count} logged steps, the last at step {last})" if count > 1 else ""))
+        problems = sum(f.cause is None and f.severity == "warning" for f in findings)
+        print(f"{name}: {summary}; " + (f"{problems} problem{'s' * (problems != 1)}" if problems else "healthy"))
+        for paragraph in story(findings).splitlines() if findings else ():
+            print(textwrap.fill(paragraph, 116, initial_indent="  ", subsequent_indent="    "))
     if args.json:
         print(json.dumps({name: [f.to_json() for f in findings] for name, findings in report.items()}, indent=2))
     return 0

@@ -71,7 +71,7 @@ class Thresholds:
     generalisation_gap: float = 0.3  # no_generalisation: training accuracy this far above chance, validation near it
     overfit_gap: float = 0.05  # overfitting: training accuracy this far above validation accuracy, and further than
     overfit_rise: float = 0.1  # at the best validation loss, which it exceeds now by this fraction
-    oscillation_windows: int = 8  # oscillating: over the last this many windows of the training loss ...
+    oscillation_epochs: int = 6  # oscillating: over the last this many epochs the training loss ...
     oscillation_amplitude: float = 0.2  # ... it went up and down by this fraction of its level, without falling
 
     @classmethod
@@ -188,7 +188,7 @@ DIRECTION = {  # what a rule's suggestion does to the learning rate, and what to
     "stuck": (RAISE, "check that the labels match the images and that the inputs are normalised."),
 }
 CAUSES = {  # rule: the rules whose earlier findings it can follow from
-    "diverging": ("high_initial_loss",),
+    "diverging": ("high_initial_loss", "moving_too_fast"),
     "exploding_gradients": ("diverging", "high_initial_loss"),
     "nonfinite_gradients": ("diverging", "exploding_gradients", "high_initial_loss"),
     "dead_units": ("diverging", "exploding_gradients", "high_initial_loss"),
@@ -197,10 +197,10 @@ CAUSES = {  # rule: the rules whose earlier findings it can follow from
     "not_learning": ("dead_units", "saturated", "vanishing_gradients", "diverging", "high_initial_loss"),
     "moving_too_fast": ("diverging", "exploding_gradients", "high_initial_loss"),
     "stuck": ("diverging", "dead_units", "saturated", "vanishing_gradients", "not_learning", "high_initial_loss"),
-    "oscillating": ("diverging", "exploding_gradients"),
+    "oscillating": ("diverging", "exploding_gradients", "moving_too_fast"),
     "weights_growing": ("diverging", "output_bias_skew"),
     "output_bias_skew": ("diverging", "dead_units", "not_learning", "stuck"),
-    "overfitting": ("weights_growing",),
+    "overfitting": ("no_generalisation", "weights_growing"),
 }
 ORDER = list(SUGGESTIONS)  # findings that began at the same step are told in this order
 
@@ -445,19 +445,19 @@ def overfitting(history: list[dict], t: Thresholds) -> list[Finding]:
 
 
 def oscillating(history: list[dict], t: Thresholds) -> list[Finding]:
-    means = [w["mean"] for s in history for w in s.get("losses", [])][-t.oscillation_windows :]
-    if len(means) < t.oscillation_windows or not all(map(_finite, means)):
+    losses = [_loss(s) for s in history[-t.oscillation_epochs :]]
+    if len(losses) < t.oscillation_epochs or not all(map(_finite, losses)):
         return []
-    steps = [b - a for a, b in zip(means, means[1:])]
+    steps = [b - a for a, b in zip(losses, losses[1:])]
     turns = sum(1 for a, b in zip(steps, steps[1:]) if a * b < 0)
-    level, swing = statistics.median(means), statistics.median(abs(d) for d in steps)
-    half = len(means) // 2
-    falling = statistics.mean(means[half:]) < 0.9 * statistics.mean(means[:half])
+    level, swing = statistics.median(losses), statistics.median(abs(d) for d in steps)
+    half = len(losses) // 2
+    falling = statistics.mean(losses[half:]) < 0.9 * statistics.mean(losses[:half])
     if turns < len(steps) - 2 or swing < t.oscillation_amplitude * level or falling:
         return []
-    message = f"over its last {len(means)} statistics logs the training loss went up and down by {swing:.3g} "
-    message += f"(around {level:.3g}) without falling: the steps overshoot."
-    evidence = {"loss_windows": means, "swing": swing, "threshold": t.oscillation_amplitude}
+    message = f"over the last {len(losses)} epochs the training loss went up and down by {swing:.3g} (around "
+    message += f"{level:.3g}) without falling: the steps overshoot."
+    evidence = {"train_losses": losses, "swing": swing, "threshold": t.oscillation_amplitude}
     return [_finding("oscillating", [], history[-1], evidence, message)]
 
 
@@ -563,8 +563,15 @@ def story(findings: list[Finding], told_in_full: int = 2) -> str:
             continue
         text = [f"Problem, {_when(root)}: {root.message}"]
         text += [f"Then, {_when(f)}: {f.message}" for f in chain[:told_in_full]]
-        if chain[told_in_full:]:
-            text.append("Then also: " + ", ".join(f"{f.rule} ({_when(f)})" for f in chain[told_in_full:]) + ".")
+        later = {}
+        for finding in chain[told_in_full:]:
+            later.setdefault(finding.rule, []).append(finding)
+        if later:
+            also = [
+                f"{rule} ({_when(fs[0])}{f', and {len(fs) - 1} more' if len(fs) > 1 else ''})"
+                for rule, fs in later.items()
+            ]
+            text.append(f"Then also: {', '.join(also)}.")
         paragraphs.append(" ".join([*text, f"Try: {root.suggestion}"]))
     return "\n".join(paragraphs) or "No findings."
 

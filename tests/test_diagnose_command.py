@@ -1,4 +1,4 @@
-"""diagnose.py on logs written by this project, by tensorboardX's add_histogram and by torch.utils.tensorboard."""
+"""The diagnose command on logs written by this project, by tensorboardX and by torch.utils.tensorboard."""
 
 import json
 
@@ -47,7 +47,7 @@ def test_diagnose_reads_every_writer_and_convention(tmp_path, capsys):
     assert report["healthy"] == []
     assert diagnose.main([str(tmp_path / "logs" / "torch")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("torch: 2 steps, 18 parameters;") and "[vanishing_gradients]" in out
+    assert out.startswith("torch: 2 steps, 18 parameters; 1 problem\n  Problem, epoch 1-2") and "0.weight" in out
     assert diagnose.main([str(tmp_path / "logs" / "healthy")]) == 0
     assert capsys.readouterr().out == "healthy: 3 steps, 4 parameters; healthy\n"
 
@@ -60,13 +60,16 @@ def test_diagnose_explains_what_it_cannot_read(tmp_path, capsys):
 
     writer = TensorboardXWriter(str(tmp_path / "other"))
     writer.add_histogram("activations/relu1", torch.randn(100).numpy(), 0)
-    writer.add_scalar("loss", 1.0, 0)
+    writer.add_scalar("learning_rate", 1.0, 0)
     writer.close()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "events.out.tfevents.1.host").write_bytes(b"\x00garbage" * 50)
     result = run_script("diagnose.py", tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr
-    assert "other: no weight or gradient histograms recognised among 1 tags (e.g. activations/relu1)" in result.stdout
+    assert (
+        "other: no weight or gradient histograms and no loss or accuracy scalars recognised among 1 histogram "
+        "tags (e.g. activations/relu1)" in result.stdout
+    )
     assert "broken: no readable event in its event files (corrupt, or not TensorBoard event files)\n" in result.stdout
     assert "healthy" not in result.stdout  # what could not be examined is not called healthy
 
@@ -78,7 +81,7 @@ def test_a_truncated_event_file_is_read_up_to_where_it_breaks(tmp_path, capsys):
     event_file.write_bytes(data[: int(len(data) * 0.8)])  # as a writer killed mid-record leaves it
     assert diagnose.main([str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("run: ") and "steps" in out and "[vanishing_gradients]" in out
+    assert out.startswith("run: ") and "steps" in out and "gradients of 0.weight" in out
 
 
 def test_diagnose_checks_thresholds_as_train_does(tmp_path, capsys):
@@ -88,16 +91,33 @@ def test_diagnose_checks_thresholds_as_train_does(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_lasting_finding_is_printed_once_and_listed_at_every_step_in_json(tmp_path, capsys):
+def test_a_lasting_finding_is_one_entry_with_its_first_and_last_step(tmp_path, capsys):
     torch.manual_seed(0)
     log_with(TensorboardXWriter(str(tmp_path / "run")), deep_sigmoid(), 4, "{}_data", "{}_grad")
     assert diagnose.main([str(tmp_path / "run"), "--json"]) == 0
     listed = [f for f in json.loads(capsys.readouterr().out)["run"] if f["rule"] == "vanishing_gradients"]
-    assert [f["step"] for f in listed] == [0, 1, 2, 3]
+    assert [(f["epoch"], f["last_epoch"]) for f in listed] == [(0, 3)]
     assert diagnose.main([str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert out.count("[vanishing_gradients]") == len({tuple(f["parameters"]) for f in listed})
-    assert "(holds at 4 logged steps, the last at step 3)" in out
+    assert out.count("Problem, epoch 1-4") == 1 and "gradients of 0.weight" in out
+
+
+def test_loss_and_accuracy_scalars_under_common_tags_tell_the_story(tmp_path, capsys):
+    """Scalars alone, as a Lightning or Hugging Face loop logs them: a loss per step that jumps and a validation
+    accuracy per epoch at chance; with the number of classes, the diagnosis names the divergence first."""
+    writer = TensorboardXWriter(str(tmp_path / "diverged"))
+    for step in range(1, 41):
+        writer.add_scalar("train_loss", 1.4 if step < 10 else 60.0 + step, step)
+        if step % 10 == 0:
+            writer.add_scalar("val_acc", 0.25, step)
+    writer.close()
+    assert diagnose.main([str(tmp_path / "diverged"), "--classes", "4", "--json"]) == 0
+    findings = json.loads(capsys.readouterr().out)["diverged"]
+    assert findings[0]["rule"] == "diverging" and findings[0]["step"] == 10
+    assert findings[0]["evidence"]["peak"] == 70.0 and findings[0]["cause"] is None  # as first found
+    assert diagnose.main([str(tmp_path / "diverged"), "--classes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("diverged: 4 steps, 0 parameters; 1 problem\n  Problem, epoch 1-4, step 10: the training")
 
 
 def test_a_runs_step_axis_folder_is_part_of_the_run(tmp_path, capsys):

@@ -22,10 +22,11 @@ def seeded():
 
 
 def make_data(noise=0.0, n=512, features=20, seed=0):
-    """A 4-class problem with a linear rule; `noise` of the labels are replaced at random."""
+    """A 4-class problem with a linear rule (the same for every seed); `noise` of the labels are replaced at random."""
+    rule = torch.randn(features, len(CLASSES), generator=torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)
-    y = (x @ torch.randn(features, len(CLASSES), generator=g)).argmax(1)
+    y = (x @ rule).argmax(1)
     flip = torch.rand(n, generator=g) < noise
     return x, torch.where(flip, torch.randint(0, len(CLASSES), (n,), generator=g), y)
 
@@ -41,25 +42,35 @@ def deep_sigmoid(depth=8):
     return nn.Sequential(*layers, nn.Linear(20, len(CLASSES)))
 
 
-def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None, batch=32, **options):
-    """An ordinary training loop with the monitor's three calls; returns (all findings, urgent ones from step())."""
+def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None, batch=32, n=512, nan_at=None,
+          momentum=0.9, **options):  # fmt: skip
+    """An ordinary training loop with the monitor's three calls, validating on clean data of the same rule; returns
+    (all findings, urgent ones from step())."""
     torch.manual_seed(0)
-    x, y = make_data(noise)
-    optimizer = torch.optim.SGD(groups or model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    x, y = make_data(noise, n)
+    valid_x, valid_y = make_data(0.0, 256, seed=1)
+    optimizer = torch.optim.SGD(groups or model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     urgent = []
     with TrainingMonitor(log_dir, **{"stats_every": 4, **options}).watch(model, optimizer) as monitor:
         for epoch in range(epochs):
             for i in range(0, len(x), batch):
+                inputs = (
+                    x[i : i + batch] if monitor.steps + 1 != nan_at else torch.full_like(x[i : i + batch], math.nan)
+                )
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[i : i + batch]), y[i : i + batch]).backward()
+                loss = nn.functional.cross_entropy(model(inputs), y[i : i + batch])
+                loss.backward()
                 optimizer.step()
-                urgent += monitor.step()
+                urgent += monitor.step(loss)
             with torch.no_grad():
-                predicted = model(x).argmax(1)
-            recall = [((predicted == c) & (y == c)).sum().item() / (y == c).sum().item() for c in range(len(CLASSES))]
-            monitor.epoch_end(
-                epoch, {"train/accuracy": (predicted == y).float().mean().item()}, classes=CLASSES, recall=recall
-            )
+                train_out, valid_out = model(x), model(valid_x)
+            predicted = valid_out.argmax(1)
+            recall = [((predicted == c) & (valid_y == c)).sum().item() / (valid_y == c).sum().item() for c in range(4)]
+            metrics = {"train/loss": nn.functional.cross_entropy(train_out, y).item()}
+            metrics["train/accuracy"] = (train_out.argmax(1) == y).float().mean().item()
+            metrics["valid/loss"] = nn.functional.cross_entropy(valid_out, valid_y).item()
+            metrics["valid/accuracy"] = (predicted == valid_y).float().mean().item()
+            monitor.epoch_end(epoch, metrics, classes=CLASSES, recall=recall)
     return monitor.findings, urgent
 
 
@@ -111,7 +122,7 @@ def test_weights_growing_without_decay_and_not_with_it(tmp_path):
     model = mlp()  # acting on the finding: weight decay for that layer
     groups = [
         {"params": [p for n, p in model.named_parameters() if n != "2.weight"]},
-        {"params": [model[2].weight], "weight_decay": 2e-2},
+        {"params": [model[2].weight], "weight_decay": 5e-2},
     ]
     findings, _ = train(model, tmp_path / "decayed", lr=0.05, epochs=6, groups=groups)
     assert "weights_growing" not in rules(findings)
@@ -385,3 +396,103 @@ def test_rules_read_zero_and_missing_statistics_without_raising():
     findings = diagnose([summary, {**summary, "epoch": 1}])
     vanishing = [f for f in findings if f.rule == "vanishing_gradients"]
     assert vanishing and "are zero, against those of the last layer 1.weight" in vanishing[0].message
+
+
+def first_problem(findings):
+    return next(f for f in findings if f.cause is None and f.severity == "warning")
+
+
+def test_initial_weights_far_too_large_give_a_high_first_loss(tmp_path):
+    model = mlp()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(50)
+    findings, _ = train(model, tmp_path, lr=0.01, epochs=2)
+    first = first_problem(findings)
+    assert first.rule == "high_initial_loss" and first.step == 1
+    assert first.evidence["first_loss"] > Thresholds().initial_loss_factor * math.log(4)
+    assert "initial weights" in first.suggestion
+
+
+def test_a_diverging_run_tells_one_story_that_lowers_the_learning_rate(tmp_path):
+    """The loss jumps in the first steps; what follows is told as its consequence, and nothing suggests a larger
+    learning rate."""
+    findings, _ = train(mlp(), tmp_path, lr=5.0, epochs=4)
+    first = first_problem(findings)
+    assert first.rule == "diverging" and first.epoch == 0 and first.step < 16
+    assert first.evidence["peak"] > Thresholds().diverging_factor * first.evidence["first_loss"]
+    assert "lower the learning rate at least ten times (to 0.5 or less)" in first.suggestion
+    consequences = [f for f in findings if f.cause]
+    assert consequences and all(f.suggestion is None for f in consequences)
+    assert {"exploding_gradients", "moving_too_fast"} <= rules(consequences)
+    assert not any("larger learning rate" in (f.suggestion or "") for f in findings)
+    story = (tmp_path / "diagnosis.json").read_text()
+    assert json.loads(story)[0]["rule"] == "diverging"
+
+
+def test_a_nan_batch_is_a_non_finite_loss_that_did_not_rise_first(tmp_path):
+    findings, urgent = train(mlp(), tmp_path, lr=0.05, epochs=3, nan_at=20)
+    first = first_problem(findings)
+    assert (first.rule, first.step) == ("diverging", 20) and "without rising first" in first.message
+    assert "check the data" in first.suggestion
+    assert urgent and urgent[0].rule == "nonfinite_gradients"
+    assert next(f for f in findings if f.rule == "nonfinite_gradients").cause == "diverging"
+
+
+def test_a_large_negative_bias_kills_the_relus(tmp_path):
+    model = mlp()
+    nn.init.constant_(model[0].bias, -10.0)
+    findings, _ = train(model, tmp_path, lr=0.05, epochs=2)
+    first = first_problem(findings)
+    assert first.rule == "dead_units" and first.parameters == ["0"] and first.evidence["dead_share"]["0"] == 1.0
+    assert {f.rule for f in findings if f.cause == "dead_units"} >= {"vanishing_gradients", "not_learning"}
+
+
+def test_large_weights_saturate_tanh_layers(tmp_path):
+    layers = []
+    for _ in range(4):
+        layers += [nn.Linear(20, 20), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(20, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    findings, _ = train(model, tmp_path, lr=0.01, epochs=2)
+    saturated = next(f for f in findings if f.rule == "saturated")
+    assert set(saturated.parameters) == {"0", "2", "4", "6"}
+    assert all(share >= Thresholds().saturated_share for share in saturated.evidence["saturated_share"].values())
+
+
+def test_a_learning_rate_far_too_small_is_stuck_and_the_story_raises_it(tmp_path):
+    findings, _ = train(mlp(), tmp_path, lr=1e-9, epochs=6, thresholds=Thresholds(stuck_epochs=3))
+    assert first_problem(findings).rule == "not_learning"
+    stuck = next(f for f in findings if f.rule == "stuck")
+    assert stuck.cause == "not_learning" and stuck.evidence["since_epoch"] == 0 and stuck.last_epoch == 5
+    assert not any("lower" in (f.suggestion or "") for f in findings)
+
+
+def test_labels_that_do_not_match_the_inputs_do_not_generalise(tmp_path):
+    """Random training labels, a network large enough to memorise them, validation on the true labels."""
+    model = nn.Sequential(nn.Linear(20, 512), nn.ReLU(), nn.Linear(512, 4))
+    findings, _ = train(model, tmp_path, lr=0.05, epochs=8, noise=1.0)
+    first = first_problem(findings)
+    assert first.rule == "no_generalisation"
+    assert first.evidence["train_accuracy"] >= 0.25 + Thresholds().generalisation_gap
+    assert first.evidence["valid_accuracy"] <= 0.25 + Thresholds().chance_margin
+    assert next(f for f in findings if f.rule == "overfitting").cause == "no_generalisation"
+
+
+def test_a_small_noisy_training_set_overfits(tmp_path):
+    model = nn.Sequential(nn.Linear(20, 512), nn.ReLU(), nn.Linear(512, 4))
+    findings, _ = train(model, tmp_path, lr=0.05, epochs=20, noise=0.2, n=128, batch=16)
+    overfitting = next(f for f in findings if f.rule == "overfitting")
+    assert overfitting.cause is None and "best.pt" in overfitting.suggestion
+    assert overfitting.evidence["gap"] >= Thresholds().overfit_gap
+
+
+def test_a_loss_that_bounces_without_falling_oscillates(tmp_path):
+    findings, _ = train(mlp(), tmp_path, lr=0.5, epochs=10)
+    oscillating = next(f for f in findings if f.rule == "oscillating")
+    losses = oscillating.evidence["train_losses"]
+    assert len(losses) == Thresholds().oscillation_epochs and oscillating.evidence["swing"] > 0.2 * min(losses)
+    assert oscillating.cause == "moving_too_fast" and first_problem(findings).rule == "moving_too_fast"
+    assert "lower learning rate" in first_problem(findings).suggestion
