@@ -67,7 +67,8 @@ class Thresholds:
     saturated_share: float = 0.5  # saturated: this share of a sigmoid's or tanh's outputs within 1% of their limits
     stuck_loss: float = 0.9  # stuck: the training loss stays above this fraction of ln C (C classes) ...
     chance_margin: float = 0.1  # ... and the accuracy within this of chance (1 / C) ...
-    stuck_epochs: int = 5  # ... for this many epochs in a row
+    stuck_epochs: int = 5  # ... for this many epochs in a row; with the weights moving faster than
+    stuck_moving_ratio: float = 1e-4  # this (median update ratio), the data are suspect, not the learning rate
     generalisation_gap: float = 0.3  # no_generalisation: training accuracy this far above chance, validation near it
     overfit_gap: float = 0.05  # overfitting: training accuracy this far above validation accuracy, and further than
     overfit_rise: float = 0.1  # at the best validation loss, which it exceeds now by this fraction
@@ -402,10 +403,19 @@ def stuck(history: list[dict], t: Thresholds) -> list[Finding]:
             return []
     now = history[-1]
     accuracy = now["metrics"].get("valid_accuracy", now["metrics"].get("train_accuracy"))
-    message = f"the training loss stays near {start:.2f} (ln {classes}, an untrained model's) and the accuracy near "
-    message += f"chance ({accuracy:.1%}; chance {chance:.1%}): the model is not learning."
+    message = f"since epoch {recent[0]['epoch'] + 1} the training loss stays near {start:.2f} (ln {classes}, an "
+    message += f"untrained model's) and the accuracy near chance ({accuracy:.1%}; chance {chance:.1%})"
+    ratios = [s["update_ratio"] for n, s in now.get("layers", {}).items() if _finite(s.get("update_ratio"))]
+    moving = statistics.median(ratios) if ratios else None  # the weights move: then the data are suspect
     evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0]["epoch"]}
-    return [_finding("stuck", [], now, evidence, f"since epoch {recent[0]['epoch'] + 1} {message}")]
+    if moving is None or moving < t.stuck_moving_ratio:
+        return [_finding("stuck", [], now, evidence, f"{message}: the model is not learning.")]
+    message += f", although the weights move (median ||dw||/||w|| {moving:.2g}): the labels or the inputs say nothing "
+    message += "the model can learn."
+    finding = _finding("stuck", [], now, {**evidence, "update_ratio": moving, "weights_move": True}, message)
+    finding.suggestion = "check that the labels match the images (a shuffled or misaligned list?) and that the inputs "
+    finding.suggestion += "vary and are normalised; a larger learning rate will not help."
+    return [finding]
 
 
 def no_generalisation(history: list[dict], t: Thresholds) -> list[Finding]:
@@ -529,7 +539,7 @@ def _link(findings: list[Finding], epoch: int) -> None:
         if finding.cause:
             finding.suggestion = None
             continue
-        way, instead = DIRECTION.get(finding.rule, (0, None))
+        way, instead = (0, None) if finding.evidence.get("weights_move") else DIRECTION.get(finding.rule, (0, None))
         if way and (way == -direction or (way == RAISE and diverged)):
             finding.suggestion = instead
         elif way and not direction:

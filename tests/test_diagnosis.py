@@ -496,3 +496,15 @@ def test_a_loss_that_bounces_without_falling_oscillates(tmp_path):
     assert len(losses) == Thresholds().oscillation_epochs and oscillating.evidence["swing"] > 0.2 * min(losses)
     assert oscillating.cause == "moving_too_fast" and first_problem(findings).rule == "moving_too_fast"
     assert "lower learning rate" in first_problem(findings).suggestion
+
+
+def test_a_run_stuck_while_its_weights_move_points_at_the_labels(tmp_path):
+    """Random labels and a network too small to memorise them: the loss stays at ln C although the weights move, so
+    the learning rate is not the suspect."""
+    model = nn.Sequential(nn.Linear(20, 4), nn.ReLU(), nn.Linear(4, 4))
+    thresholds = Thresholds(stuck_epochs=3, chance_margin=0.2)  # its validation classes are not balanced
+    findings, _ = train(model, tmp_path, lr=0.05, epochs=6, noise=1.0, thresholds=thresholds)
+    stuck = first_problem(findings)
+    assert stuck.rule == "stuck" and stuck.evidence["weights_move"]
+    assert stuck.evidence["update_ratio"] >= Thresholds().stuck_moving_ratio
+    assert "labels match the images" in stuck.suggestion and "will not help" in stuck.suggestion
