@@ -78,12 +78,12 @@ FAULTS = {
     "weights_growing": ("no weight decay at twice the lr", {"weights_growing"}, dict(lr=0.02)),
     "nan_injected": ("a NaN batch at step 300", {"diverging", "nonfinite_gradients"}, dict(nan_at=300)),
 }
-HEALTHY = {
-    "default": dict(),
-    "seed_1": dict(seed=1),
-    "seed_2": dict(seed=2),
-    "lr_0.005": dict(lr=0.005),
-    "weight_decay": dict(lr=0.02, weight_decay=5e-4),
+HEALTHY = {  # name: (what it is, settings)
+    "default": ("healthy: lr 0.01, seed 0", dict()),
+    "seed_1": ("healthy: seed 1", dict(seed=1)),
+    "seed_2": ("healthy: seed 2", dict(seed=2)),
+    "lr_0.005": ("healthy: lr 0.005", dict(lr=0.005)),
+    "weight_decay": ("healthy: lr 0.02, weight decay 5e-4", dict(lr=0.02, weight_decay=5e-4)),
 }
 
 
@@ -163,7 +163,7 @@ def main():
     train_loader, valid_loader, classes, _ = build_loaders(
         ROOT / "Data", 16, 0, device, 0, "yes", CIFAR10_MEAN, CIFAR10_STD
     )
-    runs = {**{k: v for k, v in FAULTS.items()}, **{k: ("healthy", set(), v) for k, v in HEALTHY.items()}}
+    runs = {**FAULTS, **{name: (what, set(), settings) for name, (what, settings) in HEALTHY.items()}}
     names = args.only or list(runs)
     print(f"{'run':18}{'cause':38}{'named first':24}{'right':>6}  {'s':>5}")
     right = wrong_healthy = faults = healthy = 0

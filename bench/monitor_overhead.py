@@ -4,10 +4,10 @@
     python bench/monitor_overhead.py --sample-only   # the shipped digits only (a smoke test: 0.4 s epochs)
 
 `train.py` runs as users run it (the cache, validation, confusion matrix, checkpoints), with the monitor at
-its defaults, on the CPU. The time spent inside the monitor's calls and its optimizer hook (and drawing the
-confusion-matrix picture that train.py draws only to hand it over) is added up per epoch and set against
-the epoch's wall time (from one epoch_end() to the next: the first epoch, with start-up, is not counted).
-A second variant writes every value through tensorboardX's one-value calls (`add_scalar`,
+its defaults, on the CPU. The time spent inside the monitor's calls, its optimizer hook and its activation
+hooks (and drawing the confusion-matrix picture that train.py draws only to hand it over) is added up per
+epoch and set against the epoch's wall time (from one epoch_end() to the next: the first epoch, with start-up,
+is not counted). A second variant writes every value through tensorboardX's one-value calls (`add_scalar`,
 `add_histogram_raw`) instead of one event per log, to show what that would cost.
 
 The CIFAR-10-size data are an archive of the official layout with random pixels (as
@@ -30,7 +30,7 @@ from conftest import make_cifar_archive  # noqa: E402
 
 import prepare_data  # noqa: E402
 import train  # noqa: E402
-from gradwatch import TrainingMonitor  # noqa: E402
+from gradwatch import TrainingMonitor, monitor  # noqa: E402
 
 
 class TimedMonitor(TrainingMonitor):
@@ -55,8 +55,8 @@ class TimedMonitor(TrainingMonitor):
     def _before_step(self, *args):
         return self._timed(super()._before_step, *args)
 
-    def step(self):
-        return self._timed(super().step)
+    def step(self, loss=None):
+        return self._timed(super().step, loss)
 
     def epoch_end(self, *args, **kwargs):
         result = self._timed(super().epoch_end, *args, **kwargs)
@@ -80,22 +80,27 @@ class TimedMonitor(TrainingMonitor):
 def measure(data, epochs, tmp, name, one_value_events=False):
     """(epoch wall times, seconds inside the monitor per epoch) of `train.py --epochs N` on `data`."""
     TimedMonitor.runs, TimedMonitor.one_value_events = [], one_value_events
-    draw = train.confusion_matrix_image
+    draw, share = train.confusion_matrix_image, monitor._activation_share
 
-    def timed_draw(*args):
-        start = time.perf_counter()
-        try:
-            return draw(*args)
-        finally:
-            TimedMonitor.runs[-1].spent += time.perf_counter() - start
+    def timed(call):
+        def timed_call(*args):
+            start = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                TimedMonitor.runs[-1].spent += time.perf_counter() - start
 
-    train.TrainingMonitor, train.confusion_matrix_image = TimedMonitor, timed_draw
+        return timed_call
+
+    train.TrainingMonitor, train.confusion_matrix_image = TimedMonitor, timed(draw)
+    monitor._activation_share = timed(share)  # what the activation hooks compute
     try:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             args = ["--data", str(data), "--epochs", str(epochs), "--log-dir", tmp, "--run-name", name]
             assert train.main([*args, "--device", "cpu"]) == 0
     finally:
         train.TrainingMonitor, train.confusion_matrix_image = TrainingMonitor, draw
+        monitor._activation_share = share
     (run,) = TimedMonitor.runs
     walls = [after - before for (before, _), (after, _) in zip(run.epochs, run.epochs[1:])]
     return walls, [spent for _, spent in run.epochs[1:]]

@@ -195,10 +195,11 @@ class TrainingMonitor:
             name: {"kind": kind, "layer": layer, "share": shares[name]} for name, (kind, layer, _) in values.items()
         }
 
-    def _take_losses(self, per_step: bool = True) -> None:
-        """The training losses since the last call as a window of the epoch (one transfer), logged as `loss`."""
+    def _take_losses(self) -> dict[str, float]:
+        """The training losses since the last call as a window of the epoch (one transfer); returns the scalar
+        to log, {"loss": their mean}, or {} if none was finite."""
         if not self._losses:
-            return
+            return {}
         steps, host = [s for s, _ in self._losses], to_host({i: loss for i, (_, loss) in enumerate(self._losses)})
         values, self._losses = [host[i] for i in range(len(steps))], []
         self._first_loss = values[0] if self._first_loss is None else self._first_loss
@@ -208,8 +209,7 @@ class TrainingMonitor:
         mean = statistics.fmean(v for v, _ in finite) if finite else math.nan
         window = {"step": steps[-1], "mean": mean, "max": peak, "max_step": peak_step, "nonfinite_step": nonfinite}
         self._windows.append(window)
-        if finite:
-            self._log(_scalar_values({"loss": mean}), steps[-1], per_step=True)
+        return {"loss": mean} if finite else {}
 
     def unwatch(self) -> None:
         """Remove every hook this monitor placed; safe to call twice."""
@@ -223,7 +223,7 @@ class TrainingMonitor:
         """Runs only when the optimizer steps (GradScaler skips the call when it finds inf): notes that it did,
         and copies the weights before the update when statistics are due."""
         self._stepped = True
-        if self.stats_every and (self.steps + 1) % self.stats_every == 0:
+        if self._due(self.stats_every, ahead=1):
             with self._guard("copying the weights for the update ratio"), torch.no_grad():
                 self._before_update = {name: p.clone() for name, p in self._parameters}
 
@@ -239,31 +239,37 @@ class TrainingMonitor:
         self.steps += 1
         if loss is not None:
             self._losses.append((self.steps, loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)))
+        skipped = "before_step" in self._hooks and not self._stepped
+        self._stepped = False
         urgent = []
-        with self._guard("the step's statistics"):
-            urgent = self._take_step()
-        if self.stats_every and (self.steps + 1) % self.stats_every == 0:
+        if skipped or self._due(self.hist_every) or self._due(self.stats_every):  # else nothing to do: most steps
+            with self._guard("the step's statistics"):
+                urgent = self._take_step(skipped)
+        if self._due(self.stats_every, ahead=1):
             self._arm()
         return urgent
 
-    def _take_step(self) -> list[Finding]:
-        if "before_step" in self._hooks:
-            stepped, self._stepped = self._stepped, False
-            if not stepped:
-                self.skipped_steps += 1
-                self._before_update = None
-                self._log(_scalar_values({"amp/skipped_steps": self.skipped_steps}), self.steps, per_step=True)
-                return []
-        if self.hist_every and self.steps % self.hist_every == 0:
+    def _due(self, every: int, ahead: int = 0) -> bool:
+        return bool(every) and (self.steps + ahead) % every == 0
+
+    def _take_step(self, skipped: bool) -> list[Finding]:
+        if skipped:
+            self.skipped_steps += 1
+            self._before_update = None
+            self._log(_scalar_values({"amp/skipped_steps": self.skipped_steps}), self.steps, per_step=True)
+            return []
+        if self._due(self.hist_every):
             self.log_parameters(self._parameters, self.steps, per_step=True)
-        if not (self.stats_every and self.steps % self.stats_every == 0):
+        if not self._due(self.stats_every):
             return []
         stats = parameter_statistics(self._parameters, self._before_update)
         self._before_update = None
-        self._take_losses()
         stats["activations"] = self._disarm()
         self._records.append(stats)
-        scalars = {f"{key}/{name}": value for name, values in stats.items() for key, value in values.items()}
+        scalars = self._take_losses()
+        scalars.update((f"{key}/{name}", value) for name, values in stats.items() for key, value in values.items())
+        for name, a in stats["activations"].items():
+            scalars[f"{'dead_share' if a['kind'] == 'relu' else 'saturated_share'}/{name}"] = a["share"]
         finite = {tag: v for tag, v in scalars.items() if isinstance(v, float) and math.isfinite(v)}  # else: share
         self._log(_scalar_values(finite), self.steps, per_step=True)
         epoch = self._history[-1]["epoch"] + 1 if self._history else 0
@@ -311,7 +317,7 @@ class TrainingMonitor:
             if self.is_writer:
                 flow.save(os.path.join(self.log_dir, "gradient_flow.png"))
         with self._guard("the epoch's statistics"):
-            self._take_losses()
+            self._log(_scalar_values(self._take_losses()), self.steps, per_step=True)
             records = self._records or [{**parameter_statistics(self._parameters), "activations": self._disarm()}]
             lr = self._optimizer.param_groups[0]["lr"] if self._optimizer else None
             context = dict(losses=self._windows, first_loss=self._first_loss, metrics=_metrics(scalars), lr=lr)
@@ -397,8 +403,8 @@ def _activation_share(kind: str, output: torch.Tensor) -> torch.Tensor:
     """For a ReLU, the share of its units (channels, or features) that gave no positive output for the whole batch;
     for a sigmoid or tanh, the share of its outputs within 1% of their limits."""
     if kind == "relu":
-        units = output.movedim(1 if output.ndim in (2, 4, 5) else -1, 0).flatten(1)
-        return 1 - (units > 0).any(1).float().mean()
+        unit = 1 if output.ndim in (2, 4, 5) else output.ndim - 1
+        return (output.amax([d for d in range(output.ndim) if d != unit]) <= 0).float().mean()
     return ((output < 0.01) | (output > 0.99) if kind == "sigmoid" else output.abs() > 0.99).float().mean()
 
 

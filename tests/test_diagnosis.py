@@ -229,20 +229,32 @@ def test_statistics_are_logged_per_step(tmp_path):
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
     x, y = make_data()
+    losses, hidden = [], {}
+    model[1].register_forward_hook(lambda module, inputs, output: hidden.update(output=output.detach()))
     with TrainingMonitor(tmp_path, stats_every=3).watch(model, optimizer) as monitor:
         for i in range(0, 320, 32):
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
+            loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            loss.backward()
             before = model[0].weight.detach().clone()
             optimizer.step()
             if monitor.steps + 1 == 9:
                 expected_ratio = ((model[0].weight - before).norm() / model[0].weight.norm()).item()
                 expected_norm = model[0].weight.grad.norm().item()
-            monitor.step()
+                expected_zero_share = (model[0].weight.grad == 0).float().mean().item()
+                expected_dead = 1 - (hidden["output"] > 0).any(0).float().mean().item()
+            losses.append(loss.item())
+            monitor.step(loss)
+            assert len(monitor._losses) == monitor.steps % 3  # kept on the device until a statistics log
     events = load_events(tmp_path / "steps")
     assert [e.step for e in events.Scalars("update_ratio/0.weight")] == [3, 6, 9]
     assert events.Scalars("update_ratio/0.weight")[-1].value == pytest.approx(expected_ratio, rel=1e-4)
     assert events.Scalars("grad_norm/0.weight")[-1].value == pytest.approx(expected_norm, rel=1e-4)
+    assert events.Scalars("grad_zero_share/0.weight")[-1].value == pytest.approx(expected_zero_share)
+    assert events.Scalars("dead_share/1")[-1].value == pytest.approx(expected_dead)  # the ReLU after layer 0
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (step, pytest.approx(sum(losses[step - 3 : step]) / 3)) for step in (3, 6, 9)
+    ]
     assert {"weight_norm/0.weight", "max_abs_weight/2.bias", "grad_norm/total", "nonfinite_share/2.weight"} <= set(
         events.Tags()["scalars"]
     )
