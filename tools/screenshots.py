@@ -76,20 +76,9 @@ def main():
         )
         shutil.copy(logs / "sample" / "gradient_flow.png", args.out / "gradient_flow.png")
         port = free_port()
+        tensorboard = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logs), "--host", "127.0.0.1"]
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tensorboard.main",
-                "--logdir",
-                str(logs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [*tensorboard, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             for _ in range(120):
