@@ -211,6 +211,10 @@ class TrainingMonitor:
         self._windows.append(window)
         return {"loss": mean} if finite else {}
 
+    def _log_losses(self) -> None:
+        """Take the losses since the last statistics log (an epoch's end, a checkpoint) and log their mean."""
+        self._log(_scalar_values(self._take_losses()), self.steps, per_step=True)
+
     def unwatch(self) -> None:
         """Remove every hook this monitor placed; safe to call twice."""
         for handle in self._hooks.values():
@@ -317,7 +321,7 @@ class TrainingMonitor:
             if self.is_writer:
                 flow.save(os.path.join(self.log_dir, "gradient_flow.png"))
         with self._guard("the epoch's statistics"):
-            self._log(_scalar_values(self._take_losses()), self.steps, per_step=True)
+            self._log_losses()
             records = self._records or [{**parameter_statistics(self._parameters), "activations": self._disarm()}]
             lr = self._optimizer.param_groups[0]["lr"] if self._optimizer else None
             context = dict(losses=self._windows, first_loss=self._first_loss, metrics=_metrics(scalars), lr=lr)
@@ -357,7 +361,7 @@ class TrainingMonitor:
         """What a resumed run needs to diagnose as if it had never stopped: the epoch summaries the rules compare
         against, the statistics and losses of an unfinished epoch, the findings so far and the step counts. Plain
         Python values, so that it can go into a checkpoint loaded with torch.load(weights_only=True)."""
-        self._take_losses()
+        self._log_losses()
         state = dict(steps=self.steps, skipped_steps=self.skipped_steps, history=list(self._history))
         state.update(records=list(self._records), windows=list(self._windows), first_loss=self._first_loss)
         return {**state, "findings": [f.to_json() for f in self.findings]}

@@ -246,6 +246,7 @@ def test_statistics_are_logged_per_step(tmp_path):
             losses.append(loss.item())
             monitor.step(loss)
             assert len(monitor._losses) == monitor.steps % 3  # kept on the device until a statistics log
+        monitor.state_dict()  # a checkpoint mid-window logs the window so far (step 10)
     events = load_events(tmp_path / "steps")
     assert [e.step for e in events.Scalars("update_ratio/0.weight")] == [3, 6, 9]
     assert events.Scalars("update_ratio/0.weight")[-1].value == pytest.approx(expected_ratio, rel=1e-4)
@@ -254,7 +255,7 @@ def test_statistics_are_logged_per_step(tmp_path):
     assert events.Scalars("dead_share/1")[-1].value == pytest.approx(expected_dead)  # the ReLU after layer 0
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [
         (step, pytest.approx(sum(losses[step - 3 : step]) / 3)) for step in (3, 6, 9)
-    ]
+    ] + [(10, pytest.approx(losses[9]))]
     assert {"weight_norm/0.weight", "max_abs_weight/2.bias", "grad_norm/total", "nonfinite_share/2.weight"} <= set(
         events.Tags()["scalars"]
     )
