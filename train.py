@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import sys
-import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch.nn as nn
 
 from data import build_loaders, load_normalisation
 from gradwatch import Thresholds, TrainingMonitor, confusion_matrix_image, is_main_process
-from gradwatch.diagnosis import threshold_override
+from gradwatch.diagnosis import indented, threshold_override
 from utils import DataListError, ImageReadError, Net, validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -602,8 +601,7 @@ def train(args, dist):
             final["final_train_loss"] = metrics["train/loss"]
             run.monitor.log_hparams(hyperparameters(args), {f"hparam/{k}": v for k, v in final.items()}, run.epoch - 1)
     print(f"Diagnosis (in full in {run.run_dir / 'diagnosis.json'} and TensorBoard's Text tab):")
-    for paragraph in run.monitor.story().splitlines():
-        print(textwrap.fill(paragraph, 116, initial_indent="  ", subsequent_indent="    "))
+    print(indented(run.monitor.story()))
     if status is None:
         report(run, conf_mat, picture)
     return status or 0

@@ -16,10 +16,9 @@ import argparse
 import json
 import math
 import sys
-import textwrap
 from pathlib import Path
 
-from .diagnosis import METRIC_TAGS, Thresholds, diagnose, record, story, threshold_override
+from .diagnosis import METRIC_TAGS, Thresholds, diagnose, indented, record, story, threshold_override
 
 WEIGHT_PREFIXES = ("weights/", "weight/", "parameters/", "params/", "param/")
 GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
@@ -167,8 +166,8 @@ def _main(argv):
             continue
         problems = sum(f.cause is None and f.severity == "warning" for f in findings)
         print(f"{name}: {summary}; " + (f"{problems} problem{'s' * (problems != 1)}" if problems else "healthy"))
-        for paragraph in story(findings).splitlines() if findings else ():
-            print(textwrap.fill(paragraph, 116, initial_indent="  ", subsequent_indent="    "))
+        if findings:
+            print(indented(story(findings)))
     if args.json:
         print(json.dumps({name: [f.to_json() for f in findings] for name, findings in report.items()}, indent=2))
     return 0

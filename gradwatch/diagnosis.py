@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import textwrap
 from dataclasses import asdict, dataclass, fields, replace
 
 METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
@@ -139,13 +140,8 @@ class Finding:
         return cls(**{key: value for key, value in item.items() if key != "id"})
 
     def __str__(self):
-        epochs = (
-            f"epochs {self.epoch + 1}-{self.last_epoch + 1}"
-            if self.last_epoch > self.epoch
-            else f"epoch {self.epoch + 1}"
-        )
         after = f" It follows from {self.cause}." if self.cause else ""
-        return f"[{self.rule}] {epochs}, step {self.step}: {self.message}{after}" + (
+        return f"[{self.rule}] {_when(self)}: {self.message}{after}" + (
             f" Try: {self.suggestion}" if self.suggestion else ""
         )
 
@@ -584,6 +580,11 @@ def story(findings: list[Finding], told_in_full: int = 2) -> str:
             text.append(f"Then also: {', '.join(also)}.")
         paragraphs.append(" ".join([*text, f"Try: {root.suggestion}"]))
     return "\n".join(paragraphs) or "No findings."
+
+
+def indented(story: str, width: int = 116) -> str:
+    """A story for the console: each paragraph wrapped to `width`, its first line indented two spaces, the rest four."""
+    return "\n".join(textwrap.fill(p, width, initial_indent="  ", subsequent_indent="    ") for p in story.splitlines())
 
 
 def _when(finding: Finding) -> str:
