@@ -27,25 +27,17 @@ import argparse
 import math
 import statistics
 import textwrap
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 
 METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
-    "train_loss": ("train/loss", "train_loss", "loss/train", "Loss/train", "training_loss", "train/loss_epoch", "loss"),
-    "train_accuracy": ("train/accuracy", "train_acc", "train/acc", "accuracy/train", "Accuracy/train", "acc"),
-    "valid_loss": ("valid/loss", "val_loss", "val/loss", "validation/loss", "loss/val", "Loss/val", "eval/loss"),
-    "valid_accuracy": (
-        "valid/accuracy",
-        "val_acc",
-        "val/acc",
-        "val/accuracy",
-        "val_accuracy",
-        "validation/accuracy",
-        "accuracy/val",
-        "Accuracy/val",
-        "eval/accuracy",
-        "eval_accuracy",
-    ),
+    "train_loss": "train/loss train_loss loss/train Loss/train training_loss train/loss_epoch train_loss_epoch loss",
+    "train_accuracy": "train/accuracy train_acc train/acc accuracy/train Accuracy/train acc",
+    "valid_loss": "valid/loss val_loss val/loss validation/loss loss/val Loss/val eval/loss eval_loss",
+    "valid_accuracy": "valid/accuracy val_acc val/acc val/accuracy val_accuracy validation/accuracy accuracy/val "
+    "Accuracy/val eval/accuracy eval_accuracy",
 }
+METRIC_TAGS = {key: tuple(tags.split()) for key, tags in METRIC_TAGS.items()}
 
 
 @dataclass
@@ -202,6 +194,13 @@ CAUSES = {  # rule: the rules whose earlier findings it can follow from
 ORDER = list(SUGGESTIONS)  # findings that began at the same step are told in this order
 
 
+def names(layers: Iterable[str], shown: int = 4) -> str:
+    """Layer names for a sentence: all of a few, the first `shown` and a count of the rest for a large model."""
+    layers = list(layers)
+    more = len(layers) - shown
+    return ", ".join(layers) if more <= 1 else f"{', '.join(layers[:shown])} and {more} more layers"
+
+
 def _finding(
     rule: str, parameters: list, summary: dict, evidence: dict, message: str, step: int | None = None, epoch=None
 ) -> Finding:
@@ -230,7 +229,7 @@ def vanishing_gradients(history: list[dict], t: Thresholds) -> list[Finding]:
         early = [n for n in list(rms)[:-1] if rms[n] < t.vanishing_ratio * rms[last]]
         evidence = {"grad_rms": {n: rms[n] for n in early + [last]}, "ratio_first_to_last": rms[first] / rms[last]}
         smaller = f"{rms[last] / rms[first]:.0f}x smaller than" if rms[first] > 0 else "zero, against"
-        message = f"gradients of {', '.join(early)} are {smaller} those of the last layer {last} "
+        message = f"gradients of {names(early)} are {smaller} those of the last layer {last} "
         message += f"(RMS {rms[first]:.2g} against {rms[last]:.2g})."
         findings.append(
             _finding("vanishing_gradients", early, now, {**evidence, "threshold": t.vanishing_ratio}, message)
@@ -239,7 +238,7 @@ def vanishing_gradients(history: list[dict], t: Thresholds) -> list[Finding]:
     floor = [n for n in rms if rms[n] < t.vanishing_floor and n not in done]
     if floor:
         evidence = {"grad_rms": {n: rms[n] for n in floor}, "floor": t.vanishing_floor}
-        message = f"gradients of {', '.join(floor)} have an RMS below {t.vanishing_floor:g}: these layers barely learn."
+        message = f"gradients of {names(floor)} have an RMS below {t.vanishing_floor:g}: these layers barely learn."
         findings.append(_finding("vanishing_gradients", floor, now, evidence, message))
     return findings
 
@@ -249,9 +248,7 @@ def nonfinite_values(history: list[dict], t: Thresholds) -> list[Finding]:
     bad = {n: s["nonfinite_share"] for n, s in now.get("layers", {}).items() if s.get("nonfinite_share", 0) > 0}
     if not bad:
         return []
-    message = (
-        f"NaN or Inf values in the gradients of {', '.join(sorted(bad))} (up to {max(bad.values()):.1%} of a tensor)."
-    )
+    message = f"NaN or Inf values in the gradients of {names(sorted(bad))} (up to {max(bad.values()):.1%} of a tensor)."
     return [_finding("nonfinite_gradients", sorted(bad), now, {"nonfinite_share": bad}, message)]
 
 
@@ -310,7 +307,7 @@ def update_ratio(history: list[dict], t: Thresholds) -> list[Finding]:
     ):
         found = {name: r for name, r in sorted(ratios.items()) if outside(r)}
         if found:
-            message = f"{', '.join(found)} change by {comparison} than {threshold:g} of their size per step "
+            message = f"{names(found)} change by {comparison} than {threshold:g} of their size per step "
             message += f"(median ||dw||/||w||: {most(found.values()):.2g})."
             findings.append(_finding(rule, list(found), now, {"update_ratio": found, "threshold": threshold}, message))
     return findings

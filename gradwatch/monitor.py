@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,7 +24,14 @@ from tensorboardX.summary import histogram_raw
 from .diagnosis import METRIC_TAGS, RULES, Finding, Thresholds, nonfinite_values, output_bias_skew, record, story
 from .histograms import DEFAULT_BINS, Histogram, compute_histograms, to_host
 from .pictures import gradient_flow_image
-from .stats import NamedParameters, gradient_flow, parameter_statistics, parameter_tensors, summarize_epoch
+from .stats import (
+    NamedParameters,
+    gradient_flow,
+    named_parameters,
+    parameter_statistics,
+    parameter_tensors,
+    summarize_epoch,
+)
 
 STATE_KEYS = {"steps", "skipped_steps", "history", "records", "findings"}
 ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh"}
@@ -33,6 +41,18 @@ def is_main_process() -> bool:
     """False only in a torch.distributed process other than rank 0: the one process that prints and writes."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not distributed or torch.distributed.get_rank() == 0
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the parameters under their own names, inside DistributedDataParallel, DataParallel
+    or torch.compile wrappers (whose names would otherwise begin with `module.` or `_orig_mod.`)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def _scalar_values(scalars: Mapping[str, float]) -> list[Summary.Value]:
@@ -65,6 +85,10 @@ class TrainingMonitor:
     Epochs and optimizer steps are two step axes, so each gets its own event folder: a tag keeps one axis,
     and a resumed run purges exactly what it rewrites on each (epochs in `log_dir`, optimizer steps in
     `log_dir/steps`). Under torch.distributed only rank 0 writes.
+
+    `include` and `exclude` are glob patterns over parameter names (`layer4.*`, `*.bias`) that choose which
+    parameters get histograms, so that a model of hundreds of layers stays readable; the statistics and the
+    diagnosis always cover every parameter.
     """
 
     def __init__(
@@ -78,6 +102,8 @@ class TrainingMonitor:
         purge_step: int | None = None,
         start_step: int = 0,
         flush_secs: int = 30,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
     ):
         counts = dict(
             bins=(bins, 1), stats_every=(stats_every, 0), hist_every=(hist_every, 0), start_step=(start_step, 0)
@@ -90,6 +116,7 @@ class TrainingMonitor:
         self.log_dir = os.fspath(log_dir)
         self.bins, self.stats_every, self.hist_every = bins, stats_every, hist_every
         self.thresholds = thresholds or Thresholds()
+        self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
         self.steps, self.skipped_steps = start_step, 0
         self.model: torch.nn.Module | None = None
         self._parameters: NamedParameters = []
@@ -105,6 +132,7 @@ class TrainingMonitor:
         self._activation_values: dict[str, tuple] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._failed: set[str] = set()
+        self._parameters_logged: int | None = None  # the epoch whose histograms are written
         self.findings = self._load_findings(purge_epoch)
         self.is_writer = is_main_process()
         # Event file names hold the time in whole seconds; a nanosecond suffix keeps a run resumed within the
@@ -155,12 +183,17 @@ class TrainingMonitor:
 
     def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainingMonitor:
         """Attach to `model` as its parameters are now (watch again after changing its layers); with `optimizer`,
-        also measure each logged step's update-to-weight ratio and count the steps GradScaler skips."""
+        also measure each logged step's update-to-weight ratio and count the steps GradScaler skips. A model
+        wrapped by DistributedDataParallel or torch.compile, and an optimizer wrapped by Lightning or Accelerate,
+        are watched through what they wrap."""
+        inner = getattr(optimizer, "optimizer", None)  # Lightning's and Accelerate's wrappers
+        optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.unwatch()
+        model = unwrap(model)
         self.model, self._optimizer = model, optimizer
         self._parameters = list(model.named_parameters())
         self._activations, layer = [], None
@@ -284,9 +317,15 @@ class TrainingMonitor:
     ) -> dict[str, Histogram]:
         """Log the `<name>_data` and `<name>_grad` histograms of `model` (a Module, or its named_parameters() as a
         list) at `step`: an epoch, or an optimizer step if per_step. Returns them."""
-        histograms = compute_histograms(parameter_tensors(model), self.bins)
+        wanted = [(name, p) for name, p in named_parameters(model) if self.wants_histogram(name)]
+        histograms = compute_histograms(parameter_tensors(wanted), self.bins)
         self.log_histograms(histograms, step, per_step)
         return histograms
+
+    def wants_histogram(self, name: str) -> bool:
+        """Whether parameter `name` gets histograms: it matches a pattern of `include` and none of `exclude`."""
+        included = any(fnmatch.fnmatchcase(name, pattern) for pattern in self.include)
+        return included and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int, per_step: bool = False) -> None:
         """Write {tag: Histogram} at `step`, with the count of each tensor's non-finite values as `nonfinite/<tag>`
@@ -302,29 +341,29 @@ class TrainingMonitor:
         images: Mapping[str, Any] = (),
         classes: list[str] | None = None,
         recall: list[float | None] | None = None,
+        metrics: Mapping[str, float] = (),
     ) -> list[Finding]:
         """Everything an epoch writes: histograms, `scalars` ({tag: number}), `images` ({tag: PIL image, (H, W, 3)
         uint8 array or matplotlib figure}), the gradient flow and the diagnosis; with `classes` (names) and
-        `recall` (per class) the output-layer bias is checked too. Returns the findings not reported before."""
+        `recall` (per class) the output-layer bias is checked too. `metrics` ({tag: number}) are read by the
+        diagnosis like `scalars` but not written: for values another logger writes already. Returns the findings
+        not reported before."""
         if self.model is None:
             raise RuntimeError("call watch(model) before epoch_end()")
-        with self._guard("the histograms"):
-            self.log_parameters(self._parameters, epoch)
+        if self._parameters_logged != epoch:
+            self.log_epoch_parameters(epoch)
         with self._guard("writing the scalars"):
             self._log(_scalar_values(scalars), epoch)
         for tag, image in dict(images).items():
             with self._guard(f"the image {tag}"):
                 self._add_image(tag, image, epoch)
-        with self._guard("the gradient-flow picture"):
-            flow = gradient_flow_image(*gradient_flow(self._parameters), epoch)
-            self._add_image("gradient_flow", flow, epoch)
-            if self.is_writer:
-                flow.save(os.path.join(self.log_dir, "gradient_flow.png"))
         with self._guard("the epoch's statistics"):
             self._log_losses()
             records = self._records or [{**parameter_statistics(self._parameters), "activations": self._disarm()}]
             lr = self._optimizer.param_groups[0]["lr"] if self._optimizer else None
-            context = dict(losses=self._windows, first_loss=self._first_loss, metrics=_metrics(scalars), lr=lr)
+            context = dict(
+                losses=self._windows, first_loss=self._first_loss, metrics=_metrics({**dict(metrics), **scalars}), lr=lr
+            )
             self._history.append(summarize_epoch(epoch, self.steps, records, **context, num_classes=len(classes or ())))
         self._records, self._windows = [], []
         findings = []
@@ -343,6 +382,19 @@ class TrainingMonitor:
                 with open(os.path.join(self.log_dir, "diagnosis.json"), "w") as fh:
                     json.dump([f.to_json() for f in self.findings], fh, indent=2)
         return begun
+
+    def log_epoch_parameters(self, epoch: int) -> None:
+        """The part of epoch_end() that reads the gradients: the histograms and the gradient-flow picture. For
+        loops that clear the gradients before the epoch ends (Lightning does, before validation): call it after
+        the epoch's last optimizer step, and epoch_end() will not log them again."""
+        self._parameters_logged = epoch
+        with self._guard("the histograms"):
+            self.log_parameters(self._parameters, epoch)
+        with self._guard("the gradient-flow picture"):
+            flow = gradient_flow_image(*gradient_flow(self._parameters), epoch)
+            self._add_image("gradient_flow", flow, epoch)
+            if self.is_writer:
+                flow.save(os.path.join(self.log_dir, "gradient_flow.png"))
 
     def story(self) -> str:
         """The diagnosis as a story: each problem in the order it began, what followed from it, and what to try."""
@@ -401,6 +453,12 @@ class TrainingMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _patterns(patterns: Sequence[str], name: str) -> tuple[str, ...]:
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name} must be a list of glob patterns such as ['layer4.*'], got {patterns!r}")
+    return tuple(patterns)
 
 
 def _activation_share(kind: str, output: torch.Tensor) -> torch.Tensor:

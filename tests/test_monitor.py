@@ -128,3 +128,26 @@ def test_frozen_sparse_and_empty_parameters(tmp_path):
     tags = set(load_events(tmp_path).Tags()["histograms"])
     assert {"embedding.weight_grad", "linear.weight_grad", "linear.bias_data"} <= tags
     assert "linear.bias_grad" not in tags and "empty_data" not in tags
+
+
+def test_include_and_exclude_choose_the_histograms_but_the_statistics_cover_every_layer(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path, stats_every=1, include=["2.*"], exclude=["*.bias"]).watch(model, optimizer) as m:
+        model(torch.randn(16, 8)).sum().backward()
+        optimizer.step()
+        m.step()
+        m.epoch_end(0, {})
+    histograms = set(load_events(tmp_path).Tags()["histograms"])
+    assert histograms == {"2.0.weight_data", "2.0.weight_grad", "2.1.weight_data", "2.1.weight_grad"}
+    statistics = {tag for tag in load_events(tmp_path / "steps").Tags()["scalars"] if tag.startswith("grad_norm/")}
+    assert statistics == {f"grad_norm/{name}" for name, _ in model.named_parameters()} | {"grad_norm/total"}
+    with pytest.raises(TypeError, match="glob patterns"):
+        TrainingMonitor(tmp_path, include="2.*")  # a string, not a list of patterns
+
+
+def test_a_wrapped_model_is_watched_under_its_own_names(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    with TrainingMonitor(tmp_path).watch(nn.DataParallel(torch.compile(model, backend="eager"))) as monitor:
+        assert monitor.model is model  # so the tags are "0.weight_data", not "module._orig_mod.0.weight_data"

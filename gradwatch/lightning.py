@@ -1,0 +1,115 @@
+"""gradwatch in a Lightning `Trainer`: one callback.
+
+    from gradwatch.lightning import MonitorCallback
+
+    trainer = lightning.Trainer(callbacks=[MonitorCallback()])
+
+Needs `pip install gradwatch[lightning]`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from .monitor import TrainingMonitor
+
+
+def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The single numbers among logged metrics (floats, ints, one-element tensors), as floats."""
+    found = {}
+    for tag, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[tag] = float(value)
+    return found
+
+
+class MonitorCallback(Callback):
+    """The gradwatch monitor for a `lightning.Trainer` fit: histograms of every weight and gradient, per-layer
+    statistics every `stats_every` optimizer steps, the gradient-flow picture and the diagnosis each epoch, and
+    the diagnosis's story at the end of the fit.
+
+    Files go into the TensorBoardLogger's version folder (`lightning_logs/version_N`), beside the logger's own
+    events, so that TensorBoard shows one run; with another logger or none, into `<default_root_dir>/gradwatch`;
+    `log_dir` chooses. Only global rank 0 writes. The gradients are read once per optimizer step (after
+    gradient accumulation, unscaled under "16-mixed"), and the training loss is the mean over the step's
+    batches. The diagnosis reads the epoch's `train_loss`, `val_loss`, `val_acc` and the other tags of README's
+    list among the logged metrics; `classes` (names) tells it the number of classes. The monitor's state goes
+    into Lightning's checkpoints, so a fit resumed with `ckpt_path` diagnoses as if it had not stopped.
+    `monitor_options` go to `TrainingMonitor` (stats_every, hist_every, bins, thresholds, include, exclude).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike | None = None, classes: list[str] | None = None, **monitor_options):
+        self.log_dir, self.classes, self.options = log_dir, classes, monitor_options
+        self.monitor: TrainingMonitor | None = None
+        self._loss: torch.Tensor | None = None  # the sum of the loss over the batches of this optimizer step
+        self._global_step = 0
+        self._state: dict[str, Any] | None = None  # the monitor's state from a checkpoint
+
+    def _folder(self, trainer: Trainer) -> str:
+        if self.log_dir is not None:
+            return os.fspath(self.log_dir)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            return trainer.logger.log_dir
+        return os.path.join(trainer.default_root_dir, "gradwatch")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        state, resumed = self._state, {}
+        if state:  # rewrite only what comes after the checkpoint, on each step axis
+            resumed = dict(purge_epoch=trainer.current_epoch, purge_step=state["steps"] + 1, start_step=state["steps"])
+        self.monitor = TrainingMonitor(self._folder(trainer), **self.options, **resumed)
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
+        self.monitor.watch(pl_module, optimizer)
+        if state:
+            self.monitor.load_state_dict(state)
+        self._global_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.monitor is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):  # divided by accumulate_grad_batches already: the sum is the mean
+            self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
+        if trainer.global_step == self._global_step:  # accumulating: no optimizer step yet
+            return
+        self._global_step = trainer.global_step
+        for finding in self.monitor.step(self._loss):
+            rank_zero_warn(f"gradwatch: {finding}")
+        self._loss = None
+        if batch_idx + 1 == trainer.num_training_batches:  # validation will clear the gradients
+            self.monitor.log_epoch_parameters(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor is None:
+            return
+        metrics = numbers(trainer.callback_metrics)  # the logger writes them: the diagnosis only reads them
+        for finding in self.monitor.epoch_end(trainer.current_epoch, {}, classes=self.classes, metrics=metrics):
+            rank_zero_warn(f"gradwatch: {finding}")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor is not None:
+            rank_zero_info(self.monitor.story())
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.monitor is not None:
+            self._state = self.monitor.state_dict()  # what state_dict() gives after the fit
+            self.monitor.close()
+            self.monitor = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state = dict(state_dict)

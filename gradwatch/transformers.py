@@ -1,0 +1,111 @@
+"""gradwatch in a Hugging Face `transformers.Trainer`: one callback.
+
+    from gradwatch.transformers import MonitorCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[MonitorCallback()])
+
+Needs `pip install gradwatch[transformers]`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations.integration_utils import default_logdir
+from transformers.utils import logging
+
+from .monitor import TrainingMonitor, unwrap
+
+logger = logging.get_logger(__name__)
+
+
+class MonitorCallback(TrainerCallback):
+    """The gradwatch monitor for a `transformers.Trainer`: histograms of every weight and gradient, per-layer
+    statistics every `stats_every` optimizer steps, the gradient-flow picture and the diagnosis each epoch, and
+    the diagnosis's story at the end of training.
+
+    Files go where the Trainer's TensorBoard logging goes: `log_dir` if given, else `TENSORBOARD_LOGGING_DIR`,
+    else `<output_dir>/runs/<time>_<host>` (the TensorBoardCallback's default; set one of the first two to be
+    sure both write one folder). Only the main process writes. The gradients are read once per optimizer step,
+    after gradient accumulation and clipping; the training loss is the mean of the `loss` the model returns over
+    the step's batches (a model that returns none leaves the loss-based rules to the logged `eval_loss`). The
+    diagnosis reads `eval_loss`, `eval_accuracy` and the training `loss` from the Trainer's logs; `classes` (names)
+    tells it the number of classes. `monitor_options` go to `TrainingMonitor` (stats_every, hist_every, bins,
+    thresholds, include, exclude).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike | None = None, classes: list[str] | None = None, **monitor_options):
+        self.log_dir, self.classes, self.options = log_dir, classes, monitor_options
+        self.monitor: TrainingMonitor | None = None
+        self._hook = None
+        self._losses: list[torch.Tensor] = []  # the losses of the batches of this optimizer step
+        self._epoch, self._epoch_steps, self._steps_per_epoch = 0, 0, math.inf
+        self._metrics: dict[str, float] = {}  # the latest logged numbers
+        self._pending: int | None = None  # an epoch whose evaluation is still to come
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ) -> None:
+        if not state.is_world_process_zero or model is None:
+            return
+        folder = self.log_dir or getattr(args, "logging_dir", None) or os.getenv("TENSORBOARD_LOGGING_DIR")
+        self.monitor = TrainingMonitor(folder or os.path.join(args.output_dir, default_logdir()), **self.options)
+        self.monitor.watch(model, kwargs.get("optimizer"))
+        self._hook = unwrap(model).register_forward_hook(self._keep_loss)
+        batches = kwargs.get("train_dataloader")
+        if batches is not None and hasattr(batches, "__len__"):
+            self._steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
+
+    def _keep_loss(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if module.training and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._losses.append(loss.detach())
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        self._epoch, self._epoch_steps = int(state.epoch or 0), 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        if self.monitor is None:
+            return
+        loss = torch.stack(self._losses).float().mean() if self._losses else None
+        self._losses = []
+        for finding in self.monitor.step(loss):
+            logger.warning(f"gradwatch: {finding}")
+        self._epoch_steps += 1
+        if self._epoch_steps == self._steps_per_epoch:  # the Trainer clears the gradients after each step
+            self.monitor.log_epoch_parameters(self._epoch)
+
+    def on_log(self, args, state, control, logs: dict | None = None, **kwargs) -> None:
+        self._metrics.update((k, float(v)) for k, v in (logs or {}).items() if isinstance(v, (int, float)))
+
+    def on_epoch_end(self, args, state, control, **kwargs) -> None:
+        if self.monitor is None:
+            return
+        if control.should_evaluate:  # the evaluation of this epoch comes next: diagnose with its metrics
+            self._pending = self._epoch
+        else:
+            self._epoch_end(self._epoch)
+
+    def on_evaluate(self, args, state, control, metrics: dict | None = None, **kwargs) -> None:
+        if self._pending is not None:
+            self.on_log(args, state, control, metrics)
+            self._epoch_end(self._pending)
+
+    def _epoch_end(self, epoch: int) -> None:
+        self._pending = None
+        for finding in self.monitor.epoch_end(epoch, {}, classes=self.classes, metrics=self._metrics):
+            logger.warning(f"gradwatch: {finding}")
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self.monitor is None:
+            return
+        if self._pending is not None:
+            self._epoch_end(self._pending)
+        print(self.monitor.story())
+        self._hook.remove()
+        self.monitor.close()
+        self.monitor = None

@@ -1,0 +1,128 @@
+"""The Lightning callback in a real `lightning.Trainer` on the CPU: what it writes, read back with TensorBoard's
+loader; the gradients it logs under "16-mixed" and gradient accumulation against those Lightning hands to the
+module; resuming from a checkpoint; rank 0 alone writing under DDP; README's snippet as printed."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import ROOT, load_events, run_script
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradwatch.lightning import MonitorCallback
+
+
+class Recorder(L.LightningModule):
+    """A small classifier that records each batch's loss and, where Lightning says they are final (unscaled,
+    accumulated), the norm of all gradients before each optimizer step."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.losses, self.grad_norms = [], []
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        loss = nn.functional.cross_entropy(self.net(inputs), labels)
+        self.losses.append(loss.item())
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        norms = [p.grad.float().norm() for p in self.parameters() if p.grad is not None]
+        self.grad_norms.append(torch.linalg.vector_norm(torch.stack(norms)).item())
+
+    def validation_step(self, batch, batch_idx):
+        inputs, labels = batch
+        logits = self.net(inputs)
+        self.log("val_loss", nn.functional.cross_entropy(logits, labels))
+        self.log("val_acc", (logits.argmax(1) == labels).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loaders(size=256, batch_size=16):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(size, 8, 8, generator=generator)
+    y = (x[:, 0, 0] > 0).long() + 2 * (x[:, 1, 1] > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size), DataLoader(TensorDataset(x, y), batch_size=64)
+
+
+def fit(tmp_path, module, callback, ckpt_path=None, **trainer_options):
+    options = dict(max_epochs=2, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False)
+    trainer = L.Trainer(callbacks=[callback], enable_model_summary=False, **{**options, **trainer_options})
+    trainer.fit(module, *loaders(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def scalars(accumulator, tag):
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+def test_unscaled_accumulated_gradients_and_the_mean_loss_once_per_optimizer_step(tmp_path):
+    torch.manual_seed(0)
+    module, callback = Recorder(), MonitorCallback(stats_every=1, classes=["a", "b", "c", "d"])
+    # Lightning's "16-mixed", with the GradScaler it uses on a GPU (on the CPU it would switch to bf16 and no scaler)
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = fit(tmp_path, module, callback, plugins=[fp16], accumulate_grad_batches=2)
+    assert trainer.precision_plugin.scaler.get_scale() >= 2**10  # scaled gradients would be that much larger
+
+    run = tmp_path / "lightning_logs" / "version_0"  # the TensorBoardLogger's folder: one run in TensorBoard
+    steps = load_events(run / "steps")
+    skipped = scalars(steps, "amp/skipped_steps") if "amp/skipped_steps" in steps.Tags()["scalars"] else {}
+    logged = scalars(steps, "grad_norm/total")
+    assert len(module.grad_norms) == 16 == len(logged) + len(skipped)  # 2 epochs of 16 batches, 2 per step
+    for step, norm in logged.items():
+        assert norm == pytest.approx(module.grad_norms[step - 1], rel=1e-4)
+    for step, loss in scalars(steps, "loss").items():  # the mean over the step's two batches
+        assert loss == pytest.approx(sum(module.losses[2 * step - 2 : 2 * step]) / 2, rel=1e-5)
+
+    epochs = load_events(run)
+    for tag in ("net.1.weight_data", "net.1.weight_grad", "net.3.bias_grad"):
+        assert [event.step for event in epochs.Histograms(tag)] == [0, 1]
+    assert "val_acc" in epochs.Tags()["scalars"]  # the logger's own scalars, in the same run
+    assert [event.step for event in epochs.Images("gradient_flow")] == [0, 1]
+    assert isinstance(json.loads((run / "diagnosis.json").read_text()), list)
+    assert len(callback.state_dict()["history"]) == 2
+
+
+def test_a_fit_resumed_from_its_checkpoint_goes_on_with_the_monitor_state(tmp_path):
+    first = fit(tmp_path, Recorder(), MonitorCallback(), max_epochs=1)
+    checkpoint = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    callback = MonitorCallback()
+    fit(tmp_path, Recorder(), callback, max_epochs=2, ckpt_path=checkpoint)
+    state = callback.state_dict()
+    assert state["steps"] == 2 * first.global_step == 32
+    assert [summary["epoch"] for summary in state["history"]] == [0, 1]
+
+
+def test_with_another_logger_it_writes_a_folder_of_its_own(tmp_path):
+    fit(tmp_path, Recorder(), MonitorCallback(include=["net.3.*"]), max_epochs=1, logger=CSVLogger(tmp_path))
+    histograms = load_events(tmp_path / "gradwatch").Tags()["histograms"]
+    assert sorted(histograms) == ["net.3.bias_data", "net.3.bias_grad", "net.3.weight_data", "net.3.weight_grad"]
+
+
+DDP_SCRIPT = """
+import sys, torch, lightning as L
+sys.path.insert(0, {tests!r})
+from test_lightning import Recorder, loaders
+from gradwatch.lightning import MonitorCallback
+torch.manual_seed(0)
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", default_root_dir={root!r},
+                    callbacks=[MonitorCallback()], enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Recorder(), *loaders())
+"""
+
+
+def test_under_ddp_only_rank_zero_writes(tmp_path):
+    result = run_script("-c", DDP_SCRIPT.format(tests=str(ROOT / "tests"), root=str(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert len(list((run / "steps").glob("events.out.tfevents.*"))) == 1  # one writer, not one per process
+    assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [0]
+    assert (run / "diagnosis.json").is_file() and not list(tmp_path.rglob("gradwatch-errors.log"))

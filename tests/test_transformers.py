@@ -1,0 +1,61 @@
+"""The Hugging Face callback in a real `transformers.Trainer` on the CPU, with a 2-layer BERT built from a config
+(nothing downloaded): what it writes, read back with TensorBoard's loader, against the Trainer's own logs; a run
+that diverges, diagnosed; README's snippet as printed."""
+
+import json
+
+import pytest
+import torch
+from conftest import load_events
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from gradwatch.transformers import MonitorCallback
+
+
+def train(folder, callback, **options):
+    """A tiny BERT classifier trained for 2 epochs on 96 random sequences whose class is their first token mod 3."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    ids = torch.randint(3, 64, (96, 12))
+    data = [{"input_ids": i, "labels": label} for i, label in zip(ids, ids[:, 0] % 3)]
+    settings = dict(num_train_epochs=2, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    settings.update(eval_strategy="epoch", logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(str(folder), report_to=["tensorboard"], **{**settings, **options})
+    model = BertForSequenceClassification(config)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:32], callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+def test_gradients_once_per_optimizer_step_beside_the_trainers_own_logs(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(run))  # the Trainer's TensorBoard folder: one run
+    train(tmp_path / "out", MonitorCallback(stats_every=1, classes=["a", "b", "c"]), max_grad_norm=1e6)
+
+    trainers = {event.step: event.value for event in load_events(run).Scalars("train/grad_norm")}
+    ours = {event.step: event.value for event in load_events(run / "steps").Scalars("grad_norm/total")}
+    assert sorted(ours) == sorted(trainers) == list(range(1, 13))  # 2 epochs of 12 batches, 2 per step
+    for step, norm in ours.items():
+        assert norm == pytest.approx(trainers[step], rel=1e-4)
+
+    epochs = load_events(run)
+    for tag in ("bert.encoder.layer.0.attention.self.query.weight_grad", "classifier.bias_data"):
+        assert [event.step for event in epochs.Histograms(tag)] == [0, 1]
+    assert not [tag for tag in epochs.Tags()["histograms"] if tag.startswith(("module.", "_orig_mod."))]
+    assert "eval/loss" in epochs.Tags()["scalars"]
+    assert json.loads((run / "diagnosis.json").read_text()) == []
+
+
+def test_a_learning_rate_far_too_high_is_named_first(tmp_path, capsys):
+    train(tmp_path, MonitorCallback(log_dir=tmp_path / "run", stats_every=1), learning_rate=30.0, max_grad_norm=0)
+    findings = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
+    assert findings[0]["rule"] == "diverging"
+    assert "the learning rate is too high" in capsys.readouterr().out  # the story, printed at the end
