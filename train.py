@@ -121,6 +121,7 @@ OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's ta
         ("--seed", dict(type=int, default=0, help="seeds the weights and the shuffling")),
         ("--device", dict(type=device_name, default="auto", help="auto picks CUDA when available")),
         ("--amp", dict(choices=("off", "bf16", "fp16"), default="off")),
+        ("--compile", dict(nargs="?", const="inductor", metavar="BACKEND")),
         ("--layer-lr", dict(action="append", type=key_value(positive_float), default=[], metavar="NAME=FACTOR")),
         ("--layer-wd", dict(action="append", type=key_value(non_negative_float), default=[], metavar="NAME=VALUE")),
     ],
@@ -141,6 +142,7 @@ HELP = {  # help texts too long for the table
     "--cache": "decode every image once and keep it in memory as uint8 (auto: when it takes under a quarter of the "
     "free memory); 'no' decodes each image every epoch, as the tutorial does",
     "--workers": "DataLoader worker processes without the cache (0 loads in the training process)",
+    "--compile": "train the model through torch.compile (BACKEND: inductor unless given; the first steps compile)",
     "--amp": "mixed precision: autocast to bf16, or to fp16 with a GradScaler (fp16 needs CUDA)",
     "--layer-lr": "multiply the learning rate of a parameter or module prefix, e.g. conv1=10 (repeatable)",
     "--layer-wd": "weight decay of a parameter or module prefix, e.g. fc1=5e-4 (repeatable)",
@@ -336,6 +338,8 @@ class Run:
     def __post_init__(self):
         args, device = self.args, self.dist.device
         self.model = nn.parallel.DistributedDataParallel(self.net) if self.dist.world_size > 1 else self.net
+        if args.compile:
+            self.model = torch.compile(self.model, backend=args.compile)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.step_size, gamma=args.gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         # entering even a disabled autocast costs time on every step: none without --amp
@@ -444,7 +448,7 @@ def open_monitor(run, monitor_state):
     purge = dict(purge_epoch=run.epoch, purge_step=run.step + 1) if resumed else {}
     every = dict(stats_every=args.stats_every, hist_every=args.hist_every)
     monitor = TrainingMonitor(run.run_dir, thresholds=args.thresholds, start_step=run.step, **every, **purge)
-    monitor.watch(run.net, run.optimizer)
+    monitor.watch(run.model, run.optimizer)  # the model as trained: compiled, it keeps its activation hooks
     if monitor_state:
         monitor.load_state_dict(monitor_state)
     steps = max(args.epochs, len(run.loaders[0]) * args.epochs // args.hist_every if args.hist_every else 0)

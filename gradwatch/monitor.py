@@ -130,6 +130,7 @@ class TrainingMonitor:
         self._first_loss: float | None = None
         self._activations: list[tuple] = []  # (name, module, kind, the layer feeding it)
         self._activation_values: dict[str, tuple] = {}
+        self._hooks_stay = False
         self._optimizer: torch.optim.Optimizer | None = None
         self._failed: set[str] = set()
         self._parameters_logged: int | None = None  # the epoch whose histograms are written
@@ -193,6 +194,8 @@ class TrainingMonitor:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.unwatch()
+        # A compiled graph keeps the hooks it was traced with: activation hooks there are placed once, for good.
+        self._hooks_stay = any("_orig_mod" in name.split(".") for name, _ in model.named_modules())
         model = unwrap(model)
         self.model, self._optimizer = model, optimizer
         self._parameters = list(model.named_parameters())
@@ -203,13 +206,15 @@ class TrainingMonitor:
                 self._activations.append((name, module, ACTIVATIONS[type(module)], layer or name))
         if optimizer is not None:
             self._hooks["before_step"] = optimizer.register_step_pre_hook(self._before_step)
-        if self.stats_every == 1:
+        if self.stats_every == 1 or self._hooks_stay:
             self._arm()
         return self
 
     def _arm(self) -> None:
         """Forward hooks that measure the activations of the next training forward pass, removed after the next
-        statistics log: they cost nothing on the other steps."""
+        statistics log: they cost nothing on the other steps (but in a compiled model, which measures every step)."""
+        if self._hooks_stay and any(key.startswith("activation ") for key in self._hooks):
+            return
         for name, module, kind, layer in self._activations:
 
             def hook(module, inputs, output, name=name, kind=kind, layer=layer):
@@ -220,9 +225,10 @@ class TrainingMonitor:
 
     def _disarm(self) -> dict[str, dict]:
         """The activations measured since the hooks were placed, as {name: {"kind", "layer", "share"}}; removes them."""
-        for key in [key for key in self._hooks if key.startswith("activation ")]:
+        for key in [key for key in self._hooks if key.startswith("activation ") and not self._hooks_stay]:
             self._hooks.pop(key).remove()
-        values, self._activation_values = self._activation_values, {}
+        values = dict(self._activation_values)
+        self._activation_values.clear()  # the same dict: a compiled graph writes into it
         shares = to_host({name: share for name, (_, _, share) in values.items()})
         return {
             name: {"kind": kind, "layer": layer, "share": shares[name]} for name, (kind, layer, _) in values.items()
@@ -254,7 +260,7 @@ class TrainingMonitor:
             handle.remove()
         self._hooks.clear()
         self._before_update = None
-        self._activation_values = {}
+        self._activation_values.clear()
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         """Runs only when the optimizer steps (GradScaler skips the call when it finds inf): notes that it did,
