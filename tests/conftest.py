@@ -48,6 +48,14 @@ def load_events(run_dir):
     return accumulator
 
 
+def readme_python(heading):
+    """The first Python block under `heading` in README.md, as printed there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(heading) :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```\n", start)]
+
+
 def histogram_steps(accumulator):
     return {tag: [event.step for event in accumulator.Histograms(tag)] for tag in accumulator.Tags()["histograms"]}
 

@@ -7,7 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, load_events, run_script
+from conftest import ROOT, load_events, readme_python, run_script
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -126,3 +126,12 @@ def test_under_ddp_only_rank_zero_writes(tmp_path):
     assert len(list((run / "steps").glob("events.out.tfevents.*"))) == 1  # one writer, not one per process
     assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [0]
     assert (run / "diagnosis.json").is_file() and not list(tmp_path.rglob("gradwatch-errors.log"))
+
+
+def test_the_readme_snippet_runs_as_printed(tmp_path):
+    (tmp_path / "snippet.py").write_text(readme_python("### Lightning: `gradwatch.lightning.MonitorCallback`"))
+    result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [0, 1, 2]
+    assert json.loads((run / "diagnosis.json").read_text()) == []

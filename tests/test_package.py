@@ -7,15 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, load_events
-
-
-def readme_snippet():
-    """The first Python block of README's section on the monitor in your own training loop."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## The monitor in your own training loop") :]
-    start = section.index("```python\n") + len("```python\n")
-    return section[start : section.index("```\n", start)]
+from conftest import ROOT, load_events, readme_python
 
 
 def test_pip_installs_the_package_and_the_readme_snippet_runs_elsewhere(tmp_path):
@@ -28,7 +20,7 @@ def test_pip_installs_the_package_and_the_readme_snippet_runs_elsewhere(tmp_path
     assert result.returncode == 0, result.stderr
 
     project.mkdir()
-    (project / "snippet.py").write_text(readme_snippet())
+    (project / "snippet.py").write_text(readme_python("## The monitor in your own training loop"))
     env = {**os.environ, "PYTHONPATH": str(site)}
 
     def run(*command):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_events
+from conftest import load_events, readme_python, run_script
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from gradwatch.transformers import MonitorCallback
@@ -59,3 +59,13 @@ def test_a_learning_rate_far_too_high_is_named_first(tmp_path, capsys):
     findings = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
     assert findings[0]["rule"] == "diverging"
     assert "the learning rate is too high" in capsys.readouterr().out  # the story, printed at the end
+
+
+def test_the_readme_snippet_runs_as_printed(tmp_path):
+    (tmp_path / "snippet.py").write_text(readme_python("### Hugging Face: `gradwatch.transformers.MonitorCallback`"))
+    result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "hf-out" / "runs" / "tiny-bert"
+    assert [event.step for event in load_events(run).Histograms("classifier.weight_grad")] == [0, 1, 2]
+    assert "eval/loss" in load_events(run).Tags()["scalars"]  # the Trainer's own logs, in the same run
+    assert isinstance(json.loads((run / "diagnosis.json").read_text()), list)
