@@ -133,7 +133,7 @@ OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's ta
         ("--resume", dict(type=run_folder, metavar="RUN_DIR")),
     ],
     "diagnosis (see README: The diagnosis)": [
-        ("--stats-every", dict(type=non_negative_int, default=50)),
+        ("--stats-every", dict(type=non_negative_int)),
         ("--stop-on-nonfinite", dict(action="store_true")),
         ("--threshold", dict(action="append", type=threshold_override, default=[], metavar="NAME=VALUE")),
     ],
@@ -148,7 +148,8 @@ HELP = {  # help texts too long for the table
     "--layer-wd": "weight decay of a parameter or module prefix, e.g. fc1=5e-4 (repeatable)",
     "--hist-every": "also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only",
     "--resume": "continue the run in RUN_DIR from its last checkpoint; options given with it override the saved ones",
-    "--stats-every": "log per-layer statistics every N optimizer steps (into <run>/steps); 0: once per epoch",
+    "--stats-every": "log per-layer statistics every N optimizer steps (into <run>/steps); 0: once per epoch "
+    "(default: every 100 steps, or a quarter of an epoch when that is shorter)",
     "--stop-on-nonfinite": "stop at the first NaN or Inf in the loss (checked every step) or the logged gradients",
     "--threshold": f"change a diagnosis threshold (repeatable); names: {', '.join(Thresholds.names())}",
 }
@@ -446,7 +447,10 @@ def open_monitor(run, monitor_state):
     epochs before the stop) and rewriting, on each step axis, only what comes after the checkpoint."""
     args, resumed = run.args, run.args.resume is not None
     purge = dict(purge_epoch=run.epoch, purge_step=run.step + 1) if resumed else {}
-    every = dict(stats_every=args.stats_every, hist_every=args.hist_every)
+    stats_every = args.stats_every
+    if stats_every is None:  # every 100 steps, and at least four readings an epoch for the diagnosis's medians
+        stats_every = min(100, max(1, len(run.loaders[0]) // 4))
+    every = dict(stats_every=stats_every, hist_every=args.hist_every)
     monitor = TrainingMonitor(run.run_dir, thresholds=args.thresholds, start_step=run.step, **every, **purge)
     monitor.watch(run.model, run.optimizer)  # the model as trained: compiled, it keeps its activation hooks
     if monitor_state:

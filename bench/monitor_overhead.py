@@ -8,7 +8,8 @@ its defaults, on the CPU. The time spent inside the monitor's calls, its optimiz
 hooks (and drawing the confusion-matrix picture that train.py draws only to hand it over) is added up per
 epoch and set against the epoch's wall time (from one epoch_end() to the next: the first epoch, with start-up,
 is not counted). A second variant writes every value through tensorboardX's one-value calls (`add_scalar`,
-`add_histogram_raw`) instead of one event per log, to show what that would cost.
+`add_histogram_raw`) instead of one event per log, to show what that would cost; a third takes statistics every
+50 steps, TrainingMonitor's own default (train.py's is every 100 steps, or a quarter of an epoch if shorter).
 
 The CIFAR-10-size data are an archive of the official layout with random pixels (as
 bench/prepare_cifar10.py builds it), converted by prepare_data.py: 50,000 training and 5,000 validation
@@ -77,8 +78,8 @@ class TimedMonitor(TrainingMonitor):
                 writer.add_scalar(value.tag, value.simple_value, step)
 
 
-def measure(data, epochs, tmp, name, one_value_events=False):
-    """(epoch wall times, seconds inside the monitor per epoch) of `train.py --epochs N` on `data`."""
+def measure(data, epochs, tmp, name, one_value_events=False, options=()):
+    """(epoch wall times, seconds inside the monitor per epoch) of `train.py --epochs N [options]` on `data`."""
     TimedMonitor.runs, TimedMonitor.one_value_events = [], one_value_events
     draw, share = train.confusion_matrix_image, monitor._activation_share
 
@@ -97,7 +98,7 @@ def measure(data, epochs, tmp, name, one_value_events=False):
     try:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             args = ["--data", str(data), "--epochs", str(epochs), "--log-dir", tmp, "--run-name", name]
-            assert train.main([*args, "--device", "cpu"]) == 0
+            assert train.main([*args, "--device", "cpu", *options]) == 0
     finally:
         train.TrainingMonitor, train.confusion_matrix_image = TrainingMonitor, draw
         monitor._activation_share = share
@@ -109,8 +110,10 @@ def measure(data, epochs, tmp, name, one_value_events=False):
 def report(title, data, epochs, tmp):
     print(f"\n{title}: train.py --epochs {epochs} (the first epoch not counted)")
     print(f"{'variant':44}{'epoch s':>10}{'inside the monitor':>24}")
-    for name, one_value in (("monitor, defaults", False), ("monitor, one event per value", True)):
-        walls, inside = measure(data, epochs, tmp, f"{title}-{name}".replace(" ", "_"), one_value)
+    variants = [("monitor, defaults", False, []), ("monitor, one event per value", True, [])]
+    variants.append(("--stats-every 50 (TrainingMonitor's default)", False, ["--stats-every", "50"]))
+    for name, one_value, options in variants:
+        walls, inside = measure(data, epochs, tmp, f"{title}-{name}".replace(" ", "_"), one_value, options)
         wall, spent = statistics.median(walls), statistics.median(inside)
         share = f"{spent * 1e3:.1f} ms = {spent / (wall - spent):.2%}"
         print(f"{name:44}{wall:>10.2f}{share:>24}", flush=True)

@@ -27,8 +27,8 @@ GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
 def classify(tag):
     """('weight' | 'grad', parameter name) for a recognised tag, else None."""
     for suffix, kind in (("_data", "weight"), ("_grad", "grad")):
-        if tag.endswith(suffix):
-            return kind, tag[: -len(suffix)]
+        if tag.endswith(suffix):  # "<name>_data", or "<section>/<name>_data" (TrainingMonitor's group_depth)
+            return kind, tag[: -len(suffix)].rsplit("/", 1)[-1]
     for prefixes, kind in ((WEIGHT_PREFIXES, "weight"), (GRADIENT_PREFIXES, "grad")):
         for prefix in prefixes:
             if tag.lower().startswith(prefix):

@@ -87,8 +87,9 @@ class TrainingMonitor:
     `log_dir/steps`). Under torch.distributed only rank 0 writes.
 
     `include` and `exclude` are glob patterns over parameter names (`layer4.*`, `*.bias`) that choose which
-    parameters get histograms, so that a model of hundreds of layers stays readable; the statistics and the
-    diagnosis always cover every parameter.
+    parameters get histograms, and `group_depth` puts them in one TensorBoard section per module (see
+    log_parameters), so that a model of hundreds of layers stays readable; the statistics and the diagnosis
+    always cover every parameter.
     """
 
     def __init__(
@@ -104,10 +105,10 @@ class TrainingMonitor:
         flush_secs: int = 30,
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
+        group_depth: int = 0,
     ):
-        counts = dict(
-            bins=(bins, 1), stats_every=(stats_every, 0), hist_every=(hist_every, 0), start_step=(start_step, 0)
-        )
+        counts = dict(bins=(bins, 1), stats_every=(stats_every, 0), hist_every=(hist_every, 0))
+        counts.update(start_step=(start_step, 0), group_depth=(group_depth, 0))
         for name, (value, low) in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -117,6 +118,7 @@ class TrainingMonitor:
         self.bins, self.stats_every, self.hist_every = bins, stats_every, hist_every
         self.thresholds = thresholds or Thresholds()
         self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+        self.group_depth = group_depth
         self.steps, self.skipped_steps = start_step, 0
         self.model: torch.nn.Module | None = None
         self._parameters: NamedParameters = []
@@ -322,11 +324,19 @@ class TrainingMonitor:
         self, model: torch.nn.Module | NamedParameters, step: int, per_step: bool = False
     ) -> dict[str, Histogram]:
         """Log the `<name>_data` and `<name>_grad` histograms of `model` (a Module, or its named_parameters() as a
-        list) at `step`: an epoch, or an optimizer step if per_step. Returns them."""
+        list) at `step`: an epoch, or an optimizer step if per_step. Returns them. With `group_depth` k, each tag
+        is prefixed by the first k parts of its module's name, which TensorBoard takes as the tag's section:
+        `layer4/layer4.2.conv3.weight_grad` at k = 1."""
         wanted = [(name, p) for name, p in named_parameters(model) if self.wants_histogram(name)]
         histograms = compute_histograms(parameter_tensors(wanted), self.bins)
+        if self.group_depth:
+            histograms = {f"{self._section(tag)}/{tag}": h for tag, h in histograms.items()}
         self.log_histograms(histograms, step, per_step)
         return histograms
+
+    def _section(self, tag: str) -> str:
+        module = tag.rsplit(".", 1)[0] if "." in tag else tag  # "layer4.2.conv3.weight_grad" -> "layer4.2.conv3"
+        return ".".join(module.split(".")[: self.group_depth])
 
     def wants_histogram(self, name: str) -> bool:
         """Whether parameter `name` gets histograms: it matches a pattern of `include` and none of `exclude`."""

@@ -151,3 +151,16 @@ def test_a_wrapped_model_is_watched_under_its_own_names(tmp_path):
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
     with TrainingMonitor(tmp_path).watch(nn.DataParallel(torch.compile(model, backend="eager"))) as monitor:
         assert monitor.model is model  # so the tags are "0.weight_data", not "module._orig_mod.0.weight_data"
+
+
+def test_group_depth_puts_each_modules_histograms_in_a_section_that_diagnose_still_reads(tmp_path):
+    from gradwatch.cli import classify
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    model(torch.randn(16, 8)).sum().backward()
+    with TrainingMonitor(tmp_path, group_depth=1) as monitor:
+        monitor.log_parameters(model, 0)
+    tags = set(load_events(tmp_path).Tags()["histograms"])
+    assert {"0/0.weight_data", "0/0.bias_grad", "2/2.0.weight_grad", "2/2.1.bias_data"} <= tags and len(tags) == 12
+    assert classify("2/2.1.bias_data") == ("weight", "2.1.bias")
+    assert classify("layer4/layer4.2.conv3.weight_grad") == ("grad", "layer4.2.conv3.weight")
