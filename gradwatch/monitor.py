@@ -184,11 +184,14 @@ class TrainingMonitor:
         if self.is_writer and values:
             self._writer(per_step).file_writer.add_summary(Summary(value=values), step)
 
-    def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainingMonitor:
+    def watch(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, compiled: bool | None = None
+    ) -> TrainingMonitor:
         """Attach to `model` as its parameters are now (watch again after changing its layers); with `optimizer`,
         also measure each logged step's update-to-weight ratio and count the steps GradScaler skips. A model
         wrapped by DistributedDataParallel or torch.compile, and an optimizer wrapped by Lightning or Accelerate,
-        are watched through what they wrap."""
+        are watched through what they wrap. `compiled` says whether the model runs through torch.compile where
+        watch() cannot see it (a wrapper it is not given); by default, whether `model` holds a compiled module."""
         inner = getattr(optimizer, "optimizer", None)  # Lightning's and Accelerate's wrappers
         optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
         if not isinstance(model, torch.nn.Module):
@@ -197,7 +200,8 @@ class TrainingMonitor:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.unwatch()
         # A compiled graph keeps the hooks it was traced with: activation hooks there are placed once, for good.
-        self._hooks_stay = any("_orig_mod" in name.split(".") for name, _ in model.named_modules())
+        found = any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) for m in model.modules())
+        self._hooks_stay = found if compiled is None else compiled
         model = unwrap(model)
         self.model, self._optimizer = model, optimizer
         self._parameters = list(model.named_parameters())

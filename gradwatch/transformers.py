@@ -54,7 +54,7 @@ class MonitorCallback(TrainerCallback):
             return
         folder = self.log_dir or getattr(args, "logging_dir", None) or os.getenv("TENSORBOARD_LOGGING_DIR")
         self.monitor = TrainingMonitor(folder or os.path.join(args.output_dir, default_logdir()), **self.options)
-        self.monitor.watch(model, kwargs.get("optimizer"))
+        self.monitor.watch(model, kwargs.get("optimizer"), compiled=getattr(args, "torch_compile", False))
         self._hook = unwrap(model).register_forward_hook(self._keep_loss)
         batches = kwargs.get("train_dataloader")
         if batches is not None and hasattr(batches, "__len__"):

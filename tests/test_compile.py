@@ -14,13 +14,16 @@ from gradwatch import TrainingMonitor
 
 
 def train(compiled, steps=6, stats_every=2):
-    """The statistics records of a small ReLU/tanh net trained for `steps`, compiled or not (same seed)."""
+    """The statistics records of a small ReLU/tanh net trained for `steps`, compiled ("wrapper": the module
+    torch.compile returns; "in place": Module.compile()) or not (same seed)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4))
     with torch.no_grad():
         model[0].bias[:12] = -10.0  # 12 of the 32 ReLU units dead
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    forward = torch.compile(model, backend="aot_eager") if compiled else model
+    forward = torch.compile(model, backend="aot_eager") if compiled == "wrapper" else model
+    if compiled == "in place":
+        model.compile(backend="aot_eager")
     inputs, labels = torch.randn(steps, 8, 16), torch.randint(0, 4, (steps, 8))
     with tempfile.TemporaryDirectory() as folder, TrainingMonitor(folder, stats_every=stats_every) as monitor:
         monitor.watch(forward, optimizer)
@@ -33,12 +36,13 @@ def train(compiled, steps=6, stats_every=2):
         return monitor.state_dict()["records"]
 
 
-def test_no_graph_breaks_and_the_statistics_of_the_uncompiled_model():
+@pytest.mark.parametrize("how", ["wrapper", "in place"])
+def test_no_graph_breaks_and_the_statistics_of_the_uncompiled_model(how):
     torch._dynamo.reset()
     counters.clear()
-    compiled = train(compiled=True)
-    assert dict(counters["graph_break"]) == {}
-    plain = train(compiled=False)
+    compiled = train(compiled=how)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] >= 1  # it did compile
+    plain = train(compiled=None)
     assert len(compiled) == len(plain) == 3
     for ours, theirs in zip(compiled, plain):
         assert ours["activations"] == theirs["activations"]

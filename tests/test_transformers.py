@@ -69,3 +69,11 @@ def test_the_readme_snippet_runs_as_printed(tmp_path):
     assert [event.step for event in load_events(run).Histograms("classifier.weight_grad")] == [0, 1, 2]
     assert "eval/loss" in load_events(run).Tags()["scalars"]  # the Trainer's own logs, in the same run
     assert isinstance(json.loads((run / "diagnosis.json").read_text()), list)
+
+
+def test_with_torch_compile_the_activations_are_measured_inside_the_graph(tmp_path):
+    callback = MonitorCallback(log_dir=tmp_path / "run", stats_every=2)
+    train(tmp_path, callback, torch_compile=True, torch_compile_backend="aot_eager")
+    steps = load_events(tmp_path / "run" / "steps")
+    assert [e.step for e in steps.Scalars("saturated_share/bert.pooler.activation")] == list(range(2, 13, 2))
+    assert "grad_norm/bert.embeddings.word_embeddings.weight" in steps.Tags()["scalars"]  # its own names
