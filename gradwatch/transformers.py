@@ -71,7 +71,7 @@ class MonitorCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         if self.monitor is None:
             return
-        loss = torch.stack(self._losses).float().mean() if self._losses else None
+        loss = torch.stack([loss.float() for loss in self._losses]).mean() if self._losses else None
         self._losses = []
         for finding in self.monitor.step(loss):
             logger.warning(f"gradwatch: {finding}")

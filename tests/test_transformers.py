@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_events, readme_python, run_script
+from conftest import ROOT, load_events, readme_python, run_script
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from gradwatch.transformers import MonitorCallback
@@ -77,3 +77,26 @@ def test_with_torch_compile_the_activations_are_measured_inside_the_graph(tmp_pa
     steps = load_events(tmp_path / "run" / "steps")
     assert [e.step for e in steps.Scalars("saturated_share/bert.pooler.activation")] == list(range(2, 13, 2))
     assert "grad_norm/bert.embeddings.word_embeddings.weight" in steps.Tags()["scalars"]  # its own names
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_transformers import train
+from gradwatch.transformers import MonitorCallback
+train({out!r}, MonitorCallback(log_dir={run!r}), ddp_backend="gloo")
+"""
+
+
+def test_under_torchrun_only_the_main_process_writes(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "out"), run=str(tmp_path / "run"))
+    )
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("No findings.") == 1  # the story, told once
+    for folder in (tmp_path / "run", tmp_path / "run" / "steps"):
+        assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    histograms = load_events(tmp_path / "run").Tags()["histograms"]
+    assert "classifier.weight_grad" in histograms and not [tag for tag in histograms if tag.startswith("module.")]
