@@ -204,7 +204,13 @@ class TrainingMonitor:
         self._hooks_stay = found if compiled is None else compiled
         model = unwrap(model)
         self.model, self._optimizer = model, optimizer
-        self._parameters = list(model.named_parameters())
+        self._parameters = [(name, p) for name, p in model.named_parameters() if not _sharded(p)]
+        sharded = sum(1 for p in model.parameters() if _sharded(p))
+        if sharded and self.is_writer:  # reading a shard's values needs every rank: a rank alone would wait forever
+            what = f"{sharded} sharded parameters (DTensor: FSDP2 or tensor parallel)"
+            print(
+                f"gradwatch: {what} are left out of the histograms and statistics; the loss is watched", file=sys.stderr
+            )
         self._activations, layer = [], None
         for name, module in model.named_modules():
             layer = name if any(True for _ in module.parameters(recurse=False)) else layer
@@ -473,6 +479,11 @@ class TrainingMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is a DTensor, whose values are spread over processes."""
+    return hasattr(tensor, "placements") and hasattr(tensor, "to_local")
 
 
 def _patterns(patterns: Sequence[str], name: str) -> tuple[str, ...]:
