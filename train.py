@@ -149,7 +149,7 @@ HELP = {  # help texts too long for the table
     "--hist-every": "also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only",
     "--resume": "continue the run in RUN_DIR from its last checkpoint; options given with it override the saved ones",
     "--stats-every": "log per-layer statistics every N optimizer steps (into <run>/steps); 0: once per epoch "
-    "(default: every 100 steps, or a quarter of an epoch when that is shorter)",
+    "(default: every 50 steps; after the first epoch, 16 times an epoch if that is sparser, at most 1,000 apart)",
     "--stop-on-nonfinite": "stop at the first NaN or Inf in the loss (checked every step) or the logged gradients",
     "--threshold": f"change a diagnosis threshold (repeatable); names: {', '.join(Thresholds.names())}",
 }
@@ -447,10 +447,7 @@ def open_monitor(run, monitor_state):
     epochs before the stop) and rewriting, on each step axis, only what comes after the checkpoint."""
     args, resumed = run.args, run.args.resume is not None
     purge = dict(purge_epoch=run.epoch, purge_step=run.step + 1) if resumed else {}
-    stats_every = args.stats_every
-    if stats_every is None:  # every 100 steps, and at least four readings an epoch for the diagnosis's medians
-        stats_every = min(100, max(1, len(run.loaders[0]) // 4))
-    every = dict(stats_every=stats_every, hist_every=args.hist_every)
+    every = dict(stats_every=args.stats_every, hist_every=args.hist_every)  # None: the monitor's default
     monitor = TrainingMonitor(run.run_dir, thresholds=args.thresholds, start_step=run.step, **every, **purge)
     monitor.watch(run.model, run.optimizer)  # the model as trained: compiled, it keeps its activation hooks
     if monitor_state:

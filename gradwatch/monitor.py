@@ -33,6 +33,9 @@ from .stats import (
     summarize_epoch,
 )
 
+# The default statistics cadence: every 50 steps, stretched after the first epoch to 16 readings an epoch when
+# that is sparser, up to 1,000 steps apart
+STATS_EVERY, READINGS_PER_EPOCH, MAX_STATS_EVERY = 50, 16, 1000
 STATE_KEYS = {"steps", "skipped_steps", "history", "records", "findings"}
 ACTIVATIONS = {torch.nn.ReLU: "relu", torch.nn.ReLU6: "relu", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh"}
 
@@ -77,7 +80,9 @@ class TrainingMonitor:
         print(monitor.story())                       # at the end: what went wrong, in the order it began
 
     Every `stats_every` optimizer steps it logs per-layer statistics, the training loss and the activations of
-    ReLU, sigmoid and tanh modules; every `hist_every` steps, histograms; at each epoch's end the tutorial's
+    ReLU, sigmoid and tanh modules (by default every 50 steps; after the first epoch, 16 times an epoch if that
+    is sparser, at most 1,000 steps apart, so that on long epochs what they cost is a fixed share of an epoch);
+    every `hist_every` steps, histograms; at each epoch's end the tutorial's
     `<name>_data` / `<name>_grad` histograms, the gradient-flow image, the scalars and images it is given, and
     the diagnosis (diagnosis.json, the Text tab, and the findings that began, which it returns). Nothing it does
     can end the training run: a failure inside it is reported once and training goes on.
@@ -96,7 +101,7 @@ class TrainingMonitor:
         self,
         log_dir: str | os.PathLike,
         bins: int = DEFAULT_BINS,
-        stats_every: int = 50,
+        stats_every: int | None = None,
         hist_every: int = 0,
         thresholds: Thresholds | None = None,
         purge_epoch: int | None = None,
@@ -107,6 +112,8 @@ class TrainingMonitor:
         exclude: Sequence[str] = (),
         group_depth: int = 0,
     ):
+        self._auto_stats = stats_every is None  # STATS_EVERY, then set from the first epoch's length
+        stats_every = STATS_EVERY if stats_every is None else stats_every
         counts = dict(bins=(bins, 1), stats_every=(stats_every, 0), hist_every=(hist_every, 0))
         counts.update(start_step=(start_step, 0), group_depth=(group_depth, 0))
         for name, (value, low) in counts.items():
@@ -119,7 +126,7 @@ class TrainingMonitor:
         self.thresholds = thresholds or Thresholds()
         self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
         self.group_depth = group_depth
-        self.steps, self.skipped_steps = start_step, 0
+        self.steps, self.skipped_steps, self._start_step = start_step, 0, start_step
         self.model: torch.nn.Module | None = None
         self._parameters: NamedParameters = []
         self._hooks: dict[str, Any] = {}
@@ -218,8 +225,10 @@ class TrainingMonitor:
                 self._activations.append((name, module, ACTIVATIONS[type(module)], layer or name))
         if optimizer is not None:
             self._hooks["before_step"] = optimizer.register_step_pre_hook(self._before_step)
-        if self.stats_every == 1 or self._hooks_stay:
+        if self._hooks_stay:
             self._arm()
+        if self._due(self.stats_every, ahead=1):
+            self._prepare_statistics()
         return self
 
     def _arm(self) -> None:
@@ -275,12 +284,8 @@ class TrainingMonitor:
         self._activation_values.clear()
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        """Runs only when the optimizer steps (GradScaler skips the call when it finds inf): notes that it did,
-        and copies the weights before the update when statistics are due."""
+        """Runs only when the optimizer steps (GradScaler skips the call when it finds inf): notes that it did."""
         self._stepped = True
-        if self._due(self.stats_every, ahead=1):
-            with self._guard("copying the weights for the update ratio"), torch.no_grad():
-                self._before_update = {name: p.clone() for name, p in self._parameters}
 
     def step(self, loss: torch.Tensor | float | None = None) -> list[Finding]:
         """Call once per optimizer step, after it and before zero_grad(), with the step's training loss if you can:
@@ -297,12 +302,18 @@ class TrainingMonitor:
         skipped = "before_step" in self._hooks and not self._stepped
         self._stepped = False
         urgent = []
-        if skipped or self._due(self.hist_every) or self._due(self.stats_every):  # else nothing to do: most steps
+        if skipped or self._due(self.stats_every) or (self.hist_every and self._due(self.hist_every)):  # seldom
             with self._guard("the step's statistics"):
                 urgent = self._take_step(skipped)
         if self._due(self.stats_every, ahead=1):
-            self._arm()
+            self._prepare_statistics()
         return urgent
+
+    def _prepare_statistics(self) -> None:
+        """Before a step whose statistics are due: hooks for its forward pass, and the weights before its update."""
+        self._arm()
+        with self._guard("copying the weights for the update ratio"), torch.no_grad():
+            self._before_update = {name: p.clone() for name, p in self._parameters}
 
     def _due(self, every: int, ahead: int = 0) -> bool:
         return bool(every) and (self.steps + ahead) % every == 0
@@ -391,6 +402,10 @@ class TrainingMonitor:
                 losses=self._windows, first_loss=self._first_loss, metrics=_metrics({**dict(metrics), **scalars}), lr=lr
             )
             self._history.append(summarize_epoch(epoch, self.steps, records, **context, num_classes=len(classes or ())))
+        if self._auto_stats and self.steps > self._start_step:  # the first epoch's length is known now
+            self._auto_stats, self._before_update = False, None
+            per_epoch = (self.steps - self._start_step) // READINGS_PER_EPOCH
+            self.stats_every = min(MAX_STATS_EVERY, max(STATS_EVERY, per_epoch))
         self._records, self._windows = [], []
         findings = []
         summarised = bool(self._history) and self._history[-1]["epoch"] == epoch  # no summary, no rule
@@ -442,6 +457,7 @@ class TrainingMonitor:
         self._log_losses()
         state = dict(steps=self.steps, skipped_steps=self.skipped_steps, history=list(self._history))
         state.update(records=list(self._records), windows=list(self._windows), first_loss=self._first_loss)
+        state.update(stats_every=self.stats_every, stats_auto=self._auto_stats)
         return {**state, "findings": [f.to_json() for f in self.findings]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> TrainingMonitor:
@@ -453,6 +469,8 @@ class TrainingMonitor:
         self._history, self._records = list(state["history"]), list(state["records"])
         self._windows, self._first_loss = list(state.get("windows", [])), state.get("first_loss")
         self.findings = [Finding.from_json(item) for item in state["findings"]]
+        if self._auto_stats and "stats_every" in state:  # the default cadence goes on as it was; a given one wins
+            self.stats_every, self._auto_stats = state["stats_every"], state["stats_auto"]
         return self
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], epoch: int) -> None:

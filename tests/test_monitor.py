@@ -201,3 +201,21 @@ def test_sharded_parameters_are_left_out_with_one_line_and_training_goes_on(tmp_
     assert result.stderr.count("4 sharded parameters (DTensor: FSDP2 or tensor parallel) are left out") == 1
     assert [e.step for e in load_events(run / "steps").Scalars("loss")] == list(range(1, 7))
     assert (run / "diagnosis.json").is_file()  # and no gradwatch-errors.log (the fixture checks)
+
+
+def test_the_default_statistics_cadence_follows_the_first_epoch_and_survives_a_resume(tmp_path):
+    model = nn.Linear(4, 2)
+    with TrainingMonitor(tmp_path / "a").watch(model) as monitor:
+        assert monitor.stats_every == 50
+        monitor.epoch_end(0, {})  # no step yet: nothing to go by
+        assert monitor.stats_every == 50
+        for _ in range(960):
+            model(torch.randn(3, 4)).sum().backward()
+            monitor.step()
+        monitor.epoch_end(1, {})
+        assert monitor.stats_every == 60  # 16 readings in an epoch of 960 steps
+        state = monitor.state_dict()
+    with TrainingMonitor(tmp_path / "b").watch(model) as resumed:
+        assert resumed.load_state_dict(state).stats_every == 60
+    with TrainingMonitor(tmp_path / "c", stats_every=5).watch(model) as given:
+        assert given.load_state_dict(state).stats_every == 5  # a cadence given explicitly wins

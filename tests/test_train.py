@@ -347,16 +347,16 @@ def test_the_sample_data_trains_without_findings(tmp_path, capsys):
     events = load_events(run)
     assert [e.step for e in events.Images("gradient_flow")] == [0, 1, 2, 3]
     steps = load_events(run / "steps")
-    assert [e.step for e in steps.Scalars("grad_norm/total")] == list(range(22, 361, 22))  # a quarter of 90 steps
+    assert [e.step for e in steps.Scalars("grad_norm/total")] == list(range(50, 361, 50))  # 90-step epochs
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     assert [e.step for e in events.Scalars("hparam/best_valid_accuracy")] == [3]
 
 
-def test_statistics_come_every_100_steps_on_longer_epochs(tmp_path):
-    args = ["--log-dir", tmp_path, "--run-name", "r", "--epochs", "1", "--batch-size", "2", "--data", ROOT / "Data"]
-    assert train.main([str(arg) for arg in args]) == 0  # 719 steps an epoch
+def test_statistics_come_16_times_a_long_epoch_after_the_first(tmp_path):
+    args = ["--log-dir", tmp_path, "--run-name", "r", "--epochs", "2", "--batch-size", "1", "--data", ROOT / "Data"]
+    assert train.main([str(arg) for arg in args]) == 0  # 1,438 steps an epoch: then every 1438 // 16 = 89 steps
     steps = load_events(tmp_path / "r" / "steps")
-    assert [e.step for e in steps.Scalars("grad_norm/total")] == list(range(100, 701, 100))
+    assert [e.step for e in steps.Scalars("grad_norm/total")] == [*range(50, 1438, 50), *range(1513, 2877, 89)]
 
 
 def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path, capsys):
