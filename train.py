@@ -72,6 +72,14 @@ def device_name(text):
     return text
 
 
+def compile_backend(text):
+    from torch._dynamo import list_backends  # only when --compile is given: it takes a moment to load
+
+    if text not in list_backends(exclude_tags=()):  # the debugging ones too, but suggest the usual ones
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend '{text}'; use {', '.join(list_backends())}")
+    return text
+
+
 def run_folder(text):
     path = Path(text)
     if not path.is_dir():
@@ -121,7 +129,7 @@ OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's ta
         ("--seed", dict(type=int, default=0, help="seeds the weights and the shuffling")),
         ("--device", dict(type=device_name, default="auto", help="auto picks CUDA when available")),
         ("--amp", dict(choices=("off", "bf16", "fp16"), default="off")),
-        ("--compile", dict(nargs="?", const="inductor", metavar="BACKEND")),
+        ("--compile", dict(nargs="?", const="inductor", type=compile_backend, metavar="BACKEND")),
         ("--layer-lr", dict(action="append", type=key_value(positive_float), default=[], metavar="NAME=FACTOR")),
         ("--layer-wd", dict(action="append", type=key_value(non_negative_float), default=[], metavar="NAME=VALUE")),
     ],

@@ -137,6 +137,7 @@ def test_bad_input_from_the_command_line_has_no_traceback(data_dir, tmp_path):
         (["--lr", "nan"], "--lr: must be a positive number"),
         (["--resume", "Result/no-such-run"], "run folder 'Result/no-such-run' does not exist"),
         (["--device", "quantum"], "unknown device 'quantum'"),
+        (["--compile", "bogus"], "--compile: unknown torch.compile backend 'bogus'; use cudagraphs, inductor"),
     ],
 )
 def test_parser_refuses_nonsense(args, message, capsys):
