@@ -126,7 +126,8 @@ class TrainingMonitor:
         self.thresholds = thresholds or Thresholds()
         self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
         self.group_depth = group_depth
-        self.steps, self.skipped_steps, self._start_step = start_step, 0, start_step
+        self.steps, self.skipped_steps = start_step, 0
+        self._epoch_start = start_step  # the step the first epoch began at, while the default cadence waits on it
         self.model: torch.nn.Module | None = None
         self._parameters: NamedParameters = []
         self._hooks: dict[str, Any] = {}
@@ -211,8 +212,9 @@ class TrainingMonitor:
         self._hooks_stay = found if compiled is None else compiled
         model = unwrap(model)
         self.model, self._optimizer = model, optimizer
-        self._parameters = [(name, p) for name, p in model.named_parameters() if not _sharded(p)]
-        sharded = sum(1 for p in model.parameters() if _sharded(p))
+        named = list(model.named_parameters())
+        self._parameters = [(name, p) for name, p in named if not _sharded(p)]
+        sharded = len(named) - len(self._parameters)
         if sharded and self.is_writer:  # reading a shard's values needs every rank: a rank alone would wait forever
             what = f"{sharded} sharded parameters (DTensor: FSDP2 or tensor parallel)"
             print(
@@ -402,10 +404,12 @@ class TrainingMonitor:
                 losses=self._windows, first_loss=self._first_loss, metrics=_metrics({**dict(metrics), **scalars}), lr=lr
             )
             self._history.append(summarize_epoch(epoch, self.steps, records, **context, num_classes=len(classes or ())))
-        if self._auto_stats and self.steps > self._start_step:  # the first epoch's length is known now
+        if self._auto_stats and self.steps > self._epoch_start:  # the first epoch's length is known now
             self._auto_stats, self._before_update = False, None
-            per_epoch = (self.steps - self._start_step) // READINGS_PER_EPOCH
+            per_epoch = (self.steps - self._epoch_start) // READINGS_PER_EPOCH
             self.stats_every = min(MAX_STATS_EVERY, max(STATS_EVERY, per_epoch))
+            if self._due(self.stats_every, ahead=1):  # the next step is due under the new cadence
+                self._prepare_statistics()
         self._records, self._windows = [], []
         findings = []
         summarised = bool(self._history) and self._history[-1]["epoch"] == epoch  # no summary, no rule
@@ -457,7 +461,7 @@ class TrainingMonitor:
         self._log_losses()
         state = dict(steps=self.steps, skipped_steps=self.skipped_steps, history=list(self._history))
         state.update(records=list(self._records), windows=list(self._windows), first_loss=self._first_loss)
-        state.update(stats_every=self.stats_every, stats_auto=self._auto_stats)
+        state.update(stats_every=self.stats_every, stats_auto=self._auto_stats, epoch_start=self._epoch_start)
         return {**state, "findings": [f.to_json() for f in self.findings]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> TrainingMonitor:
@@ -471,6 +475,7 @@ class TrainingMonitor:
         self.findings = [Finding.from_json(item) for item in state["findings"]]
         if self._auto_stats and "stats_every" in state:  # the default cadence goes on as it was; a given one wins
             self.stats_every, self._auto_stats = state["stats_every"], state["stats_auto"]
+            self._epoch_start = state.get("epoch_start", self._epoch_start)
         return self
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], epoch: int) -> None:

@@ -219,3 +219,31 @@ def test_the_default_statistics_cadence_follows_the_first_epoch_and_survives_a_r
         assert resumed.load_state_dict(state).stats_every == 60
     with TrainingMonitor(tmp_path / "c", stats_every=5).watch(model) as given:
         assert given.load_state_dict(state).stats_every == 5  # a cadence given explicitly wins
+
+
+def test_the_default_cadence_is_kept_across_a_resume_in_the_first_epoch_and_its_switch_keeps_the_next_reading(
+    tmp_path,
+):
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(monitor, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(3, 4)).sum().backward()
+            optimizer.step()
+            monitor.step()
+
+    with TrainingMonitor(tmp_path / "a").watch(model, optimizer) as monitor:
+        train(monitor, 500)  # stopped within the first epoch
+        state = monitor.state_dict()
+    with TrainingMonitor(tmp_path / "b", start_step=500).watch(model, optimizer) as resumed:
+        resumed.load_state_dict(state)
+        train(resumed, 460)
+        resumed.epoch_end(0, {})
+        assert resumed.stats_every == 60  # the whole first epoch's 960 steps / 16, not the 460 since the resume
+    with TrainingMonitor(tmp_path / "c").watch(model, optimizer) as monitor:
+        train(monitor, 99)
+        monitor.epoch_end(0, {})  # a short epoch: every 50 steps still, and step 100 is one of them
+        train(monitor, 1)
+        assert "update_ratio" in monitor.state_dict()["records"][0]["weight"]
