@@ -18,18 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .monitor import TrainingMonitor
-
-
-def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The single numbers among logged metrics (floats, ints, one-element tensors), as floats."""
-    found = {}
-    for tag, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[tag] = float(value)
-    return found
+from .monitor import TrainingMonitor, numbers
 
 
 class MonitorCallback(Callback):

@@ -58,6 +58,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The single numbers among logged metrics (floats, ints, one-element tensors), as floats."""
+    found = {}
+    for tag, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[tag] = float(value)
+    return found
+
+
 def _scalar_values(scalars: Mapping[str, float]) -> list[Summary.Value]:
     return [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
 

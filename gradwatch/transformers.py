@@ -18,7 +18,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.integrations.integration_utils import default_logdir
 from transformers.utils import logging
 
-from .monitor import TrainingMonitor, unwrap
+from .monitor import TrainingMonitor, numbers
 
 logger = logging.get_logger(__name__)
 
@@ -55,7 +55,7 @@ class MonitorCallback(TrainerCallback):
         folder = self.log_dir or getattr(args, "logging_dir", None) or os.getenv("TENSORBOARD_LOGGING_DIR")
         self.monitor = TrainingMonitor(folder or os.path.join(args.output_dir, default_logdir()), **self.options)
         self.monitor.watch(model, kwargs.get("optimizer"), compiled=getattr(args, "torch_compile", False))
-        self._hook = unwrap(model).register_forward_hook(self._keep_loss)
+        self._hook = self.monitor.model.register_forward_hook(self._keep_loss)  # the model unwrapped
         batches = kwargs.get("train_dataloader")
         if batches is not None and hasattr(batches, "__len__"):
             self._steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
@@ -80,7 +80,7 @@ class MonitorCallback(TrainerCallback):
             self.monitor.log_epoch_parameters(self._epoch)
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs) -> None:
-        self._metrics.update((k, float(v)) for k, v in (logs or {}).items() if isinstance(v, (int, float)))
+        self._metrics.update(numbers(logs or {}))
 
     def on_epoch_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is None:
