@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .shards import all_reduce, local, shard_groups
+
 DEFAULT_BINS = 64  # TensorBoard's Histograms tab re-bins to about 30 for display
 CHUNK = 1 << 20  # values per kernel call: float64 copies of 8 MB stay in a CPU's caches; float32 counts exact
 
@@ -60,7 +62,10 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _moments(x: torch.Tensor) -> torch.Tensor:
-    """[min, max, sum, sum of squares] of a flat tensor, as float64 on its device; the sums accumulate in float64."""
+    """[min, max, sum, sum of squares] of a flat tensor, as float64 on its device; the sums accumulate in float64.
+    An empty tensor's leave the others' unchanged when they are combined: [inf, -inf, 0, 0]."""
+    if not x.numel():
+        return torch.tensor([math.inf, -math.inf, 0.0, 0.0], dtype=torch.float64, device=x.device)
     rows = []
     for chunk in x.split(CHUNK):
         wide = chunk.double()
@@ -69,6 +74,15 @@ def _moments(x: torch.Tensor) -> torch.Tensor:
         return rows[0]
     rows = torch.stack(rows)
     return torch.stack([rows[:, 0].min(), rows[:, 1].max(), rows[:, 2].sum(), rows[:, 3].sum()])
+
+
+def _whole(moments: dict[str, torch.Tensor], groups: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
+    """The moments of whole tensors from those of their shards (see shards.py); others as they are."""
+    if not any(groups.values()):
+        return moments
+    extremes = all_reduce({name: torch.stack([m[0], -m[1]]) for name, m in moments.items()}, groups, "min")
+    sums = all_reduce({name: m[2:] for name, m in moments.items()}, groups, "sum")
+    return {name: torch.cat([extremes[name][:1], -extremes[name][1:], sums[name]]) for name in moments}
 
 
 def _counts(x: torch.Tensor, width: float, first: int, buckets: int) -> torch.Tensor:
@@ -99,33 +113,46 @@ def to_host(rows: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, Any]:
 
 def compute_histograms(tensors: Mapping[str, torch.Tensor], bins: int = DEFAULT_BINS) -> dict[str, Histogram]:
     """{name: Histogram} of a {name: tensor} mapping, in its order; empty tensors are left out. Pure: nothing is
-    logged. Any float, integer or sparse tensor; a constant tensor gets one bucket half a unit wide."""
+    logged. Any float, integer or sparse tensor; a constant tensor gets one bucket half a unit wide.
+
+    A sharded tensor (DTensor) gets the histogram of the whole tensor, exactly: its minimum, maximum, sums and
+    bucket counts are combined over the processes that hold its shards, so every one of them must make this call
+    (with the same names in the same order)."""
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
-    flat = {name: _flat(t) for name, t in tensors.items() if t.numel()}
-    moments = to_host({name: _moments(x) for name, x in flat.items()})
-    nonfinite = dict.fromkeys(flat, 0)
-    for name, (lo, hi, _, _) in moments.items():
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # a NaN or an Inf makes the minimum or maximum one
-            finite = flat[name][torch.isfinite(flat[name])]
-            nonfinite[name], flat[name] = flat[name].numel() - finite.numel(), finite
-    moments.update(to_host({name: _moments(flat[name]) for name in flat if nonfinite[name] and flat[name].numel()}))
+    tensors = {name: t for name, t in tensors.items() if t.numel()}
+    groups = {name: shard_groups(t) for name, t in tensors.items()}
+    flat = {name: _flat(local(t)) for name, t in tensors.items()}
+    moments = to_host(_whole({name: _moments(x) for name, x in flat.items()}, groups))
+    finite = {name: t.numel() for name, t in tensors.items()}  # in the whole tensor
+    # a NaN or an Inf anywhere makes the sum of squares one: then bin the finite values alone
+    refilter = [name for name, (_, _, _, squares) in moments.items() if not math.isfinite(squares)]
+    for name in refilter:
+        flat[name] = flat[name][torch.isfinite(flat[name])]
+    moments.update(to_host(_whole({name: _moments(flat[name]) for name in refilter}, groups)))
+    kept = {
+        name: torch.tensor(float(flat[name].numel()), dtype=torch.float64, device=flat[name].device)
+        for name in refilter
+    }
+    finite.update((name, int(n)) for name, n in to_host(all_reduce(kept, groups, "sum")).items())
 
     layouts = {name: bin_layout(lo, hi, bins) for name, (lo, hi, _, _) in moments.items() if lo < hi and bins > 1}
-    counts = to_host({name: _counts(flat[name], width, first, bins + 1) for name, (width, first, _) in layouts.items()})
+    counts = {name: _counts(flat[name], width, first, bins + 1) for name, (width, first, _) in layouts.items()}
+    counts = to_host(all_reduce(counts, groups, "sum"))
     result = {}
-    for name, x in flat.items():
-        if not x.numel():
-            result[name] = Histogram(0, nonfinite[name], math.inf, -math.inf, 0.0, 0.0, np.empty(0), np.empty(0))
-            continue
+    for name, tensor in tensors.items():
         lo, hi, total, squares = moments[name]
+        num, nonfinite = finite[name], tensor.numel() - finite[name]
+        if not num:
+            result[name] = Histogram(0, nonfinite, math.inf, -math.inf, 0.0, 0.0, np.empty(0), np.empty(0))
+            continue
         if name not in layouts:  # one bucket
-            limits, bucket_counts = np.array([hi + 0.5 if lo == hi else hi]), np.array([float(x.numel())])
+            limits, bucket_counts = np.array([hi + 0.5 if lo == hi else hi]), np.array([float(num)])
         else:
             width, first, count = layouts[name]
             bucket_counts = np.array(counts[name][:count])
             bucket_counts[-1] += counts[name][count]  # values on a top edge that is a multiple of the width
             limits = (first + np.arange(1, count + 1, dtype=np.float64)) * width
             limits[-1] = hi
-        result[name] = Histogram(x.numel(), nonfinite[name], lo, hi, total, squares, limits, bucket_counts)
+        result[name] = Histogram(num, nonfinite, lo, hi, total, squares, limits, bucket_counts)
     return result

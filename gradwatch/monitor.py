@@ -24,6 +24,7 @@ from tensorboardX.summary import histogram_raw
 from .diagnosis import METRIC_TAGS, RULES, Finding, Thresholds, nonfinite_values, output_bias_skew, record, story
 from .histograms import DEFAULT_BINS, Histogram, compute_histograms, to_host
 from .pictures import gradient_flow_image
+from .shards import is_sharded, local
 from .stats import (
     NamedParameters,
     gradient_flow,
@@ -223,14 +224,7 @@ class TrainingMonitor:
         self._hooks_stay = found if compiled is None else compiled
         model = unwrap(model)
         self.model, self._optimizer = model, optimizer
-        named = list(model.named_parameters())
-        self._parameters = [(name, p) for name, p in named if not _sharded(p)]
-        sharded = len(named) - len(self._parameters)
-        if sharded and self.is_writer:  # reading a shard's values needs every rank: a rank alone would wait forever
-            what = f"{sharded} sharded parameters (DTensor: FSDP2 or tensor parallel)"
-            print(
-                f"gradwatch: {what} are left out of the histograms and statistics; the loss is watched", file=sys.stderr
-            )
+        self._parameters = list(model.named_parameters())
         self._activations, layer = [], None
         for name, module in model.named_modules():
             layer = name if any(True for _ in module.parameters(recurse=False)) else layer
@@ -326,7 +320,7 @@ class TrainingMonitor:
         """Before a step whose statistics are due: hooks for its forward pass, and the weights before its update."""
         self._arm()
         with self._guard("copying the weights for the update ratio"), torch.no_grad():
-            self._before_update = {name: p.clone() for name, p in self._parameters}
+            self._before_update = {name: local(p).clone() for name, p in self._parameters}
 
     def _due(self, every: int, ahead: int = 0) -> bool:
         return bool(every) and (self.steps + ahead) % every == 0
@@ -515,11 +509,6 @@ class TrainingMonitor:
         self.close()
 
 
-def _sharded(tensor: torch.Tensor) -> bool:
-    """Whether a tensor is a DTensor, whose values are spread over processes."""
-    return hasattr(tensor, "placements") and hasattr(tensor, "to_local")
-
-
 def _patterns(patterns: Sequence[str], name: str) -> tuple[str, ...]:
     if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{name} must be a list of glob patterns such as ['layer4.*'], got {patterns!r}")
@@ -544,5 +533,6 @@ def _output_bias(parameters: NamedParameters, num_classes: int) -> tuple[str | N
     """(name, values) of the last bias with one value per class: the output layer's, for the bias-skew rule."""
     for name, param in reversed(parameters):
         if name.endswith("bias") and param.numel() == num_classes:
-            return name, param.detach().float().cpu().tolist()
+            whole = param.full_tensor() if is_sharded(param) else param  # gathered from every rank's shard
+            return name, whole.detach().float().cpu().tolist()
     return None, None

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .histograms import to_host
+from .shards import all_reduce, local, shard_groups
 
 NamedParameters = Sequence[tuple[str, torch.nn.Parameter]]
 STAT_KEYS = (
@@ -58,40 +59,68 @@ def _to_floats(columns: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]
     return {key: [host[key, i] for i in range(len(values))] for key, values in columns.items()}
 
 
+# How the per-shard values of a sharded tensor make the value of the whole tensor: 2-norms through their squares
+COMBINE = dict(weight_norm="l2", max_abs_weight="max", grad_norm="l2", grad_nonzero="sum", update_norm="l2")
+COMBINE.update(grad_l1="sum", max_abs_grad="max", nonfinite="sum")
+
+
+def _whole(columns: dict[str, list[torch.Tensor]], groups: dict[str, list[tuple]]) -> dict[str, list[torch.Tensor]]:
+    """Columns of COMBINE's names, holding per-shard values, made into those of whole tensors: each value combined
+    over its tensor's process groups (see shards.py); the values of ordinary tensors as they are."""
+    keyed = [(key, i) for key, values in columns.items() for i in range(len(values)) if groups[key][i]]
+    if not keyed:
+        return columns
+    rows = {(key, i): columns[key][i] ** 2 if COMBINE[key] == "l2" else columns[key][i] for key, i in keyed}
+    key_groups = {(key, i): groups[key][i] for key, i in keyed}
+    whole = {key: list(values) for key, values in columns.items()}
+    for op in ("sum", "max"):
+        part = {k: row for k, row in rows.items() if COMBINE[k[0]] in ((op, "l2") if op == "sum" else (op,))}
+        for (key, i), value in all_reduce(part, key_groups, op).items():
+            whole[key][i] = value.sqrt() if COMBINE[key] == "l2" else value
+    return whole
+
+
 @torch.no_grad()
 def parameter_statistics(
     model: torch.nn.Module | NamedParameters, previous_weights: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, dict[str, float]]:
     """Per-parameter statistics, as floats: {name: {key: value}} with the keys of STAT_KEYS, the gradient's only
     where there is a gradient; update_ratio = ||w - w_before|| / ||w|| for the names in `previous_weights` (the
-    weights before the optimizer step); and {"total": {"grad_norm": ...}} over all gradients. Pure."""
+    weights before the optimizer step); and {"total": {"grad_norm": ...}} over all gradients. Pure.
+
+    Sharded parameters (DTensor) get the statistics of the whole tensor, combined over the processes that hold
+    its shards: every one of them must make this call."""
     previous_weights = previous_weights or {}
     named = named_parameters(model)
-    weights = [w for _, w in named]
-    graded = [
-        (name, p.grad.coalesce().values() if p.grad.is_sparse else p.grad) for name, p in named if p.grad is not None
-    ]
-    moved = [(name, w) for name, w in named if name in previous_weights]
-    changes = [w - previous_weights[name] for name, w in moved]
-    values = _to_floats(
-        {
-            "weight_norm": _norms(weights, 2),
-            "max_abs_weight": _norms(weights, math.inf),
-            "grad_norm": _norms([g for _, g in graded], 2),
-            "grad_nonzero": [torch.count_nonzero(g) for _, g in graded],
-            "update_norm": _norms(changes, 2),
-        }
-    )
+    graded = [(name, p.grad) for name, p in named if p.grad is not None]
+    moved = [(name, p) for name, p in named if name in previous_weights]
+    weights = [local(w) for _, w in named]
+    grads = [local(g.coalesce().values() if g.is_sparse else g) for _, g in graded]
+    changes = [local(w) - local(previous_weights[name]) for name, w in moved]
+    columns = {
+        "weight_norm": _norms(weights, 2),
+        "max_abs_weight": _norms(weights, math.inf),
+        "grad_norm": _norms(grads, 2),
+        "grad_nonzero": [torch.count_nonzero(g) for g in grads],
+        "update_norm": _norms(changes, 2),
+    }
+    weight_groups, grad_groups = [shard_groups(w) for _, w in named], [shard_groups(g) for _, g in graded]
+    groups = dict(weight_norm=weight_groups, max_abs_weight=weight_groups, grad_norm=grad_groups)
+    groups.update(grad_nonzero=grad_groups, update_norm=[shard_groups(w) for _, w in moved])
+    values = _to_floats(_whole(columns, groups))
     stats = {
         name: {"weight_norm": w, "max_abs_weight": m}
         for (name, _), w, m in zip(named, values["weight_norm"], values["max_abs_weight"])
     }
     sizes = {name: max(p.numel(), 1) for name, p in named}  # a sparse gradient's values: shares of the whole
-    for (name, grad), norm, nonzero in zip(graded, values["grad_norm"], values["grad_nonzero"]):
-        share = 0.0
-        if not math.isfinite(norm):  # count non-finite values only where the norm shows there are some
-            share = (~torch.isfinite(grad)).sum().item() / sizes[name]
+    # count non-finite values only where the norm shows there are some
+    bad = [i for i, norm in enumerate(values["grad_norm"]) if not math.isfinite(norm)]
+    counts = {i: (~torch.isfinite(grads[i])).sum().double() for i in bad}
+    counts = {"nonfinite": [counts[i] for i in bad]}
+    shares = dict(zip(bad, _to_floats(_whole(counts, {"nonfinite": [grad_groups[i] for i in bad]}))["nonfinite"]))
+    for i, ((name, _), norm, nonzero) in enumerate(zip(graded, values["grad_norm"], values["grad_nonzero"])):
         rms, zero_share = norm / math.sqrt(sizes[name]), 1 - nonzero / sizes[name]
+        share = shares.get(i, 0.0) / sizes[name]
         stats[name].update(grad_norm=norm, grad_rms=rms, grad_zero_share=zero_share, nonfinite_share=share)
     for (name, _), update in zip(moved, values["update_norm"]):
         weight_norm = stats[name]["weight_norm"]
@@ -103,15 +132,18 @@ def parameter_statistics(
 
 @torch.no_grad()
 def gradient_flow(model: torch.nn.Module | NamedParameters) -> tuple[list[str], list[float], list[float]]:
-    """(names, mean |grad|, max |grad|) of the weight tensors that have a dense gradient, in model order."""
+    """(names, mean |grad|, max |grad|) of the weight tensors that have a dense gradient, in model order; of whole
+    tensors where they are sharded (every process that holds a shard must make this call)."""
     named = [
         (name, p.grad)
         for name, p in named_parameters(model)
         if p.grad is not None and not p.grad.is_sparse and name.endswith("weight")
     ]
-    values = _to_floats({"l1": _norms([g for _, g in named], 1), "peak": _norms([g for _, g in named], math.inf)})
-    means = [total / max(g.numel(), 1) for total, (_, g) in zip(values["l1"], named)]
-    return [name for name, _ in named], means, values["peak"]
+    grads, groups = [local(g) for _, g in named], [shard_groups(g) for _, g in named]
+    columns = {"grad_l1": _norms(grads, 1), "max_abs_grad": _norms(grads, math.inf)}
+    values = _to_floats(_whole(columns, {"grad_l1": groups, "max_abs_grad": groups}))
+    means = [total / max(g.numel(), 1) for total, (_, g) in zip(values["grad_l1"], named)]
+    return [name for name, _ in named], means, values["max_abs_grad"]
 
 
 def _median(values: list[float | None]) -> float:

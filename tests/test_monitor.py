@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import load_events, run_script
+from conftest import load_events
 
 from gradwatch import TrainingMonitor, gradient_flow, parameter_statistics
 
@@ -164,43 +164,6 @@ def test_group_depth_puts_each_modules_histograms_in_a_section_that_diagnose_sti
     assert {"0/0.weight_data", "0/0.bias_grad", "2/2.0.weight_grad", "2/2.1.bias_data"} <= tags and len(tags) == 12
     assert classify("2/2.1.bias_data") == ("weight", "2.1.bias")
     assert classify("layer4/layer4.2.conv3.weight_grad") == ("grad", "layer4.2.conv3.weight")
-
-
-FSDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
-from torch import nn
-from torch.distributed.fsdp import fully_shard
-from gradwatch import TrainingMonitor
-dist.init_process_group("gloo")
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-for module in (model[0], model[2], model):
-    fully_shard(module)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-with TrainingMonitor(sys.argv[1], stats_every=1).watch(model, optimizer) as monitor:
-    for epoch in range(2):
-        for step in range(3):
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 4, (8,)))
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss)
-        monitor.epoch_end(epoch, {})
-dist.destroy_process_group()
-"""
-
-
-def test_sharded_parameters_are_left_out_with_one_line_and_training_goes_on(tmp_path):
-    """FSDP2 (fully_shard, gloo, two processes): reading a DTensor's values needs every rank, so the monitor
-    leaves sharded parameters out and says so once, instead of failing or waiting on the other rank."""
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
-    run = tmp_path / "run"
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", script, run, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("4 sharded parameters (DTensor: FSDP2 or tensor parallel) are left out") == 1
-    assert [e.step for e in load_events(run / "steps").Scalars("loss")] == list(range(1, 7))
-    assert (run / "diagnosis.json").is_file()  # and no gradwatch-errors.log (the fixture checks)
 
 
 def test_the_default_statistics_cadence_follows_the_first_epoch_and_survives_a_resume(tmp_path):
