@@ -130,6 +130,8 @@ OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's ta
         ("--device", dict(type=device_name, default="auto", help="auto picks CUDA when available")),
         ("--amp", dict(choices=("off", "bf16", "fp16"), default="off")),
         ("--compile", dict(nargs="?", const="inductor", type=compile_backend, metavar="BACKEND")),
+        ("--clip-grad-norm", dict(type=positive_float, metavar="MAX")),
+        ("--fsdp", dict(action="store_true")),
         ("--layer-lr", dict(action="append", type=key_value(positive_float), default=[], metavar="NAME=FACTOR")),
         ("--layer-wd", dict(action="append", type=key_value(non_negative_float), default=[], metavar="NAME=VALUE")),
     ],
@@ -151,6 +153,10 @@ HELP = {  # help texts too long for the table
     "free memory); 'no' decodes each image every epoch, as the tutorial does",
     "--workers": "DataLoader worker processes without the cache (0 loads in the training process)",
     "--compile": "train the model through torch.compile (BACKEND: inductor unless given; the first steps compile)",
+    "--clip-grad-norm": "clip the gradients to this total norm (torch.nn.utils.clip_grad_norm_); the monitor logs the "
+    "norm before clipping and the share of clipped steps",
+    "--fsdp": "under torchrun: shard the model's parameters, gradients and optimizer state over the processes (FSDP2, "
+    "fully_shard) instead of copying the model to each (DistributedDataParallel)",
     "--amp": "mixed precision: autocast to bf16, or to fp16 with a GradScaler (fp16 needs CUDA)",
     "--layer-lr": "multiply the learning rate of a parameter or module prefix, e.g. conv1=10 (repeatable)",
     "--layer-wd": "weight decay of a parameter or module prefix, e.g. fc1=5e-4 (repeatable)",
@@ -190,6 +196,10 @@ def parse_args(argv=None):
         args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
         args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
     args.thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        parser.error(
+            "--fsdp shards the model over the processes of a torchrun job: torchrun --nproc_per_node N train.py --fsdp"
+        )
     return args
 
 
@@ -224,6 +234,7 @@ def hyperparameters(args):
     """The settings shown in TensorBoard's HParams tab."""
     keys = ("lr", "batch_size", "momentum", "dampening", "weight_decay", "epochs", "step_size", "gamma", "seed")
     values = {key: getattr(args, key) for key in keys}
+    values["clip_grad_norm"] = args.clip_grad_norm or 0.0  # 0: no clipping
     for key in ("layer_lr", "layer_wd"):
         values[key] = ",".join(f"{n}={v:g}" for n, v in getattr(args, key)) or "-"
     return values
@@ -266,11 +277,11 @@ class Distributed:
     alone prints, writes events and checkpoints. The collectives below are no-ops for a single process.
     """
 
-    def __init__(self, device_name):
+    def __init__(self, device_name, fsdp=False):
         self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else None
         self.device = self.device or torch.device(device_name)
-        if self.world_size > 1:
+        if self.world_size > 1 or fsdp:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
@@ -298,7 +309,7 @@ class Distributed:
         return box[0]
 
     def close(self):
-        if self.world_size > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -334,7 +345,8 @@ class Run:
     run_dir: Path
     classes: list
     loaders: tuple  # (training batches, validation batches)
-    net: nn.Module  # what is logged and saved; under torchrun `model` wraps it in DistributedDataParallel
+    net: nn.Module  # what is logged and saved; under torchrun `model` wraps it in DistributedDataParallel (or,
+    # with --fsdp, `net` itself is sharded)
     optimizer: torch.optim.Optimizer
     model: nn.Module = None
     monitor: Any = None
@@ -346,7 +358,8 @@ class Run:
 
     def __post_init__(self):
         args, device = self.args, self.dist.device
-        self.model = nn.parallel.DistributedDataParallel(self.net) if self.dist.world_size > 1 else self.net
+        replicated = self.dist.world_size > 1 and not args.fsdp
+        self.model = nn.parallel.DistributedDataParallel(self.net) if replicated else self.net
         if args.compile:
             self.model = torch.compile(self.model, backend=args.compile)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.step_size, gamma=args.gamma)
@@ -355,16 +368,25 @@ class Run:
         self.autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "off" else nullcontext()
 
     def state(self):
-        state = {key: getattr(self, key).state_dict() for key in ("optimizer", "scheduler", "scaler", "monitor")}
-        state.update({key: getattr(self, key) for key in PROGRESS}, model=self.net.state_dict(), classes=self.classes)
-        return {**state, "args": saved_args(self.args), "rng": rng_state(self.dist.device)}
+        """Everything a checkpoint holds; the model and optimizer state whole (under --fsdp gathered from every
+        rank, which must all call this), so that it loads into a plain Net."""
+        if self.args.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # a second to load
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model, optimizer = get_state_dict(self.net, self.optimizer, options=options)
+        else:
+            model, optimizer = self.net.state_dict(), self.optimizer.state_dict()
+        state = {key: getattr(self, key).state_dict() for key in ("scheduler", "scaler", "monitor")}
+        state.update({key: getattr(self, key) for key in PROGRESS}, model=model, optimizer=optimizer)
+        return {**state, "classes": self.classes, "args": saved_args(self.args), "rng": rng_state(self.dist.device)}
 
     def save(self, *names):
         """Write the checkpoint under each name, atomically: a crash mid-save leaves the previous one intact."""
-        if not self.dist.is_main:
+        if not (self.dist.is_main or self.args.fsdp):
             return
         state = self.state()
-        for name in names:
+        for name in names if self.dist.is_main else ():
             torch.save(state, self.run_dir / (name + ".tmp"))
             os.replace(self.run_dir / (name + ".tmp"), self.run_dir / name)
 
@@ -411,6 +433,8 @@ def setup(args, dist):
     net = Net(num_classes=len(classes))
     net.initialize_weights()
     net.to(dist.device)
+    if args.fsdp:  # before the optimizer is built: it must hold the sharded parameters
+        shard_model(net, dist)
     try:
         groups = param_groups(net, args.lr, args.weight_decay, args.layer_lr, args.layer_wd)
     except ValueError as err:
@@ -419,18 +443,38 @@ def setup(args, dist):
     return Run(args, dist, args.log_dir / args.run_name, classes, (train_loader, valid_loader), net, optimizer)
 
 
+def shard_model(net, dist):
+    """FSDP2, as PyTorch's guide does it: each layer that holds parameters is sharded over all processes (gathered
+    for its own forward and backward only), then the root module (what is left, and when to gather)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    for module in net.modules():
+        if module is not net and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
 def resume(run):
     """Load the run's last checkpoint into `run`; returns the monitor's saved state, if the checkpoint has one."""
     args, device = run.args, run.dist.device
     checkpoint = torch.load(run.run_dir / "last.pt", map_location=device, weights_only=True)
     if checkpoint["classes"] != run.classes:
         raise RunError(f"{args.data}: its classes differ from those {run.run_dir} was trained on; use the same --data")
-    run.net.load_state_dict(checkpoint["model"])
-    try:
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError:
+    sizes = [len(group["params"]) for group in checkpoint["optimizer"]["param_groups"]]
+    if sizes != [len(group["params"]) for group in run.optimizer.param_groups]:
         own = "resume with the run's own --layer-lr/--layer-wd settings (see its args.json)"
-        raise RunError(f"{run.run_dir}: its optimizer has other parameter groups; {own}") from None
+        raise RunError(f"{run.run_dir}: its optimizer has other parameter groups; {own}")
+    if args.fsdp:  # every rank takes its shards of the whole state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        model, optimizer = checkpoint["model"], checkpoint["optimizer"]
+        set_state_dict(run.net, run.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
+    else:
+        run.net.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     saved_lr = checkpoint["args"]["lr"]
     if args.lr != saved_lr:  # --lr given with --resume rescales every group's schedule
@@ -494,12 +538,14 @@ def train_one_epoch(run, stop_request):
                 outputs = run.model(inputs)
                 loss = nn.functional.cross_entropy(outputs, labels)
             run.scaler.scale(loss).backward()
+            grad_norm = clip_gradients(run) if args.clip_grad_norm else None
             run.scaler.step(run.optimizer)  # unscales the gradients first: the monitor sees true values
             run.scaler.update()
             run.step, run.batches_done = run.step + 1, run.batches_done + 1
-            urgent = run.monitor.step(loss)  # statistics and step histograms, when due
+            # statistics and step histograms, when due
+            urgent = run.monitor.step(loss, grad_norm=grad_norm, max_norm=args.clip_grad_norm)
             # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
-            if args.stop_on_nonfinite and (urgent or not math.isfinite(loss.item())):
+            if args.stop_on_nonfinite and dist.any(urgent or not math.isfinite(loss.item())):
                 return stop_on_nonfinite(run, urgent)
             window[0] += loss.detach() * len(labels)
             window[1] += (outputs.argmax(dim=1) == labels).sum()
@@ -519,6 +565,13 @@ def train_one_epoch(run, stop_request):
         run.stop("Stopped on a bad image")
         raise
     return None
+
+
+def clip_gradients(run):
+    """Clip the gradients to --clip-grad-norm and return their total norm before clipping: of the unscaled
+    gradients under --amp fp16, of the whole model under --fsdp (summed over the shards)."""
+    run.scaler.unscale_(run.optimizer)  # scaler.step() then skips unscaling again
+    return nn.utils.clip_grad_norm_(run.net.parameters(), run.args.clip_grad_norm)
 
 
 def stop_on_nonfinite(run, urgent):
@@ -631,7 +684,7 @@ def one_line(err):
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
-    dist = Distributed(args.device)
+    dist = Distributed(args.device, fsdp=args.fsdp)
     try:
         return train(args, dist)
     except (DataListError, ImageReadError, RunError) as err:

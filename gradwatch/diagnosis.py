@@ -17,6 +17,8 @@ An epoch summary is a dict; a rule skips what it cannot see:
      "losses": [{"step": int, "mean": float, "max": float, "max_step": int, "nonfinite_step": int | None}],
          # the training loss in windows of steps, one per statistics log
      "first_loss": float,                          # the run's first training loss
+     "clipping": {"max_norm", "steps", "clipped_share", "grad_norm_median", "grad_norm_p90": float},
+         # with gradient clipping: the threshold, the epoch's steps, the share clipped, the norms before clipping
      "metrics": {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy": float},
      "num_classes": int, "lr": float}
 """
@@ -47,6 +49,7 @@ class Thresholds:
     vanishing_ratio: float = 1e-2  # the first weight layer's gradient RMS is below this fraction of the last one's
     vanishing_floor: float = 1e-7  # or a weight layer's gradient RMS is below this, whatever the others do
     exploding_factor: float = 100.0  # the total gradient norm exceeds this multiple of its median in earlier epochs
+    clipped_share: float = 0.5  # mostly_clipped: gradient clipping scaled down more than this share of an epoch's steps
     weight_max_abs: float = 1.0  # weights growing: max |w| above this ...
     weight_growth: float = 2.0  # ... and at least this multiple of its value after the first epoch ...
     weight_window: int = 3  # ... and still growing over this many epochs (the tutorial: 0.3 at first, 0.6 later)
@@ -146,6 +149,8 @@ SUGGESTIONS = {  # what to try, per rule; {lr} and {lr_up}: the learning rate a 
     "nonfinite_gradients": "lower the learning rate{lr}, clip gradients (torch.nn.utils.clip_grad_norm_), check the "
     "data and the loss for invalid values; --stop-on-nonfinite stops at the first one.",
     "exploding_gradients": "lower the learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
+    "mostly_clipped": "lower the learning rate, and raise the clipping threshold to about the 90th percentile of the "
+    "norms before clipping, so that it catches only the outliers.",
     "dead_units": "a smaller negative bias or a better initialisation (Kaiming's), or LeakyReLU.",
     "saturated": "ReLU instead of sigmoid or tanh in hidden layers, normalisation layers, or smaller initial weights.",
     "vanishing_gradients": "residual connections or normalisation layers, an auxiliary loss near the early layers, or "
@@ -170,6 +175,10 @@ DIRECTION = {  # what a rule's suggestion does to the learning rate, and what to
     "diverging": (LOWER, SUGGESTIONS["diverging"]),
     "nonfinite_gradients": (LOWER, "check the data and the loss for invalid values, clip gradients."),
     "exploding_gradients": (LOWER, "clip gradients (torch.nn.utils.clip_grad_norm_)."),
+    "mostly_clipped": (
+        LOWER,
+        "raise the clipping threshold to about the 90th percentile of the norms before clipping.",
+    ),
     "moving_too_fast": (LOWER, "clip gradients (torch.nn.utils.clip_grad_norm_), or warm the learning rate up."),
     "oscillating": (LOWER, "a larger batch, or clip gradients."),
     "vanishing_gradients": (RAISE, "residual connections or normalisation layers, or an auxiliary loss."),
@@ -180,11 +189,12 @@ CAUSES = {  # rule: the rules whose earlier findings it can follow from
     "diverging": ("high_initial_loss", "moving_too_fast"),
     "exploding_gradients": ("diverging", "high_initial_loss"),
     "nonfinite_gradients": ("diverging", "exploding_gradients", "high_initial_loss"),
+    "mostly_clipped": ("diverging", "exploding_gradients", "high_initial_loss"),
     "dead_units": ("diverging", "exploding_gradients", "high_initial_loss"),
     "saturated": ("diverging", "exploding_gradients", "high_initial_loss"),
     "vanishing_gradients": ("dead_units", "saturated", "diverging", "exploding_gradients", "high_initial_loss"),
     "not_learning": ("dead_units", "saturated", "vanishing_gradients", "diverging", "high_initial_loss"),
-    "moving_too_fast": ("diverging", "exploding_gradients", "high_initial_loss"),
+    "moving_too_fast": ("diverging", "exploding_gradients", "mostly_clipped", "high_initial_loss"),
     "stuck": ("diverging", "dead_units", "saturated", "vanishing_gradients", "not_learning", "high_initial_loss"),
     "oscillating": ("diverging", "exploding_gradients", "moving_too_fast"),
     "weights_growing": ("diverging", "output_bias_skew"),
@@ -265,6 +275,28 @@ def exploding_gradients(history: list[dict], t: Thresholds) -> list[Finding]:
     message = f"the total gradient norm reached {peak:.3g}, {peak / baseline:.0f}x its median of {baseline:.3g} in the "
     message += "epochs before."
     return [_finding("exploding_gradients", ["total"], now, {**evidence, "threshold": t.exploding_factor}, message)]
+
+
+def mostly_clipped(history: list[dict], t: Thresholds) -> list[Finding]:
+    now = history[-1]
+    clip = now.get("clipping") or {}
+    share, lr = clip.get("clipped_share"), now.get("lr")
+    if not _finite(share) or share <= t.clipped_share:
+        return []
+    median, p90 = clip["grad_norm_median"], clip["grad_norm_p90"]
+    message = f"gradient clipping at {clip['max_norm']:g} scaled down {share:.0%} of the epoch's {clip['steps']} steps "
+    message += f"(norms before clipping: median {median:.3g}, 90th percentile {p90:.3g}). Clipping nearly every step "
+    in_effect = lr * clip["max_norm"] / median if lr and median > 0 else None
+    message += f"makes the learning rate of {lr:g} about {in_effect:.2g} in effect: " if in_effect else "shrinks it: "
+    message += "a learning rate too high for these gradients, hidden by the clipping."
+    finding = _finding("mostly_clipped", [], now, {**clip, "threshold": t.clipped_share}, message)
+    if in_effect:
+        finding.suggestion = (
+            f"lower the learning rate to about {in_effect:.2g}, what it is in effect now, and raise the "
+        )
+        finding.suggestion += f"clipping threshold to about {p90:.3g}, the 90th percentile of the norms, so that "
+        finding.suggestion += "clipping catches only the outliers."
+    return [finding]
 
 
 def weights_growing(history: list[dict], t: Thresholds) -> list[Finding]:
@@ -492,7 +524,7 @@ def output_bias_skew(summary: dict, bias: tuple, classes: list, recall: list | N
     return findings
 
 
-RULES = [high_initial_loss, diverging, exploding_gradients, nonfinite_values, dead_units, saturated]
+RULES = [high_initial_loss, diverging, exploding_gradients, mostly_clipped, nonfinite_values, dead_units, saturated]
 RULES += [vanishing_gradients, update_ratio, stuck, oscillating, weights_growing, no_generalisation, overfitting]
 
 

@@ -150,6 +150,9 @@ class TrainingMonitor:
         self._losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last statistics log
         self._windows: list[dict] = []  # the epoch's training loss, one window per statistics log
         self._first_loss: float | None = None
+        self._norms: list[tuple[torch.Tensor, float]] = []  # (total norm before clipping, max_norm) since the last log
+        self._clip_norms: list[float] = []  # the epoch's finite norms before clipping, and
+        self._max_norm: float | None = None  # the latest clipping threshold
         self._activations: list[tuple] = []  # (name, module, kind, the layer feeding it)
         self._activation_values: dict[str, tuple] = {}
         self._hooks_stay = False
@@ -278,9 +281,40 @@ class TrainingMonitor:
         self._windows.append(window)
         return {"loss": mean} if finite else {}
 
+    def _take_clipping(self) -> dict[str, float]:
+        """The clipping scalars of the steps since the last call (one transfer): the total gradient norm before
+        clipping at the latest step, whether that step was clipped, and the share of the steps that were."""
+        if not self._norms:
+            return {}
+        host = to_host({i: norm for i, (norm, _) in enumerate(self._norms)})
+        steps = [(host[i], max_norm) for i, (_, max_norm) in enumerate(self._norms)]
+        self._norms, self._max_norm = [], steps[-1][1]
+        finite = [(norm, max_norm) for norm, max_norm in steps if math.isfinite(norm)]
+        self._clip_norms += [norm for norm, _ in finite]
+        clipped = [_clipped(norm, max_norm) for norm, max_norm in finite]
+        if not finite:
+            return {}
+        scalars = {"clip/grad_norm": finite[-1][0], "clip/clipped": float(clipped[-1])}
+        return {**scalars, "clip/clipped_share": statistics.fmean(clipped)}
+
+    def _clipping(self) -> dict[str, float]:
+        """The epoch's clipping, for the diagnosis: its threshold, steps, the share clipped and the median and 90th
+        percentile of the norms before clipping; {} without clipping."""
+        norms = self._clip_norms
+        if not norms:
+            return {}
+        share = statistics.fmean(_clipped(norm, self._max_norm) for norm in norms)
+        summary = dict(max_norm=self._max_norm, steps=len(norms), clipped_share=share)
+        return {
+            **summary,
+            "grad_norm_median": statistics.median(norms),
+            "grad_norm_p90": float(np.percentile(norms, 90)),
+        }
+
     def _log_losses(self) -> None:
-        """Take the losses since the last statistics log (an epoch's end, a checkpoint) and log their mean."""
-        self._log(_scalar_values(self._take_losses()), self.steps, per_step=True)
+        """Take the losses and clipping norms since the last statistics log (an epoch's end, a checkpoint) and log
+        them."""
+        self._log(_scalar_values({**self._take_losses(), **self._take_clipping()}), self.steps, per_step=True)
 
     def unwatch(self) -> None:
         """Remove every hook this monitor placed; safe to call twice."""
@@ -294,20 +328,34 @@ class TrainingMonitor:
         """Runs only when the optimizer steps (GradScaler skips the call when it finds inf): notes that it did."""
         self._stepped = True
 
-    def step(self, loss: torch.Tensor | float | None = None) -> list[Finding]:
+    def step(
+        self,
+        loss: torch.Tensor | float | None = None,
+        grad_norm: torch.Tensor | float | None = None,
+        max_norm: float | None = None,
+    ) -> list[Finding]:
         """Call once per optimizer step, after it and before zero_grad(), with the step's training loss if you can:
         it stays on its device until the next statistics log. Returns the step's urgent findings (non-finite
         gradients) when statistics were taken, else an empty list.
+
+        With gradient clipping, pass the total norm that clip_grad_norm_ returned (the norm before clipping) as
+        `grad_norm` and its `max_norm`: the monitor logs the norm and whether the step was clipped (scalars clip/*),
+        each epoch the share of clipped steps, and the diagnosis reads them.
 
         With the optimizer watched, a step GradScaler skipped (its scaled gradients overflowed) is counted
         (scalar amp/skipped_steps) and not examined: its gradients are infinite by design."""
         if self.model is None:
             raise RuntimeError("call watch(model) before step()")
+        if (grad_norm is None) != (max_norm is None):
+            raise ValueError("pass grad_norm and max_norm together: the norm before clipping and the threshold")
         self.steps += 1
         if loss is not None:
             self._losses.append((self.steps, loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)))
         skipped = "before_step" in self._hooks and not self._stepped
         self._stepped = False
+        if grad_norm is not None and not skipped:
+            norm = grad_norm.full_tensor() if is_sharded(grad_norm) else grad_norm  # replicated: no transfer
+            self._norms.append((norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(norm), max_norm))
         urgent = []
         if skipped or self._due(self.stats_every) or (self.hist_every and self._due(self.hist_every)):  # seldom
             with self._guard("the step's statistics"):
@@ -339,7 +387,7 @@ class TrainingMonitor:
         self._before_update = None
         stats["activations"] = self._disarm()
         self._records.append(stats)
-        scalars = self._take_losses()
+        scalars = {**self._take_losses(), **self._take_clipping()}
         scalars.update((f"{key}/{name}", value) for name, values in stats.items() for key, value in values.items())
         for name, a in stats["activations"].items():
             scalars[f"{'dead_share' if a['kind'] == 'relu' else 'saturated_share'}/{name}"] = a["share"]
@@ -405,9 +453,10 @@ class TrainingMonitor:
             self._log_losses()
             records = self._records or [{**parameter_statistics(self._parameters), "activations": self._disarm()}]
             lr = self._optimizer.param_groups[0]["lr"] if self._optimizer else None
-            context = dict(
-                losses=self._windows, first_loss=self._first_loss, metrics=_metrics({**dict(metrics), **scalars}), lr=lr
-            )
+            context = dict(losses=self._windows, first_loss=self._first_loss, lr=lr, clipping=self._clipping())
+            context.update(metrics=_metrics({**dict(metrics), **scalars}))
+            if context["clipping"]:
+                self._log(_scalar_values({"clip/clipped_share": context["clipping"]["clipped_share"]}), epoch)
             self._history.append(summarize_epoch(epoch, self.steps, records, **context, num_classes=len(classes or ())))
         if self._auto_stats and self.steps > self._epoch_start:  # the first epoch's length is known now
             self._auto_stats, self._before_update = False, None
@@ -415,7 +464,7 @@ class TrainingMonitor:
             self.stats_every = min(MAX_STATS_EVERY, max(STATS_EVERY, per_epoch))
             if self._due(self.stats_every, ahead=1):  # the next step is due under the new cadence
                 self._prepare_statistics()
-        self._records, self._windows = [], []
+        self._records, self._windows, self._clip_norms = [], [], []
         findings = []
         summarised = bool(self._history) and self._history[-1]["epoch"] == epoch  # no summary, no rule
         for rule in RULES if summarised else ():
@@ -466,6 +515,7 @@ class TrainingMonitor:
         self._log_losses()
         state = dict(steps=self.steps, skipped_steps=self.skipped_steps, history=list(self._history))
         state.update(records=list(self._records), windows=list(self._windows), first_loss=self._first_loss)
+        state.update(clip_norms=list(self._clip_norms), max_norm=self._max_norm)
         state.update(stats_every=self.stats_every, stats_auto=self._auto_stats, epoch_start=self._epoch_start)
         return {**state, "findings": [f.to_json() for f in self.findings]}
 
@@ -477,6 +527,7 @@ class TrainingMonitor:
         self.steps, self.skipped_steps = state["steps"], state["skipped_steps"]
         self._history, self._records = list(state["history"]), list(state["records"])
         self._windows, self._first_loss = list(state.get("windows", [])), state.get("first_loss")
+        self._clip_norms, self._max_norm = list(state.get("clip_norms", [])), state.get("max_norm")
         self.findings = [Finding.from_json(item) for item in state["findings"]]
         if self._auto_stats and "stats_every" in state:  # the default cadence goes on as it was; a given one wins
             self.stats_every, self._auto_stats = state["stats_every"], state["stats_auto"]
@@ -507,6 +558,11 @@ class TrainingMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _clipped(norm: float, max_norm: float) -> bool:
+    """Whether clip_grad_norm_ scaled the gradients down (it multiplies them by max_norm / (norm + 1e-6))."""
+    return norm + 1e-6 > max_norm
 
 
 def _patterns(patterns: Sequence[str], name: str) -> tuple[str, ...]:

@@ -43,7 +43,7 @@ def deep_sigmoid(depth=8):
 
 
 def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None, batch=32, n=512, nan_at=None,
-          momentum=0.9, **options):  # fmt: skip
+          momentum=0.9, clip=None, **options):  # fmt: skip
     """An ordinary training loop with the monitor's three calls, validating on clean data of the same rule; returns
     (all findings, urgent ones from step())."""
     torch.manual_seed(0)
@@ -60,8 +60,9 @@ def train(model, log_dir, lr, epochs=6, weight_decay=0.0, noise=0.0, groups=None
                 optimizer.zero_grad()
                 loss = nn.functional.cross_entropy(model(inputs), y[i : i + batch])
                 loss.backward()
+                norm = nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
                 optimizer.step()
-                urgent += monitor.step(loss)
+                urgent += monitor.step(loss, grad_norm=norm, max_norm=clip)
             with torch.no_grad():
                 train_out, valid_out = model(x), model(valid_x)
             predicted = valid_out.argmax(1)
@@ -521,3 +522,67 @@ def test_a_run_stuck_while_its_weights_move_points_at_the_labels(tmp_path):
     assert stuck.rule == "stuck" and stuck.evidence["weights_move"]
     assert stuck.evidence["update_ratio"] >= Thresholds().stuck_moving_ratio
     assert "labels match the images" in stuck.suggestion and "will not help" in stuck.suggestion
+
+
+def test_clipping_most_steps_is_a_learning_rate_too_high_in_disguise(tmp_path):
+    findings, _ = train(mlp(), tmp_path / "tight", lr=2.0, clip=0.1, epochs=2)
+    first = first_problem(findings)
+    assert first.rule == "mostly_clipped" and first.evidence["clipped_share"] > Thresholds().clipped_share
+    in_effect = 2.0 * 0.1 / first.evidence["grad_norm_median"]  # each step scaled by max_norm / its norm
+    assert f"makes the learning rate of 2 about {in_effect:.2g} in effect" in first.message
+    assert first.suggestion.startswith(f"lower the learning rate to about {in_effect:.2g}")
+    assert f"threshold to about {first.evidence['grad_norm_p90']:.3g}" in first.suggestion
+    assert all(f.cause == first.id for f in findings if f.rule == "moving_too_fast")
+    share = [e.value for e in load_events(tmp_path / "tight").Scalars("clip/clipped_share")]
+    assert len(share) == 2 and min(share) > 0.5
+
+    findings, _ = train(mlp(), tmp_path / "loose", lr=0.02, clip=0.7, weight_decay=5e-4, noise=0.2, epochs=10)
+    assert findings == []  # the healthy run, clipped at its larger norms only
+    share = [e.value for e in load_events(tmp_path / "loose").Scalars("clip/clipped_share")]
+    assert len(share) == 10 and 0 < max(share) <= Thresholds().clipped_share
+
+
+def test_clipping_under_amp_logs_the_unscaled_norm_and_leaves_skipped_steps_out(tmp_path):
+    """The loop of README's clipping snippet: unscale_, clip, step; a step GradScaler skips is not counted."""
+    x, y = make_data()
+    logged = {}
+    for scale in (None, 2.0**16, math.inf):
+        torch.manual_seed(0)
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
+        with TrainingMonitor(tmp_path / str(scale), stats_every=1).watch(model, optimizer) as monitor:
+            for i in range(0, 96, 32):
+                optimizer.zero_grad()
+                scaler.scale(nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])).backward()
+                scaler.unscale_(optimizer)
+                norm = nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                scaler.step(optimizer)
+                scaler.update()
+                monitor.step(grad_norm=norm, max_norm=0.5)
+                if scale == math.inf:
+                    break
+            monitor.epoch_end(0, {})
+        logged[scale] = load_events(tmp_path / str(scale) / "steps").Tags()["scalars"], monitor._history[0]
+    steps = {scale: load_events(tmp_path / str(scale) / "steps") for scale in (None, 2.0**16)}
+    norms = {scale: [e.value for e in events.Scalars("clip/grad_norm")] for scale, events in steps.items()}
+    assert len(norms[None]) == 3 and norms[2.0**16] == pytest.approx(norms[None], rel=1e-5)
+    assert logged[2.0**16][1]["clipping"]["clipped_share"] == logged[None][1]["clipping"]["clipped_share"]
+    tags, summary = logged[math.inf]  # overflowed: skipped, and its infinite norm is not a clipped step
+    assert "amp/skipped_steps" in tags and "clip/grad_norm" not in tags and summary["clipping"] == {}
+
+
+def test_the_clipping_share_survives_a_resume_within_the_epoch(tmp_path):
+    model = nn.Linear(4, 2)
+    with TrainingMonitor(tmp_path / "a", stats_every=100).watch(model) as monitor:
+        for norm in (2.0, 2.0, 0.1, 0.1):
+            monitor.step(grad_norm=norm, max_norm=1.0)
+        state = monitor.state_dict()
+        with pytest.raises(ValueError, match="pass grad_norm and max_norm together"):
+            monitor.step(grad_norm=1.0)
+    with TrainingMonitor(tmp_path / "b", stats_every=100, start_step=4).watch(model) as monitor:
+        monitor.load_state_dict(state)
+        for norm in (0.1, 0.1):
+            monitor.step(grad_norm=torch.tensor(norm), max_norm=1.0)
+        monitor.epoch_end(0, {})
+    assert [e.value for e in load_events(tmp_path / "b").Scalars("clip/clipped_share")] == [pytest.approx(2 / 6)]

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_events, run_script
+import torch
+from conftest import histogram_steps, load_events, run_script
+from test_train import HISTOGRAM_TAGS
+
+from utils import Net
 
 TWIN = Path(__file__).with_name("sharded_twin.py")
 
@@ -90,3 +94,42 @@ def test_a_sharded_run_logs_what_its_unsharded_twin_logs(twin_run):
     assert {"grad_norm/total", "update_ratio/0.weight", "dead_share/1"} <= set(steps.Tags()["scalars"])
     assert [e.step for e in steps.Histograms("0.weight_grad")] == [2, 4, 6]
     assert (out / "sharded" / "diagnosis.json").read_text() == (out / "twin" / "diagnosis.json").read_text()
+
+
+def torchrun(*args):
+    return run_script(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args, "--device", "cpu"
+    )
+
+
+def test_train_py_with_fsdp_trains_logs_and_resumes_as_ddp_does(data_dir, tmp_path):
+    """train.py --fsdp, one epoch then resumed for a second, against DistributedDataParallel in one go: the same
+    weights, tags, histograms and clipping, up to float rounding (the norms are summed in another order); the
+    checkpoint loads into a plain Net."""
+    common = ("--data", data_dir, "--log-dir", tmp_path, "--batch-size", "4", "--clip-grad-norm", "0.05")
+    common += ("--stats-every", "1")
+    for args in (("--run-name", "fsdp", "--fsdp", "--epochs", "1"), ("--resume", tmp_path / "fsdp", "--epochs", "2")):
+        result = torchrun(*common, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(*common, "--run-name", "ddp", "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    fsdp, ddp = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("fsdp", "ddp"))
+    assert fsdp["step"] == ddp["step"] == 6 and fsdp["model"].keys() == ddp["model"].keys()
+    for name, weight in ddp["model"].items():  # the momentum went through the checkpoint too
+        assert torch.allclose(fsdp["model"][name], weight, rtol=1e-5, atol=1e-7), name
+    Net(num_classes=4).load_state_dict(fsdp["model"])
+    for folder in ("", "steps"):
+        sharded, replicated = load_events(tmp_path / "fsdp" / folder), load_events(tmp_path / "ddp" / folder)
+        assert sharded.Tags()["histograms"] == replicated.Tags()["histograms"]
+        assert sorted(sharded.Tags()["scalars"]) == sorted(replicated.Tags()["scalars"])
+    sharded, replicated = load_events(tmp_path / "fsdp"), load_events(tmp_path / "ddp")
+    for tag in HISTOGRAM_TAGS:
+        assert histogram_steps(sharded)[tag] == [0, 1]
+        for ours, theirs in zip(sharded.Histograms(tag), replicated.Histograms(tag)):  # sums in another order
+            ours, theirs = ours.histogram_value, theirs.histogram_value
+            assert ours.num == theirs.num and [ours.min, ours.max] == pytest.approx([theirs.min, theirs.max], rel=1e-4)
+    sharded, replicated = load_events(tmp_path / "fsdp" / "steps"), load_events(tmp_path / "ddp" / "steps")
+    for tag in ("clip/grad_norm", "grad_norm/total", "grad_norm/conv1.weight", "update_ratio/fc3.weight"):
+        ours, theirs = ([e.value for e in events.Scalars(tag)] for events in (sharded, replicated))
+        assert len(ours) == 6 and ours == pytest.approx(theirs, rel=1e-4), tag  # global, not one shard's

@@ -138,6 +138,8 @@ def test_bad_input_from_the_command_line_has_no_traceback(data_dir, tmp_path):
         (["--resume", "Result/no-such-run"], "run folder 'Result/no-such-run' does not exist"),
         (["--device", "quantum"], "unknown device 'quantum'"),
         (["--compile", "bogus"], "--compile: unknown torch.compile backend 'bogus'; use cudagraphs, inductor"),
+        (["--clip-grad-norm", "0"], "--clip-grad-norm: must be a positive number, got 0"),
+        (["--fsdp"], "--fsdp shards the model over the processes of a torchrun job: torchrun --nproc_per_node N"),
     ],
 )
 def test_parser_refuses_nonsense(args, message, capsys):
@@ -393,6 +395,30 @@ def test_torchrun_two_processes_train_one_run_and_resume(data_dir, tmp_path):
     assert "Resuming" in result.stdout
     assert histogram_steps(load_events(run)) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 9
+
+
+def test_clip_grad_norm_logs_the_norm_before_clipping_and_the_share_of_clipped_steps(data_dir, tmp_path):
+    """The monitor's own gradient norm, read after clipping, is the oracle: min(norm before, MAX) at every step."""
+    for run, max_norm in (("tight", "0.01"), ("loose", "1e6")):
+        assert (
+            train.main(
+                train_args(data_dir, tmp_path, "--run-name", run, "--clip-grad-norm", max_norm, "--stats-every", "1")
+            )
+            == 0
+        )
+        steps, epochs = load_events(tmp_path / run / "steps"), load_events(tmp_path / run)
+        before, after = steps.Scalars("clip/grad_norm"), steps.Scalars("grad_norm/total")
+        assert [e.step for e in before] == [e.step for e in after] == list(range(1, 13))
+        for b, a, clipped in zip(before, after, steps.Scalars("clip/clipped")):
+            assert a.value == pytest.approx(min(b.value, float(max_norm)), rel=1e-4)
+            assert clipped.value == float(b.value > float(max_norm))
+        share = [e.value for e in epochs.Scalars("clip/clipped_share")]
+        findings = [f["rule"] for f in json.loads((tmp_path / run / "diagnosis.json").read_text())]
+        if run == "tight":
+            assert share == [1.0, 1.0] and "mostly_clipped" in findings
+        else:
+            assert share == [0.0, 0.0] and "mostly_clipped" not in findings
+    assert json.loads((tmp_path / "tight" / "args.json").read_text())["clip_grad_norm"] == 0.01
 
 
 def test_amp_bf16_trains_on_the_cpu_and_fp16_asks_for_cuda(data_dir, tmp_path, capsys):
