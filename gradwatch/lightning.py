@@ -28,7 +28,8 @@ class MonitorCallback(Callback):
 
     Files go into the TensorBoardLogger's version folder (`lightning_logs/version_N`), beside the logger's own
     events, so that TensorBoard shows one run; with another logger or none, into `<default_root_dir>/gradwatch`;
-    `log_dir` chooses. Only global rank 0 writes. The gradients are read once per optimizer step (after
+    `log_dir` chooses. It runs on every rank, since statistics of sharded (FSDP2) models take them all, and only
+    global rank 0 writes. The gradients are read once per optimizer step (after
     gradient accumulation, unscaled under "16-mixed"), and the training loss is the mean over the step's
     batches. The diagnosis reads the epoch's `train_loss`, `val_loss`, `val_acc` and the other tags of README's
     list among the logged metrics; `classes` (names) tells it the number of classes. The monitor's state goes
@@ -51,8 +52,7 @@ class MonitorCallback(Callback):
         return os.path.join(trainer.default_root_dir, "gradwatch")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        # on every rank: a sharded model's statistics take them all; global rank 0 alone writes
         state, resumed = self._state, {}
         if state:  # rewrite only what comes after the checkpoint, on each step axis
             resumed = dict(purge_epoch=trainer.current_epoch, purge_step=state["steps"] + 1, start_step=state["steps"])

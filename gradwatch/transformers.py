@@ -30,7 +30,8 @@ class MonitorCallback(TrainerCallback):
 
     Files go where the Trainer's TensorBoard logging goes: `log_dir` if given, else `TENSORBOARD_LOGGING_DIR`,
     else `<output_dir>/runs/<time>_<host>` (the TensorBoardCallback's default; set one of the first two to be
-    sure both write one folder). Only the main process writes. The gradients are read once per optimizer step,
+    sure both write one folder). It runs in every process, since statistics of sharded (FSDP2) models take them
+    all, and only the main process writes. The gradients are read once per optimizer step,
     after gradient accumulation and clipping; the training loss is the mean of the `loss` the model returns over
     the step's batches (a model that returns none leaves the loss-based rules to the logged `eval_loss`). The
     diagnosis reads `eval_loss`, `eval_accuracy` and the training `loss` from the Trainer's logs; `classes` (names)
@@ -50,7 +51,7 @@ class MonitorCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ) -> None:
-        if not state.is_world_process_zero or model is None:
+        if model is None:  # on every process: a sharded model's statistics take them all; the main one writes
             return
         folder = self.log_dir or getattr(args, "logging_dir", None) or os.getenv("TENSORBOARD_LOGGING_DIR")
         self.monitor = TrainingMonitor(folder or os.path.join(args.output_dir, default_logdir()), **self.options)
@@ -73,8 +74,7 @@ class MonitorCallback(TrainerCallback):
             return
         loss = torch.stack([loss.float() for loss in self._losses]).mean() if self._losses else None
         self._losses = []
-        for finding in self.monitor.step(loss):
-            logger.warning(f"gradwatch: {finding}")
+        self._warn(self.monitor.step(loss))
         self._epoch_steps += 1
         if self._epoch_steps == self._steps_per_epoch:  # the Trainer clears the gradients after each step
             self.monitor.log_epoch_parameters(self._epoch)
@@ -97,7 +97,10 @@ class MonitorCallback(TrainerCallback):
 
     def _epoch_end(self, epoch: int) -> None:
         self._pending = None
-        for finding in self.monitor.epoch_end(epoch, {}, classes=self.classes, metrics=self._metrics):
+        self._warn(self.monitor.epoch_end(epoch, {}, classes=self.classes, metrics=self._metrics))
+
+    def _warn(self, findings: list) -> None:
+        for finding in findings if self.monitor.is_writer else ():
             logger.warning(f"gradwatch: {finding}")
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
@@ -105,7 +108,8 @@ class MonitorCallback(TrainerCallback):
             return
         if self._pending is not None:
             self._epoch_end(self._pending)
-        print(self.monitor.story())
+        if self.monitor.is_writer:
+            print(self.monitor.story())
         self._hook.remove()
         self.monitor.close()
         self.monitor = None

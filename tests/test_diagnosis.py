@@ -586,3 +586,15 @@ def test_the_clipping_share_survives_a_resume_within_the_epoch(tmp_path):
             monitor.step(grad_norm=torch.tensor(norm), max_norm=1.0)
         monitor.epoch_end(0, {})
     assert [e.value for e in load_events(tmp_path / "b").Scalars("clip/clipped_share")] == [pytest.approx(2 / 6)]
+
+
+def test_the_readme_clipping_example_runs_and_names_the_learning_rate_in_effect(tmp_path, monkeypatch, capsys):
+    from conftest import readme_python
+
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_python("### Gradient clipping"), "README.md", "exec"), {})
+    story = capsys.readouterr().out
+    assert "[mostly_clipped]" not in story and "gradient clipping at 0.1 scaled down 100%" in story
+    assert "makes the learning rate of 0.5 about 0.0" in story  # 0.5 x 0.1 / a median norm near 1
+    steps = load_events(tmp_path / "Result" / "clipped" / "steps")
+    assert [e.value for e in steps.Scalars("clip/clipped")] == [1.0] * 3

@@ -135,3 +135,53 @@ def test_the_readme_snippet_runs_as_printed(tmp_path):
     run = tmp_path / "lightning_logs" / "version_0"
     assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [0, 1, 2]
     assert json.loads((run / "diagnosis.json").read_text()) == []
+
+
+LIGHTNING_FSDP_SCRIPT = """
+import json, sys, torch, lightning as L
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+from test_lightning import Recorder, loaders
+from gradwatch.lightning import MonitorCallback
+
+
+class Sharded(Recorder):
+    def configure_model(self):
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[1], self.net[3], self.net):
+            fully_shard(layer, mesh=mesh)
+
+    def on_before_optimizer_step(self, optimizer):  # torch's own norm of the DTensor gradients: the whole model's
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        self.grad_norms.append(norm.full_tensor().item())
+
+    def on_fit_end(self):
+        if self.global_rank == 0:
+            (Path({root!r}) / "norms.json").write_text(json.dumps(self.grad_norms))
+
+
+torch.manual_seed(0)
+strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy=strategy, default_root_dir={root!r},
+                    callbacks=[MonitorCallback(stats_every=1)], enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Sharded(), *loaders())
+"""
+
+
+def test_a_model_sharded_by_lightning_is_watched_whole(tmp_path):
+    """ModelParallelStrategy with fully_shard (FSDP2), two gloo processes: the callback runs on both, rank 0
+    writes, and the logged total gradient norm is torch's norm of the whole sharded model at every step."""
+    script = tmp_path / "fsdp.py"
+    script.write_text(LIGHTNING_FSDP_SCRIPT.format(tests=str(ROOT / "tests"), root=str(tmp_path)))
+    result = run_script(script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert len(list((run / "steps").glob("events.out.tfevents.*"))) == 1
+    norms = json.loads((tmp_path / "norms.json").read_text())
+    logged = [e.value for e in load_events(run / "steps").Scalars("grad_norm/total")]
+    assert len(logged) == len(norms) == 8 and logged == pytest.approx(norms, rel=1e-5)
+    histogram = load_events(run).Histograms("net.1.weight_data")[0].histogram_value
+    assert histogram.num == 64 * 32  # the whole weight, not rank 0's half
+    assert not list(tmp_path.rglob("gradwatch-errors.log"))
