@@ -1,6 +1,6 @@
 """Fault injection: training runs broken in known ways, and healthy ones, diagnosed by the monitor at its defaults.
 
-    python bench/diagnosis_suite.py                 # 12 faulty and 5 healthy runs on the sample data (a few minutes)
+    python bench/diagnosis_suite.py                 # 13 faulty and 6 healthy runs on the sample data (a few minutes)
     python bench/diagnosis_suite.py --only lr_high_2 --epochs 4
 
 Every run trains on the shipped digits (Data/) with SGD (momentum 0.9, batch 16) for the same number of epochs,
@@ -77,6 +77,7 @@ FAULTS = {
     "unnormalised": ("inputs not normalised (0-255)", {"high_initial_loss", "diverging"}, dict(inputs=255.0)),
     "weights_growing": ("no weight decay at twice the lr", {"weights_growing"}, dict(lr=0.02)),
     "nan_injected": ("a NaN batch at step 300", {"diverging", "nonfinite_gradients"}, dict(nan_at=300)),
+    "clipped_lr_high": ("lr 0.2 (20x), clipped at norm 0.1", {"mostly_clipped"}, dict(lr=0.2, clip=0.1)),
 }
 HEALTHY = {  # name: (what it is, settings)
     "default": ("healthy: lr 0.01, seed 0", dict()),
@@ -84,6 +85,7 @@ HEALTHY = {  # name: (what it is, settings)
     "seed_2": ("healthy: seed 2", dict(seed=2)),
     "lr_0.005": ("healthy: lr 0.005", dict(lr=0.005)),
     "weight_decay": ("healthy: lr 0.02, weight decay 5e-4", dict(lr=0.02, weight_decay=5e-4)),
+    "clipped": ("healthy: clipped at norm 6 (p90)", dict(clip=6.0)),
 }
 
 
@@ -102,7 +104,7 @@ def batches(loader, labels, inputs, seed):
 
 
 def train(log_dir, train_loader, valid_loader, classes, epochs, model=None, lr=0.01, weight_decay=0.0, seed=0,
-          labels=None, inputs=1.0, nan_at=None):  # fmt: skip
+          labels=None, inputs=1.0, nan_at=None, clip=None):  # fmt: skip
     """One run with the monitor at its defaults; returns its findings."""
     torch.manual_seed(seed)
     model = (model or net())()
@@ -118,8 +120,9 @@ def train(log_dir, train_loader, valid_loader, classes, epochs, model=None, lr=0
                 outputs = model(x)
                 loss = nn.functional.cross_entropy(outputs, y)
                 loss.backward()
+                norm = nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
                 optimizer.step()
-                monitor.step(loss)
+                monitor.step(loss, grad_norm=norm, max_norm=clip)
                 loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
                 correct += (outputs.argmax(1) == y).sum().item()
             valid = batches(valid_loader, None, inputs, 0)  # the same inputs, the right labels
