@@ -101,7 +101,8 @@ class TrainingMonitor:
 
     Epochs and optimizer steps are two step axes, so each gets its own event folder: a tag keeps one axis,
     and a resumed run purges exactly what it rewrites on each (epochs in `log_dir`, optimizer steps in
-    `log_dir/steps`). Under torch.distributed only rank 0 writes.
+    `log_dir/steps`). Under torch.distributed only rank 0 writes. Sharded parameters (DTensor: FSDP2, tensor
+    parallel) are measured whole, each rank reading its shards: then every rank must make the same calls.
 
     `include` and `exclude` are glob patterns over parameter names (`layer4.*`, `*.bias`) that choose which
     parameters get histograms, and `group_depth` puts them in one TensorBoard section per module (see
@@ -290,10 +291,10 @@ class TrainingMonitor:
         steps = [(host[i], max_norm) for i, (_, max_norm) in enumerate(self._norms)]
         self._norms, self._max_norm = [], steps[-1][1]
         finite = [(norm, max_norm) for norm, max_norm in steps if math.isfinite(norm)]
-        self._clip_norms += [norm for norm, _ in finite]
-        clipped = [_clipped(norm, max_norm) for norm, max_norm in finite]
         if not finite:
             return {}
+        self._clip_norms += [norm for norm, _ in finite]
+        clipped = [_clipped(norm, max_norm) for norm, max_norm in finite]
         scalars = {"clip/grad_norm": finite[-1][0], "clip/clipped": float(clipped[-1])}
         return {**scalars, "clip/clipped_share": statistics.fmean(clipped)}
 

@@ -89,3 +89,15 @@ def test_train_py_on_cuda(amp, data_dir, tmp_path, capsys):
     # resuming on the GPU: the checkpoint is loaded onto it, random states included
     assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "3"]) == 0
     assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
+
+
+def test_train_py_clips_the_unscaled_gradients_under_fp16(data_dir, tmp_path):
+    """With a threshold no step reaches, the norm before clipping is the monitor's own norm of the unscaled
+    gradients: a scaled norm would be 2^16 times larger."""
+    args = train_args(data_dir, tmp_path, "--run-name", "r", "--device", "cuda", "--amp", "fp16", "--stats-every", "1")
+    assert train.main([*args, "--clip-grad-norm", "1e6"]) == 0
+    steps = load_events(tmp_path / "r" / "steps")
+    before = {e.step: e.value for e in steps.Scalars("clip/grad_norm")}
+    after = {e.step: e.value for e in steps.Scalars("grad_norm/total")}
+    assert before and before == pytest.approx({step: after[step] for step in before}, rel=1e-4)
+    assert [e.value for e in load_events(tmp_path / "r").Scalars("clip/clipped_share")] == [0.0, 0.0]
