@@ -56,8 +56,8 @@ class TimedMonitor(TrainingMonitor):
     def _before_step(self, *args):
         return self._timed(super()._before_step, *args)
 
-    def step(self, loss=None):
-        return self._timed(super().step, loss)
+    def step(self, *args, **kwargs):
+        return self._timed(super().step, *args, **kwargs)
 
     def epoch_end(self, *args, **kwargs):
         result = self._timed(super().epoch_end, *args, **kwargs)
