@@ -296,33 +296,38 @@ def grad_norm_logged(log_dir, name="grad_norm/0.weight"):
     return [e.value for e in load_events(log_dir / "steps").Scalars(name)]
 
 
-def test_under_amp_the_monitor_sees_unscaled_gradients_and_skips_overflowed_steps(tmp_path):
+def amp_run(log_dir, scale, clip=None, steps=3):
+    """`steps` steps of the small MLP under a CPU GradScaler of initial scale `scale` (None: none), clipping at
+    `clip` after unscale_ as README's snippet does; returns the closed monitor."""
     x, y = make_data()
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
+    with TrainingMonitor(log_dir, stats_every=1).watch(model, optimizer) as monitor:
+        for i in range(0, 32 * steps, 32):
+            optimizer.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])).backward()
+            norm = None
+            if clip:
+                scaler.unscale_(optimizer)
+                norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optimizer)  # unscale_ (unless done), then step
+            scaler.update()
+            assert monitor.step(grad_norm=norm, max_norm=clip) == []
+        monitor.epoch_end(0, {})
+    return monitor
+
+
+def test_under_amp_the_monitor_sees_unscaled_gradients_and_skips_overflowed_steps(tmp_path):
     norms = {}
     for scale in (None, 2.0**16):
-        torch.manual_seed(0)
-        model = mlp()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
-        with TrainingMonitor(tmp_path / str(scale), stats_every=1).watch(model, optimizer) as monitor:
-            for i in range(0, 96, 32):
-                optimizer.zero_grad()
-                scaler.scale(nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])).backward()
-                scaler.step(optimizer)  # unscale_, then step
-                scaler.update()
-                assert monitor.step() == []
+        amp_run(tmp_path / str(scale), scale)
         norms[scale] = grad_norm_logged(tmp_path / str(scale))
     assert norms[2.0**16] == pytest.approx(norms[None], rel=1e-5)
 
-    model = mlp()  # a scale so large that the gradients overflow: GradScaler skips the step
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-    scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))
-    with TrainingMonitor(tmp_path / "overflow", stats_every=1).watch(model, optimizer) as monitor:
-        optimizer.zero_grad()
-        scaler.scale(nn.functional.cross_entropy(model(x[:32]), y[:32])).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        assert monitor.step() == [] and monitor.skipped_steps == 1
+    monitor = amp_run(tmp_path / "overflow", math.inf, steps=1)  # the gradients overflow: GradScaler skips the step
+    assert monitor.skipped_steps == 1
     assert [e.value for e in load_events(tmp_path / "overflow" / "steps").Scalars("amp/skipped_steps")] == [1.0]
 
 
@@ -544,25 +549,9 @@ def test_clipping_most_steps_is_a_learning_rate_too_high_in_disguise(tmp_path):
 
 def test_clipping_under_amp_logs_the_unscaled_norm_and_leaves_skipped_steps_out(tmp_path):
     """The loop of README's clipping snippet: unscale_, clip, step; a step GradScaler skips is not counted."""
-    x, y = make_data()
     logged = {}
     for scale in (None, 2.0**16, math.inf):
-        torch.manual_seed(0)
-        model = mlp()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
-        with TrainingMonitor(tmp_path / str(scale), stats_every=1).watch(model, optimizer) as monitor:
-            for i in range(0, 96, 32):
-                optimizer.zero_grad()
-                scaler.scale(nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])).backward()
-                scaler.unscale_(optimizer)
-                norm = nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-                scaler.step(optimizer)
-                scaler.update()
-                monitor.step(grad_norm=norm, max_norm=0.5)
-                if scale == math.inf:
-                    break
-            monitor.epoch_end(0, {})
+        monitor = amp_run(tmp_path / str(scale), scale, clip=0.5, steps=1 if scale == math.inf else 3)
         logged[scale] = load_events(tmp_path / str(scale) / "steps").Tags()["scalars"], monitor._history[0]
     steps = {scale: load_events(tmp_path / str(scale) / "steps") for scale in (None, 2.0**16)}
     norms = {scale: [e.value for e in events.Scalars("clip/grad_norm")] for scale, events in steps.items()}
