@@ -34,6 +34,7 @@ class MonitorCallback(Callback):
     batches. The diagnosis reads the epoch's `train_loss`, `val_loss`, `val_acc` and the other tags of README's
     list among the logged metrics; `classes` (names) tells it the number of classes. The monitor's state goes
     into Lightning's checkpoints, so a fit resumed with `ckpt_path` diagnoses as if it had not stopped.
+    With `gradient_clip_val` (clipping by norm), the norm before clipping goes to the clipping scalars and rule.
     `monitor_options` go to `TrainingMonitor` (stats_every, hist_every, bins, thresholds, include, exclude).
     """
 
@@ -42,6 +43,7 @@ class MonitorCallback(Callback):
         self.monitor: TrainingMonitor | None = None
         self._loss: torch.Tensor | None = None  # the sum of the loss over the batches of this optimizer step
         self._global_step = 0
+        self._grad_norm: torch.Tensor | None = None  # under gradient_clip_val: the step's norm before clipping
         self._state: dict[str, Any] | None = None  # the monitor's state from a checkpoint
 
     def _folder(self, trainer: Trainer) -> str:
@@ -63,6 +65,14 @@ class MonitorCallback(Callback):
             self.monitor.load_state_dict(state)
         self._global_step = trainer.global_step
 
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Lightning clips right after this hook: the norm before clipping, for the clipping scalars and rule."""
+        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm or "norm"
+        if self.monitor is None or not clip or algorithm != "norm":
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -74,9 +84,11 @@ class MonitorCallback(Callback):
         if trainer.global_step == self._global_step:  # accumulating: no optimizer step yet
             return
         self._global_step = trainer.global_step
-        for finding in self.monitor.step(self._loss):
+        clip = dict(grad_norm=self._grad_norm, max_norm=float(trainer.gradient_clip_val))
+        clip = clip if self._grad_norm is not None else {}
+        for finding in self.monitor.step(self._loss, **clip):
             rank_zero_warn(f"gradwatch: {finding}")
-        self._loss = None
+        self._loss, self._grad_norm = None, None
         if batch_idx + 1 == trainer.num_training_batches:  # validation will clear the gradients
             self.monitor.log_epoch_parameters(trainer.current_epoch)
 

@@ -91,6 +91,22 @@ def test_unscaled_accumulated_gradients_and_the_mean_loss_once_per_optimizer_ste
     assert len(callback.state_dict()["history"]) == 2
 
 
+def test_with_gradient_clip_val_the_norm_before_clipping_is_logged_and_diagnosed(tmp_path):
+    torch.manual_seed(0)
+    module, callback = Recorder(), MonitorCallback(stats_every=1)
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    fit(tmp_path, module, callback, plugins=[fp16], gradient_clip_val=0.05)
+    run = tmp_path / "lightning_logs" / "version_0"
+    steps = load_events(run / "steps")
+    before, after = scalars(steps, "clip/grad_norm"), scalars(steps, "grad_norm/total")
+    assert len(before) >= 28 and before.keys() == after.keys()  # 32 steps, less any the scaler skipped
+    for step, norm in before.items():  # the unscaled norm Lightning hands the module, before it clips
+        assert norm == pytest.approx(module.grad_norms[step - 1], rel=1e-4)
+        assert after[step] == pytest.approx(min(norm, 0.05), rel=1e-3)
+    assert [event.value for event in load_events(run).Scalars("clip/clipped_share")] == [1.0, 1.0]
+    assert "mostly_clipped" in [finding["rule"] for finding in json.loads((run / "diagnosis.json").read_text())]
+
+
 def test_a_fit_resumed_from_its_checkpoint_goes_on_with_the_monitor_state(tmp_path):
     first = fit(tmp_path, Recorder(), MonitorCallback(), max_epochs=1)
     checkpoint = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
