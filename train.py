@@ -4,6 +4,7 @@ python train.py                           # sample digits in Data/, run folder R
 tensorboard --logdir Result               # then open http://localhost:6006
 python train.py --resume Result/<run>     # continue a stopped run (add --epochs N to train longer)
 python train.py --help                    # every option and its default
+torchrun --nproc_per_node 2 train.py --fsdp  # shard the model over 2 processes (FSDP2)
 """
 
 import argparse
