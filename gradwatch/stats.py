@@ -70,12 +70,14 @@ def _whole(columns: dict[str, list[torch.Tensor]], groups: dict[str, list[tuple]
     keyed = [(key, i) for key, values in columns.items() for i in range(len(values)) if groups[key][i]]
     if not keyed:
         return columns
-    rows = {(key, i): columns[key][i] ** 2 if COMBINE[key] == "l2" else columns[key][i] for key, i in keyed}
+    by_op: dict[str, dict] = {"sum": {}, "max": {}}
+    for key, i in keyed:
+        how, value = COMBINE[key], columns[key][i]
+        by_op["max" if how == "max" else "sum"][key, i] = value**2 if how == "l2" else value
     key_groups = {(key, i): groups[key][i] for key, i in keyed}
     whole = {key: list(values) for key, values in columns.items()}
-    for op in ("sum", "max"):
-        part = {k: row for k, row in rows.items() if COMBINE[k[0]] in ((op, "l2") if op == "sum" else (op,))}
-        for (key, i), value in all_reduce(part, key_groups, op).items():
+    for op, rows in by_op.items():
+        for (key, i), value in all_reduce(rows, key_groups, op).items():
             whole[key][i] = value.sqrt() if COMBINE[key] == "l2" else value
     return whole
 
@@ -115,9 +117,9 @@ def parameter_statistics(
     sizes = {name: max(p.numel(), 1) for name, p in named}  # a sparse gradient's values: shares of the whole
     # count non-finite values only where the norm shows there are some
     bad = [i for i, norm in enumerate(values["grad_norm"]) if not math.isfinite(norm)]
-    counts = {i: (~torch.isfinite(grads[i])).sum().double() for i in bad}
-    counts = {"nonfinite": [counts[i] for i in bad]}
-    shares = dict(zip(bad, _to_floats(_whole(counts, {"nonfinite": [grad_groups[i] for i in bad]}))["nonfinite"]))
+    counts = {"nonfinite": [(~torch.isfinite(grads[i])).sum() for i in bad]}
+    counts = _to_floats(_whole(counts, {"nonfinite": [grad_groups[i] for i in bad]}))["nonfinite"]
+    shares = dict(zip(bad, counts))
     for i, ((name, _), norm, nonzero) in enumerate(zip(graded, values["grad_norm"], values["grad_nonzero"])):
         rms, zero_share = norm / math.sqrt(sizes[name]), 1 - nonzero / sizes[name]
         share = shares.get(i, 0.0) / sizes[name]
