@@ -84,8 +84,9 @@ class MonitorCallback(Callback):
         if trainer.global_step == self._global_step:  # accumulating: no optimizer step yet
             return
         self._global_step = trainer.global_step
-        clip = dict(grad_norm=self._grad_norm, max_norm=float(trainer.gradient_clip_val))
-        clip = clip if self._grad_norm is not None else {}
+        clip = {}
+        if self._grad_norm is not None:  # set only under gradient_clip_val
+            clip = dict(grad_norm=self._grad_norm, max_norm=float(trainer.gradient_clip_val))
         for finding in self.monitor.step(self._loss, **clip):
             rank_zero_warn(f"gradwatch: {finding}")
         self._loss, self._grad_norm = None, None
