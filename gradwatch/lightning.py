@@ -71,7 +71,8 @@ class MonitorCallback(Callback):
         if self.monitor is None or not clip or algorithm != "norm":
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        with self.monitor._guard("the norm before clipping"):  # never the end of the fit
+            self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
