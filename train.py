@@ -546,7 +546,7 @@ def train_one_epoch(run, stop_request):
             # statistics and step histograms, when due
             urgent = run.monitor.step(loss, grad_norm=grad_norm, max_norm=args.clip_grad_norm)
             # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
-            if args.stop_on_nonfinite and dist.any(urgent or not math.isfinite(loss.item())):
+            if args.stop_on_nonfinite and dist.any(bool(urgent) or not math.isfinite(loss.item())):
                 return stop_on_nonfinite(run, urgent)
             window[0] += loss.detach() * len(labels)
             window[1] += (outputs.argmax(dim=1) == labels).sum()

@@ -284,6 +284,11 @@ def test_stop_on_nonfinite_stops_with_the_state_and_says_why(data_dir, tmp_path,
     assert "Stopped: non-finite" in err and "Lower the learning rate" in err and "Traceback" not in err
     state = torch.load(tmp_path / "r" / "nonfinite.pt", weights_only=True)
     assert state["step"] >= 1
+    # statistics every step: the non-finite gradients are found before the loss turns
+    args = train_args(data_dir, tmp_path, "--run-name", "g", "--lr", "1e6", "--stop-on-nonfinite", "--stats-every", "1")
+    assert train.main(args) == 3
+    err = capsys.readouterr().err
+    assert "Stopped: non-finite gradients in conv1.bias" in err and "Traceback" not in err
 
 
 def test_layer_lr_and_wd_build_parameter_groups():
