@@ -386,8 +386,10 @@ class Run:
         """Write the checkpoint under each name, atomically: a crash mid-save leaves the previous one intact."""
         if not (self.dist.is_main or self.args.fsdp):
             return
-        state = self.state()
-        for name in names if self.dist.is_main else ():
+        state = self.state()  # under --fsdp every rank gathers; rank 0 writes
+        if not self.dist.is_main:
+            return
+        for name in names:
             torch.save(state, self.run_dir / (name + ".tmp"))
             os.replace(self.run_dir / (name + ".tmp"), self.run_dir / name)
 
