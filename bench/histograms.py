@@ -127,22 +127,29 @@ def bench(name, device, repeats, tmp):
     )
 
 
-def main():
+def parse_arguments(doc, device_help, models):
+    """The options of this benchmark and bench/sharded.py: --repeats, --device and --models, the last split into a
+    list of names of MODELS (exit with one line for an unknown one)."""
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round (default 3)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
-    parser.add_argument("--models", default="resnet50,transformer", help="comma-separated: resnet50, transformer")
+    parser.add_argument("--device", default="cpu", help=device_help)
+    parser.add_argument("--models", default=models, help="comma-separated: resnet50, transformer")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    names = args.models.split(",")
-    unknown = [name for name in names if name not in MODELS]
+    args.models = args.models.split(",")
+    unknown = [name for name in args.models if name not in MODELS]
     if unknown:
         sys.exit(f"error: unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    return args
+
+
+def main():
+    args = parse_arguments(__doc__, "cpu (default), cuda, cuda:N", "resnet50,transformer")
+    device = torch.device(args.device)
     print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {args.repeats} repeats")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in args.models:
             bench(name, device, args.repeats, tmp)
 
 

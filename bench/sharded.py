@@ -22,7 +22,6 @@ Printed: the median milliseconds of each, the ratios, and the bytes each rank se
 against the bytes of the parameters and gradients that the gather moves.
 """
 
-import argparse
 import copy
 import os
 import statistics
@@ -39,7 +38,7 @@ from gradwatch import TrainingMonitor, compute_histograms, parameter_statistics
 from gradwatch.stats import parameter_tensors
 
 sys.path.insert(0, os.path.dirname(__file__))
-from histograms import MODELS  # noqa: E402  the models of bench/histograms.py
+from histograms import MODELS, parse_arguments  # noqa: E402  the models and options of bench/histograms.py
 
 
 def blocks(model):
@@ -114,13 +113,7 @@ def bench(name, device, repeats, tmp):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round (default 3)")
-    parser.add_argument("--device", default="cpu", help="cpu (default, gloo) or cuda (nccl, a GPU per process)")
-    parser.add_argument("--models", default="resnet50", help="comma-separated: resnet50, transformer")
-    args = parser.parse_args()
+    args = parse_arguments(__doc__, "cpu (default, gloo) or cuda (nccl, a GPU per process)", "resnet50")
     if "LOCAL_RANK" not in os.environ:
         sys.exit("error: run under torchrun: python -m torch.distributed.run --nproc_per_node 2 bench/sharded.py")
     device = torch.device(args.device)
@@ -128,17 +121,13 @@ def main():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    names = args.models.split(",")
-    unknown = [name for name in names if name not in MODELS]
-    if unknown:
-        sys.exit(f"error: unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if dist.get_rank() == 0:
         print(
             f"{dist.get_world_size()} processes on {device.type}, {torch.get_num_threads()} CPU threads each, "
             f"torch {torch.__version__}, {args.repeats} repeats"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in args.models:
             bench(name, device, args.repeats, tmp)
     dist.destroy_process_group()
 
