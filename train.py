@@ -500,10 +500,11 @@ def resume(run):
 def open_monitor(run, monitor_state):
     """The monitor of the run, continuing from its saved state on resume (the diagnosis compares with the
     epochs before the stop) and rewriting, on each step axis, only what comes after the checkpoint."""
-    args, resumed = run.args, run.args.resume is not None
-    purge = dict(purge_epoch=run.epoch, purge_step=run.step + 1) if resumed else {}
-    every = dict(stats_every=args.stats_every, hist_every=args.hist_every)  # None: the monitor's default
-    monitor = TrainingMonitor(run.run_dir, thresholds=args.thresholds, start_step=run.step, **every, **purge)
+    args = run.args
+    options = dict(thresholds=args.thresholds, stats_every=args.stats_every, hist_every=args.hist_every)
+    if args.resume is not None and not monitor_state:  # a checkpoint of a version that saved no monitor state
+        options.update(purge_epoch=run.epoch, purge_step=run.step + 1, start_step=run.step)
+    monitor = TrainingMonitor(run.run_dir, **options)  # stats_every None: the monitor's default
     monitor.watch(run.model, run.optimizer)  # the model as trained: compiled, it keeps its activation hooks
     if monitor_state:
         monitor.load_state_dict(monitor_state)

@@ -87,7 +87,7 @@ def bench(name, device, repeats, tmp):
 
         def monitor_log(step):
             start = time.perf_counter()
-            computed = compute_histograms(parameter_tensors(model), monitor.bins)
+            computed = compute_histograms(parameter_tensors(model), monitor.choice.bins)
             synchronize(device)
             computing = time.perf_counter() - start
             monitor.log_histograms(computed, step)

@@ -31,7 +31,28 @@ from conftest import make_cifar_archive  # noqa: E402
 
 import prepare_data  # noqa: E402
 import train  # noqa: E402
-from gradwatch import TrainingMonitor, monitor  # noqa: E402
+from gradwatch import TrainingMonitor, hooks, sink  # noqa: E402
+
+
+class OneValueSink(sink.EventSink):
+    """The event sink, writing each value through tensorboardX's public one-value calls."""
+
+    def event(self, values, step, per_step=False):
+        writer = self.writer(per_step, step)
+        for value in values:
+            if value.HasField("histo"):
+                h = value.histo
+                limits, counts = list(h.bucket_limit), list(h.bucket)
+                writer.add_histogram_raw(value.tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
+            else:
+                writer.add_scalar(value.tag, value.simple_value, step)
+
+
+class TimedHooks(hooks.Hooks):
+    """The monitor's hooks, adding up the seconds spent in the optimizer hook."""
+
+    def _before_step(self, *args):
+        return TimedMonitor.runs[-1]._timed(super()._before_step, *args)
 
 
 class TimedMonitor(TrainingMonitor):
@@ -44,6 +65,10 @@ class TimedMonitor(TrainingMonitor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.spent, self.epochs = 0.0, []
+        self.hooks = TimedHooks(self.guard)
+        if self.one_value_events:
+            self.sink = OneValueSink(self.log_dir, 30, None, None)
+            self.guard.sink = self.sink
         TimedMonitor.runs.append(self)
 
     def _timed(self, call, *args, **kwargs):
@@ -52,9 +77,6 @@ class TimedMonitor(TrainingMonitor):
             return call(*args, **kwargs)
         finally:
             self.spent += time.perf_counter() - start
-
-    def _before_step(self, *args):
-        return self._timed(super()._before_step, *args)
 
     def step(self, *args, **kwargs):
         return self._timed(super().step, *args, **kwargs)
@@ -65,23 +87,11 @@ class TimedMonitor(TrainingMonitor):
         self.spent = 0.0
         return result
 
-    def _log(self, values, step, per_step=False):
-        if not self.one_value_events:
-            return super()._log(values, step, per_step)
-        writer = self._writer(per_step)
-        for value in values:  # through tensorboardX's public one-value calls
-            if value.HasField("histo"):
-                h = value.histo
-                limits, counts = list(h.bucket_limit), list(h.bucket)
-                writer.add_histogram_raw(value.tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
-            else:
-                writer.add_scalar(value.tag, value.simple_value, step)
-
 
 def measure(data, epochs, tmp, name, one_value_events=False, options=()):
     """(epoch wall times, seconds inside the monitor per epoch) of `train.py --epochs N [options]` on `data`."""
     TimedMonitor.runs, TimedMonitor.one_value_events = [], one_value_events
-    draw, share = train.confusion_matrix_image, monitor._activation_share
+    draw, share = train.confusion_matrix_image, hooks.activation_share
 
     def timed(call):
         def timed_call(*args):
@@ -94,14 +104,14 @@ def measure(data, epochs, tmp, name, one_value_events=False, options=()):
         return timed_call
 
     train.TrainingMonitor, train.confusion_matrix_image = TimedMonitor, timed(draw)
-    monitor._activation_share = timed(share)  # what the activation hooks compute
+    hooks.activation_share = timed(share)  # what the activation hooks compute
     try:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             args = ["--data", str(data), "--epochs", str(epochs), "--log-dir", tmp, "--run-name", name]
             assert train.main([*args, "--device", "cpu", *options]) == 0
     finally:
         train.TrainingMonitor, train.confusion_matrix_image = TrainingMonitor, draw
-        monitor._activation_share = share
+        hooks.activation_share = share
     (run,) = TimedMonitor.runs
     walls = [after - before for (before, _), (after, _) in zip(run.epochs, run.epochs[1:])]
     return walls, [spent for _, spent in run.epochs[1:]]

@@ -1,5 +1,5 @@
-"""Watch a PyTorch model's weights and gradients while it trains: histograms that never crash on NaN, per-layer
-statistics and a written diagnosis, all in TensorBoard.
+"""Watch a PyTorch model's weights and gradients while it trains: histograms that never crash on
+NaN, per-layer statistics and a written diagnosis, all in TensorBoard.
 
     from gradwatch import TrainingMonitor
 

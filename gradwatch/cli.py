@@ -1,15 +1,16 @@
 """Diagnose any TensorBoard log folder from its scalars and histograms, whoever wrote them.
 
     diagnose Result                      # every run under Result (or: python diagnose.py Result)
-    diagnose Result/my-run --classes 10  # one run; the number of classes gives the untrained loss, ln C
+    diagnose Result/my-run --classes 10  # one run; 10 classes: an untrained model's loss is ln 10
     diagnose Result/my-run --json        # its findings as JSON
 
-Weight and gradient histograms are recognised in the common conventions: the tutorial's `<name>_data` /
-`<name>_grad`, and prefixes such as `weights/<name>`, `parameters/<name>`, `grad/<name>`, `gradients/<name>`;
-per-layer statistics come from them (the norm from the sum of squares, max |w| from min and max). The training
-and validation loss and accuracy are read from the scalars under common tags (train/loss, train_loss, Loss/train,
-loss; val_acc, valid/accuracy, val/accuracy; ...). The rules that need only these run at every logged step, and
-their findings are told as the monitor tells them.
+Weight and gradient histograms are recognised in the common conventions: the tutorial's
+`<name>_data` / `<name>_grad`, and prefixes such as `weights/<name>`, `parameters/<name>`,
+`grad/<name>`, `gradients/<name>`; per-layer statistics come from them (the norm from the sum of
+squares, max |w| from min and max). The training and validation loss and accuracy are read from the
+scalars under common tags (train/loss, train_loss, Loss/train, loss; val_acc, valid/accuracy,
+val/accuracy; ...). The rules that need only these run at every logged step, and their findings are
+told as the monitor tells them.
 """
 
 import argparse
@@ -18,7 +19,17 @@ import math
 import sys
 from pathlib import Path
 
-from .diagnosis import METRIC_TAGS, Thresholds, diagnose, indented, record, story, threshold_override
+from .diagnosis import (
+    METRIC_TAGS,
+    Finding,
+    Thresholds,
+    diagnose,
+    indented,
+    record,
+    story,
+    threshold_override,
+)
+from .summary import EpochSummary, summarize
 
 WEIGHT_PREFIXES = ("weights/", "weight/", "parameters/", "params/", "param/")
 GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
@@ -27,7 +38,8 @@ GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
 def classify(tag):
     """('weight' | 'grad', parameter name) for a recognised tag, else None."""
     for suffix, kind in (("_data", "weight"), ("_grad", "grad")):
-        if tag.endswith(suffix):  # "<name>_data", or "<section>/<name>_data" (TrainingMonitor's group_depth)
+        # "<name>_data", or "<section>/<name>_data" (TrainingMonitor's group_depth)
+        if tag.endswith(suffix):
             return kind, tag[: -len(suffix)].rsplit("/", 1)[-1]
     for prefixes, kind in ((WEIGHT_PREFIXES, "weight"), (GRADIENT_PREFIXES, "grad")):
         for prefix in prefixes:
@@ -36,44 +48,74 @@ def classify(tag):
     return None
 
 
-def summaries(events, classes=None, step_events=None):
-    """Epoch summaries (diagnosis.py's format), one per logged step, from an EventAccumulator's histograms and
-    scalars (the steps of a metric where there are no histograms). The training loss comes per optimizer step from
-    `step_events` (the monitor's <run>/steps) when given, else from the run's scalars; its points are given to the
-    logged steps by wall time, since the two may count steps differently."""
-    by_step, walls = {}, {}
+def _statistics(histogram):
+    """A weight's or gradient's statistics from its histogram: the norm from the sum of squares,
+    max |w| from the minimum and maximum."""
+    h = histogram
+    norm = math.sqrt(h.sum_squares) if h.sum_squares >= 0 else math.nan
+    rms = norm / math.sqrt(h.num) if h.num else math.nan
+    return {
+        "weight": {
+            "weight_norm": norm,
+            "max_abs_weight": max(abs(h.min), abs(h.max)) if h.num else math.nan,
+        },
+        "grad": {
+            "grad_rms": rms,
+            "grad_norm": norm,
+            "nonfinite_share": 0.0 if math.isfinite(norm) else 1.0,
+        },
+    }
+
+
+def _records(events):
+    """({step: statistics record}, {step: its latest wall time}) from the recognised histograms."""
+    records = {}
+    walls = {}
     for tag in events.Tags().get("histograms", []):
         recognised = classify(tag)
         if recognised is None:
             continue
         kind, name = recognised
         for event in events.Histograms(tag):
-            h = event.histogram_value  # its norm from the sum of squares, max |w| from min and max
-            norm = math.sqrt(h.sum_squares) if h.sum_squares >= 0 else math.nan
-            layer = by_step.setdefault(event.step, {}).setdefault(name, {})
+            layer = records.setdefault(event.step, {}).setdefault(name, {})
+            layer.update(_statistics(event.histogram_value)[kind])
             walls[event.step] = max(walls.get(event.step, 0), event.wall_time)
-            if kind == "weight":
-                layer.update(weight_norm=norm, max_abs_weight=max(abs(h.min), abs(h.max)) if h.num else math.nan)
-            else:
-                rms = norm / math.sqrt(h.num) if h.num else math.nan
-                layer.update(grad_rms=rms, grad_norm=norm, nonfinite_share=0.0 if math.isfinite(norm) else 1.0)
-    metrics = {key: _scalars(events, tags) for key, tags in METRIC_TAGS.items()}  # key: [(step, wall, value)]
-    if not by_step:  # no histograms: the steps of the metrics, epoch by epoch where the validation's are logged
-        order = ("valid_accuracy", "valid_loss", "train_accuracy", "train_loss")
-        for step, wall, _ in next((metrics[key] for key in order if metrics[key]), []):
-            by_step[step], walls[step] = {}, wall
+    return records, walls
+
+
+def _steps_of_metrics(metrics):
+    """Without histograms, the steps of the metrics: epoch by epoch where the validation's are
+    logged."""
+    order = ("valid_accuracy", "valid_loss", "train_accuracy", "train_loss")
+    series = next((metrics[key] for key in order if metrics[key]), [])
+    return {step: {} for step, _, _ in series}, {step: wall for step, wall, _ in series}
+
+
+def summaries(events, classes=None, step_events=None) -> list[EpochSummary]:
+    """Epoch summaries, one per logged step, from an EventAccumulator's histograms and scalars (the
+    steps of a metric where there are no histograms). The training loss comes per optimizer step
+    from `step_events` (the monitor's <run>/steps) when given, else from the run's scalars; its
+    points are given to the logged steps by wall time, since the two may count steps
+    differently."""
+    records, walls = _records(events)
+    metrics = {key: _scalars(events, tags) for key, tags in METRIC_TAGS.items()}
+    if not records:
+        records, walls = _steps_of_metrics(metrics)
     losses = (_scalars(step_events, ("loss",)) if step_events else []) or metrics["train_loss"]
-    # an untrained model's loss is where the loss starts: a first logged value may already hold a divergence
+    # an untrained model's loss is where the loss starts: a first logged value may hold a divergence
     first_loss = math.log(classes) if classes and classes > 1 else losses[0][2] if losses else None
-    history, previous = [], -math.inf
-    for index, (step, layers) in enumerate(sorted(by_step.items())):
-        total = math.sqrt(sum(layer.get("grad_norm", 0.0) ** 2 for layer in layers.values()))
+    history = []
+    previous = -math.inf  # the wall time of the step before
+    for index, (step, record_) in enumerate(sorted(records.items())):
+        total = math.sqrt(sum(layer.get("grad_norm", 0.0) ** 2 for layer in record_.values()))
         windows = [_window(s, v) for s, wall, v in losses if previous < wall <= walls[step]]
         values = {key: v for key, series in metrics.items() for s, _, v in series if s == step}
         done = windows[-1]["step"] if windows else step  # on the loss's step axis where it has one
-        history.append({"epoch": index, "step": done, "layers": layers, "losses": windows, "metrics": values})
-        history[-1].update(total_grad_norm_max=total, total_grad_norm_median=total, num_classes=classes)
-        history[-1]["first_loss"], previous = first_loss, walls[step]
+        context = dict(losses=windows, metrics=values, first_loss=first_loss, num_classes=classes)
+        history.append(
+            summarize(index, done, [{**record_, "total": {"grad_norm": total}}], **context)
+        )
+        previous = walls[step]
     return history
 
 
@@ -84,90 +126,138 @@ def _scalars(events, tags):
 
 
 def _window(step, value):
-    """One logged training loss as a window of the loss (diagnosis.py's format)."""
+    """One logged training loss as a window of the loss (see EpochSummary.losses)."""
     nonfinite = None if math.isfinite(value) else step
-    return {"step": step, "mean": value, "max": value, "max_step": step, "nonfinite_step": nonfinite}
+    return {
+        "step": step,
+        "mean": value,
+        "max": value,
+        "max_step": step,
+        "nonfinite_step": nonfinite,
+    }
+
+
+def _load(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    return events
 
 
 def diagnose_run(run_dir, thresholds, classes=None):
-    """(findings, message): the rules applied at every logged step of one run folder, its findings merged as the
-    monitor merges them; findings is None when nothing could be examined, and the message says why."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def load(folder):
-        events = EventAccumulator(str(folder), size_guidance={"histograms": 0, "scalars": 0})
-        events.Reload()
-        return events
-
-    events = load(run_dir)
+    """(findings, message): the rules applied at every logged step of one run folder, its findings
+    merged as the monitor merges them; findings is None when nothing could be examined, and the
+    message says why."""
+    events = _load(run_dir)
     try:
         events.FirstEventTimestamp()
     except ValueError:
-        return None, "no readable event in its event files (corrupt, or not TensorBoard event files)"
-    tags = events.Tags().get("histograms", [])
-    history = summaries(events, classes, load(run_dir / "steps") if (run_dir / "steps").is_dir() else None)
+        return (
+            None,
+            "no readable event in its event files (corrupt, or not TensorBoard event files)",
+        )
+    steps = _load(run_dir / "steps") if (run_dir / "steps").is_dir() else None
+    history = summaries(events, classes, steps)
     if not history:
-        found = f"among {len(tags)} histogram tags (e.g. {tags[0]})" if tags else "and no histograms"
-        return None, f"no weight or gradient histograms and no loss or accuracy scalars recognised {found}"
+        tags = events.Tags().get("histograms", [])
+        found = (
+            f"among {len(tags)} histogram tags (e.g. {tags[0]})" if tags else "and no histograms"
+        )
+        return (
+            None,
+            f"no weight or gradient histograms and no loss or accuracy scalars recognised {found}",
+        )
     findings = []
     for i, summary in enumerate(history):
-        findings, _ = record(findings, diagnose(history[: i + 1], thresholds), summary["epoch"])
-    steps, parameters = len(history), len(history[-1]["layers"])
-    return findings, f"{steps} step{'s' * (steps != 1)}, {parameters} parameters"
+        findings, _ = record(findings, diagnose(history[: i + 1], thresholds), summary.epoch)
+    parameters = len(history[-1].layers)
+    return findings, f"{len(history)} step{'s' * (len(history) != 1)}, {parameters} parameters"
 
 
 def run_folders(path):
-    """Every folder under path (path included) that holds event files, except the monitor's step-axis folders:
-    `<run>/steps` belongs to the run `<run>`, whose epoch histograms are the ones diagnosed."""
+    """Every folder under path (path included) that holds event files, except the monitor's
+    step-axis folders: `<run>/steps` belongs to the run `<run>`, whose epoch histograms are the ones
+    diagnosed."""
     folders = {file.parent for file in Path(path).rglob("*tfevents*") if file.is_file()}
     return sorted(f for f in folders if not (f.name == "steps" and f.parent in folders))
 
 
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("path", type=Path, help="a run folder or a folder of runs")
+    parser.add_argument("--json", action="store_true", help="print {run: [findings]} as JSON")
+    about = "the number of classes, for the loss of an untrained model"
+    parser.add_argument("--classes", type=int, help=about)
+    about = f"change a threshold (repeatable); names: {', '.join(Thresholds.names())}"
+    parser.add_argument(
+        "--threshold",
+        action="append",
+        type=threshold_override,
+        default=[],
+        metavar="NAME=VALUE",
+        help=about,
+    )
+    return parser
+
+
 def main(argv=None):
-    """The `diagnose` command; returns the exit status. Ctrl-C stops it quietly (nothing is written)."""
+    """The `diagnose` command; returns the exit status. Ctrl-C stops it quietly (nothing is
+    written)."""
     try:
         return _main(argv)
     except KeyboardInterrupt:
         return 130
 
 
-def _main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n")[1])
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("path", type=Path, help="a run folder or a folder of runs")
-    parser.add_argument("--json", action="store_true", help="print {run: [findings]} as JSON")
-    parser.add_argument("--classes", type=int, help="the number of classes, for the loss of an untrained model")
-    names = ", ".join(Thresholds.names())
-    about = f"change a threshold (repeatable); names: {names}"
-    parser.add_argument(
-        "--threshold", action="append", type=threshold_override, default=[], metavar="NAME=VALUE", help=about
-    )
-    args = parser.parse_args(argv)
-    thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
-    if not args.path.exists():
-        print(f"error: {args.path}: not found; pass a run folder or a folder of runs", file=sys.stderr)
-        return 1
-    folders = run_folders(args.path)
+def _folders(path):
+    """The run folders under `path`, or the line that says why there are none."""
+    if not path.exists():
+        return [], f"error: {path}: not found; pass a run folder or a folder of runs"
+    folders = run_folders(path)
     if not folders:
-        print(f"error: {args.path}: no event files (events.out.tfevents.*) in it or below it", file=sys.stderr)
+        return [], f"error: {path}: no event files (events.out.tfevents.*) in it or below it"
+    return folders, None
+
+
+def _diagnosed(folder, thresholds, classes):
+    try:
+        return diagnose_run(folder, thresholds, classes)
+    except Exception as err:  # a damaged file must not hide the other runs
+        return None, f"could not read the event files ({type(err).__name__}: {err})"
+
+
+def _print_run(name: str, findings: list[Finding] | None, summary: str) -> None:
+    if findings is None:
+        print(f"{name}: {summary}")
+        return
+    problems = sum(f.cause is None and f.severity == "warning" for f in findings)
+    verdict = f"{problems} problem{'s' * (problems != 1)}" if problems else "healthy"
+    print(f"{name}: {summary}; {verdict}")
+    if findings:
+        print(indented(story(findings)))
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    # names and values checked by the parser
+    thresholds = Thresholds().replace(dict(args.threshold))
+    folders, error = _folders(args.path)
+    if error:
+        print(error, file=sys.stderr)
         return 1
     report = {}
     for folder in folders:
         name = str(folder.relative_to(args.path)) if folder != args.path else folder.name
-        try:
-            findings, summary = diagnose_run(folder, thresholds, args.classes)
-        except Exception as err:  # a damaged file must not hide the other runs
-            findings, summary = None, f"could not read the event files ({type(err).__name__}: {err})"
+        findings, summary = _diagnosed(folder, thresholds, args.classes)
         report[name] = findings or []
-        if args.json:
-            continue
-        if findings is None:
-            print(f"{name}: {summary}")
-            continue
-        problems = sum(f.cause is None and f.severity == "warning" for f in findings)
-        print(f"{name}: {summary}; " + (f"{problems} problem{'s' * (problems != 1)}" if problems else "healthy"))
-        if findings:
-            print(indented(story(findings)))
+        if not args.json:
+            _print_run(name, findings, summary)
     if args.json:
-        print(json.dumps({name: [f.to_json() for f in findings] for name, findings in report.items()}, indent=2))
+        runs = {name: [f.to_json() for f in findings] for name, findings in report.items()}
+        print(json.dumps(runs, indent=2))
     return 0

@@ -1,8 +1,8 @@
 """The pictures the monitor logs, drawn with PIL: the gradient flow and the confusion matrix.
 
-TensorBoard's image cards show a picture up to about 330 pixels wide as it is, and shrink a wider one by dropping
-pixel columns, which erases parts of thin text; so these pictures stay that narrow for a small model (wider ones
-read well with "Show actual image size").
+TensorBoard's image cards show a picture up to about 330 pixels wide as it is, and shrink a wider
+one by dropping pixel columns, which erases parts of thin text; so these pictures stay that narrow
+for a small model (wider ones read well with "Show actual image size").
 """
 
 from __future__ import annotations
@@ -14,9 +14,18 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-BLACK, WHITE, RED = (0, 0, 0), (255, 255, 255), (255, 0, 0)
-GRID, LIGHT_BLUE, DARK_BLUE = (225, 225, 225), (158, 202, 225), (33, 113, 181)
-SLOT, LEFT, TOP, HEIGHT, BOTTOM = 52, 46, 46, 240, 50  # the gradient-flow picture's layout, in pixels
+BLACK = (0, 0, 0)
+WHITE = (255, 255, 255)
+RED = (255, 0, 0)
+GRID = (225, 225, 225)
+LIGHT_BLUE = (158, 202, 225)
+DARK_BLUE = (33, 113, 181)
+# the gradient-flow picture's layout, in pixels: a slot per layer, the margins, the plot's height
+SLOT = 52
+LEFT = 46
+TOP = 46
+HEIGHT = 240
+BOTTOM = 50
 LINE = 15  # pixels from one line of text to the next
 OUTLINE = 230  # the grey between confusion-matrix cells
 
@@ -27,7 +36,7 @@ def font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _canvas(width: int, height: int, title: list[str]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    """A white picture at least as wide as its title, with the title's lines drawn at the top left."""
+    """A white picture at least as wide as its title, with the title's lines at the top left."""
     width = max(width, *(math.ceil(font().getlength(line)) + 16 for line in title))
     image = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(image)
@@ -39,8 +48,8 @@ def _canvas(width: int, height: int, title: list[str]) -> tuple[Image.Image, Ima
 def gradient_flow_image(
     names: Sequence[str], means: Sequence[float], maxes: Sequence[float], epoch: int
 ) -> Image.Image:
-    """Bars of each weight layer's mean (dark) and max (light) |gradient| on a log scale, input side on the left:
-    vanishing gradients show as bars that shrink towards the left."""
+    """Bars of each weight layer's mean (dark) and max (light) |gradient| on a log scale, input side
+    on the left: vanishing gradients show as bars that shrink towards the left."""
     title = [f"Gradient flow, epoch {epoch + 1}", "mean |grad| (dark), max |grad| (light)"]
     image, draw = _canvas(LEFT + SLOT * max(len(names), 1) + 12, TOP + HEIGHT + BOTTOM, title)
     right = image.width - 8
@@ -59,13 +68,17 @@ def gradient_flow_image(
         draw.text((6, y(10.0**power) - 7), f"1e{power}", BLACK, font())
     draw.line([(LEFT, TOP), (LEFT, TOP + HEIGHT), (right, TOP + HEIGHT)], BLACK)
     for i, (name, mean, peak) in enumerate(zip(names, means, maxes)):
-        x = LEFT + i * SLOT + 6
-        for offset, value, colour in ((0, peak, LIGHT_BLUE), (20, mean, DARK_BLUE)):
-            if value > 0 and math.isfinite(value):  # zero and non-finite values have no bar
-                draw.rectangle([x + offset, y(value), x + offset + 18, TOP + HEIGHT], colour)
-        for row, part in enumerate(name.split(".")[:3]):  # "layer1.0.conv1.weight" in short lines
-            draw.text((x, TOP + HEIGHT + 4 + 14 * row), part[:7], BLACK, font())
+        _bars(draw, LEFT + i * SLOT + 6, name, [peak, mean], y)
     return image
+
+
+def _bars(draw: ImageDraw.ImageDraw, x: int, name: str, values: list[float], y) -> None:
+    """One layer's bars at `x` (its max |grad| light, its mean dark) and its name below them."""
+    for offset, value, colour in ((0, values[0], LIGHT_BLUE), (20, values[1], DARK_BLUE)):
+        if value > 0 and math.isfinite(value):  # zero and non-finite values have no bar
+            draw.rectangle([x + offset, y(value), x + offset + 18, TOP + HEIGHT], colour)
+    for row, part in enumerate(name.split(".")[:3]):  # "layer1.0.conv1.weight" in short lines
+        draw.text((x, TOP + HEIGHT + 4 + 14 * row), part[:7], BLACK, font())
 
 
 def row_shares(confusion_mat: np.ndarray) -> np.ndarray:
@@ -75,21 +88,26 @@ def row_shares(confusion_mat: np.ndarray) -> np.ndarray:
     return np.divide(confusion_mat, totals, out=np.zeros_like(confusion_mat), where=totals > 0)
 
 
-def confusion_matrix_image(confusion_mat: np.ndarray, classes: Sequence[str], set_name: str) -> Image.Image:
-    """Rows are true classes, columns predictions. A cell's grey is its share of the row (black: all of it);
-    its count is written in red where counts fit in the cells (up to 30 classes). Rows are numbered and named,
-    columns numbered."""
+def confusion_matrix_image(
+    confusion_mat: np.ndarray, classes: Sequence[str], set_name: str
+) -> Image.Image:
+    """Rows are true classes, columns predictions. A cell's grey is its share of the row (black: all
+    of it); its count is written in red where counts fit in the cells (up to 30 classes). Rows are
+    numbered and named, columns numbered."""
     counts = np.asarray(confusion_mat)
     n = len(classes)
     cell = max(16, min(26, 260 // max(n, 1)))
     names = [f"{i} {str(c)[:14]}" for i, c in enumerate(classes)]
-    left, top = 14 + math.ceil(max(font().getlength(name) for name in names)), 56
+    left = 14 + math.ceil(max(font().getlength(name) for name in names))
+    top = 56
     title = [f"Confusion_Matrix_{set_name}", "rows: true label, columns: predicted"]
     image, draw = _canvas(left + n * cell + 8, top + n * cell + 22, title)
 
-    greys = np.round(255 * (1 - row_shares(counts))).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
+    greys = np.round(255 * (1 - row_shares(counts))).astype(np.uint8)
+    greys = greys.repeat(cell, 0).repeat(cell, 1)
     for edge in (0, cell - 1):  # each cell's outline
-        greys[edge::cell], greys[:, edge::cell] = OUTLINE, OUTLINE
+        greys[edge::cell] = OUTLINE
+        greys[:, edge::cell] = OUTLINE
     image.paste(Image.fromarray(greys).convert("RGB"), (left, top))
     fits = n <= 30 and font().getlength(str(counts.max(initial=0))) <= cell - 2
     for i in range(n):
@@ -97,7 +115,11 @@ def confusion_matrix_image(confusion_mat: np.ndarray, classes: Sequence[str], se
         draw.text((left - 6, top + i * cell + cell // 2), names[i], BLACK, font(), anchor="rm")
         for j in range(n if fits else 0):
             draw.text(
-                (left + j * cell + cell / 2, top + i * cell + cell / 2), str(counts[i, j]), RED, font(), anchor="mm"
+                (left + j * cell + cell / 2, top + i * cell + cell / 2),
+                str(counts[i, j]),
+                RED,
+                font(),
+                anchor="mm",
             )
     draw.text((left, top + n * cell + 5), "Predict label", BLACK, font())
     return image

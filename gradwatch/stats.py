@@ -1,11 +1,9 @@
-"""Per-parameter statistics of weights and gradients as plain numbers, and the epoch summaries the rules read."""
+"""Per-parameter statistics of weights and gradients as plain numbers."""
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
@@ -13,25 +11,16 @@ from .histograms import to_host
 from .shards import all_reduce, local, shard_groups
 
 NamedParameters = Sequence[tuple[str, torch.nn.Parameter]]
-STAT_KEYS = (
-    "grad_norm",
-    "grad_rms",
-    "grad_zero_share",
-    "weight_norm",
-    "max_abs_weight",
-    "update_ratio",
-    "nonfinite_share",
-)
-EXTRA = ("total", "activations")  # the keys of a statistics record that are not parameters
 
 
 def named_parameters(model: torch.nn.Module | NamedParameters) -> NamedParameters:
-    """A Module's named_parameters() as a list; a list of (name, parameter) pairs is passed through."""
+    """A Module's named_parameters() as a list; a list of (name, parameter) pairs as it is."""
     return list(model.named_parameters()) if isinstance(model, torch.nn.Module) else model
 
 
 def parameter_tensors(model: torch.nn.Module | NamedParameters) -> dict[str, torch.Tensor]:
-    """The tutorial's tags: {'<name>_data': weight, '<name>_grad': gradient}; no _grad where there is no gradient."""
+    """The tutorial's tags: {'<name>_data': weight, '<name>_grad': gradient}; no _grad where there
+    is no gradient."""
     tensors = {}
     for name, param in named_parameters(model):
         tensors[name + "_data"] = param
@@ -41,10 +30,16 @@ def parameter_tensors(model: torch.nn.Module | NamedParameters) -> dict[str, tor
 
 
 def _norms(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
-    """Norms as 0-dim tensors, one kernel per device and dtype (torch.nn.utils.clip_grad_norm_ uses the same
-    foreach call); half precision is widened first so that its norms cannot overflow. An empty tensor's is 0."""
+    """Norms as 0-dim tensors, one kernel per device and dtype (torch.nn.utils.clip_grad_norm_ uses
+    the same foreach call); half precision is widened first so that its norms cannot overflow. An
+    empty tensor's is 0."""
     wide = [
-        t.float() if t.dtype in (torch.float16, torch.bfloat16) else t if t.numel() else t.new_zeros(1) for t in tensors
+        t.float()
+        if t.dtype in (torch.float16, torch.bfloat16)
+        else t
+        if t.numel()
+        else t.new_zeros(1)
+        for t in tensors
     ]
     if not wide:
         return []
@@ -55,24 +50,35 @@ def _norms(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
 
 def _to_floats(columns: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
     """The same lists of 0-dim tensors as floats, read by the host in one transfer per device."""
-    host = to_host({(key, i): value for key, values in columns.items() for i, value in enumerate(values)})
+    host = to_host(
+        {(key, i): value for key, values in columns.items() for i, value in enumerate(values)}
+    )
     return {key: [host[key, i] for i in range(len(values))] for key, values in columns.items()}
 
 
-# How the per-shard values of a sharded tensor make the value of the whole tensor: 2-norms through their squares
-COMBINE = dict(weight_norm="l2", max_abs_weight="max", grad_norm="l2", grad_nonzero="sum", update_norm="l2")
+# How the per-shard values of a sharded tensor make the value of the whole tensor: 2-norms through
+# their squares
+COMBINE = dict(
+    weight_norm="l2", max_abs_weight="max", grad_norm="l2", grad_nonzero="sum", update_norm="l2"
+)
 COMBINE.update(grad_l1="sum", max_abs_grad="max", nonfinite="sum")
 
 
-def _whole(columns: dict[str, list[torch.Tensor]], groups: dict[str, list[tuple]]) -> dict[str, list[torch.Tensor]]:
-    """Columns of COMBINE's names, holding per-shard values, made into those of whole tensors: each value combined
-    over its tensor's process groups (see shards.py); the values of ordinary tensors as they are."""
-    keyed = [(key, i) for key, values in columns.items() for i in range(len(values)) if groups[key][i]]
+def _whole(
+    columns: dict[str, list[torch.Tensor]], groups: dict[str, list[tuple]]
+) -> dict[str, list[torch.Tensor]]:
+    """Columns of COMBINE's names, holding per-shard values, made into those of whole tensors: each
+    value combined over its tensor's process groups (see shards.py); the values of ordinary tensors
+    as they are."""
+    keyed = [
+        (key, i) for key, values in columns.items() for i in range(len(values)) if groups[key][i]
+    ]
     if not keyed:
         return columns
     by_op: dict[str, dict] = {"sum": {}, "max": {}}
     for key, i in keyed:
-        how, value = COMBINE[key], columns[key][i]
+        value = columns[key][i]
+        how = COMBINE[key]
         by_op["max" if how == "max" else "sum"][key, i] = value**2 if how == "l2" else value
     key_groups = {(key, i): groups[key][i] for key, i in keyed}
     whole = {key: list(values) for key, values in columns.items()}
@@ -82,22 +88,15 @@ def _whole(columns: dict[str, list[torch.Tensor]], groups: dict[str, list[tuple]
     return whole
 
 
-@torch.no_grad()
-def parameter_statistics(
-    model: torch.nn.Module | NamedParameters, previous_weights: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, dict[str, float]]:
-    """Per-parameter statistics, as floats: {name: {key: value}} with the keys of STAT_KEYS, the gradient's only
-    where there is a gradient; update_ratio = ||w - w_before|| / ||w|| for the names in `previous_weights` (the
-    weights before the optimizer step); and {"total": {"grad_norm": ...}} over all gradients. Pure.
+def _gradients(graded: NamedParameters) -> list[torch.Tensor]:
+    """This process's part of each gradient: a sparse one's values, a sharded one's shard."""
+    return [local(g.coalesce().values() if g.is_sparse else g) for _, g in graded]
 
-    Sharded parameters (DTensor) get the statistics of the whole tensor, combined over the processes that hold
-    its shards: every one of them must make this call."""
-    previous_weights = previous_weights or {}
-    named = named_parameters(model)
-    graded = [(name, p.grad) for name, p in named if p.grad is not None]
-    moved = [(name, p) for name, p in named if name in previous_weights]
+
+def _columns(named, graded, moved, previous_weights) -> dict[str, list[float]]:
+    """The norms and counts of every weight, gradient and update, of whole tensors, as floats."""
     weights = [local(w) for _, w in named]
-    grads = [local(g.coalesce().values() if g.is_sparse else g) for _, g in graded]
+    grads = _gradients(graded)
     changes = [local(w) - local(previous_weights[name]) for name, w in moved]
     columns = {
         "weight_norm": _norms(weights, 2),
@@ -106,24 +105,53 @@ def parameter_statistics(
         "grad_nonzero": [torch.count_nonzero(g) for g in grads],
         "update_norm": _norms(changes, 2),
     }
-    weight_groups, grad_groups = [shard_groups(w) for _, w in named], [shard_groups(g) for _, g in graded]
+    weight_groups = [shard_groups(w) for _, w in named]
+    grad_groups = [shard_groups(g) for _, g in graded]
     groups = dict(weight_norm=weight_groups, max_abs_weight=weight_groups, grad_norm=grad_groups)
     groups.update(grad_nonzero=grad_groups, update_norm=[shard_groups(w) for _, w in moved])
-    values = _to_floats(_whole(columns, groups))
+    return _to_floats(_whole(columns, groups))
+
+
+def _nonfinite_counts(graded: NamedParameters, grad_norms: list[float]) -> dict[int, float]:
+    """{index in graded: its count of NaN and Inf values}, counted only where the norm shows there
+    are some."""
+    bad = [i for i, norm in enumerate(grad_norms) if not math.isfinite(norm)]
+    grads = _gradients([graded[i] for i in bad])
+    counts = {"nonfinite": [(~torch.isfinite(g)).sum() for g in grads]}
+    groups = {"nonfinite": [shard_groups(graded[i][1]) for i in bad]}
+    return dict(zip(bad, _to_floats(_whole(counts, groups))["nonfinite"]))
+
+
+@torch.no_grad()
+def parameter_statistics(
+    model: torch.nn.Module | NamedParameters,
+    previous_weights: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per-parameter statistics, as floats: {name: {key: value}} with the keys of STAT_KEYS, the
+    gradient's only where there is a gradient; update_ratio = ||w - w_before|| / ||w|| for the names
+    in `previous_weights` (the weights before the optimizer step); and {"total": {"grad_norm": ...}}
+    over all gradients. Pure.
+
+    Sharded parameters (DTensor) get the statistics of the whole tensor, combined over the processes
+    that hold its shards: every one of them must make this call."""
+    previous_weights = previous_weights or {}
+    named = named_parameters(model)
+    graded = [(name, p.grad) for name, p in named if p.grad is not None]
+    moved = [(name, p) for name, p in named if name in previous_weights]
+    values = _columns(named, graded, moved, previous_weights)
     stats = {
         name: {"weight_norm": w, "max_abs_weight": m}
         for (name, _), w, m in zip(named, values["weight_norm"], values["max_abs_weight"])
     }
-    sizes = {name: max(p.numel(), 1) for name, p in named}  # a sparse gradient's values: shares of the whole
-    # count non-finite values only where the norm shows there are some
-    bad = [i for i, norm in enumerate(values["grad_norm"]) if not math.isfinite(norm)]
-    counts = {"nonfinite": [(~torch.isfinite(grads[i])).sum() for i in bad]}
-    counts = _to_floats(_whole(counts, {"nonfinite": [grad_groups[i] for i in bad]}))["nonfinite"]
-    shares = dict(zip(bad, counts))
-    for i, ((name, _), norm, nonzero) in enumerate(zip(graded, values["grad_norm"], values["grad_nonzero"])):
-        rms, zero_share = norm / math.sqrt(sizes[name]), 1 - nonzero / sizes[name]
-        share = shares.get(i, 0.0) / sizes[name]
-        stats[name].update(grad_norm=norm, grad_rms=rms, grad_zero_share=zero_share, nonfinite_share=share)
+    nonfinite = _nonfinite_counts(graded, values["grad_norm"])
+    sizes = {name: max(p.numel(), 1) for name, p in named}  # a sparse gradient's: of the whole
+    for i, (name, _) in enumerate(graded):
+        size = sizes[name]
+        norm = values["grad_norm"][i]
+        stats[name]["grad_norm"] = norm
+        stats[name]["grad_rms"] = norm / math.sqrt(size)
+        stats[name]["grad_zero_share"] = 1 - values["grad_nonzero"][i] / size
+        stats[name]["nonfinite_share"] = nonfinite.get(i, 0.0) / size
     for (name, _), update in zip(moved, values["update_norm"]):
         weight_norm = stats[name]["weight_norm"]
         stats[name]["update_ratio"] = update / weight_norm if weight_norm > 0 else math.nan
@@ -133,45 +161,31 @@ def parameter_statistics(
 
 
 @torch.no_grad()
-def gradient_flow(model: torch.nn.Module | NamedParameters) -> tuple[list[str], list[float], list[float]]:
-    """(names, mean |grad|, max |grad|) of the weight tensors that have a dense gradient, in model order; of whole
-    tensors where they are sharded (every process that holds a shard must make this call)."""
+def gradient_flow(
+    model: torch.nn.Module | NamedParameters,
+) -> tuple[list[str], list[float], list[float]]:
+    """(names, mean |grad|, max |grad|) of the weight tensors that have a dense gradient, in model
+    order; of whole tensors where they are sharded (every process that holds a shard must make this
+    call)."""
     named = [
         (name, p.grad)
         for name, p in named_parameters(model)
         if p.grad is not None and not p.grad.is_sparse and name.endswith("weight")
     ]
-    grads, groups = [local(g) for _, g in named], [shard_groups(g) for _, g in named]
+    grads = [local(g) for _, g in named]
+    groups = [shard_groups(g) for _, g in named]
     columns = {"grad_l1": _norms(grads, 1), "max_abs_grad": _norms(grads, math.inf)}
     values = _to_floats(_whole(columns, {"grad_l1": groups, "max_abs_grad": groups}))
     means = [total / max(g.numel(), 1) for total, (_, g) in zip(values["grad_l1"], named)]
     return [name for name, _ in named], means, values["max_abs_grad"]
 
 
-def _median(values: list[float | None]) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(values) if values else math.nan
-
-
-def summarize_epoch(epoch: int, step: int, records: list[dict], **context: Any) -> dict:
-    """An epoch summary (see diagnosis.py) from the statistics records logged during the epoch: medians per layer
-    and per activation, the latest weight norm and max |w|; `context` adds the rest (the epoch's loss windows,
-    metrics, num_classes, first_loss, lr)."""
-    layers = {}
-    for name, latest in records[-1].items():
-        if name in EXTRA:
-            continue
-        present = [key for key in STAT_KEYS if any(key in r.get(name, {}) for r in records)]
-        layers[name] = {key: _median([r.get(name, {}).get(key) for r in records]) for key in present}
-        layers[name].update(max_abs_weight=latest["max_abs_weight"], weight_norm=latest["weight_norm"])
-    activations = {}
-    for record in records:
-        for name, values in record.get("activations", {}).items():
-            activations.setdefault(name, []).append(values)
-    activations = {
-        name: {**found[-1], "share": _median([v["share"] for v in found])} for name, found in activations.items()
-    }
-    totals = [r["total"]["grad_norm"] for r in records if "total" in r]
-    summary = {"epoch": epoch, "step": step, "layers": layers, "activations": activations}
-    summary.update(total_grad_norm_max=max(totals, default=math.nan), total_grad_norm_median=_median(totals))
-    return {**summary, **context}
+def learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The learning rate most of the optimizer's parameter values train with: the run's own rate,
+    also where a few layers have rates of their own (train.py --layer-lr). None without an
+    optimizer."""
+    values: dict[float, int] = {}
+    for group in optimizer.param_groups if optimizer is not None else ():
+        lr = float(group["lr"])
+        values[lr] = values.get(lr, 0) + sum(p.numel() for p in group["params"])
+    return max(values, key=values.get) if values else None

@@ -24,39 +24,64 @@ logger = logging.get_logger(__name__)
 
 
 class MonitorCallback(TrainerCallback):
-    """The gradwatch monitor for a `transformers.Trainer`: histograms of every weight and gradient, per-layer
-    statistics every `stats_every` optimizer steps, the gradient-flow picture and the diagnosis each epoch, and
-    the diagnosis's story at the end of training.
+    """The gradwatch monitor for a `transformers.Trainer`: histograms of every weight and gradient,
+    per-layer statistics every `stats_every` optimizer steps, the gradient-flow picture and the
+    diagnosis each epoch, and the diagnosis's story at the end of training.
 
-    Files go where the Trainer's TensorBoard logging goes: `log_dir` if given, else `TENSORBOARD_LOGGING_DIR`,
-    else `<output_dir>/runs/<time>_<host>` (the TensorBoardCallback's default; set one of the first two to be
-    sure both write one folder). It runs in every process, since statistics of sharded (FSDP2) models take them
-    all, and only the main process writes. The gradients are read once per optimizer step,
-    after gradient accumulation and clipping; the training loss is the mean of the `loss` the model returns over
-    the step's batches (a model that returns none leaves the loss-based rules to the logged `eval_loss`). The
-    diagnosis reads `eval_loss`, `eval_accuracy` and the training `loss` from the Trainer's logs; `classes` (names)
-    tells it the number of classes. `monitor_options` go to `TrainingMonitor` (stats_every, hist_every, bins,
-    thresholds, include, exclude).
+    Files go where the Trainer's TensorBoard logging goes: `log_dir` if given, else
+    `TENSORBOARD_LOGGING_DIR`, else `<output_dir>/runs/<time>_<host>` (the TensorBoardCallback's
+    default; set one of the first two to be sure both write one folder). It runs in every process,
+    since statistics of sharded (FSDP2) models take them all, and only the main process writes. The
+    gradients are read once per optimizer step, after gradient accumulation and clipping; the
+    training loss is the mean of the `loss` the model returns over the step's batches (a model that
+    returns none leaves the loss-based rules to the logged `eval_loss`). The diagnosis reads
+    `eval_loss`, `eval_accuracy` and the training `loss` from the Trainer's logs; `classes` (names)
+    tells it the number of classes. `monitor_options` go to `TrainingMonitor` (stats_every,
+    hist_every, bins, thresholds, include, exclude).
     """
 
-    def __init__(self, log_dir: str | os.PathLike | None = None, classes: list[str] | None = None, **monitor_options):
-        self.log_dir, self.classes, self.options = log_dir, classes, monitor_options
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        classes: list[str] | None = None,
+        **monitor_options,
+    ):
+        self.log_dir = log_dir
+        self.classes = classes
+        self.options = monitor_options
         self.monitor: TrainingMonitor | None = None
         self._hook = None
         self._losses: list[torch.Tensor] = []  # the losses of the batches of this optimizer step
-        self._epoch, self._epoch_steps, self._steps_per_epoch = 0, 0, math.inf
+        self._epoch = 0
+        self._epoch_steps = 0  # optimizer steps done in the epoch
+        self._steps_per_epoch = math.inf
         self._metrics: dict[str, float] = {}  # the latest logged numbers
         self._pending: int | None = None  # an epoch whose evaluation is still to come
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model=None,
+        **kwargs,
     ) -> None:
-        if model is None:  # on every process: a sharded model's statistics take them all; the main one writes
+        # on every process: a sharded model's statistics take them all; the main one writes
+        if model is None:
             return
-        folder = self.log_dir or getattr(args, "logging_dir", None) or os.getenv("TENSORBOARD_LOGGING_DIR")
-        self.monitor = TrainingMonitor(folder or os.path.join(args.output_dir, default_logdir()), **self.options)
-        self.monitor.watch(model, kwargs.get("optimizer"), compiled=getattr(args, "torch_compile", False))
-        self._hook = self.monitor.model.register_forward_hook(self._keep_loss)  # the model unwrapped
+        folder = (
+            self.log_dir
+            or getattr(args, "logging_dir", None)
+            or os.getenv("TENSORBOARD_LOGGING_DIR")
+        )
+        self.monitor = TrainingMonitor(
+            folder or os.path.join(args.output_dir, default_logdir()), **self.options
+        )
+        self.monitor.watch(
+            model, kwargs.get("optimizer"), compiled=getattr(args, "torch_compile", False)
+        )
+        # the model unwrapped
+        self._hook = self.monitor.model.register_forward_hook(self._keep_loss)
         batches = kwargs.get("train_dataloader")
         if batches is not None and hasattr(batches, "__len__"):
             self._steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
@@ -67,7 +92,8 @@ class MonitorCallback(TrainerCallback):
             self._losses.append(loss.detach())
 
     def on_epoch_begin(self, args, state, control, **kwargs) -> None:
-        self._epoch, self._epoch_steps = int(state.epoch or 0), 0
+        self._epoch = int(state.epoch or 0)
+        self._epoch_steps = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         if self.monitor is None:
@@ -76,7 +102,8 @@ class MonitorCallback(TrainerCallback):
         self._losses = []
         self._warn(self.monitor.step(loss))
         self._epoch_steps += 1
-        if self._epoch_steps == self._steps_per_epoch:  # the Trainer clears the gradients after each step
+        # the Trainer clears the gradients after each step
+        if self._epoch_steps == self._steps_per_epoch:
             self.monitor.log_epoch_parameters(self._epoch)
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs) -> None:
@@ -85,7 +112,8 @@ class MonitorCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs) -> None:
         if self.monitor is None:
             return
-        if control.should_evaluate:  # the evaluation of this epoch comes next: diagnose with its metrics
+        # the evaluation of this epoch comes next: diagnose with its metrics
+        if control.should_evaluate:
             self._pending = self._epoch
         else:
             self._epoch_end(self._epoch)

@@ -11,6 +11,7 @@ from conftest import load_events
 
 from gradwatch import Finding, Thresholds, TrainingMonitor, diagnose
 from gradwatch.diagnosis import output_bias_skew
+from gradwatch.summary import EpochSummary
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -246,7 +247,7 @@ def test_statistics_are_logged_per_step(tmp_path):
                 expected_dead = 1 - (hidden["output"] > 0).any(0).float().mean().item()
             losses.append(loss.item())
             monitor.step(loss)
-            assert len(monitor._losses) == monitor.steps % 3  # kept on the device until a statistics log
+            assert len(monitor.losses.pending) == monitor.steps % 3  # kept on the device until a statistics log
         monitor.state_dict()  # a checkpoint mid-window logs the window so far (step 10)
     events = load_events(tmp_path / "steps")
     assert [e.step for e in events.Scalars("update_ratio/0.weight")] == [3, 6, 9]
@@ -287,8 +288,8 @@ def test_thresholds_are_configurable_by_name():
 
 
 def test_bias_rule_with_identical_biases_but_one():
-    bias = ("fc.bias", [0.0, 0.0, 0.0, 3.0])
-    findings = output_bias_skew({"epoch": 0, "step": 10}, bias, CLASSES, [1.0, 1.0, 1.0, 0.5], Thresholds())
+    bias = {"name": "fc.bias", "values": [0.0, 0.0, 0.0, 3.0], "classes": CLASSES, "recall": [1.0, 1.0, 1.0, 0.5]}
+    findings = output_bias_skew([EpochSummary(0, 10, output_bias=bias)], Thresholds())
     assert len(findings) == 1 and findings[0].evidence["class"] == "d" and math.isinf(findings[0].evidence["robust_z"])
 
 
@@ -552,13 +553,13 @@ def test_clipping_under_amp_logs_the_unscaled_norm_and_leaves_skipped_steps_out(
     logged = {}
     for scale in (None, 2.0**16, math.inf):
         monitor = amp_run(tmp_path / str(scale), scale, clip=0.5, steps=1 if scale == math.inf else 3)
-        logged[scale] = load_events(tmp_path / str(scale) / "steps").Tags()["scalars"], monitor._history[0]
+        logged[scale] = load_events(tmp_path / str(scale) / "steps").Tags()["scalars"], monitor.diagnosis.history[0]
     steps = {scale: load_events(tmp_path / str(scale) / "steps") for scale in (None, 2.0**16)}
     norms = {scale: [e.value for e in events.Scalars("clip/grad_norm")] for scale, events in steps.items()}
     assert len(norms[None]) == 3 and norms[2.0**16] == pytest.approx(norms[None], rel=1e-5)
-    assert logged[2.0**16][1]["clipping"]["clipped_share"] == logged[None][1]["clipping"]["clipped_share"]
+    assert logged[2.0**16][1].clipping["clipped_share"] == logged[None][1].clipping["clipped_share"]
     tags, summary = logged[math.inf]  # overflowed: skipped, and its infinite norm is not a clipped step
-    assert "amp/skipped_steps" in tags and "clip/grad_norm" not in tags and summary["clipping"] == {}
+    assert "amp/skipped_steps" in tags and "clip/grad_norm" not in tags and summary.clipping == {}
 
 
 def test_the_clipping_share_survives_a_resume_within_the_epoch(tmp_path):

@@ -92,8 +92,9 @@ def test_update_ratio_is_the_steps_change_over_the_weight(tmp_path):
             if step % 2 == 1:
                 for name, p in model.named_parameters():
                     expected = (p.detach() - before[name]).norm() / p.detach().norm()
-                    assert monitor._records[-1][name]["update_ratio"] == pytest.approx(expected.item(), rel=1e-5)
-        assert len(monitor._records) == 3
+                    logged = monitor.diagnosis.records[-1][name]["update_ratio"]
+                    assert logged == pytest.approx(expected.item(), rel=1e-5)
+        assert len(monitor.diagnosis.records) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
@@ -122,7 +123,7 @@ def test_frozen_sparse_and_empty_parameters(tmp_path):
         optimizer.step()
         assert monitor.step() == []
         monitor.epoch_end(0, {})
-    stats = monitor._records[-1] if monitor._records else parameter_statistics(model)
+    stats = monitor.diagnosis.records[-1] if monitor.diagnosis.records else parameter_statistics(model)
     assert stats["embedding.weight"]["grad_norm"] == pytest.approx(embedding.weight.grad.to_dense().norm().item())
     assert "grad_norm" not in stats["linear.bias"] and stats["empty"]["weight_norm"] == 0.0
     tags = set(load_events(tmp_path).Tags()["histograms"])
@@ -169,19 +170,19 @@ def test_group_depth_puts_each_modules_histograms_in_a_section_that_diagnose_sti
 def test_the_default_statistics_cadence_follows_the_first_epoch_and_survives_a_resume(tmp_path):
     model = nn.Linear(4, 2)
     with TrainingMonitor(tmp_path / "a").watch(model) as monitor:
-        assert monitor.stats_every == 50
+        assert monitor.cadence.stats_every == 50
         monitor.epoch_end(0, {})  # no step yet: nothing to go by
-        assert monitor.stats_every == 50
+        assert monitor.cadence.stats_every == 50
         for _ in range(960):
             model(torch.randn(3, 4)).sum().backward()
             monitor.step()
         monitor.epoch_end(1, {})
-        assert monitor.stats_every == 60  # 16 readings in an epoch of 960 steps
+        assert monitor.cadence.stats_every == 60  # 16 readings in an epoch of 960 steps
         state = monitor.state_dict()
     with TrainingMonitor(tmp_path / "b").watch(model) as resumed:
-        assert resumed.load_state_dict(state).stats_every == 60
+        assert resumed.load_state_dict(state).cadence.stats_every == 60
     with TrainingMonitor(tmp_path / "c", stats_every=5).watch(model) as given:
-        assert given.load_state_dict(state).stats_every == 5  # a cadence given explicitly wins
+        assert given.load_state_dict(state).cadence.stats_every == 5  # a cadence given explicitly wins
 
 
 def test_the_default_cadence_is_kept_across_a_resume_in_the_first_epoch_and_its_switch_keeps_the_next_reading(
@@ -204,7 +205,7 @@ def test_the_default_cadence_is_kept_across_a_resume_in_the_first_epoch_and_its_
         resumed.load_state_dict(state)
         train(resumed, 460)
         resumed.epoch_end(0, {})
-        assert resumed.stats_every == 60  # the whole first epoch's 960 steps / 16, not the 460 since the resume
+        assert resumed.cadence.stats_every == 60  # the whole first epoch's 960 steps / 16, not the 460 since the resume
     with TrainingMonitor(tmp_path / "c").watch(model, optimizer) as monitor:
         train(monitor, 99)
         monitor.epoch_end(0, {})  # a short epoch: every 50 steps still, and step 100 is one of them

@@ -1,0 +1,140 @@
+"""Every hook the monitor places on a model and its optimizer, in one place, and removable.
+
+- one optimizer step pre-hook, which notes that the optimizer stepped (GradScaler skips the call
+  when it finds inf, so a step without it was skipped);
+- forward hooks on the ReLU, sigmoid and tanh modules, placed before the forward pass of a
+  statistics step and removed after it (they cost nothing on the other steps), which measure how
+  many of the units are dead or saturated; in a compiled model, whose graph keeps the hooks it was
+  traced with, they are placed once and for good;
+- and, beside them, the copy of the weights before a statistics step's update, for the update
+  ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .histograms import to_host
+from .shards import local
+from .sink import Guard
+from .stats import NamedParameters
+
+ACTIVATIONS = {
+    torch.nn.ReLU: "relu",
+    torch.nn.ReLU6: "relu",
+    torch.nn.Sigmoid: "sigmoid",
+    torch.nn.Tanh: "tanh",
+}
+
+
+def activation_share(kind: str, output: torch.Tensor) -> torch.Tensor:
+    """For a ReLU, the share of its units (channels, or features) that gave no positive output for
+    the whole batch; for a sigmoid or tanh, the share of its outputs within 1% of their limits."""
+    if kind == "relu":
+        unit = 1 if output.ndim in (2, 4, 5) else output.ndim - 1
+        return (output.amax([d for d in range(output.ndim) if d != unit]) <= 0).float().mean()
+    if kind == "sigmoid":
+        return ((output < 0.01) | (output > 0.99)).float().mean()
+    return (output.abs() > 0.99).float().mean()
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` holds a module compiled by torch.compile or Module.compile()."""
+    return any(
+        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) for m in model.modules()
+    )
+
+
+class Hooks:
+    """The monitor's hooks on one model and optimizer; `remove()` takes them all off."""
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+        self.handles: dict[str, Any] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.activations: list[tuple] = []  # (name, module, kind, the layer that feeds it)
+        self.values: dict[
+            str, tuple
+        ] = {}  # name: (kind, layer, share) measured since they were placed
+        self.stay = False  # placed for good: the model runs compiled
+        self.stepped = False
+        self.before_update: dict[str, torch.Tensor] | None = None
+
+    def attach(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, compiled: bool
+    ) -> None:
+        """Find the activations of `model`, hook `optimizer`; `compiled`: place the activation hooks
+        now, for good."""
+        self.remove()
+        self.optimizer = optimizer
+        self.stay = compiled
+        self.activations = []
+        layer = None
+        for name, module in model.named_modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                layer = name
+            if type(module) in ACTIVATIONS:
+                self.activations.append((name, module, ACTIVATIONS[type(module)], layer or name))
+        if optimizer is not None:
+            self.handles["before_step"] = optimizer.register_step_pre_hook(self._before_step)
+        if compiled:
+            self.arm()
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.stepped = True
+
+    def skipped(self) -> bool:
+        """Whether the optimizer step since the last call was skipped (by GradScaler); False without
+        an optimizer to tell."""
+        skipped = "before_step" in self.handles and not self.stepped
+        self.stepped = False
+        return skipped
+
+    def arm(self) -> None:
+        """Forward hooks that measure the activations of the next training forward pass."""
+        if self.stay and any(key.startswith("activation ") for key in self.handles):
+            return
+        for name, module, kind, layer in self.activations:
+
+            def hook(module, inputs, output, name=name, kind=kind, layer=layer):
+                if module.training and isinstance(output, torch.Tensor):
+                    self.values[name] = (kind, layer, activation_share(kind, output.detach()))
+
+            self.handles[f"activation {name}"] = module.register_forward_hook(hook)
+
+    def prepare(self, parameters: NamedParameters) -> None:
+        """Before a step whose statistics are due: hooks for its forward pass, and a copy of the
+        weights before its update."""
+        self.arm()
+        with self.guard("copying the weights for the update ratio"), torch.no_grad():
+            self.before_update = {name: local(p).clone() for name, p in parameters}
+
+    def take_weights(self) -> dict[str, torch.Tensor] | None:
+        """The weights copied by prepare(), which are then let go."""
+        weights = self.before_update
+        self.before_update = None
+        return weights
+
+    def collect(self) -> dict[str, dict]:
+        """The activations measured since the hooks were placed, as {name: {"kind", "layer",
+        "share"}} (one transfer); the hooks are removed, unless placed for good."""
+        if not self.stay:
+            for key in [key for key in self.handles if key.startswith("activation ")]:
+                self.handles.pop(key).remove()
+        values = dict(self.values)
+        self.values.clear()  # the same dict: a compiled graph writes into it
+        shares = to_host({name: share for name, (_, _, share) in values.items()})
+        return {
+            name: {"kind": kind, "layer": layer, "share": shares[name]}
+            for name, (kind, layer, _) in values.items()
+        }
+
+    def remove(self) -> None:
+        """Take every hook off; safe to call twice."""
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles.clear()
+        self.before_update = None
+        self.values.clear()

@@ -1,0 +1,226 @@
+"""Where the monitor's output goes: event files and the run folder's files, written by one process.
+
+`NullSink` is the interface, and the sink of a process that does not write (a torch.distributed rank
+other than 0): every call does nothing. `EventSink` writes. Epochs and optimizer steps are two step
+axes, so each gets its own event folder (a tag keeps one axis): epochs in `log_dir`, optimizer steps
+in `log_dir/steps`. A writer opens at its first write, or at `open()`: until then the steps from
+which a resumed run rewrites each axis can still be set with `resume_at`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tensorboardX import SummaryWriter
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import histogram_raw
+from tensorboardX.summary import hparams as hparams_summaries
+
+from .histograms import Histogram
+
+ERRORS = "gradwatch-errors.log"
+
+
+def _scalar_values(scalars: Mapping[str, float]) -> list[Summary.Value]:
+    return [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
+
+
+def _histogram_value(tag: str, h: Histogram) -> Summary.Value:
+    limits = h.bucket_limits.tolist()
+    counts = h.bucket_counts.tolist()
+    return histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts).value[0]
+
+
+class NullSink:
+    """The sink of a process that does not write: each call is what EventSink does, left undone."""
+
+    writes = False
+    opened = False  # whether a writer is open, so that resume_at is too late
+    next_epoch = 0  # the epoch after the last one written on the epoch axis
+
+    def resume_at(self, epoch: int | None, step: int | None) -> None:
+        """Rewrite the epoch axis from `epoch` and the step axis from `step` (None: append)."""
+
+    def open(self) -> None:
+        """Open the epoch axis's event file now, if it is not open."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_epoch": self.next_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Rewrite each axis from where `state` left it: the epoch after the last one written, the
+        step after the last one taken."""
+        epoch = state.get("next_epoch")
+        if epoch is None:  # a state saved before this key: the epoch after the last one summarised
+            epoch = max((summary["epoch"] + 1 for summary in state["history"]), default=0)
+        self.resume_at(epoch, state["steps"] + 1)
+
+    def scalars(self, scalars: Mapping[str, float], step: int, per_step: bool = False) -> None:
+        """{tag: number} as one event at `step`: an epoch, or an optimizer step if per_step."""
+
+    def histograms(
+        self, histograms: Mapping[str, Histogram], step: int, per_step: bool = False
+    ) -> None:
+        """{tag: Histogram} as one event, with the count of each tensor's non-finite values as
+        `nonfinite/<tag>` where it has some; a tensor without finite values has that count alone."""
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """A PIL image, an (H, W, 3) uint8 array or a matplotlib figure, on the epoch axis."""
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Markdown text on the epoch axis (TensorBoard's Text tab)."""
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
+        """The run's settings and metrics in the HParams tab, at `step` on the epoch axis."""
+
+    def save_json(self, name: str, value: Any) -> None:
+        """`value` as JSON in the file `name` of the run folder."""
+
+    def save_image(self, name: str, image: Image.Image) -> None:
+        """A PIL image as the file `name` of the run folder."""
+
+    def error(self, text: str) -> None:
+        """Append `text` to the run folder's gradwatch-errors.log."""
+
+    def flush(self) -> None:
+        """Write what the event writers hold to disk."""
+
+    def close(self) -> None:
+        """Close the event files; safe to call twice."""
+
+
+class EventSink(NullSink):
+    """Writes to `log_dir`: events through tensorboardX, in one event per call (each event passes
+    tensorboardX's queue on its own, which costs more than building it: README, Measured)."""
+
+    writes = True
+
+    def __init__(
+        self, log_dir: str, flush_secs: int, purge_epoch: int | None, purge_step: int | None
+    ):
+        self.log_dir = log_dir
+        self.flush_secs = flush_secs
+        self.purge = {False: purge_epoch, True: purge_step}  # by per_step
+        self.next_epoch = purge_epoch or 0
+        self.writers: dict[bool, SummaryWriter] = {}
+        os.makedirs(log_dir, exist_ok=True)
+
+    @property
+    def opened(self) -> bool:
+        return bool(self.writers)
+
+    def resume_at(self, epoch: int | None, step: int | None) -> None:
+        if self.writers:
+            raise RuntimeError("load_state_dict() must come before the first step() or log call")
+        self.purge = {False: epoch, True: step}
+        self.next_epoch = epoch or 0
+
+    def writer(self, per_step: bool = False, step: int | None = None) -> SummaryWriter:
+        """The writer of one axis, opened at its first use; `step`: where the write goes."""
+        if not per_step and step is not None:
+            self.next_epoch = max(self.next_epoch, step + 1)
+        if per_step not in self.writers:
+            folder = os.path.join(self.log_dir, "steps") if per_step else self.log_dir
+            # Event file names hold the time in whole seconds; a nanosecond suffix keeps a run
+            # resumed
+            # within the same second from overwriting the file it continues, and sorts it after that
+            # file.
+            self.writers[per_step] = SummaryWriter(
+                folder,
+                purge_step=self.purge[per_step],
+                flush_secs=self.flush_secs,
+                filename_suffix=f".{time.time_ns()}",
+            )
+        return self.writers[per_step]
+
+    def open(self) -> None:
+        self.writer()
+
+    def event(self, values: list[Summary.Value], step: int, per_step: bool = False) -> None:
+        if values:
+            self.writer(per_step, step).file_writer.add_summary(Summary(value=values), step)
+
+    def scalars(self, scalars: Mapping[str, float], step: int, per_step: bool = False) -> None:
+        self.event(_scalar_values(scalars), step, per_step)
+
+    def histograms(
+        self, histograms: Mapping[str, Histogram], step: int, per_step: bool = False
+    ) -> None:
+        nonfinite = {
+            "nonfinite/" + tag: h.nonfinite for tag, h in histograms.items() if h.nonfinite
+        }
+        values = [_histogram_value(tag, h) for tag, h in histograms.items() if h.num]
+        self.event(values + _scalar_values(nonfinite), step, per_step)
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        if hasattr(image, "savefig"):  # a matplotlib figure
+            self.writer(step=step).add_figure(tag, image, step, close=False)
+            return
+        array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        self.writer(step=step).add_image(tag, array, step, dataformats="HWC")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer(step=step).add_text(tag, text, step)
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
+        # what add_hparams(name=".") writes, but into this writer's file: add_hparams opens a writer
+        # of
+        # its own, whose file (named without the nanosecond suffix) can sort before this one and
+        # lose
+        # its metrics to this file's purge on a resume within the same second
+        for summary in hparams_summaries(dict(hparams), dict(metrics)):
+            self.writer(step=step).file_writer.add_summary(summary)
+        self.scalars(metrics, step)
+
+    def save_json(self, name: str, value: Any) -> None:
+        with open(os.path.join(self.log_dir, name), "w") as fh:
+            json.dump(value, fh, indent=2)
+
+    def save_image(self, name: str, image: Image.Image) -> None:
+        image.save(os.path.join(self.log_dir, name))
+
+    def error(self, text: str) -> None:
+        with open(os.path.join(self.log_dir, ERRORS), "a") as fh:
+            fh.write(text)
+
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class Guard:
+    """Nothing the monitor does may end the user's run: `with guard("what it does"):` reports a
+    failure once, in one line, sends its traceback to <log_dir>/gradwatch-errors.log, and goes on.
+    """
+
+    def __init__(self, sink: NullSink, log_dir: str):
+        self.sink = sink
+        self.path = os.path.join(log_dir, ERRORS)
+        self.failed: set[str] = set()
+
+    @contextlib.contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as err:
+            if what not in self.failed:
+                self.failed.add(what)
+                why = f"{type(err).__name__}: {err}"
+                print(
+                    f"gradwatch: {what} failed ({why}); training goes on; see {self.path}",
+                    file=sys.stderr,
+                )
+            self.sink.error(traceback.format_exc())

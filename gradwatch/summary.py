@@ -1,0 +1,121 @@
+"""The epoch summary: what the diagnosis rules read about one epoch, built in one place.
+
+The live monitor builds one at each epoch's end from the statistics it logged during the epoch; the
+`diagnose` command builds one per logged step from the histograms and scalars of an event folder.
+Every number in it can be NaN or missing, and a rule skips what it cannot see.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# The per-parameter keys of a statistics record (see stats.parameter_statistics) that an epoch
+# summary keeps
+STAT_KEYS = (
+    "grad_norm",
+    "grad_rms",
+    "grad_zero_share",
+    "weight_norm",
+    "max_abs_weight",
+    "update_ratio",
+    "nonfinite_share",
+)
+EXTRA = ("total", "activations")  # the keys of a statistics record that are not parameters
+
+
+@dataclass
+class EpochSummary:
+    """One epoch as the rules see it."""
+
+    epoch: int  # from 0
+    step: int  # optimizer steps done at the epoch's end
+    # {parameter: {key of STAT_KEYS: value}}: medians over the epoch's statistics logs; weight_norm
+    # and
+    # max_abs_weight as at the latest one
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    # {module: {"kind": "relu" | "sigmoid" | "tanh", "layer": str, "share": float}}: the median
+    # share of a
+    # ReLU's units with no positive output for a whole batch, or of a sigmoid's or tanh's outputs
+    # within 1%
+    # of their limits; "layer" is the layer that feeds it
+    activations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    total_grad_norm_max: float = math.nan
+    total_grad_norm_median: float = math.nan
+    # the training loss in windows of steps, one per statistics log:
+    # [{"step", "mean", "max", "max_step", "nonfinite_step" (None if all were finite)}]
+    losses: list[dict[str, Any]] = field(default_factory=list)
+    first_loss: float | None = None  # the run's first training loss
+    # with gradient clipping: {"max_norm", "steps", "clipped_share", "grad_norm_median",
+    # "grad_norm_p90"}
+    clipping: dict[str, float] = field(default_factory=dict)
+    # the training and validation loss and accuracy: train_loss, train_accuracy, valid_loss,
+    # valid_accuracy
+    metrics: dict[str, float] = field(default_factory=dict)
+    num_classes: int | None = None
+    lr: float | None = None  # the learning rate most of the model's parameters train with
+    # with class names: {"name": the output layer's bias, "values", "classes", "recall": per class
+    # or None}
+    output_bias: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values, for a checkpoint loaded with torch.load(weights_only=True)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EpochSummary:
+        """A summary from to_dict() (or an earlier version's dict); keys it does not know are left
+        out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def _median(values: list[float | None]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def _layers(records: list[dict]) -> dict[str, dict[str, float]]:
+    layers = {}
+    for name, latest in records[-1].items():
+        if name in EXTRA:
+            continue
+        present = [key for key in STAT_KEYS if any(key in r.get(name, {}) for r in records)]
+        layers[name] = {
+            key: _median([r.get(name, {}).get(key) for r in records]) for key in present
+        }
+        for key in ("max_abs_weight", "weight_norm"):  # the latest: where the weights are now
+            if key in latest:
+                layers[name][key] = latest[key]
+    return layers
+
+
+def _activations(records: list[dict]) -> dict[str, dict[str, Any]]:
+    found: dict[str, list[dict]] = {}
+    for record in records:
+        for name, values in record.get("activations", {}).items():
+            found.setdefault(name, []).append(values)
+    return {
+        name: {**seen[-1], "share": _median([v["share"] for v in seen])}
+        for name, seen in found.items()
+    }
+
+
+def summarize(epoch: int, step: int, records: list[dict], **context: Any) -> EpochSummary:
+    """The summary of an epoch from the statistics records logged during it (see
+    stats.parameter_statistics; "activations" as the monitor's hooks measure them): medians per
+    layer and per activation, the latest weight norm and max |w|. `context` gives the other fields
+    (losses, metrics, first_loss, clipping, num_classes, lr, output_bias)."""
+    totals = [r["total"]["grad_norm"] for r in records if "total" in r]
+    return EpochSummary(
+        epoch,
+        step,
+        layers=_layers(records),
+        activations=_activations(records),
+        total_grad_norm_max=max(totals, default=math.nan),
+        total_grad_norm_median=_median(totals),
+        **context,
+    )
