@@ -5,10 +5,12 @@ tensorboard --logdir Result               # then open http://localhost:6006
 python train.py --resume Result/<run>     # continue a stopped run (add --epochs N to train longer)
 python train.py --help                    # every option and its default
 torchrun --nproc_per_node 2 train.py --fsdp  # shard the model over 2 processes (FSDP2)
+
+The options are in options.py, the run folder and its checkpoints in checkpoints.py, the processes
+of a torchrun job in distributed.py, the input pipeline in data.py; what watches the training is
+the gradwatch package.
 """
 
-import argparse
-import json
 import math
 import os
 import signal
@@ -16,7 +18,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,221 +29,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import checkpoints
+from checkpoints import Progress, RunError
 from data import build_loaders, load_normalisation
-from gradwatch import Thresholds, TrainingMonitor, confusion_matrix_image, is_main_process
-from gradwatch.diagnosis import indented, threshold_override
-from utils import DataListError, ImageReadError, Net, validate
+from distributed import Distributed, shard_model
+from gradwatch import TrainingMonitor, confusion_matrix_image
+from gradwatch.diagnosis import indented
+from options import hyperparameters, param_groups, parse_args
+from utils import DataListError, ImageReadError, Net, class_report, validate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TENSORBOARD_HISTOGRAM_STEPS = 100  # what TensorBoard's default loader keeps per histogram tag
-PROGRESS = ("epoch", "batches_done", "step", "best_accuracy", "totals")  # where a run stands, in its checkpoints
 TOTALS = ("loss_sum", "correct", "seen")  # of the epoch so far
-
-
-def checked(convert, test, requirement):
-    """An argparse type: `convert` the text, then refuse a value that fails `test`, saying what is required."""
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-
-    parse.__name__ = requirement  # argparse names the type in its own messages
-    return parse
-
-
-positive_int = checked(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = checked(int, lambda v: v >= 0, "0 or more")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "0 or more")
-
-
-def device_name(text):
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device '{text}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine; use --device cpu")
-    return text
-
-
-def compile_backend(text):
-    from torch._dynamo import list_backends  # only when --compile is given: it takes a moment to load
-
-    if text not in list_backends(exclude_tags=()):  # the debugging ones too, but suggest the usual ones
-        raise argparse.ArgumentTypeError(f"unknown torch.compile backend '{text}'; use {', '.join(list_backends())}")
-    return text
-
-
-def run_folder(text):
-    path = Path(text)
-    if not path.is_dir():
-        hint = "pass a folder under the log dir, e.g. Result/<run-name>"
-        raise argparse.ArgumentTypeError(f"run folder '{text}' does not exist; {hint}")
-    for name in ("args.json", "last.pt"):
-        if not (path / name).is_file():
-            raise argparse.ArgumentTypeError(f"'{text}' has no {name}, so it is not a run folder train.py can resume")
-    return path
-
-
-def key_value(value_type):
-    """argparse type for NAME=VALUE pairs."""
-
-    def parse(text):
-        name, sep, value = text.partition("=")
-        if not sep or not name:
-            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
-        return name, value_type(value)
-
-    parse.__name__ = "NAME=VALUE"
-    return parse
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show every default, except where there is none to show."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, [], False) else super()._get_help_string(action)
-
-
-OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's table says more
-    "data": [
-        ("--data", dict(type=Path, default=Path("Data"), help="folder with train.txt, valid.txt, classes.txt")),
-        ("--cache", dict(choices=("auto", "yes", "no"), default="auto")),
-        ("--workers", dict(type=non_negative_int, default=min(2, os.cpu_count() or 1))),
-    ],
-    "optimisation (the tutorial's SGD with StepLR)": [
-        ("--epochs", dict(type=positive_int, default=20, help="epochs to train in all")),
-        ("--batch-size", dict(type=positive_int, default=16, help="training images per step")),
-        ("--lr", dict(type=positive_float, default=0.01, help="initial learning rate")),
-        ("--momentum", dict(type=non_negative_float, default=0.9, help="SGD momentum")),
-        ("--dampening", dict(type=non_negative_float, default=0.1, help="SGD dampening of the momentum")),
-        ("--weight-decay", dict(type=non_negative_float, default=0.0, help="L2 penalty for every layer")),
-        ("--step-size", dict(type=positive_int, default=15, help="StepLR: epochs between decays")),
-        ("--gamma", dict(type=positive_float, default=0.1, help="StepLR: decay factor")),
-        ("--seed", dict(type=int, default=0, help="seeds the weights and the shuffling")),
-        ("--device", dict(type=device_name, default="auto", help="auto picks CUDA when available")),
-        ("--amp", dict(choices=("off", "bf16", "fp16"), default="off")),
-        ("--compile", dict(nargs="?", const="inductor", type=compile_backend, metavar="BACKEND")),
-        ("--clip-grad-norm", dict(type=positive_float, metavar="MAX")),
-        ("--fsdp", dict(action="store_true")),
-        ("--layer-lr", dict(action="append", type=key_value(positive_float), default=[], metavar="NAME=FACTOR")),
-        ("--layer-wd", dict(action="append", type=key_value(non_negative_float), default=[], metavar="NAME=VALUE")),
-    ],
-    "logging": [
-        ("--log-dir", dict(type=Path, default=Path("Result"), help="where run folders go")),
-        ("--run-name", dict(help="run folder name under --log-dir (default: the start time)")),
-        ("--hist-every", dict(type=non_negative_int, default=0)),
-        ("--print-every", dict(type=positive_int, default=10, help="iterations between progress lines")),
-        ("--resume", dict(type=run_folder, metavar="RUN_DIR")),
-    ],
-    "diagnosis (see README: The diagnosis)": [
-        ("--stats-every", dict(type=non_negative_int)),
-        ("--stop-on-nonfinite", dict(action="store_true")),
-        ("--threshold", dict(action="append", type=threshold_override, default=[], metavar="NAME=VALUE")),
-    ],
-}
-HELP = {  # help texts too long for the table
-    "--cache": "decode every image once and keep it in memory as uint8 (auto: when it takes under a quarter of the "
-    "free memory); 'no' decodes each image every epoch, as the tutorial does",
-    "--workers": "DataLoader worker processes without the cache (0 loads in the training process)",
-    "--compile": "train the model through torch.compile (BACKEND: inductor unless given; the first steps compile)",
-    "--clip-grad-norm": "clip the gradients to this total norm (torch.nn.utils.clip_grad_norm_); the monitor logs the "
-    "norm before clipping and the share of clipped steps",
-    "--fsdp": "under torchrun: shard the model's parameters, gradients and optimizer state over the processes (FSDP2, "
-    "fully_shard) instead of copying the model to each (DistributedDataParallel)",
-    "--amp": "mixed precision: autocast to bf16, or to fp16 with a GradScaler (fp16 needs CUDA)",
-    "--layer-lr": "multiply the learning rate of a parameter or module prefix, e.g. conv1=10 (repeatable)",
-    "--layer-wd": "weight decay of a parameter or module prefix, e.g. fc1=5e-4 (repeatable)",
-    "--hist-every": "also log histograms every N optimizer steps (into <run>/steps); 0: once per epoch only",
-    "--resume": "continue the run in RUN_DIR from its last checkpoint; options given with it override the saved ones",
-    "--stats-every": "log per-layer statistics every N optimizer steps (into <run>/steps); 0: once per epoch "
-    "(default: every 50 steps; after the first epoch, 16 times an epoch if that is sparser, at most 1,000 apart)",
-    "--stop-on-nonfinite": "stop at the first NaN or Inf in the loss (checked every step) or the logged gradients",
-    "--threshold": f"change a diagnosis threshold (repeatable); names: {', '.join(Thresholds.names())}",
-}
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        description="Train the tutorial's CNN on an image list, writing weight and gradient histograms of every layer "
-        "to TensorBoard each epoch.",
-        epilog="Example: python train.py --epochs 5 && tensorboard --logdir Result",
-        formatter_class=HelpFormatter,
-    )
-    for title, options in OPTIONS.items():
-        group = parser.add_argument_group(title)
-        for option, settings in options:
-            group.add_argument(option, **{"help": HELP.get(option), **settings})
-    return parser
-
-
-def parse_args(argv=None):
-    """Parse the command line; with --resume, the run's saved arguments are the defaults."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume is not None:
-        run_dir = args.resume
-        saved = json.loads((run_dir / "args.json").read_text())
-        known = {action.dest for action in parser._actions}
-        saved = {key: value for key, value in saved.items() if key in known}
-        saved["data"], saved["log_dir"] = Path(saved["data"]), Path(saved["log_dir"])
-        args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-        args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
-    args.thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
-    if args.fsdp and "LOCAL_RANK" not in os.environ:
-        parser.error(
-            "--fsdp shards the model over the processes of a torchrun job: torchrun --nproc_per_node N train.py --fsdp"
-        )
-    return args
-
-
-def param_groups(model, lr, weight_decay, layer_lr=(), layer_wd=()):
-    """Optimizer parameter groups from NAME=FACTOR learning-rate factors and NAME=VALUE weight decays.
-
-    NAME is a parameter name or a module prefix ('conv1' covers conv1.weight and conv1.bias);
-    the longest matching prefix wins. Raises ValueError for a NAME that matches nothing.
-    """
-    named = list(model.named_parameters())
-
-    def matches(prefix, name):
-        return name == prefix or name.startswith(prefix + ".")
-
-    for prefix, _ in [*layer_lr, *layer_wd]:
-        if not any(matches(prefix, name) for name, _ in named):
-            names = ", ".join(name for name, _ in named)
-            raise ValueError(f"'{prefix}' names no parameter or module; parameters are: {names}")
-
-    def setting(rules, name, default):
-        best = max((p for p, _ in rules if matches(p, name)), key=len, default=None)
-        return dict(rules)[best] if best is not None else default
-
-    groups = {}
-    for name, param in named:
-        key = (lr * setting(layer_lr, name, 1.0), setting(layer_wd, name, weight_decay))
-        groups.setdefault(key, []).append(param)
-    return [{"params": params, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), params in groups.items()]
-
-
-def hyperparameters(args):
-    """The settings shown in TensorBoard's HParams tab."""
-    keys = ("lr", "batch_size", "momentum", "dampening", "weight_decay", "epochs", "step_size", "gamma", "seed")
-    values = {key: getattr(args, key) for key in keys}
-    values["clip_grad_norm"] = args.clip_grad_norm or 0.0  # 0: no clipping
-    for key in ("layer_lr", "layer_wd"):
-        values[key] = ",".join(f"{n}={v:g}" for n, v in getattr(args, key)) or "-"
-    return values
-
-
-class RunError(Exception):
-    """A run folder that cannot be used as asked; the message says what to do instead."""
 
 
 def warn(message):
@@ -271,165 +69,49 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-class Distributed:
-    """This process's place in a torchrun job (WORLD_SIZE, RANK and LOCAL_RANK set by torchrun), or rank 0 of 1.
-
-    Every rank runs the same loop on its shard of each epoch; the main process (rank 0, is_main_process())
-    alone prints, writes events and checkpoints. The collectives below are no-ops for a single process.
-    """
-
-    def __init__(self, device_name, fsdp=False):
-        self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else None
-        self.device = self.device or torch.device(device_name)
-        if self.world_size > 1 or fsdp:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.is_main = is_main_process()
-        if not self.is_main:  # one console for the job: the other ranks stay quiet
-            sys.stdout = sys.stderr = open(os.devnull, "w")
-
-    def sum(self, values):
-        """Sum a list of numbers over all ranks."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor.tolist()
-
-    def any(self, flag):
-        """True on every rank when it is true on one: a stop request must stop all ranks at the same step."""
-        return self.sum([float(flag)])[0] > 0
-
-    def broadcast(self, value):
-        """Rank 0's value on every rank."""
-        box = [value]
-        if self.world_size > 1:
-            torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self):
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def prepare_run_dir(args):
-    """Name (a timestamp unless --run-name) and create <log-dir>/<run-name> for a new run; a resumed run has one."""
-    if args.resume is not None:
-        return
-    args.run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = args.log_dir / args.run_name
-    if (run_dir / "args.json").exists():
-        raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --run-name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def class_report(conf_mat):
-    """Per-class (recall, precision) arrays from a confusion matrix; NaN where a class has no samples."""
-    conf_mat = np.asarray(conf_mat, dtype=np.float64)
-    hits = np.diag(conf_mat)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return hits / conf_mat.sum(axis=1), hits / conf_mat.sum(axis=0)
-
-
-def format_epoch(epoch, epochs):
-    return f"Epoch[{epoch + 1:0>3}/{epochs:0>3}]"
-
-
 @dataclass
 class Run:
-    """One training run: what setup() builds, and where the loop stands (all of it saved in every checkpoint)."""
+    """One training run: what setup() builds, and where the loop stands."""
 
-    args: argparse.Namespace
+    args: Any
     dist: Distributed
     run_dir: Path
     classes: list
     loaders: tuple  # (training batches, validation batches)
-    net: nn.Module  # what is logged and saved; under torchrun `model` wraps it in DistributedDataParallel (or,
-    # with --fsdp, `net` itself is sharded)
+    net: nn.Module  # what is logged and saved (with --fsdp, sharded itself)
+    model: nn.Module  # what trains: net, in DistributedDataParallel under torchrun, compiled with --compile
     optimizer: torch.optim.Optimizer
-    model: nn.Module = None
-    monitor: Any = None
-    epoch: int = 0  # the epoch running, or to run next
-    batches_done: int = 0  # its iterations done
-    step: int = 0  # optimizer steps so far
-    best_accuracy: float = 0.0
-    totals: dict = field(default_factory=dict)  # the epoch's loss sum, correct predictions and images so far
-
-    def __post_init__(self):
-        args, device = self.args, self.dist.device
-        replicated = self.dist.world_size > 1 and not args.fsdp
-        self.model = nn.parallel.DistributedDataParallel(self.net) if replicated else self.net
-        if args.compile:
-            self.model = torch.compile(self.model, backend=args.compile)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.step_size, gamma=args.gamma)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        # entering even a disabled autocast costs time on every step: none without --amp
-        self.autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "off" else nullcontext()
-
-    def state(self):
-        """Everything a checkpoint holds; the model and optimizer state whole (under --fsdp gathered from every
-        rank, which must all call this), so that it loads into a plain Net."""
-        if self.args.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # a second to load
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model, optimizer = get_state_dict(self.net, self.optimizer, options=options)
-        else:
-            model, optimizer = self.net.state_dict(), self.optimizer.state_dict()
-        state = {key: getattr(self, key).state_dict() for key in ("scheduler", "scaler", "monitor")}
-        state.update({key: getattr(self, key) for key in PROGRESS}, model=model, optimizer=optimizer)
-        return {**state, "classes": self.classes, "args": saved_args(self.args), "rng": rng_state(self.dist.device)}
-
-    def save(self, *names):
-        """Write the checkpoint under each name, atomically: a crash mid-save leaves the previous one intact."""
-        if not (self.dist.is_main or self.args.fsdp):
-            return
-        state = self.state()  # under --fsdp every rank gathers; rank 0 writes
-        if not self.dist.is_main:
-            return
-        for name in names:
-            torch.save(state, self.run_dir / (name + ".tmp"))
-            os.replace(self.run_dir / (name + ".tmp"), self.run_dir / name)
-
-    def stop(self, why):
-        self.save("last.pt")
-        where = f"epoch {self.epoch + 1}, iteration {self.batches_done}"
-        warn(f"{why}: checkpoint saved at {where}. Resume with: python train.py --resume {self.run_dir}")
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Any  # the forward pass's mixed precision, or nothing
+    monitor: TrainingMonitor | None = None
+    progress: Progress = field(default_factory=Progress)  # saved in every checkpoint
 
 
-def saved_args(args):
-    """The options as args.json holds them."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "thresholds"}
-
-
-def rng_state(device):
-    """The random state the augmentation draws from (on the device the crops are drawn on), for a checkpoint."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def setup(args, dist):
-    """Check the data, then build the model, the optimiser and the run folder of a new or resumed run."""
-    if args.amp == "fp16" and dist.device.type != "cuda":
-        raise RunError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+def load_data(args, dist):
+    """Check the lists and every image; returns ((training batches, validation batches), classes)."""
     start = time.perf_counter()
     mean, std, normalisation = load_normalisation(args.data)
     shard = dict(rank=dist.rank, world_size=dist.world_size)
-    loaders = build_loaders(
+    train_loader, valid_loader, classes, cached = build_loaders(
         args.data, args.batch_size, args.seed, dist.device, args.workers, args.cache, mean, std, **shard
     )
-    train_loader, valid_loader, classes, cached = loaders
     images = f"{train_loader.batch_sampler.size} training and {valid_loader.batch_sampler.size} validation images"
     how = "decoded once, kept in memory" if cached else "decoded every epoch (no cache)"
     print(f"Checked {images} in {time.perf_counter() - start:.1f}s; {how}\nNormalising with {normalisation}")
     if not (args.data / "classes.txt").is_file():
         print(f"{args.data / 'classes.txt'} not found: naming the {len(classes)} classes 0..{len(classes) - 1}")
+    return (train_loader, valid_loader), classes
+
+
+def setup(args, dist):
+    """Check the data, then build the model, its optimiser and schedule and the run folder of a new or
+    resumed run."""
+    if args.amp == "fp16" and dist.device.type != "cuda":
+        raise RunError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    loaders, classes = load_data(args, dist)
     if dist.is_main:
-        prepare_run_dir(args)
+        checkpoints.prepare_run_dir(args)
     args.run_name = dist.broadcast(args.run_name)
 
     torch.manual_seed(args.seed)
@@ -443,67 +125,23 @@ def setup(args, dist):
     except ValueError as err:
         raise RunError(f"--layer-lr/--layer-wd: {err}") from None
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, dampening=args.dampening)
-    return Run(args, dist, args.log_dir / args.run_name, classes, (train_loader, valid_loader), net, optimizer)
-
-
-def shard_model(net, dist):
-    """FSDP2, as PyTorch's guide does it: each layer that holds parameters is sharded over all processes (gathered
-    for its own forward and backward only), then the root module (what is left, and when to gather)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    for module in net.modules():
-        if module is not net and any(True for _ in module.parameters(recurse=False)):
-            fully_shard(module, mesh=mesh)
-    fully_shard(net, mesh=mesh)
-
-
-def resume(run):
-    """Load the run's last checkpoint into `run`; returns the monitor's saved state, if the checkpoint has one."""
-    args, device = run.args, run.dist.device
-    checkpoint = torch.load(run.run_dir / "last.pt", map_location=device, weights_only=True)
-    if checkpoint["classes"] != run.classes:
-        raise RunError(f"{args.data}: its classes differ from those {run.run_dir} was trained on; use the same --data")
-    sizes = [len(group["params"]) for group in checkpoint["optimizer"]["param_groups"]]
-    if sizes != [len(group["params"]) for group in run.optimizer.param_groups]:
-        own = "resume with the run's own --layer-lr/--layer-wd settings (see its args.json)"
-        raise RunError(f"{run.run_dir}: its optimizer has other parameter groups; {own}")
-    if args.fsdp:  # every rank takes its shards of the whole state
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        options = StateDictOptions(full_state_dict=True)
-        model, optimizer = checkpoint["model"], checkpoint["optimizer"]
-        set_state_dict(run.net, run.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
-    else:
-        run.net.load_state_dict(checkpoint["model"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    saved_lr = checkpoint["args"]["lr"]
-    if args.lr != saved_lr:  # --lr given with --resume rescales every group's schedule
-        factor = args.lr / saved_lr
-        for group in run.optimizer.param_groups:
-            group["lr"], group["initial_lr"] = group["lr"] * factor, group["initial_lr"] * factor
-        run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
-        print(f"Learning rate changed from {saved_lr:g} to {args.lr:g} (StepLR decays apply as before)")
-    if checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    if "rng" in checkpoint:  # the crops go on where they stopped: a resumed run trains as an unbroken one
-        torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())  # the generators take CPU tensors; map_location moved it
-        if "cuda" in checkpoint["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
-    for key in PROGRESS:
-        setattr(run, key, checkpoint[key])
-    return checkpoint.get("monitor")
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    model = nn.parallel.DistributedDataParallel(net) if dist.world_size > 1 and not args.fsdp else net
+    model = torch.compile(model, backend=args.compile) if args.compile else model
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=args.amp == "fp16")
+    # entering even a disabled autocast costs time on every step: none without --amp
+    autocast = torch.autocast(dist.device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "off" else nullcontext()
+    run_dir = args.log_dir / args.run_name
+    return Run(args, dist, run_dir, classes, loaders, net, model, optimizer, scheduler, scaler, autocast)
 
 
 def open_monitor(run, monitor_state):
-    """The monitor of the run, continuing from its saved state on resume (the diagnosis compares with the
-    epochs before the stop) and rewriting, on each step axis, only what comes after the checkpoint."""
-    args = run.args
+    """The monitor of the run, continuing from its saved state on resume: the diagnosis compares with the
+    epochs before the stop, and each step axis is rewritten from just after the checkpoint."""
+    args, progress = run.args, run.progress
     options = dict(thresholds=args.thresholds, stats_every=args.stats_every, hist_every=args.hist_every)
     if args.resume is not None and not monitor_state:  # a checkpoint of a version that saved no monitor state
-        options.update(purge_epoch=run.epoch, purge_step=run.step + 1, start_step=run.step)
+        options.update(purge_epoch=progress.epoch, purge_step=progress.step + 1, start_step=progress.step)
     monitor = TrainingMonitor(run.run_dir, **options)  # stats_every None: the monitor's default
     monitor.watch(run.model, run.optimizer)  # the model as trained: compiled, it keeps its activation hooks
     if monitor_state:
@@ -518,57 +156,18 @@ def open_monitor(run, monitor_state):
     return monitor
 
 
-def train_one_epoch(run, stop_request):
-    """Train run.epoch from its run.batches_done-th iteration on, printing progress. Returns None at the epoch's
-    end, or an exit status after a checkpoint when it had to stop early."""
-    args, dist, loader = run.args, run.dist, run.loaders[0]
-    run.net.train()
-    loader.batch_sampler.set_epoch(run.epoch, run.batches_done)
-    if run.batches_done == 0:
-        run.totals = dict.fromkeys(TOTALS, 0.0)
-    window = torch.zeros(3, dtype=torch.float64, device=dist.device)  # TOTALS since the last progress line
-
-    def add_window():
-        # note: a CPU-GPU sync point, once per progress line; sums over all ranks
-        for key, value in zip(TOTALS, dist.sum(window.tolist())):
-            run.totals[key] += value
-        window.zero_()
-
-    try:
-        for inputs, labels in loader:
-            inputs, labels = inputs.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
-            run.optimizer.zero_grad(set_to_none=True)
-            with run.autocast:  # forward
-                outputs = run.model(inputs)
-                loss = nn.functional.cross_entropy(outputs, labels)
-            run.scaler.scale(loss).backward()
-            grad_norm = clip_gradients(run) if args.clip_grad_norm else None
-            run.scaler.step(run.optimizer)  # unscales the gradients first: the monitor sees true values
-            run.scaler.update()
-            run.step, run.batches_done = run.step + 1, run.batches_done + 1
-            # statistics and step histograms, when due
-            urgent = run.monitor.step(loss, grad_norm=grad_norm, max_norm=args.clip_grad_norm)
-            # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
-            if args.stop_on_nonfinite and dist.any(bool(urgent) or not math.isfinite(loss.item())):
-                return stop_on_nonfinite(run, urgent)
-            window[0] += loss.detach() * len(labels)
-            window[1] += (outputs.argmax(dim=1) == labels).sum()
-            window[2] += len(labels)
-            if run.batches_done % args.print_every == 0 or run.batches_done == len(loader):
-                add_window()
-                totals = run.totals
-                where = f"{format_epoch(run.epoch, args.epochs)} Iteration[{run.batches_done:0>3}/{len(loader):0>3}]"
-                loss, accuracy = totals["loss_sum"] / totals["seen"], totals["correct"] / totals["seen"]
-                print(f"Training: {where} Loss: {loss:.4f} Acc: {accuracy:.2%}", flush=True)
-            if dist.any(stop_request.requested) and run.batches_done < len(loader):
-                add_window()
-                run.stop("Stopped")
-                return 130
-    except ImageReadError:
-        add_window()
-        run.stop("Stopped on a bad image")
-        raise
-    return None
+def train_step(run, inputs, labels):
+    """One optimizer step. Returns the loss, the outputs and the gradient norm before clipping (None
+    without --clip-grad-norm)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    with run.autocast:  # forward
+        outputs = run.model(inputs)
+        loss = nn.functional.cross_entropy(outputs, labels)
+    run.scaler.scale(loss).backward()
+    grad_norm = clip_gradients(run) if run.args.clip_grad_norm else None
+    run.scaler.step(run.optimizer)  # unscales the gradients first: the monitor sees true values
+    run.scaler.update()
+    return loss, outputs, grad_norm
 
 
 def clip_gradients(run):
@@ -578,14 +177,92 @@ def clip_gradients(run):
     return nn.utils.clip_grad_norm_(run.net.parameters(), run.args.clip_grad_norm)
 
 
+class Window:
+    """TOTALS of the iterations since the last progress line, kept on the training device."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(TOTALS), dtype=torch.float64, device=device)
+
+    def add(self, loss, outputs, labels):
+        self.sums[0] += loss.detach() * len(labels)
+        self.sums[1] += (outputs.argmax(dim=1) == labels).sum()
+        self.sums[2] += len(labels)
+
+    def add_to(self, totals, dist):
+        """Add them, summed over all ranks, to the epoch's totals, and start again from zero."""
+        # note: a CPU-GPU sync point, once per progress line
+        for key, value in zip(TOTALS, dist.sum(self.sums.tolist())):
+            totals[key] += value
+        self.sums.zero_()
+
+
+def train_one_epoch(run, stop_request):
+    """Train the epoch run.progress stands at, from its batches_done-th iteration on, printing progress.
+    Returns None at the epoch's end, or an exit status after a checkpoint when it had to stop early."""
+    args, dist, loader, progress = run.args, run.dist, run.loaders[0], run.progress
+    run.net.train()
+    loader.batch_sampler.set_epoch(progress.epoch, progress.batches_done)
+    if progress.batches_done == 0:
+        progress.totals = dict.fromkeys(TOTALS, 0.0)
+    window = Window(dist.device)
+    try:
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
+            loss, outputs, grad_norm = train_step(run, inputs, labels)
+            progress.step += 1
+            progress.batches_done += 1
+            # statistics and step histograms, when due
+            urgent = run.monitor.step(loss, grad_norm=grad_norm, max_norm=args.clip_grad_norm)
+            # note: with --stop-on-nonfinite, reading the loss is a CPU-GPU sync point every step
+            if args.stop_on_nonfinite and dist.any(bool(urgent) or not math.isfinite(loss.item())):
+                return stop_on_nonfinite(run, urgent)
+            window.add(loss, outputs, labels)
+            if progress.batches_done % args.print_every == 0 or progress.batches_done == len(loader):
+                window.add_to(progress.totals, dist)
+                print_progress(run)
+            if dist.any(stop_request.requested) and progress.batches_done < len(loader):
+                window.add_to(progress.totals, dist)
+                stop(run, "Stopped")
+                return 130
+    except ImageReadError:
+        window.add_to(progress.totals, dist)
+        stop(run, "Stopped on a bad image")
+        raise
+    return None
+
+
+def format_epoch(epoch, epochs):
+    return f"Epoch[{epoch + 1:0>3}/{epochs:0>3}]"
+
+
+def print_progress(run):
+    progress = run.progress
+    totals = progress.totals
+    iteration = f"Iteration[{progress.batches_done:0>3}/{len(run.loaders[0]):0>3}]"
+    loss = totals["loss_sum"] / totals["seen"]
+    accuracy = totals["correct"] / totals["seen"]
+    print(
+        f"Training: {format_epoch(progress.epoch, run.args.epochs)} {iteration} Loss: {loss:.4f} Acc: {accuracy:.2%}",
+        flush=True,
+    )
+
+
+def stop(run, why):
+    """Save last.pt where the loop stands, and say how to go on."""
+    checkpoints.save(run, "last.pt")
+    where = f"epoch {run.progress.epoch + 1}, iteration {run.progress.batches_done}"
+    warn(f"{why}: checkpoint saved at {where}. Resume with: python train.py --resume {run.run_dir}")
+
+
 def stop_on_nonfinite(run, urgent):
     """Save the state at the first non-finite loss or gradient as nonfinite.pt and say what to do; exit status 3."""
     then = "start again with a smaller --lr"
     if (run.run_dir / "last.pt").exists():
         then = f"resume from the last good epoch with: python train.py --resume {run.run_dir} --lr SMALLER"
-    run.save("nonfinite.pt")
+    checkpoints.save(run, "nonfinite.pt")
     what = "gradients in " + ", ".join(urgent[0].parameters) if urgent else "loss"
-    where = f"at step {run.step} (epoch {run.epoch + 1}); the state is in {run.run_dir / 'nonfinite.pt'}"
+    where = f"at step {run.progress.step} (epoch {run.progress.epoch + 1}); the state is in "
+    where += str(run.run_dir / "nonfinite.pt")
     warn(f"Stopped: non-finite {what} {where}. Lower the learning rate or clip gradients: {then}")
     return 3
 
@@ -593,7 +270,7 @@ def stop_on_nonfinite(run, urgent):
 def validate_and_log(run, lr, images_per_second):
     """Validate, hand the epoch's metrics, confusion matrix and per-class recall to the monitor, and print the
     epoch's summary. Returns (validation accuracy, confusion matrix, its picture, metrics)."""
-    totals = run.totals
+    totals, epoch = run.progress.totals, run.progress.epoch
     conf_mat, accuracy, valid_loss = validate(
         run.net, run.loaders[1], "valid", run.classes, nn.functional.cross_entropy
     )
@@ -605,19 +282,21 @@ def validate_and_log(run, lr, images_per_second):
     metrics.update({f"valid_precision/{name}": p for name, p in zip(run.classes, precision) if not np.isnan(p)})
     picture = confusion_matrix_image(conf_mat, run.classes, "valid")
     recall = [None if np.isnan(r) else float(r) for r in recall]
-    run.monitor.epoch_end(run.epoch, metrics, {"valid/confusion_matrix": picture}, run.classes, recall)
+    run.monitor.epoch_end(epoch, metrics, {"valid/confusion_matrix": picture}, run.classes, recall)
     trained = f"train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2%}"
     rest = f"valid acc {accuracy:.2%} | lr {lr:.3g} | {images_per_second:,.0f} images/s"
-    print(f"Summary:  {format_epoch(run.epoch, run.args.epochs)} {trained} | {rest}", flush=True)
+    print(f"Summary:  {format_epoch(epoch, run.args.epochs)} {trained} | {rest}", flush=True)
     return accuracy, conf_mat, picture, metrics
 
 
 def checkpoint(run, accuracy, picture):
     """last.pt after every epoch; best.pt and its confusion matrix when the validation accuracy is the best yet."""
-    is_best = accuracy > run.best_accuracy
-    run.best_accuracy = max(run.best_accuracy, accuracy)
-    run.epoch, run.batches_done = run.epoch + 1, 0
-    run.save("last.pt", "best.pt") if is_best else run.save("last.pt")
+    progress = run.progress
+    is_best = accuracy > progress.best_accuracy
+    progress.best_accuracy = max(progress.best_accuracy, accuracy)
+    progress.epoch += 1
+    progress.batches_done = 0
+    checkpoints.save(run, "last.pt", "best.pt") if is_best else checkpoints.save(run, "last.pt")
     if is_best and run.dist.is_main:
         picture.save(run.run_dir / "Confusion_Matrix_valid_best.png")
 
@@ -630,50 +309,58 @@ def report(run, conf_mat, picture):
     for name, r, p, n in zip(run.classes, *class_report(conf_mat), conf_mat.sum(axis=1)):
         recall, precision = ("      -" if np.isnan(v) else f"{v:7.2%}" for v in (r, p))
         print(f"  class {name:<12} images {n:<6} recall {recall}  precision {precision}")
-    best = f"best validation accuracy {run.best_accuracy:.2%}"
+    best = f"best validation accuracy {run.progress.best_accuracy:.2%}"
     print(f"Finished training: {best}. See it with: tensorboard --logdir {run.args.log_dir}")
 
 
+def train_epochs(run, stop_request):
+    """Per epoch: train, validate and log, step the schedule, checkpoint. Returns (None, the last epoch's
+    confusion matrix and its picture) when all epochs are done, or (an exit status, None) when stopped."""
+    args, progress = run.args, run.progress
+    while progress.epoch < args.epochs:
+        group = run.optimizer.param_groups[0]  # the base learning rate, as StepLR has decayed it so far
+        lr = args.lr * group["lr"] / group["initial_lr"]
+        seen = progress.totals.get("seen", 0) if progress.batches_done else 0  # resumed within the epoch
+        started = time.perf_counter()
+        status = train_one_epoch(run, stop_request)
+        if status is not None:
+            return status, None
+        throughput = (progress.totals["seen"] - seen) / (time.perf_counter() - started)  # all ranks' images
+        accuracy, conf_mat, picture, metrics = validate_and_log(run, lr, throughput)
+        run.scheduler.step()
+        checkpoint(run, accuracy, picture)
+        if run.dist.any(stop_request.requested) and progress.epoch < args.epochs:
+            run.monitor.flush()
+            warn(f"Stopped after epoch {progress.epoch}. Resume with: python train.py --resume {run.run_dir}")
+            return 130, None
+    final = {"best_valid_accuracy": progress.best_accuracy, "final_valid_accuracy": accuracy}
+    final["final_train_loss"] = metrics["train/loss"]
+    run.monitor.log_hparams(hyperparameters(args), {f"hparam/{k}": v for k, v in final.items()}, progress.epoch - 1)
+    return None, (conf_mat, picture)
+
+
 def train(args, dist):
-    """The whole run: set up, resume, then per epoch: train, validate and log, checkpoint. Returns the exit status."""
+    """The whole run: set up, resume, train epoch by epoch, tell the diagnosis. Returns the exit status."""
     run = setup(args, dist)
-    monitor_state = resume(run) if args.resume is not None else None
-    if run.epoch >= args.epochs:
-        print(f"{run.run_dir} has already trained {run.epoch} epochs; pass --epochs N (N > {run.epoch}) to train on")
+    monitor_state = checkpoints.resume(run) if args.resume is not None else None
+    done = run.progress.epoch
+    if done >= args.epochs:
+        print(f"{run.run_dir} has already trained {done} epochs; pass --epochs N (N > {done}) to train on")
         return 0
     if args.resume is not None:
-        print(f"Resuming {run.run_dir} at epoch {run.epoch + 1}, iteration {run.batches_done + 1}")
+        print(f"Resuming {run.run_dir} at epoch {done + 1}, iteration {run.progress.batches_done + 1}")
     if dist.is_main:
-        (run.run_dir / "args.json").write_text(json.dumps(saved_args(args), indent=2) + "\n")
+        checkpoints.write_args(run)
     parameters = sum(p.numel() for p in run.net.parameters())
     print(
         f"Run folder: {run.run_dir}   device: {dist.device}   classes: {len(run.classes)}   parameters: {parameters:,}"
     )
-    status = None
     with open_monitor(run, monitor_state) as run.monitor, StopRequest() as stop_request:
-        while run.epoch < args.epochs and status is None:
-            group = run.optimizer.param_groups[0]  # the base learning rate, as StepLR has decayed it so far
-            lr = args.lr * group["lr"] / group["initial_lr"]
-            seen, started = run.totals.get("seen", 0) if run.batches_done else 0, time.perf_counter()
-            status = train_one_epoch(run, stop_request)
-            if status is not None:
-                break
-            throughput = (run.totals["seen"] - seen) / (time.perf_counter() - started)  # all ranks' images
-            accuracy, conf_mat, picture, metrics = validate_and_log(run, lr, throughput)
-            run.scheduler.step()
-            checkpoint(run, accuracy, picture)
-            if dist.any(stop_request.requested) and run.epoch < args.epochs:
-                run.monitor.flush()
-                warn(f"Stopped after epoch {run.epoch}. Resume with: python train.py --resume {run.run_dir}")
-                status = 130
-        if status is None:
-            final = {"best_valid_accuracy": run.best_accuracy, "final_valid_accuracy": accuracy}
-            final["final_train_loss"] = metrics["train/loss"]
-            run.monitor.log_hparams(hyperparameters(args), {f"hparam/{k}": v for k, v in final.items()}, run.epoch - 1)
+        status, last = train_epochs(run, stop_request)
     print(f"Diagnosis (in full in {run.run_dir / 'diagnosis.json'} and TensorBoard's Text tab):")
     print(indented(run.monitor.story()))
     if status is None:
-        report(run, conf_mat, picture)
+        report(run, *last)
     return status or 0
 
 

@@ -162,6 +162,14 @@ def validate(net, data_loader, set_name, classes_name, loss_fn=None):
     return (conf_mat, accuracy) if loss_fn is None else (conf_mat, accuracy, loss.item() / max(total, 1))
 
 
+def class_report(conf_mat):
+    """Per-class (recall, precision) arrays from a confusion matrix; NaN where a class has no samples."""
+    conf_mat = np.asarray(conf_mat, dtype=np.float64)
+    hits = np.diag(conf_mat)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / conf_mat.sum(axis=1), hits / conf_mat.sum(axis=0)
+
+
 def show_confMat(confusion_mat, classes, set_name, out_dir):
     """Save the confusion matrix as <out_dir>/Confusion_Matrix<set_name>.png (the picture train.py logs to
     TensorBoard) and return that path."""

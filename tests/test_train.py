@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, histogram_steps, load_events, run_script
 
 import data
+import options
 import train
 from gradwatch import TrainingMonitor
 from utils import Net
@@ -144,7 +145,7 @@ def test_bad_input_from_the_command_line_has_no_traceback(data_dir, tmp_path):
 )
 def test_parser_refuses_nonsense(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(args)
+        options.parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -293,7 +294,7 @@ def test_stop_on_nonfinite_stops_with_the_state_and_says_why(data_dir, tmp_path,
 
 def test_layer_lr_and_wd_build_parameter_groups():
     net = Net(num_classes=4)
-    groups = train.param_groups(
+    groups = options.param_groups(
         net, 0.01, 0.0, layer_lr=[("conv1", 10.0), ("conv1.bias", 2.0)], layer_wd=[("fc1", 5e-4)]
     )
     by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
@@ -304,7 +305,7 @@ def test_layer_lr_and_wd_build_parameter_groups():
     assert settings["fc3.weight"] == (0.01, 0.0)
     assert sum(len(g["params"]) for g in groups) == len(PARAMETERS)
     with pytest.raises(ValueError, match="'conv9' names no parameter or module"):
-        train.param_groups(net, 0.01, 0.0, layer_lr=[("conv9", 2.0)])
+        options.param_groups(net, 0.01, 0.0, layer_lr=[("conv9", 2.0)])
 
 
 def test_layer_options_and_thresholds_from_the_command_line(data_dir, tmp_path, capsys):
@@ -335,10 +336,10 @@ def test_layer_options_and_thresholds_from_the_command_line(data_dir, tmp_path, 
     assert train.main(train_args(data_dir, tmp_path, "--layer-lr", "conv9=2", epochs=1)) == 1
     assert "error: --layer-lr/--layer-wd: 'conv9' names no parameter or module" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.parse_args(["--threshold", "nope=1"])
+        options.parse_args(["--threshold", "nope=1"])
     assert "unknown threshold 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.parse_args(["--layer-lr", "conv1"])
+        options.parse_args(["--layer-lr", "conv1"])
     assert "expected NAME=VALUE, got 'conv1'" in capsys.readouterr().err
 
 

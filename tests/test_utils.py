@@ -11,8 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data import process_pool
-from train import class_report
-from utils import DataListError, ImageReadError, MyDataset, Net, read_image_list, show_confMat, validate
+from utils import DataListError, ImageReadError, MyDataset, Net, class_report, read_image_list, show_confMat, validate
 
 TUTORIAL_SHAPES = {  # Chapter 4.4's LeNet-style Net, in named_parameters() order
     "conv1.weight": (6, 3, 5, 5),

@@ -1,0 +1,145 @@
+"""train.py's run folder and its checkpoints: last.pt after every epoch, best.pt at the best
+validation accuracy, each holding everything a resumed run needs to train on as if it had not stopped.
+
+    python train.py --resume Result/<run>            # from last.pt
+    python train.py --resume Result/<run> --epochs 40  # and train longer
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+
+class RunError(Exception):
+    """A run folder that cannot be used as asked; the message says what to do instead."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands, saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch running, or to run next
+    batches_done: int = 0  # its iterations done
+    step: int = 0  # optimizer steps so far
+    best_accuracy: float = 0.0
+    totals: dict = field(default_factory=dict)  # the epoch's loss sum, correct predictions, images
+
+
+def prepare_run_dir(args):
+    """Name (a timestamp unless --run-name) and create <log-dir>/<run-name> for a new run; a resumed
+    run has one."""
+    if args.resume is not None:
+        return
+    args.run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = args.log_dir / args.run_name
+    if (run_dir / "args.json").exists():
+        again = f"continue it with --resume {run_dir} or pick another --run-name"
+        raise RunError(f"{run_dir} already holds a run; {again}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def saved_args(args):
+    """The options as args.json holds them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "thresholds"}
+
+
+def write_args(run):
+    (run.run_dir / "args.json").write_text(json.dumps(saved_args(run.args), indent=2) + "\n")
+
+
+def rng_state(device):
+    """The random state the augmentation draws from (on the device the crops are drawn on)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def state(run):
+    """Everything a checkpoint holds; the model and optimizer state whole (under --fsdp gathered from
+    every rank, which must all call this), so that it loads into a plain Net."""
+    if run.args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # 1 s to load
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, optimizer = get_state_dict(run.net, run.optimizer, options=options)
+    else:
+        model, optimizer = run.net.state_dict(), run.optimizer.state_dict()
+    saved = {key: getattr(run, key).state_dict() for key in ("scheduler", "scaler", "monitor")}
+    saved.update(asdict(run.progress), model=model, optimizer=optimizer, classes=run.classes)
+    return {**saved, "args": saved_args(run.args), "rng": rng_state(run.dist.device)}
+
+
+def save(run, *names):
+    """Write the checkpoint under each name, atomically: a crash mid-save leaves the previous one
+    intact. Under --fsdp every rank gathers, and rank 0 writes."""
+    if not (run.dist.is_main or run.args.fsdp):
+        return
+    saved = state(run)
+    if not run.dist.is_main:
+        return
+    for name in names:
+        torch.save(saved, run.run_dir / (name + ".tmp"))
+        os.replace(run.run_dir / (name + ".tmp"), run.run_dir / name)
+
+
+def _check(run, checkpoint):
+    """Refuse a checkpoint the run as built cannot continue."""
+    if checkpoint["classes"] != run.classes:
+        again = "use the same --data"
+        raise RunError(f"{run.args.data}: its classes differ from those {run.run_dir} was trained on; {again}")
+    sizes = [len(group["params"]) for group in checkpoint["optimizer"]["param_groups"]]
+    if sizes != [len(group["params"]) for group in run.optimizer.param_groups]:
+        own = "resume with the run's own --layer-lr/--layer-wd settings (see its args.json)"
+        raise RunError(f"{run.run_dir}: its optimizer has other parameter groups; {own}")
+
+
+def _load_weights(run, checkpoint):
+    if run.args.fsdp:  # every rank takes its shards of the whole state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        model, optimizer = checkpoint["model"], checkpoint["optimizer"]
+        set_state_dict(run.net, run.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
+    else:
+        run.net.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+
+
+def _rescale_lr(run, saved_lr):
+    """--lr given with --resume rescales every group's schedule."""
+    factor = run.args.lr / saved_lr
+    for group in run.optimizer.param_groups:
+        group["lr"] *= factor
+        group["initial_lr"] *= factor
+    run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
+    print(f"Learning rate changed from {saved_lr:g} to {run.args.lr:g} (StepLR decays apply as before)")
+
+
+def _restore_rng(rng, device):
+    """The crops go on where they stopped: a resumed run trains as an unbroken one."""
+    torch.set_rng_state(rng["cpu"].cpu())  # the generators take CPU tensors; map_location moved it
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
+def resume(run):
+    """Load the run's last checkpoint into `run`; returns the monitor's saved state, if the
+    checkpoint has one (a checkpoint of an earlier version may not)."""
+    device = run.dist.device
+    checkpoint = torch.load(run.run_dir / "last.pt", map_location=device, weights_only=True)
+    _check(run, checkpoint)
+    _load_weights(run, checkpoint)
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.args.lr != checkpoint["args"]["lr"]:
+        _rescale_lr(run, checkpoint["args"]["lr"])
+    if checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    if "rng" in checkpoint:
+        _restore_rng(checkpoint["rng"], device)
+    run.progress = Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)})
+    return checkpoint.get("monitor")
