@@ -211,3 +211,57 @@ def test_the_default_cadence_is_kept_across_a_resume_in_the_first_epoch_and_its_
         monitor.epoch_end(0, {})  # a short epoch: every 50 steps still, and step 100 is one of them
         train(monitor, 1)
         assert "update_ratio" in monitor.state_dict()["records"][0]["weight"]
+
+
+def test_the_state_is_the_union_of_the_parts_and_a_loaded_one_sets_where_each_axis_goes_on(tmp_path):
+    """state_dict() gathers each part's own keys; load_state_dict() alone resumes: the step count goes on, and each
+    step axis is rewritten from just after the checkpoint, with no purge argument computed by the caller."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def epoch(monitor, number):
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = model(torch.randn(3, 4)).square().mean()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+        monitor.epoch_end(number, {"train/loss": float(number)})
+
+    with TrainingMonitor(tmp_path, stats_every=2).watch(model, optimizer) as monitor:
+        epoch(monitor, 0)
+        epoch(monitor, 1)
+        state = monitor.state_dict()
+        parts = [monitor.losses, monitor.clipping, monitor.cadence, monitor.diagnosis, monitor.sink]
+        keys = [key for part in parts for key in part.state_dict()]
+        assert len(keys) == len(set(keys)) and set(state) == {"steps", "skipped_steps", *keys}
+        epoch(monitor, 2)  # then lost: the process dies before its checkpoint
+    with TrainingMonitor(tmp_path, stats_every=2).watch(model, optimizer) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed.steps == 8 and len(resumed.diagnosis.history) == 2
+        assert resumed.sink.purge == {False: 2, True: 9}  # (epoch axis, step axis): what each writer purges
+        epoch(resumed, 2)
+        with pytest.raises(RuntimeError, match="before the first step"):
+            resumed.load_state_dict(state)  # too late: the event files are open
+    assert [e.step for e in load_events(tmp_path).Scalars("train/loss")] == [0, 1, 2]
+    assert [e.step for e in load_events(tmp_path / "steps").Scalars("loss")] == [2, 4, 6, 8, 10, 12]
+    starts = [event.step for event in raw_events(tmp_path / "steps") if event.HasField("session_log")]
+    assert starts == [9]  # the resumed writer's purge, which TensorBoard's loaders honour
+
+
+@pytest.mark.monitor_failures
+def test_the_guard_is_public_and_keeps_a_failure_from_ending_the_run(tmp_path, capsys):
+    with TrainingMonitor(tmp_path) as monitor:
+        for _ in range(2):
+            with monitor.guard("a callback's own measurement"):
+                raise ZeroDivisionError("a norm of zero")
+    assert capsys.readouterr().err.count("gradwatch: a callback's own measurement failed (ZeroDivisionError") == 1
+    assert (tmp_path / "gradwatch-errors.log").read_text().count("ZeroDivisionError: a norm of zero") == 2
+
+
+def raw_events(folder):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        yield from EventFileLoader(str(path)).Load()

@@ -77,7 +77,7 @@ def large_classes(paths):
 
 def complex_functions(paths, above):
     """(complexity, where) of the functions whose complexity ruff finds above `above`."""
-    command = ["ruff", "check", "--isolated", "--select", "C901", "--output-format", "json"]
+    command = [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "C901", "--output-format", "json"]
     command += ["--config", f"lint.mccabe.max-complexity={above}", *map(str, paths)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     found = []
