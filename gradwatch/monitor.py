@@ -200,6 +200,11 @@ class TrainingMonitor:
         """The run's findings so far, in the order they began."""
         return self.diagnosis.findings
 
+    @property
+    def stats_every(self) -> int:
+        """Optimizer steps between two statistics logs (0: once per epoch); see steps.Cadence."""
+        return self.cadence.stats_every
+
     def watch(
         self,
         model: torch.nn.Module,

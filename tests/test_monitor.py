@@ -170,19 +170,19 @@ def test_group_depth_puts_each_modules_histograms_in_a_section_that_diagnose_sti
 def test_the_default_statistics_cadence_follows_the_first_epoch_and_survives_a_resume(tmp_path):
     model = nn.Linear(4, 2)
     with TrainingMonitor(tmp_path / "a").watch(model) as monitor:
-        assert monitor.cadence.stats_every == 50
+        assert monitor.stats_every == 50
         monitor.epoch_end(0, {})  # no step yet: nothing to go by
-        assert monitor.cadence.stats_every == 50
+        assert monitor.stats_every == 50
         for _ in range(960):
             model(torch.randn(3, 4)).sum().backward()
             monitor.step()
         monitor.epoch_end(1, {})
-        assert monitor.cadence.stats_every == 60  # 16 readings in an epoch of 960 steps
+        assert monitor.stats_every == 60  # 16 readings in an epoch of 960 steps
         state = monitor.state_dict()
     with TrainingMonitor(tmp_path / "b").watch(model) as resumed:
-        assert resumed.load_state_dict(state).cadence.stats_every == 60
+        assert resumed.load_state_dict(state).stats_every == 60
     with TrainingMonitor(tmp_path / "c", stats_every=5).watch(model) as given:
-        assert given.load_state_dict(state).cadence.stats_every == 5  # a cadence given explicitly wins
+        assert given.load_state_dict(state).stats_every == 5  # a cadence given explicitly wins
 
 
 def test_the_default_cadence_is_kept_across_a_resume_in_the_first_epoch_and_its_switch_keeps_the_next_reading(
@@ -205,7 +205,7 @@ def test_the_default_cadence_is_kept_across_a_resume_in_the_first_epoch_and_its_
         resumed.load_state_dict(state)
         train(resumed, 460)
         resumed.epoch_end(0, {})
-        assert resumed.cadence.stats_every == 60  # the whole first epoch's 960 steps / 16, not the 460 since the resume
+        assert resumed.stats_every == 60  # the whole first epoch's 960 steps / 16, not the 460 since the resume
     with TrainingMonitor(tmp_path / "c").watch(model, optimizer) as monitor:
         train(monitor, 99)
         monitor.epoch_end(0, {})  # a short epoch: every 50 steps still, and step 100 is one of them
