@@ -34,7 +34,7 @@ from .stats import (
 from .steps import Cadence, ClippingNorms, LossWindows, check_count
 from .summary import summarize
 
-# each owns some of state_dict(): the sink where each step axis stands
+# the parts that each own some keys of state_dict() (the sink: where each step axis stands)
 STATE_PARTS = ("losses", "clipping", "cadence", "diagnosis", "sink")
 STATE_KEYS = {"steps", "skipped_steps", "history", "records", "findings"}  # what a state must hold
 
