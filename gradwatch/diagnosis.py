@@ -94,6 +94,20 @@ class Thresholds:
     # oscillation_amplitude of its level, without falling
     oscillation_epochs: int = 6
     oscillation_amplitude: float = 0.2
+    # overfitting: ... and so for overfit_epochs epochs in a row
+    overfit_epochs: int = 3
+    # lr_collapsed: the learning rate fell below lr_collapse of its peak within the first epoch and
+    # stayed there
+    lr_collapse: float = 0.01
+    # unshuffled: at least this share of a batch's rows had the same top class
+    uniform_batch: float = 0.9
+    # noisy_labels: the validation accuracy above the training accuracy by noisy_gap for
+    # noisy_epochs epochs in a row
+    noisy_gap: float = 0.15
+    noisy_epochs: int = 3
+    # strong_weight_decay: the weights' norm fell for decay_epochs epochs in a row while the loss
+    # stayed above stuck_loss x its first value
+    decay_epochs: int = 3
 
     @classmethod
     def names(cls) -> list[str]:
@@ -285,6 +299,177 @@ def _accuracy(summary: EpochSummary) -> float | None:
     return summary.metrics.get("valid_accuracy", summary.metrics.get("train_accuracy"))
 
 
+def _loop_start(history: list[EpochSummary]) -> int:
+    """The first step of the latest epoch: where a fact about the loop's code holds from."""
+    return history[-2].step + 1 if len(history) > 1 else 1
+
+
+@rule(
+    "pass every trainable parameter to the optimizer (torch.optim.SGD(model.parameters(), ...)), "
+    "or set requires_grad=False on those meant to stay frozen.",
+)
+def not_in_optimizer(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """Parameters that require gradients are in no parameter group of the watched optimizer: they
+    get gradients and never change."""
+    now = history[-1]
+    left_out = now.loop.get("not_in_optimizer", [])
+    if not left_out:
+        return []
+    message = (
+        f"{names(left_out)} require gradients but are in no parameter group of the optimizer: "
+    )
+    message += "they never change."
+    evidence = {"not_in_optimizer": left_out}
+    return [_found(now, left_out, evidence, message, step=_loop_start(history))]
+
+
+@rule(
+    "find where the forward pass cuts the graph before these layers (.detach(), torch.no_grad(), "
+    ".data, a value rebuilt from .item() or numpy) and remove it; if they are unused, set "
+    "requires_grad=False on them.",
+)
+def no_gradient(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """Parameters that require gradients had none at any statistics step of the epoch (the optimizer
+    had stepped, zero_grad() not yet called), while others had one: the backward pass never reaches
+    them. Frozen parameters (requires_grad=False) are never a problem."""
+    now = history[-1]
+    missing = now.loop.get("no_gradient", [])
+    if not missing:
+        return []
+    evidence = {"no_gradient": missing, "trainable": now.loop["trainable"]}
+    if len(missing) == now.loop["trainable"]:
+        message = "no parameter had a gradient when monitor.step() was called."
+        suggestion = "call monitor.step() after optimizer.step() and before optimizer.zero_grad()."
+        return [_found(now, [], evidence, message, _loop_start(history), suggestion)]
+    message = f"{names(missing)} require gradients but got none at any statistics step: the "
+    message += "backward pass does not reach them (the graph is cut before them)."
+    return [_found(now, missing, evidence, message, step=_loop_start(history))]
+
+
+@rule(
+    "call model.train() at the start of every training epoch: validate() leaves the model in "
+    "eval mode.",
+)
+def eval_mode(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The model was in eval mode (model.training False) at most of the epoch's training steps,
+    and it has dropout or BatchNorm, which then behave as at inference."""
+    now = history[-1]
+    loop = now.loop
+    if not loop.get("mode_matters") or loop["eval_readings"] * 2 <= loop["readings"]:
+        return []
+    message = f"the model was in eval mode at {loop['eval_readings']} of {loop['readings']} "
+    message += "statistics steps of the epoch: its dropout and BatchNorm layers train as at "
+    message += "inference (no dropout, frozen running statistics)."
+    evidence = {"eval_readings": loop["eval_readings"], "readings": loop["readings"]}
+    return [_found(now, [], evidence, message, step=_loop_start(history))]
+
+
+@rule(
+    "call optimizer.zero_grad() once per optimizer step: before loss.backward(), or right after "
+    "optimizer.step() (with gradient accumulation, after the step that ends the accumulation).",
+)
+def gradients_not_cleared(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The first backward pass after an optimizer step found the previous step's gradients still
+    there (neither None nor zero), at most of the epoch's checks: each step adds to the gradients of
+    all the steps before."""
+    now = history[-1]
+    loop = now.loop
+    found = loop.get("not_cleared", 0)
+    if not found or found * 2 < loop["clearing_checks"]:
+        return []
+    message = (
+        f"at {found} of {loop['clearing_checks']} checks the backward pass after an optimizer "
+    )
+    message += "step added to the gradients of the step before: they are never cleared, so every "
+    message += "step applies the sum of all gradients so far."
+    evidence = {"not_cleared": found, "checks": loop["clearing_checks"]}
+    return [_found(now, [], evidence, message, step=_loop_start(history))]
+
+
+def _in_band(reading: dict) -> bool:
+    """Whether the step's loss is what cross-entropy on these output rows can give."""
+    loss = reading["loss"]
+    margin = 0.02 * reading["ce_high"]
+    return _finite(loss) and reading["ce_low"] - margin <= loss <= reading["ce_high"] + margin
+
+
+@rule(
+    "remove the softmax at the end of the model: nn.CrossEntropyLoss (F.cross_entropy) applies "
+    "log-softmax to raw scores itself; apply softmax only to show probabilities.",
+)
+def softmax_before_loss(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """At every statistics step of the epoch (two at least) the model's output rows are
+    probabilities (in [0, 1], summing to 1) and the loss is what cross-entropy on those rows gives:
+    a softmax before a loss that applies its own."""
+    now = history[-1]
+    readings = now.loop.get("outputs", [])
+    if len(readings) < 2 or not all(r["probabilities"] and _in_band(r) for r in readings):
+        return []
+    top = statistics.median(r["max_value"] for r in readings)
+    low = statistics.median(r["ce_low"] for r in readings)
+    message = "the model's outputs are probabilities (rows in [0, 1] summing to 1; mean top value "
+    message += f"{top:.2f}) and the loss is cross-entropy on them, which cannot fall below about "
+    message += f"{low:.2f} for such rows: a softmax before a loss that applies its own."
+    evidence = {"max_value": top, "loss_floor": low, "readings": len(readings)}
+    return [_found(now, [], evidence, message, step=_loop_start(history))]
+
+
+@rule(
+    "call scheduler.step() once per epoch, after the batch loop, or give a per-batch scheduler its "
+    "length in steps (T_max, total_steps).",
+    thresholds=("lr_collapse",),
+)
+def lr_collapsed(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The learning rate fell below `lr_collapse` of its peak within the first epoch and is still
+    there an epoch later: a scheduler meant for epochs, stepped every batch."""
+    if len(history) < 2:
+        return []
+    first = history[0]
+    now = history[-1]
+    peak = _peak_lr(history[:1])
+    if not peak or not _finite(first.lr) or not _finite(now.lr):
+        return []
+    limit = t.lr_collapse * peak
+    if first.lr >= limit or now.lr >= limit:
+        return []
+    fell = next((step for step, lr in first.loop.get("lrs", []) if lr < limit), first.step)
+    message = f"the learning rate fell from {peak:g} to {first.lr:.2g} within the first epoch "
+    message += f"(below {t.lr_collapse:g} of its peak by step {fell}) and is {now.lr:.2g} now: the "
+    message += "model barely moves. A scheduler meant for epochs is stepped every batch."
+    evidence = {"peak": peak, "after_first_epoch": first.lr, "now": now.lr}
+    evidence["threshold"] = t.lr_collapse
+    return [_found(now, [], evidence, message, step=fell)]
+
+
+@rule(
+    "shuffle the training data (DataLoader(..., shuffle=True), or a sampler that shuffles).",
+    thresholds=("uniform_batch",),
+)
+def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """At three quarters of the statistics steps so far (four at least) the model gave one top
+    class to `uniform_batch` of a batch's rows, and that class changed from batch to batch (three
+    classes at least), and at a quarter of those steps (two at least) the loss was below half the
+    first one: each batch holds one class, the data are not shuffled. A model whose output ignores
+    its input gives one class to every row too, but never a low loss on a batch of mixed classes."""
+    first = history[0].first_loss
+    readings = [r for s in history for r in s.loop.get("outputs", []) if r["rows"] >= 8]
+    uniform = [r for r in readings if r["mode_share"] >= t.uniform_batch]
+    classes = sorted({int(r["mode"]) for r in uniform})
+    if len(readings) < 4 or len(uniform) * 4 < len(readings) * 3 or len(classes) < 3:
+        return []
+    right = [
+        r for r in uniform if _finite(r["loss"]) and _finite(first) and r["loss"] < 0.5 * first
+    ]
+    if len(right) < max(2, len(uniform) / 4):
+        return []
+    shown = ", ".join(map(str, classes[:6])) + (", ..." if len(classes) > 6 else "")
+    message = f"at {len(uniform)} of {len(readings)} statistics steps the model gave one class to "
+    message += f"the whole batch, and a different one from batch to batch (classes {shown}): each "
+    message += "training batch holds one class, the data are not shuffled."
+    evidence = {"uniform_readings": len(uniform), "readings": len(readings), "classes": classes}
+    return [_found(history[-1], [], evidence, message, step=1)]  # the data's order, from the start
+
+
 @rule(
     "check that the inputs are normalised and that the initial weights are small (the defaults of "
     "torch.nn, or the tutorial's Net.initialize_weights).",
@@ -311,7 +496,7 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
     "lower the learning rate at least ten times{lr}; check that the inputs are normalised; clip "
     "gradients (torch.nn.utils.clip_grad_norm_).",
     thresholds=("diverging_factor",),
-    follows=("high_initial_loss", "moving_too_fast"),
+    follows=("gradients_not_cleared", "unshuffled", "high_initial_loss", "moving_too_fast"),
     lr=LOWER,
     instead="check the data and the loss for invalid values, clip gradients.",
     diverged=True,
@@ -345,7 +530,7 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 @rule(
     "lower the learning rate{lr}, clip gradients (torch.nn.utils.clip_grad_norm_), check the data "
     "and the loss for invalid values; --stop-on-nonfinite stops at the first one.",
-    follows=("diverging", "exploding_gradients", "high_initial_loss"),
+    follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
     lr=LOWER,
     instead="check the data and the loss for invalid values, clip gradients.",
 )
@@ -365,7 +550,7 @@ def nonfinite_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
 @rule(
     "lower the learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
     thresholds=("exploding_factor",),
-    follows=("diverging", "high_initial_loss"),
+    follows=("gradients_not_cleared", "diverging", "high_initial_loss"),
     lr=LOWER,
     instead="clip gradients (torch.nn.utils.clip_grad_norm_).",
     diverged=True,
@@ -388,22 +573,35 @@ def exploding_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     return [_found(now, ["total"], evidence, message)]
 
 
+def _falling(history: list[EpochSummary]) -> bool:
+    """Whether the epoch's training loss is a new low: below the first loss and every earlier
+    epoch's."""
+    losses = [_loss(s) for s in history]
+    first = history[0].first_loss
+    if not _finite(losses[-1]):
+        return False
+    before = [loss for loss in [first, *losses[:-1]] if _finite(loss)]
+    return bool(before) and losses[-1] < min(before)
+
+
 @rule(
     "lower the learning rate, and raise the clipping threshold to about the 90th percentile of the "
     "norms before clipping, so that it catches only the outliers.",
     thresholds=("clipped_share",),
-    follows=("diverging", "exploding_gradients", "high_initial_loss"),
+    follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
     lr=LOWER,
     instead="raise the clipping threshold to about the 90th percentile of the norms before "
     "clipping.",
 )
 def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """Gradient clipping scaled down more than `clipped_share` of the epoch's steps: a learning rate
-    too high, hidden by the clipping (the Deep Learning Tuning Playbook's rule)."""
+    """Gradient clipping scaled down more than `clipped_share` of the epoch's steps while the
+    training loss made no new low: a learning rate too high, hidden by the clipping (the Deep
+    Learning Tuning Playbook's rule). While the loss falls, clipping most steps is what clipping
+    at 1.0 does early in transformer training, and no problem."""
     now = history[-1]
     clip = now.clipping
     share = clip.get("clipped_share")
-    if not _finite(share) or share <= t.clipped_share:
+    if not _finite(share) or share <= t.clipped_share or _falling(history):
         return []
     median = clip["grad_norm_median"]
     p90 = clip["grad_norm_p90"]
@@ -427,9 +625,50 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 
 
 @rule(
+    "a weight decay ten to a hundred times smaller (5e-4 is usual with SGD, 0.01 to 0.1 with "
+    "AdamW).",
+    thresholds=("decay_epochs", "stuck_loss"),
+)
+def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The optimizer has weight decay, the weights' norm is below half what it was at the first
+    statistics step, and the training loss stayed above `stuck_loss` x an untrained model's (ln C,
+    or the first loss) for `decay_epochs` epochs: the decay holds the weights near zero, where the
+    gradients cannot move them."""
+    now = history[-1]
+    decay = now.loop.get("weight_decay")
+    first = history[0].first_loss
+    start = history[0].loop.get("weight_norm_first")
+    norm = now.loop.get("weight_norm")
+    untrained, _ = _start_loss(history)
+    if len(history) < t.decay_epochs or not decay or not untrained or not _finite(start):
+        return []
+    losses = [_loss(s) for s in history[-t.decay_epochs :]]
+    if not _finite(norm) or norm >= start / 2:
+        return []
+    if not all(_finite(loss) and loss >= t.stuck_loss * untrained for loss in losses):
+        return []
+    message = f"with weight decay {decay:g} the weights' norm fell from {start:.3g} to {norm:.3g} "
+    message += f"while the training loss stays near its start ({losses[-1]:.3g}, first "
+    message += f"{first:.3g}): the decay holds the weights near zero faster than the gradients "
+    message += "can move them."
+    evidence = {"weight_decay": decay, "weight_norms": [start, norm], "train_loss": losses[-1]}
+    suggestion = (
+        f"a weight decay ten to a hundred times smaller than {decay:g} (5e-4 is usual with "
+    )
+    suggestion += "SGD, 0.01 to 0.1 with AdamW)."
+    return [_found(now, [], evidence, message, 1, suggestion)]  # the decay acts from the first step
+
+
+@rule(
     "a smaller negative bias or a better initialisation (Kaiming's), or LeakyReLU.",
     thresholds=("dead_share",),
-    follows=("diverging", "exploding_gradients", "high_initial_loss"),
+    follows=(
+        "gradients_not_cleared",
+        "strong_weight_decay",
+        "diverging",
+        "exploding_gradients",
+        "high_initial_loss",
+    ),
 )
 def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """`dead_share` of a ReLU's units (channels or features) gave no positive output for a whole
@@ -452,7 +691,7 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     "ReLU instead of sigmoid or tanh in hidden layers, normalisation layers, or smaller initial "
     "weights.",
     thresholds=("saturated_share",),
-    follows=("diverging", "exploding_gradients", "high_initial_loss"),
+    follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
 )
 def saturated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """`saturated_share` of a sigmoid's or tanh's outputs are within 1% of their limits."""
@@ -482,7 +721,14 @@ def _weight_rms(summary: EpochSummary) -> dict[str, float]:
     "residual connections or normalisation layers, an auxiliary loss near the early layers, or a "
     "larger learning rate for them (--layer-lr NAME=FACTOR).",
     thresholds=("vanishing_ratio", "vanishing_floor"),
-    follows=("dead_units", "saturated", "diverging", "exploding_gradients", "high_initial_loss"),
+    follows=(
+        "softmax_before_loss",
+        "dead_units",
+        "saturated",
+        "diverging",
+        "exploding_gradients",
+        "high_initial_loss",
+    ),
     lr=RAISE,
     instead="residual connections or normalisation layers, or an auxiliary loss.",
     slow_start=True,
@@ -517,6 +763,14 @@ def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     return findings
 
 
+def _peak_lr(history: list[EpochSummary]) -> float | None:
+    """The highest learning rate of the run so far: at watch(), at a statistics step, or at an
+    epoch's end."""
+    rates = [s.loop.get(key) for s in history for key in ("lr_first", "lr_peak")]
+    rates = [r for r in [*rates, *(s.lr for s in history)] if _finite(r)]
+    return max(rates, default=None)
+
+
 def _update_ratios(summary: EpochSummary) -> dict[str, float]:
     """The median update-to-weight ratio of each weight tensor, by name: weights only, since a bias
     that starts at zero moves by a large fraction of its size early on, harmlessly."""
@@ -540,22 +794,45 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
     "a larger learning rate for these layers (--layer-lr NAME=FACTOR), less weight decay, or check "
     "that they receive gradients.",
     thresholds=("update_slow",),
-    follows=("dead_units", "saturated", "vanishing_gradients", "diverging", "high_initial_loss"),
+    follows=(
+        "not_in_optimizer",
+        "no_gradient",
+        "lr_collapsed",
+        "strong_weight_decay",
+        "dead_units",
+        "saturated",
+        "vanishing_gradients",
+        "diverging",
+        "high_initial_loss",
+    ),
     lr=RAISE,
     instead="check that these layers receive gradients and are in the optimizer.",
     slow_start=True,
 )
 def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio ||dw|| / ||w|| over the epoch is below
-    `update_slow`."""
-    found = {n: r for n, r in _update_ratios(history[-1]).items() if r < t.update_slow}
+    `update_slow`; frozen ones (requires_grad=False) are meant not to move, and neither are any
+    once the schedule has brought the learning rate below a tenth of its peak."""
+    frozen = set(history[-1].loop.get("frozen", ()))
+    peak = _peak_lr(history)
+    if peak and _finite(history[-1].lr) and history[-1].lr < 0.1 * peak:
+        return []  # the schedule has annealed the learning rate: slow steps are what it asks for
+    ratios = _update_ratios(history[-1]).items()
+    found = {n: r for n, r in ratios if r < t.update_slow and n not in frozen}
     return _update_finding(history[-1], found, t.update_slow, "less") if found else []
 
 
 @rule(
     "a lower learning rate for these layers (--layer-lr NAME=0.1) or for the whole model.",
     thresholds=("update_fast",),
-    follows=("diverging", "exploding_gradients", "mostly_clipped", "high_initial_loss"),
+    follows=(
+        "gradients_not_cleared",
+        "diverging",
+        "exploding_gradients",
+        "mostly_clipped",
+        "strong_weight_decay",
+        "high_initial_loss",
+    ),
     lr=LOWER,
     instead="clip gradients (torch.nn.utils.clip_grad_norm_), or warm the learning rate up.",
 )
@@ -566,12 +843,27 @@ def moving_too_fast(history: list[EpochSummary], t: Thresholds) -> list[Finding]
     return _update_finding(history[-1], found, t.update_fast, "more") if found else []
 
 
-def _near_chance(summary: EpochSummary, classes: int, t: Thresholds) -> bool:
+def _start_loss(history: list[EpochSummary]) -> tuple[float | None, str]:
+    """What the loss of a model that has learnt nothing is, and how to say it: ln C for C classes,
+    else the run's own first loss (any loss function)."""
+    classes = _classes(history[-1])
+    if classes:
+        return math.log(classes), f"ln {classes}, an untrained model's"
+    first = history[0].first_loss
+    return (first, "its first value") if _finite(first) and first > 0 else (None, "")
+
+
+def _near_start(summary: EpochSummary, start: float, t: Thresholds) -> bool:
+    """Whether the epoch's training loss is still near `start`, and with classes, the accuracy near
+    chance."""
     loss = _loss(summary)
-    accuracy = _accuracy(summary)
-    if not (_finite(loss) and _finite(accuracy)):
+    classes = _classes(summary)
+    if not _finite(loss) or loss < t.stuck_loss * start:
         return False
-    return loss >= t.stuck_loss * math.log(classes) and accuracy <= 1 / classes + t.chance_margin
+    if not classes:
+        return True
+    accuracy = _accuracy(summary)
+    return _finite(accuracy) and accuracy <= 1 / classes + t.chance_margin
 
 
 @rule(
@@ -579,6 +871,14 @@ def _near_chance(summary: EpochSummary, classes: int, t: Thresholds) -> bool:
     "and that the inputs are normalised.",
     thresholds=("stuck_loss", "chance_margin", "stuck_epochs", "stuck_moving_ratio"),
     follows=(
+        "not_in_optimizer",
+        "no_gradient",
+        "eval_mode",
+        "gradients_not_cleared",
+        "softmax_before_loss",
+        "lr_collapsed",
+        "unshuffled",
+        "strong_weight_decay",
         "diverging",
         "dead_units",
         "saturated",
@@ -592,19 +892,24 @@ def _near_chance(summary: EpochSummary, classes: int, t: Thresholds) -> bool:
 )
 def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """For `stuck_epochs` epochs the training loss stays above `stuck_loss` x ln C and the accuracy
-    within `chance_margin` of chance; if the weights move meanwhile (median update ratio above
-    `stuck_moving_ratio`), the labels and inputs are the suspects, not the learning rate."""
+    within `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any
+    loss function); if the weights move meanwhile (median update ratio above `stuck_moving_ratio`),
+    the labels and inputs are the suspects, not the learning rate."""
     now = history[-1]
     classes = _classes(now)
+    start, said = _start_loss(history)
     recent = history[-t.stuck_epochs :]
-    if not classes or len(history) < t.stuck_epochs:
+    if not start or len(history) < t.stuck_epochs:
         return []
-    if not all(_near_chance(summary, classes, t) for summary in recent):
+    if not all(_near_start(summary, start, t) for summary in recent):
         return []
     accuracy = _accuracy(now)
-    message = f"since epoch {recent[0].epoch + 1} the training loss stays near "
-    message += f"{math.log(classes):.2f} (ln {classes}, an untrained model's) and the accuracy "
-    message += f"near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
+    loss = _loss(now)
+    where = "near" if loss <= 1.5 * start else "above"
+    message = f"since epoch {recent[0].epoch + 1} the training loss stays {where} {start:.3g} "
+    message += f"({said}; {loss:.3g} now)"
+    if classes:
+        message += f" and the accuracy near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
     ratios = [s["update_ratio"] for s in now.layers.values() if _finite(s.get("update_ratio"))]
     moving = statistics.median(ratios) if ratios else None  # if they move, the data are suspect
     evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0].epoch}
@@ -621,7 +926,13 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 @rule(
     "a lower learning rate{lr} or a larger batch.",
     thresholds=("oscillation_epochs", "oscillation_amplitude"),
-    follows=("diverging", "exploding_gradients", "moving_too_fast"),
+    follows=(
+        "gradients_not_cleared",
+        "unshuffled",
+        "diverging",
+        "exploding_gradients",
+        "moving_too_fast",
+    ),
     lr=LOWER,
     instead="a larger batch, or clip gradients.",
 )
@@ -653,7 +964,7 @@ def _max_abs_weight(summary: EpochSummary, name: str) -> float | None:
 @rule(
     "weight decay for this layer (--layer-wd {name}=5e-4), or a lower learning rate.",
     thresholds=("weight_max_abs", "weight_growth", "weight_window"),
-    follows=("diverging", "output_bias_skew"),
+    follows=("gradients_not_cleared", "diverging", "output_bias_skew"),
     per_parameter=True,
 )
 def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
@@ -700,22 +1011,34 @@ def _skewed(bias: list[float], t: Thresholds) -> list[tuple[int, float, float]]:
     "check that class's share of the training data (rebalance or weight the loss), or "
     "re-initialise the output bias.",
     thresholds=("bias_z", "bias_min_deviation"),
-    follows=("diverging", "dead_units", "not_learning", "stuck"),
+    follows=(
+        "unshuffled",
+        "softmax_before_loss",
+        "diverging",
+        "dead_units",
+        "not_learning",
+        "stuck",
+    ),
     per_parameter=True,
 )
 def output_bias_skew(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A class's output-layer bias lies `bias_z` robust standard deviations (1.4826 MAD) and at
     least `bias_min_deviation` from the median bias; reported with that class's validation recall.
-    """
+    With recalls, only where that class's is below half the median one: a skew that costs that
+    class nothing is the model's business."""
     now = history[-1]
     bias = now.output_bias
     values = bias.get("values")
     if not values or len(values) < 3:
         return []
+    recalls = [r for r in bias.get("recall") or () if _finite(r)]
+    typical = statistics.median(recalls) if recalls else None
     findings = []
     for i, centre, z in _skewed(values, t):
         label = bias["classes"][i]
         recall = bias["recall"][i] if bias["recall"] else None
+        if typical is not None and _finite(recall) and recall >= typical / 2:
+            continue
         evidence = {"class": label, "bias": values[i], "median_bias": centre, "robust_z": z}
         evidence["validation_recall"] = recall
         message = f"class '{label}' has output bias {values[i]:.3g} against a median of "
@@ -723,6 +1046,40 @@ def output_bias_skew(history: list[EpochSummary], t: Thresholds) -> list[Finding
         message += f"; its validation recall is {recall:.1%}." if recall is not None else "."
         findings.append(_found(now, [f"{bias['name']}[{i}]"], evidence, message))
     return findings
+
+
+@rule(
+    "check and clean the training labels (a wrong class for some images: a shifted list, two label "
+    "sets mixed); label smoothing softens the damage meanwhile.",
+    thresholds=("noisy_gap", "noisy_epochs"),
+)
+def noisy_labels(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """For `noisy_epochs` epochs in a row the training accuracy is `noisy_gap` or more below the
+    validation accuracy of the epoch before (the model as the epoch began, so that a training
+    accuracy averaged over an epoch of fast learning does not count): the model predicts held-out
+    labels better than the training ones, so part of the training labels are wrong."""
+    recent = history[-1 - t.noisy_epochs :]
+    if len(history) <= t.noisy_epochs:
+        return []
+    train = [s.metrics.get("train_accuracy") for s in recent]
+    valid = [s.metrics.get("valid_accuracy") for s in recent]
+    if not all(map(_finite, train + valid)):
+        return []
+    if min(before - now for before, now in zip(valid, train[1:])) < t.noisy_gap:
+        return []
+    train = train[-1]
+    valid = valid[-1]
+    message = (
+        f"for {t.noisy_epochs} epochs the validation accuracy stays {t.noisy_gap:.0%} or more "
+    )
+    message += f"above the training accuracy (now {valid:.1%} against {train:.1%}): the model "
+    message += "predicts held-out labels better than the training ones, so part of the training "
+    message += (
+        f"labels are wrong (at least about {1 - train / valid:.0%}, if the validation labels "
+    )
+    message += "are right)."
+    evidence = {"train_accuracy": train, "valid_accuracy": valid, "threshold": t.noisy_gap}
+    return [_found(history[-1], [], evidence, message, step=recent[1].step)]
 
 
 @rule(
@@ -757,12 +1114,12 @@ def _gap(summary: EpochSummary) -> float:
 @rule(
     "keep the best validation epoch (best.pt), and weight decay (--weight-decay), augmentation or "
     "more data.",
-    thresholds=("overfit_gap", "overfit_rise"),
+    thresholds=("overfit_gap", "overfit_rise", "overfit_epochs"),
     follows=("no_generalisation", "weights_growing"),
 )
 def overfitting(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The validation loss is `overfit_rise` above its best and the train-valid accuracy gap is
-    `overfit_gap` and more above what it was then."""
+    """For `overfit_epochs` epochs in a row the validation loss is `overfit_rise` above its best,
+    and the train-valid accuracy gap is now `overfit_gap` and more above what it was then."""
     keys = ("valid_loss", "train_accuracy", "valid_accuracy")
     seen = [s for s in history if all(_finite(s.metrics.get(k)) for k in keys)]
     if len(seen) < 2 or seen[-1] is not history[-1]:
@@ -773,7 +1130,10 @@ def overfitting(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     best_loss = best.metrics["valid_loss"]
     gap = _gap(now)
     best_gap = _gap(best)
-    if loss < (1 + t.overfit_rise) * best_loss or gap < max(best_gap, 0) + t.overfit_gap:
+    if gap < max(best_gap, 0) + t.overfit_gap:
+        return []
+    recent = [s.metrics["valid_loss"] for s in seen[-t.overfit_epochs :]]
+    if len(recent) < t.overfit_epochs or min(recent) < (1 + t.overfit_rise) * best_loss:
         return []
     message = f"since epoch {best.epoch + 1} the validation loss rose from {best_loss:.3g} to "
     message += f"{loss:.3g} and the gap between training and validation accuracy grew from "
@@ -798,8 +1158,8 @@ def diagnose(
 def _order(finding: Finding) -> tuple:
     told = list(RULES)
     return (
-        finding.epoch,
         finding.step,
+        finding.epoch,
         told.index(finding.rule) if finding.rule in told else len(told),
     )
 

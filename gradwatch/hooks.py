@@ -6,6 +6,10 @@
   statistics step and removed after it (they cost nothing on the other steps), which measure how
   many of the units are dead or saturated; in a compiled model, whose graph keeps the hooks it was
   traced with, they are placed once and for good;
+- a forward hook on the model itself, placed the same way, which reads its output (see
+  loop.output_facts);
+- after a statistics step, a hook on one parameter's gradient that looks, at the next backward pass,
+  whether the gradients were cleared since the optimizer step;
 - and, beside them, the copy of the weights before a statistics step's update, for the update
   ratio.
 """
@@ -17,9 +21,10 @@ from typing import Any
 import torch
 
 from .histograms import to_host
-from .shards import local
+from .loop import logits, output_facts
+from .shards import is_sharded, local
 from .sink import Guard
-from .stats import NamedParameters
+from .stats import NamedParameters, learning_rate
 
 ACTIVATIONS = {
     torch.nn.ReLU: "relu",
@@ -53,11 +58,14 @@ class Hooks:
     def __init__(self, guard: Guard):
         self.guard = guard
         self.handles: dict[str, Any] = {}
+        self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_start: float | None = None
         self.activations: list[tuple] = []  # (name, module, kind, the layer that feeds it)
-        self.values: dict[
-            str, tuple
-        ] = {}  # name: (kind, layer, share) measured since they were placed
+        # name: (kind, layer, share) measured since they were placed
+        self.values: dict[str, tuple] = {}
+        self.output: dict[str, torch.Tensor] = {}  # loop.output_facts of the latest training output
+        self.cleared: torch.Tensor | None = None  # 1 if the gradients were cleared, 0 if not
         self.stay = False  # placed for good: the model runs compiled
         self.stepped = False
         self.before_update: dict[str, torch.Tensor] | None = None
@@ -68,7 +76,9 @@ class Hooks:
         """Find the activations of `model`, hook `optimizer`; `compiled`: place the activation hooks
         now, for good."""
         self.remove()
+        self.model = model
         self.optimizer = optimizer
+        self.lr_start = learning_rate(optimizer)  # before any scheduler step
         self.stay = compiled
         self.activations = []
         layer = None
@@ -94,7 +104,7 @@ class Hooks:
 
     def arm(self) -> None:
         """Forward hooks that measure the activations of the next training forward pass."""
-        if self.stay and any(key.startswith("activation ") for key in self.handles):
+        if self.stay and any(key.startswith("forward ") for key in self.handles):
             return
         for name, module, kind, layer in self.activations:
 
@@ -102,12 +112,56 @@ class Hooks:
                 if module.training and isinstance(output, torch.Tensor):
                     self.values[name] = (kind, layer, activation_share(kind, output.detach()))
 
-            self.handles[f"activation {name}"] = module.register_forward_hook(hook)
+            self.handles[f"forward {name}"] = module.register_forward_hook(hook)
+        if self.model is not None:
+            self.handles["forward output"] = self.model.register_forward_hook(self._read_output)
+
+    def _read_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        scores = logits(output)
+        if module.training and scores is not None:
+            self.output = output_facts(scores)
+
+    def check_clearing(self, parameters: NamedParameters) -> None:
+        """After an optimizer step: look, when the next backward pass reaches the last parameter
+        that has a gradient now, whether its gradient was cleared (None or zero) meanwhile."""
+        self.cleared = None
+        old = self.handles.pop("clearing", None)
+        if old is not None:
+            old.remove()
+        graded = [p for _, p in parameters if p.grad is not None and not is_sharded(p)]
+        if not graded:
+            return
+        probe = graded[-1]
+
+        def hook(grad):
+            if self.cleared is None:
+                before = probe.grad  # what the backward pass adds to
+                self.cleared = torch.ones(()) if before is None else (before == 0).all().float()
+            return None
+
+        self.handles["clearing"] = probe.register_hook(hook)
+
+    def take_loop(self) -> dict[str, Any]:
+        """The latest training output's facts, whether the gradients were cleared before the step's
+        backward pass (None where it could not be seen), as floats (one transfer per device), and
+        the learning rate at attach()."""
+        old = self.handles.pop("clearing", None)
+        if old is not None:
+            old.remove()
+        rows = dict(self.output)
+        if self.cleared is not None:
+            rows["cleared"] = self.cleared
+        self.output = {}
+        self.cleared = None
+        found = to_host(rows)
+        found["cleared"] = bool(found["cleared"]) if "cleared" in found else None
+        return {**found, "lr_start": self.lr_start}
 
     def prepare(self, parameters: NamedParameters) -> None:
-        """Before a step whose statistics are due: hooks for its forward pass, and a copy of the
-        weights before its update."""
+        """Before a step whose statistics are due: hooks for its forward pass and its backward pass,
+        and a copy of the weights before its update."""
         self.arm()
+        self.check_clearing(parameters)
         with self.guard("copying the weights for the update ratio"), torch.no_grad():
             self.before_update = {name: local(p).clone() for name, p in parameters}
 
@@ -121,7 +175,7 @@ class Hooks:
         """The activations measured since the hooks were placed, as {name: {"kind", "layer",
         "share"}} (one transfer); the hooks are removed, unless placed for good."""
         if not self.stay:
-            for key in [key for key in self.handles if key.startswith("activation ")]:
+            for key in [key for key in self.handles if key.startswith("forward ")]:
                 self.handles.pop(key).remove()
         values = dict(self.values)
         self.values.clear()  # the same dict: a compiled graph writes into it
@@ -138,3 +192,5 @@ class Hooks:
         self.handles.clear()
         self.before_update = None
         self.values.clear()
+        self.output = {}
+        self.cleared = None

@@ -20,6 +20,7 @@ import torch
 from .diagnosis import METRIC_TAGS, Finding, RunDiagnosis, Thresholds, saved_findings, story
 from .histograms import DEFAULT_BINS, Histogram, compute_histograms
 from .hooks import Hooks, is_compiled
+from .loop import loop_facts
 from .pictures import gradient_flow_image
 from .shards import is_sharded
 from .sink import EventSink, Guard, NullSink
@@ -291,10 +292,13 @@ class TrainingMonitor:
             return []
         stats = parameter_statistics(self._parameters, self.hooks.take_weights())
         stats["activations"] = self.hooks.collect()
+        stats["loop"] = loop_facts(self.model, self._parameters, self.hooks.optimizer)
+        stats["loop"].update(self.hooks.take_loop(), step=self.steps)
+        stats["loop"]["loss"] = self.losses.latest(self.steps)
         self.diagnosis.records.append(stats)
         scalars = {**self.losses.take(), **self.clipping.take()}
         for name, values in stats.items():
-            if name != "activations":
+            if name not in ("activations", "loop"):
                 scalars.update((f"{key}/{name}", value) for key, value in values.items())
         for name, a in stats["activations"].items():
             scalars[f"{'dead_share' if a['kind'] == 'relu' else 'saturated_share'}/{name}"] = a[

@@ -87,6 +87,12 @@ class LossWindows:
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)
         self.pending.append((step, loss))
 
+    def latest(self, step: int) -> float | None:
+        """The loss of optimizer step `step`, if it was the last one given (a host sync)."""
+        if not self.pending or self.pending[-1][0] != step:
+            return None
+        return float(self.pending[-1][1])
+
     def take(self) -> dict[str, float]:
         """Close the window of the losses since the last call; returns the scalar to log, {"loss":
         their mean}, or {} if none was finite."""

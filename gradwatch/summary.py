@@ -24,7 +24,7 @@ STAT_KEYS = (
     "update_ratio",
     "nonfinite_share",
 )
-EXTRA = ("total", "activations")  # the keys of a statistics record that are not parameters
+EXTRA = ("total", "activations", "loop")  # the keys of a statistics record that are not parameters
 
 
 @dataclass
@@ -60,6 +60,8 @@ class EpochSummary:
     # with class names: {"name": the output layer's bias, "values", "classes", "recall": per class
     # or None}
     output_bias: dict[str, Any] = field(default_factory=dict)
+    # what the statistics steps told of the training loop (see loop.py and _loop below)
+    loop: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values, for a checkpoint loaded with torch.load(weights_only=True)."""
@@ -104,6 +106,66 @@ def _activations(records: list[dict]) -> dict[str, dict[str, Any]]:
     }
 
 
+OUTPUT_KEYS = (
+    "probabilities",
+    "ce_low",
+    "ce_high",
+    "max_value",
+    "mode",
+    "mode_share",
+    "rows",
+    "columns",
+)
+
+
+def _output(facts: dict[str, Any]) -> dict[str, Any]:
+    """One reading of the model's output: its facts, the step and its loss."""
+    return {"step": facts["step"], "loss": facts["loss"], **{k: facts[k] for k in OUTPUT_KEYS}}
+
+
+def _weight_norm(record: dict) -> float | None:
+    """The norm of all weight tensors of a record together (biases and norms' gains left aside)."""
+    squares = [
+        values["weight_norm"] ** 2
+        for name, values in record.items()
+        if name.endswith("weight") and "weight_norm" in values
+    ]
+    return math.sqrt(sum(squares)) if squares else None
+
+
+def _loop(records: list[dict]) -> dict[str, Any]:
+    """The epoch's loop facts: from the latest reading, what does not change (trainable parameters
+    outside the optimizer, the weight decay, whether training mode matters); over the readings, how
+    many found the model in eval mode, the parameters that never had a gradient, how many checks
+    found the gradients not cleared, the learning rates, and each reading of the output."""
+    seen = [r["loop"] for r in records if "loop" in r]
+    if not seen:
+        return {}
+    latest = seen[-1]
+    checks = [f["cleared"] for f in seen if f.get("cleared") is not None]
+    rates = [f["lr"] for f in seen if f.get("lr") is not None]
+    return {
+        "readings": len(seen),
+        "weight_norm_first": _weight_norm(records[0]),
+        "weight_norm": _weight_norm(records[-1]),
+        "eval_readings": sum(not f["training"] for f in seen),
+        "mode_matters": latest["mode_matters"],
+        "trainable": latest["trainable"],
+        "frozen": latest["frozen"],
+        "not_in_optimizer": latest["not_in_optimizer"],
+        "no_gradient": [
+            n for n in latest["no_gradient"] if all(n in f["no_gradient"] for f in seen)
+        ],
+        "clearing_checks": len(checks),
+        "not_cleared": checks.count(False),
+        "lrs": [[f["step"], f["lr"]] for f in seen if f.get("lr") is not None],
+        "lr_first": seen[0].get("lr_start") or (rates[0] if rates else None),
+        "lr_peak": max(rates, default=None),
+        "weight_decay": latest["weight_decay"],
+        "outputs": [_output(f) for f in seen if "probabilities" in f],
+    }
+
+
 def summarize(epoch: int, step: int, records: list[dict], **context: Any) -> EpochSummary:
     """The summary of an epoch from the statistics records logged during it (see
     stats.parameter_statistics; "activations" as the monitor's hooks measure them): medians per
@@ -117,5 +179,6 @@ def summarize(epoch: int, step: int, records: list[dict], **context: Any) -> Epo
         activations=_activations(records),
         total_grad_norm_max=max(totals, default=math.nan),
         total_grad_norm_median=_median(totals),
+        loop=_loop(records),
         **context,
     )
