@@ -449,18 +449,23 @@ def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """At three quarters of the statistics steps so far (four at least) the model gave one top
     class to `uniform_batch` of a batch's rows, and that class changed from batch to batch (three
     classes at least), and at a quarter of those steps (two at least) the loss was below half the
-    first one: each batch holds one class, the data are not shuffled. A model whose output ignores
-    its input gives one class to every row too, but never a low loss on a batch of mixed classes."""
+    first one, or an epoch's training accuracy was below half of chance: each batch holds one
+    class, the data are not shuffled. A model whose output ignores its input gives one class to
+    every row too, but on batches of mixed classes never a low loss, nor an accuracy far below
+    chance (the class of the batch before, always wrong)."""
     first = history[0].first_loss
     readings = [r for s in history for r in s.loop.get("outputs", []) if r["rows"] >= 8]
     uniform = [r for r in readings if r["mode_share"] >= t.uniform_batch]
     classes = sorted({int(r["mode"]) for r in uniform})
     if len(readings) < 4 or len(uniform) * 4 < len(readings) * 3 or len(classes) < 3:
         return []
-    right = [
-        r for r in uniform if _finite(r["loss"]) and _finite(first) and r["loss"] < 0.5 * first
-    ]
-    if len(right) < max(2, len(uniform) / 4):
+    low = 0.5 * first if _finite(first) else -math.inf
+    right = [r for r in uniform if _finite(r["loss"]) and r["loss"] < low]
+    chance = 1 / _classes(history[-1]) if _classes(history[-1]) else 0.0
+    below = any(
+        _finite(a) and a < chance / 2 for a in (s.metrics.get("train_accuracy") for s in history)
+    )
+    if len(right) < max(2, len(uniform) / 4) and not below:
         return []
     shown = ", ".join(map(str, classes[:6])) + (", ..." if len(classes) > 6 else "")
     message = f"at {len(uniform)} of {len(readings)} statistics steps the model gave one class to "
@@ -665,6 +670,7 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     follows=(
         "gradients_not_cleared",
         "strong_weight_decay",
+        "unshuffled",
         "diverging",
         "exploding_gradients",
         "high_initial_loss",
@@ -957,20 +963,30 @@ def oscillating(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     return [_found(history[-1], [], evidence, message)]
 
 
+def _worse_on_new_data(history: list[EpochSummary], rise: float) -> bool:
+    """Whether the latest validation loss is `rise` above its best; True without validation."""
+    losses = [s.metrics.get("valid_loss") for s in history]
+    if not _finite(losses[-1]):
+        return True
+    return losses[-1] > (1 + rise) * min(loss for loss in losses if _finite(loss))
+
+
 def _max_abs_weight(summary: EpochSummary, name: str) -> float | None:
     return summary.layers.get(name, {}).get("max_abs_weight")
 
 
 @rule(
     "weight decay for this layer (--layer-wd {name}=5e-4), or a lower learning rate.",
-    thresholds=("weight_max_abs", "weight_growth", "weight_window"),
+    thresholds=("weight_max_abs", "weight_growth", "weight_window", "overfit_rise"),
     follows=("gradients_not_cleared", "diverging", "output_bias_skew"),
     per_parameter=True,
 )
 def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A layer's max |w| is above `weight_max_abs`, at least `weight_growth` times its value after
-    the first epoch, and still higher than `weight_window` epochs ago."""
-    if len(history) <= t.weight_window:
+    the first epoch, and still higher than `weight_window` epochs ago, while the validation loss (if
+    there is one) is `overfit_rise` above its best: weights that grow while the model still does as
+    well on new data are learning, not overfitting."""
+    if len(history) <= t.weight_window or not _worse_on_new_data(history, t.overfit_rise):
         return []
     now = history[-1]
     findings = []

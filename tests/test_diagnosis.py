@@ -115,7 +115,9 @@ def test_nonfinite_gradients_are_reported_at_once_and_at_the_epoch(tmp_path):
 
 
 def test_weights_growing_without_decay_and_not_with_it(tmp_path):
-    findings, _ = train(mlp(), tmp_path / "plain", lr=0.05, epochs=6)
+    """A small noisy training set that the model overfits (the validation loss rises): the tutorial's story."""
+    overfit = dict(lr=0.1, epochs=12, noise=0.2, n=128, batch=16)
+    findings, _ = train(mlp(), tmp_path / "plain", **overfit)
     growing = [f for f in findings if f.rule == "weights_growing"]
     assert growing and growing[0].parameters == ["2.weight"]
     assert growing[0].evidence["max_abs_weight"] > Thresholds().weight_max_abs
@@ -126,8 +128,8 @@ def test_weights_growing_without_decay_and_not_with_it(tmp_path):
         {"params": [p for n, p in model.named_parameters() if n != "2.weight"]},
         {"params": [model[2].weight], "weight_decay": 5e-2},
     ]
-    findings, _ = train(model, tmp_path / "decayed", lr=0.05, epochs=6, groups=groups)
-    assert "weights_growing" not in rules(findings)
+    findings, _ = train(model, tmp_path / "decayed", groups=groups, **overfit)
+    assert not [f for f in findings if f.rule == "weights_growing" and f.parameters == ["2.weight"]]
 
 
 def test_skewed_output_bias_is_reported_with_the_class_recall(tmp_path):
@@ -604,3 +606,28 @@ def test_the_readme_clipping_example_runs_and_names_the_learning_rate_in_effect(
     assert "makes the learning rate of 0.5 about 0.0" in story  # 0.5 x 0.1 / a median norm near 1
     steps = load_events(tmp_path / "Result" / "clipped" / "steps")
     assert [e.value for e in steps.Scalars("clip/clipped")] == [1.0] * 3
+
+
+def test_recipes_that_look_like_faults_stay_clean():
+    """An annealed schedule's last epochs move the weights little; weights that grow while the validation loss is
+    at its best are learning: neither is a finding. The same statistics at a full learning rate, or with the
+    validation loss well above its best, are."""
+    layers = {"fc.weight": {"update_ratio": 1e-8, "weight_norm": 1.0}}
+    annealed = [
+        EpochSummary(e, 10 * (e + 1), layers=layers, lr=lr, loop={"lr_first": 0.1}) for e, lr in enumerate([0.1, 1e-4])
+    ]
+    assert "not_learning" not in {f.rule for f in diagnose(annealed)}
+    annealed[-1].lr = 0.1
+    assert "not_learning" in {f.rule for f in diagnose(annealed)}
+
+    def growing(valid_losses):
+        return [
+            EpochSummary(
+                e, 10 * (e + 1), layers={"fc.weight": {"max_abs_weight": 0.5 * (e + 1)}}, metrics={"valid_loss": v}
+            )  # fmt: skip
+            for e, v in enumerate(valid_losses)
+        ]
+
+    assert diagnose(growing([1.0, 0.9, 0.8, 0.7, 0.6])) == []  # still improving on new data
+    [finding] = diagnose(growing([1.0, 0.9, 0.8, 0.9, 1.0]))
+    assert finding.rule == "weights_growing" and finding.parameters == ["fc.weight"]

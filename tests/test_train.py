@@ -179,6 +179,7 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
         return result
 
     # thresholds at which weights_growing fires once four epochs are known: it compares with three epochs back
+    # (and overfit_rise=-1: whatever the validation loss does)
     options = [
         "--hist-every",
         "3",
@@ -188,6 +189,8 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
         "weight_max_abs=0",
         "--threshold",
         "weight_growth=0",
+        "--threshold",
+        "overfit_rise=-1",
     ]
     monkeypatch.setattr(TrainingMonitor, "log_parameters", interrupt_at_step_9)
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", *options, epochs=4)) == 130
