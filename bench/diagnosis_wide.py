@@ -248,6 +248,82 @@ HEALTHY = {  # name: (what it is, settings)
     "cnn_accumulate_2": ("gradients accumulated over 2 batches", dict(accumulate=2)),
     "mlp_adam": ("Adam 1e-3", dict(arch="mlp", optimizer="adam", lr=1e-3)),
 }
+# Runs kept aside: written before they were first run, and scored without changing a rule afterwards (--held-out)
+HELD_OUT_FAULTS = {
+    "mlp_adam_no_zero_grad": (
+        "zero_grad() never called (Adam)",
+        {"gradients_not_cleared"},
+        dict(arch="mlp", optimizer="adam", lr=1e-3, no_zero_grad=True),
+    ),  # fmt: skip
+    "mlp_adam_layer_left_out": (
+        "the first layer left out of Adam",
+        {"not_in_optimizer"},
+        dict(arch="mlp", optimizer="adam", lr=1e-3, leave_out="1"),
+    ),  # fmt: skip
+    "mlp_adam_detached": (
+        "features .detach()ed after the first layer",
+        {"no_gradient"},
+        dict(arch="mlp", optimizer="adam", lr=1e-3, detach="2"),
+    ),  # fmt: skip
+    "transformer_detached": ("the embedding's output .detach()ed", {"no_gradient"}, dict(LM, detach="embed")),
+    "transformer_no_zero_grad_seed_1": (
+        "zero_grad() never called, seed 1",
+        {"gradients_not_cleared"},
+        dict(LM, no_zero_grad=True, seed=1),
+    ),  # fmt: skip
+    "resnet_scheduler_per_batch": (
+        "StepLR(7, 0.1) stepped every batch",
+        {"lr_collapsed"},
+        dict(arch="resnet", lr=0.05, schedule="step_per_batch"),
+    ),  # fmt: skip
+    "mlp_adam_softmax_before_loss": (
+        "softmax before CrossEntropyLoss (Adam)",
+        {"softmax_before_loss"},
+        dict(arch="mlp", optimizer="adam", lr=1e-3, softmax=True),
+    ),  # fmt: skip
+    "resnet_eval_mode_seed_1": (
+        "left in eval() after validation, lr 0.1",
+        {"eval_mode"},
+        dict(arch="resnet", lr=0.1, seed=1, stay_eval=True),
+    ),  # fmt: skip
+    "mlp_adam_sorted": (
+        "data sorted by class (Adam)",
+        {"unshuffled"},
+        dict(arch="mlp", optimizer="adam", lr=1e-3, sort=True),
+    ),  # fmt: skip
+    "resnet_noisy_labels_30": (
+        "30% of training labels wrong, seed 1",
+        {"noisy_labels"},
+        dict(arch="resnet", lr=0.05, noise=0.3, seed=1),
+    ),  # fmt: skip
+    "cnn_weight_decay_0.5": (
+        "weight decay 0.5 without BatchNorm",
+        {"strong_weight_decay"},
+        dict(weight_decay=0.5),
+    ),  # fmt: skip
+    "resnet_lr_5": ("SGD at lr 5", {"diverging", "exploding_gradients"}, dict(arch="resnet", lr=5.0)),
+}
+HELD_OUT_HEALTHY = {
+    "resnet_seed_2": (
+        "SGD 0.1, cosine, weight decay 5e-4, seed 2",
+        dict(arch="resnet", lr=0.1, weight_decay=5e-4, schedule="cosine", seed=2),
+    ),  # fmt: skip
+    "transformer_seed_2": ("the language model's recipe, seed 2", dict(LM, seed=2)),
+    "mlp_adamw_cosine": (
+        "AdamW 1e-3, weight decay 0.01, cosine per batch",
+        dict(arch="mlp", optimizer="adamw", lr=1e-3, weight_decay=0.01, schedule="cosine_per_batch"),
+    ),  # fmt: skip
+    "cnn_lr_0.02_seed_4": ("the tutorial's CNN at lr 0.02, seed 4", dict(lr=0.02, seed=4)),
+    "resnet_frozen_adamw": (
+        "backbone frozen, head trained by AdamW 1e-3",
+        dict(arch="resnet", optimizer="adamw", lr=1e-3, freeze="head"),
+    ),  # fmt: skip
+    "cnn_eval_no_dropout": ("left in eval(), with no dropout or BatchNorm", dict(stay_eval=True)),
+    "mlp_adam_accumulate_4": (
+        "Adam 1e-3, gradients accumulated over 4",
+        dict(arch="mlp", optimizer="adam", lr=1e-3, accumulate=4),
+    ),  # fmt: skip
+}
 ARCHS = {"cnn": cnn, "cnn_default_init": cnn_default_init, "resnet": ResNet, "mlp": mlp,
          "tanh20": lambda: mlp(depth=20, width=64, activation=nn.Tanh)}  # fmt: skip
 
@@ -431,10 +507,12 @@ def main():
     )
     parser.add_argument("--only", nargs="*", help="run only these (names from the tables)")
     parser.add_argument("--story", action="store_true", help="print each run's whole story too")
+    parser.add_argument("--held-out", action="store_true", help="the runs kept aside instead (no rule was tuned on)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     data = Data()
-    runs = {**FAULTS, **{name: (what, set(), settings) for name, (what, settings) in HEALTHY.items()}}
+    faults, healthy = (HELD_OUT_FAULTS, HELD_OUT_HEALTHY) if args.held_out else (FAULTS, HEALTHY)
+    runs = {**faults, **{name: (what, set(), settings) for name, (what, settings) in healthy.items()}}
     unknown = sorted(set(args.only or ()) - set(runs))
     if unknown:
         parser.error(f"no such run: {', '.join(unknown)}; known: {', '.join(runs)}")

@@ -72,7 +72,8 @@ class Thresholds:
     initial_loss_factor: float = 3.0
     # diverging: the training loss rises above this multiple of its first value
     diverging_factor: float = 1.5
-    # dead_units: this share of a ReLU's units gave no positive output for a whole batch
+    # dead_units: this share of a ReLU's units gave no positive output at any statistics step of
+    # the epoch
     dead_share: float = 0.5
     # saturated: this share of a sigmoid's or tanh's outputs are within 1% of their limits
     saturated_share: float = 0.5
@@ -398,12 +399,19 @@ def _in_band(reading: dict) -> bool:
     "log-softmax to raw scores itself; apply softmax only to show probabilities.",
 )
 def softmax_before_loss(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """At every statistics step of the epoch (two at least) the model's output rows are
-    probabilities (in [0, 1], summing to 1) and the loss is what cross-entropy on those rows gives:
-    a softmax before a loss that applies its own."""
+    """At every statistics step of the epoch, and of the run before it back to the first that says
+    otherwise (two at least), the model's output rows are probabilities (in [0, 1], summing to 1)
+    and the loss is what cross-entropy on those rows gives: a softmax before a loss that applies
+    its own. It began at the first of those steps."""
     now = history[-1]
-    readings = now.loop.get("outputs", [])
-    if len(readings) < 2 or not all(r["probabilities"] and _in_band(r) for r in readings):
+    if not now.loop.get("outputs"):
+        return []
+    readings = []  # the latest run of such readings, newest first
+    for reading in reversed([r for s in history for r in s.loop.get("outputs", [])]):
+        if not (reading["probabilities"] and _in_band(reading)):
+            break
+        readings.append(reading)
+    if len(readings) < 2 or len(readings) < len(now.loop["outputs"]):
         return []
     top = statistics.median(r["max_value"] for r in readings)
     low = statistics.median(r["ce_low"] for r in readings)
@@ -411,7 +419,7 @@ def softmax_before_loss(history: list[EpochSummary], t: Thresholds) -> list[Find
     message += f"{top:.2f}) and the loss is cross-entropy on them, which cannot fall below about "
     message += f"{low:.2f} for such rows: a softmax before a loss that applies its own."
     evidence = {"max_value": top, "loss_floor": low, "readings": len(readings)}
-    return [_found(now, [], evidence, message, step=_loop_start(history))]
+    return [_found(now, [], evidence, message, step=readings[-1]["step"])]
 
 
 @rule(
@@ -677,18 +685,21 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     ),
 )
 def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """`dead_share` of a ReLU's units (channels or features) gave no positive output for a whole
-    batch."""
+    """`dead_share` of a ReLU's units (channels or features) gave no positive output at any
+    statistics step of the epoch (in logs read by `diagnose`: for a whole batch)."""
     now = history[-1]
     # by the layer that feeds them: of two ReLUs after one layer, the later one speaks for it
-    dead = {a["layer"]: a["share"] for a in now.activations.values() if a["kind"] == "relu"}
+    dead = {
+        a["layer"]: a.get("never_fired", a["share"])
+        for a in now.activations.values()
+        if a["kind"] == "relu"
+    }
     dead = {layer: share for layer, share in dead.items() if share >= t.dead_share}
     if not dead:
         return []
     parts = ", ".join(f"{share:.0%} of {layer}'s" for layer, share in dead.items())
-    message = f"{parts} units gave no positive output for a whole batch: their ReLUs no longer "
-    message += "fire "
-    message += "(dead units)."
+    message = f"{parts} units gave no positive output on any batch read this epoch: their ReLUs no "
+    message += "longer fire (dead units)."
     evidence = {"dead_share": dead, "threshold": t.dead_share}
     return [_found(now, list(dead), evidence, message)]
 
@@ -1039,9 +1050,9 @@ def _skewed(bias: list[float], t: Thresholds) -> list[tuple[int, float, float]]:
 )
 def output_bias_skew(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A class's output-layer bias lies `bias_z` robust standard deviations (1.4826 MAD) and at
-    least `bias_min_deviation` from the median bias; reported with that class's validation recall.
-    With recalls, only where that class's is below half the median one: a skew that costs that
-    class nothing is the model's business."""
+    least `bias_min_deviation` from the median bias, at this epoch and the one before (if any);
+    reported with that class's validation recall. With recalls, only where that class's is below
+    half the median one: a skew that costs that class nothing is the model's business."""
     now = history[-1]
     bias = now.output_bias
     values = bias.get("values")
@@ -1049,8 +1060,14 @@ def output_bias_skew(history: list[EpochSummary], t: Thresholds) -> list[Finding
         return []
     recalls = [r for r in bias.get("recall") or () if _finite(r)]
     typical = statistics.median(recalls) if recalls else None
+    before = history[-2].output_bias.get("values") if len(history) > 1 else None
+    lasting = set()
+    if before and len(before) == len(values):
+        lasting = {i for i, _, _ in _skewed(before, t)}
     findings = []
     for i, centre, z in _skewed(values, t):
+        if len(history) > 1 and i not in lasting:
+            continue  # a skew of one epoch is the noise of training
         label = bias["classes"][i]
         recall = bias["recall"][i] if bias["recall"] else None
         if typical is not None and _finite(recall) and recall >= typical / 2:

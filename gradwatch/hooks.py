@@ -34,12 +34,18 @@ ACTIVATIONS = {
 }
 
 
+def units_fired(output: torch.Tensor) -> torch.Tensor:
+    """For a ReLU's output, whether each of its units (channels, or features) gave a positive
+    output for some item of the batch."""
+    unit = 1 if output.ndim in (2, 4, 5) else output.ndim - 1
+    return output.amax([d for d in range(output.ndim) if d != unit]) > 0
+
+
 def activation_share(kind: str, output: torch.Tensor) -> torch.Tensor:
     """For a ReLU, the share of its units (channels, or features) that gave no positive output for
     the whole batch; for a sigmoid or tanh, the share of its outputs within 1% of their limits."""
     if kind == "relu":
-        unit = 1 if output.ndim in (2, 4, 5) else output.ndim - 1
-        return (output.amax([d for d in range(output.ndim) if d != unit]) <= 0).float().mean()
+        return 1 - units_fired(output).float().mean()
     if kind == "sigmoid":
         return ((output < 0.01) | (output > 0.99)).float().mean()
     return (output.abs() > 0.99).float().mean()
@@ -64,6 +70,8 @@ class Hooks:
         self.activations: list[tuple] = []  # (name, module, kind, the layer that feeds it)
         # name: (kind, layer, share) measured since they were placed
         self.values: dict[str, tuple] = {}
+        # a ReLU's units that gave a positive output at some statistics step of the epoch
+        self.fired: dict[str, torch.Tensor] = {}
         self.output: dict[str, torch.Tensor] = {}  # loop.output_facts of the latest training output
         self.cleared: torch.Tensor | None = None  # 1 if the gradients were cleared, 0 if not
         self.stay = False  # placed for good: the model runs compiled
@@ -110,7 +118,9 @@ class Hooks:
 
             def hook(module, inputs, output, name=name, kind=kind, layer=layer):
                 if module.training and isinstance(output, torch.Tensor):
-                    self.values[name] = (kind, layer, activation_share(kind, output.detach()))
+                    out = output.detach()
+                    found = units_fired(out) if kind == "relu" else activation_share(kind, out)
+                    self.values[name] = (kind, layer, found)
 
             self.handles[f"forward {name}"] = module.register_forward_hook(hook)
         if self.model is not None:
@@ -173,17 +183,34 @@ class Hooks:
 
     def collect(self) -> dict[str, dict]:
         """The activations measured since the hooks were placed, as {name: {"kind", "layer",
-        "share"}} (one transfer); the hooks are removed, unless placed for good."""
+        "share"}}, and for a ReLU "never_fired", the share of its units silent at every statistics
+        step of the epoch so far (one transfer); the hooks are removed, unless placed for good."""
         if not self.stay:
             for key in [key for key in self.handles if key.startswith("forward ")]:
                 self.handles.pop(key).remove()
         values = dict(self.values)
         self.values.clear()  # the same dict: a compiled graph writes into it
-        shares = to_host({name: share for name, (_, _, share) in values.items()})
-        return {
-            name: {"kind": kind, "layer": layer, "share": shares[name]}
-            for name, (kind, layer, _) in values.items()
-        }
+        rows = {}
+        for name, (kind, _, found) in values.items():
+            if kind != "relu":
+                rows[name] = found
+                continue
+            before = self.fired.get(name)
+            fired = found | before if before is not None and before.shape == found.shape else found
+            self.fired[name] = fired
+            rows[name] = 1 - found.float().mean()
+            rows[f"{name} never"] = 1 - fired.float().mean()
+        shares = to_host(rows)
+        collected = {}
+        for name, (kind, layer, _) in values.items():
+            collected[name] = {"kind": kind, "layer": layer, "share": shares[name]}
+            if kind == "relu":
+                collected[name]["never_fired"] = shares[f"{name} never"]
+        return collected
+
+    def end_epoch(self) -> None:
+        """The next epoch counts its silent units afresh."""
+        self.fired.clear()
 
     def remove(self) -> None:
         """Take every hook off; safe to call twice."""
@@ -192,5 +219,6 @@ class Hooks:
         self.handles.clear()
         self.before_update = None
         self.values.clear()
+        self.fired.clear()
         self.output = {}
         self.cleared = None

@@ -387,6 +387,7 @@ class TrainingMonitor:
         """The next epoch starts with no records, loss windows or clipping norms; after the first
         one, the default cadence takes its length."""
         self.diagnosis.records = []
+        self.hooks.end_epoch()
         self.clipping.end_epoch()
         self.losses.end_epoch()
         if self.cadence.epoch_ended(self.steps):

@@ -295,6 +295,12 @@ def test_bias_rule_with_identical_biases_but_one():
     assert len(findings) == 1 and findings[0].evidence["class"] == "d" and math.isinf(findings[0].evidence["robust_z"])
     bias["recall"] = [1.0, 1.0, 1.0, 0.9]  # the skew costs that class nothing: no finding
     assert output_bias_skew([EpochSummary(0, 10, output_bias=bias)], Thresholds()) == []
+    bias["recall"] = [1.0, 1.0, 1.0, 0.2]
+    even = {**bias, "values": [0.0, 0.0, 0.0, 0.0]}
+    history = [EpochSummary(0, 10, output_bias=even), EpochSummary(1, 20, output_bias=bias)]
+    assert output_bias_skew(history, Thresholds()) == []  # one epoch of skew: the noise of training
+    history.append(EpochSummary(2, 30, output_bias=bias))
+    assert [f.evidence["class"] for f in output_bias_skew(history, Thresholds())] == ["d"]  # two: a finding
 
 
 def grad_norm_logged(log_dir, name="grad_norm/0.weight"):

@@ -191,3 +191,27 @@ def test_stuck_reads_the_run_own_first_loss_without_classes():
     [finding] = diagnose(epochs([0.25, 0.24, 0.25, 0.24, 0.25]))
     assert finding.rule == "stuck" and "its first value" in finding.message and "0.25" in finding.message
     assert diagnose(epochs([0.25, 0.2, 0.15, 0.1, 0.05])) == []
+
+
+def test_a_unit_is_dead_only_if_it_stays_silent_on_every_batch_read_in_the_epoch(tmp_path):
+    """Sparse units fire on some batches only: each batch alone shows half the units silent, the epoch none; an
+    epoch of one batch shows unit 1 silent throughout."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = [torch.tensor([[1.0, -1.0]] * 4), torch.tensor([[-1.0, 1.0]] * 4)]  # unit 0 fires, then unit 1
+    with TrainingMonitor(tmp_path, stats_every=1).watch(model, optimizer) as monitor:
+        for epoch, epoch_batches in enumerate([batches, batches[:1]]):
+            for x in epoch_batches:
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
+                optimizer.step()
+                monitor.step()
+            relu = monitor.diagnosis.records[-1]["activations"]["1"]
+            assert relu["share"] == 0.5  # this batch: one unit of two silent
+            assert relu["never_fired"] == (0.0 if epoch == 0 else 0.5)  # the epoch so far
+            monitor.epoch_end(epoch, {})
+            assert ("dead_units" in rules(monitor.findings)) == (epoch == 1)  # unit 1 silent all of epoch 2
+            assert monitor.diagnosis.history[-1].activations["1"]["never_fired"] == relu["never_fired"]
