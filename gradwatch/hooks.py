@@ -117,7 +117,7 @@ class Hooks:
         for name, module, kind, layer in self.activations:
 
             def hook(module, inputs, output, name=name, kind=kind, layer=layer):
-                if module.training and isinstance(output, torch.Tensor):
+                if module.training and isinstance(output, torch.Tensor) and output.numel():
                     out = output.detach()
                     found = units_fired(out) if kind == "relu" else activation_share(kind, out)
                     self.values[name] = (kind, layer, found)
@@ -128,7 +128,12 @@ class Hooks:
 
     def _read_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         scores = logits(output)
-        if module.training and scores is not None:
+        if not module.training or scores is None:
+            return
+        if self.stay:  # inside a compiled graph, where a guard would break the graph
+            self.output = output_facts(scores)
+            return
+        with self.guard("reading the model's output"):
             self.output = output_facts(scores)
 
     def check_clearing(self, parameters: NamedParameters) -> None:
@@ -138,15 +143,21 @@ class Hooks:
         old = self.handles.pop("clearing", None)
         if old is not None:
             old.remove()
-        graded = [p for _, p in parameters if p.grad is not None and not is_sharded(p)]
+        graded = [
+            p
+            for _, p in parameters
+            if p.grad is not None and not p.grad.is_sparse and not is_sharded(p)
+        ]
         if not graded:
             return
         probe = graded[-1]
 
         def hook(grad):
             if self.cleared is None:
-                before = probe.grad  # what the backward pass adds to
-                self.cleared = torch.ones(()) if before is None else (before == 0).all().float()
+                with self.guard("checking that the gradients are cleared"):
+                    before = probe.grad  # what the backward pass adds to
+                    cleared = before is None or before.is_sparse
+                    self.cleared = torch.ones(()) if cleared else (before == 0).all().float()
             return None
 
         self.handles["clearing"] = probe.register_hook(hook)

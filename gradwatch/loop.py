@@ -70,7 +70,7 @@ def logits(output: Any) -> torch.Tensor | None:
     if isinstance(output, dict):
         output = output.get("logits")
     ok = isinstance(output, torch.Tensor) and output.ndim >= 2 and output.shape[-1] >= 2
-    return output if ok and output.is_floating_point() else None
+    return output if ok and output.is_floating_point() and output.numel() else None
 
 
 @torch.no_grad()

@@ -215,3 +215,22 @@ def test_a_unit_is_dead_only_if_it_stays_silent_on_every_batch_read_in_the_epoch
             monitor.epoch_end(epoch, {})
             assert ("dead_units" in rules(monitor.findings)) == (epoch == 1)  # unit 1 silent all of epoch 2
             assert monitor.diagnosis.history[-1].activations["1"]["never_fired"] == relu["never_fired"]
+
+
+def test_an_empty_batch_and_a_sparse_gradient_leave_the_loop_checks_quiet(tmp_path, capsys):
+    """The monitor's hooks run inside the user's forward and backward passes: nothing there may raise."""
+    model = nn.Sequential(nn.EmbeddingBag(10, 4, mode="sum", sparse=True), nn.ReLU(), nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path, stats_every=1).watch(model, optimizer) as monitor:
+        for rows in (4, 0, 4, 4):
+            tokens = torch.randint(0, 10, (rows, 3))
+            optimizer.zero_grad()
+            outputs = model(tokens)  # an empty batch's forward pass runs the hooks too
+            loss = F.cross_entropy(outputs, torch.zeros(rows, dtype=torch.long)) if rows else None
+            if loss is not None:
+                loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+        monitor.epoch_end(0, {})
+    assert "failed" not in capsys.readouterr().err  # no hook, rule or statistic failed
+    assert monitor.diagnosis.history[0].loop["clearing_checks"] >= 1  # the dense Linear was the probe
