@@ -15,7 +15,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .stats import NamedParameters, learning_rate
+from .stats import NamedParameters, learning_rate, weight_decay
 
 MAX_ROWS = 1024  # the output rows read at a statistics step (images of a batch, or tokens)
 
@@ -27,15 +27,6 @@ def mode_matters(model: torch.nn.Module) -> bool:
         isinstance(m, _BatchNorm) or (isinstance(m, _DropoutNd) and m.p > 0)
         for m in model.modules()
     )
-
-
-def weight_decay(optimizer: torch.optim.Optimizer | None) -> float | None:
-    """The weight decay most of the optimizer's parameter values train with; None without one."""
-    values: dict[float, int] = {}
-    for group in optimizer.param_groups if optimizer is not None else ():
-        decay = float(group.get("weight_decay", 0.0))
-        values[decay] = values.get(decay, 0) + sum(p.numel() for p in group["params"])
-    return max(values, key=values.get) if values else None
 
 
 def loop_facts(

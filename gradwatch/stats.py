@@ -180,12 +180,24 @@ def gradient_flow(
     return [name for name, _ in named], means, values["max_abs_grad"]
 
 
+def _most_values(optimizer: torch.optim.Optimizer | None, key: str) -> float | None:
+    """The setting `key` of the parameter groups that hold most of the parameter values; None
+    without an optimizer. A group without the key counts as 0."""
+    values: dict[float, int] = {}
+    for group in optimizer.param_groups if optimizer is not None else ():
+        setting = float(group.get(key, 0.0))
+        values[setting] = values.get(setting, 0) + sum(p.numel() for p in group["params"])
+    return max(values, key=values.get) if values else None
+
+
 def learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:
     """The learning rate most of the optimizer's parameter values train with: the run's own rate,
     also where a few layers have rates of their own (train.py --layer-lr). None without an
     optimizer."""
-    values: dict[float, int] = {}
-    for group in optimizer.param_groups if optimizer is not None else ():
-        lr = float(group["lr"])
-        values[lr] = values.get(lr, 0) + sum(p.numel() for p in group["params"])
-    return max(values, key=values.get) if values else None
+    return _most_values(optimizer, "lr")
+
+
+def weight_decay(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The weight decay most of the optimizer's parameter values train with (train.py --layer-wd
+    aside); None without an optimizer."""
+    return _most_values(optimizer, "weight_decay")
