@@ -140,9 +140,7 @@ class Hooks:
         """After an optimizer step: look, when the next backward pass reaches the last parameter
         that has a gradient now, whether its gradient was cleared (None or zero) meanwhile."""
         self.cleared = None
-        old = self.handles.pop("clearing", None)
-        if old is not None:
-            old.remove()
+        self._drop("clearing")
         graded = [
             p
             for _, p in parameters
@@ -163,20 +161,27 @@ class Hooks:
         self.handles["clearing"] = probe.register_hook(hook)
 
     def take_loop(self) -> dict[str, Any]:
-        """The latest training output's facts, whether the gradients were cleared before the step's
-        backward pass (None where it could not be seen), as floats (one transfer per device), and
-        the learning rate at attach()."""
-        old = self.handles.pop("clearing", None)
-        if old is not None:
-            old.remove()
+        """Whether the gradients were cleared before the step's backward pass (None where it could
+        not be seen), the learning rate at attach(), and the latest training output's facts as
+        floats under "output" (one transfer per device; no "output" where there was none)."""
+        self._drop("clearing")
         rows = dict(self.output)
         if self.cleared is not None:
             rows["cleared"] = self.cleared
         self.output = {}
         self.cleared = None
-        found = to_host(rows)
-        found["cleared"] = bool(found["cleared"]) if "cleared" in found else None
-        return {**found, "lr_start": self.lr_start}
+        host = to_host(rows)
+        cleared = host.pop("cleared", None)
+        found = {"cleared": None if cleared is None else bool(cleared), "lr_start": self.lr_start}
+        if host:
+            found["output"] = host
+        return found
+
+    def _drop(self, key: str) -> None:
+        """Remove the hook placed under `key`, if there is one."""
+        handle = self.handles.pop(key, None)
+        if handle is not None:
+            handle.remove()
 
     def prepare(self, parameters: NamedParameters) -> None:
         """Before a step whose statistics are due: hooks for its forward pass and its backward pass,

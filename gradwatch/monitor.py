@@ -292,11 +292,11 @@ class TrainingMonitor:
             return []
         stats = parameter_statistics(self._parameters, self.hooks.take_weights())
         stats["activations"] = self.hooks.collect()
+        scalars = {**self.losses.take(), **self.clipping.take()}
         stats["loop"] = loop_facts(self.model, self._parameters, self.hooks.optimizer)
         stats["loop"].update(self.hooks.take_loop(), step=self.steps)
         stats["loop"]["loss"] = self.losses.latest(self.steps)
         self.diagnosis.records.append(stats)
-        scalars = {**self.losses.take(), **self.clipping.take()}
         for name, values in stats.items():
             if name not in ("activations", "loop"):
                 scalars.update((f"{key}/{name}", value) for key, value in values.items())

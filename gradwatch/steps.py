@@ -82,16 +82,15 @@ class LossWindows:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last window
         self.windows: list[dict[str, Any]] = []  # the epoch's
         self.first: float | None = None  # the run's first loss
+        self.last: tuple[int, float] | None = None  # (step, loss) of the latest step taken
 
     def add(self, step: int, loss: torch.Tensor | float) -> None:
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)
         self.pending.append((step, loss))
 
     def latest(self, step: int) -> float | None:
-        """The loss of optimizer step `step`, if it was the last one given (a host sync)."""
-        if not self.pending or self.pending[-1][0] != step:
-            return None
-        return float(self.pending[-1][1])
+        """The loss of optimizer step `step`, if it was the last one the latest take() read."""
+        return self.last[1] if self.last is not None and self.last[0] == step else None
 
     def take(self) -> dict[str, float]:
         """Close the window of the losses since the last call; returns the scalar to log, {"loss":
@@ -102,6 +101,7 @@ class LossWindows:
         host = to_host({i: loss for i, (_, loss) in enumerate(self.pending)})
         values = [host[i] for i in range(len(steps))]
         self.pending = []
+        self.last = (steps[-1], values[-1])
         if self.first is None:
             self.first = values[0]
         finite = [(value, step) for value, step in zip(values, steps) if math.isfinite(value)]

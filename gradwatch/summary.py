@@ -106,21 +106,9 @@ def _activations(records: list[dict]) -> dict[str, dict[str, Any]]:
     }
 
 
-OUTPUT_KEYS = (
-    "probabilities",
-    "ce_low",
-    "ce_high",
-    "max_value",
-    "mode",
-    "mode_share",
-    "rows",
-    "columns",
-)
-
-
 def _output(facts: dict[str, Any]) -> dict[str, Any]:
-    """One reading of the model's output: its facts, the step and its loss."""
-    return {"step": facts["step"], "loss": facts["loss"], **{k: facts[k] for k in OUTPUT_KEYS}}
+    """One reading of the model's output: its facts (loop.output_facts), the step and its loss."""
+    return {"step": facts["step"], "loss": facts["loss"], **facts["output"]}
 
 
 def _weight_norm(record: dict) -> float | None:
@@ -143,7 +131,8 @@ def _loop(records: list[dict]) -> dict[str, Any]:
         return {}
     latest = seen[-1]
     checks = [f["cleared"] for f in seen if f.get("cleared") is not None]
-    rates = [f["lr"] for f in seen if f.get("lr") is not None]
+    lrs = [[f["step"], f["lr"]] for f in seen if f.get("lr") is not None]
+    rates = [lr for _, lr in lrs]
     return {
         "readings": len(seen),
         "weight_norm_first": _weight_norm(records[0]),
@@ -158,11 +147,11 @@ def _loop(records: list[dict]) -> dict[str, Any]:
         ],
         "clearing_checks": len(checks),
         "not_cleared": checks.count(False),
-        "lrs": [[f["step"], f["lr"]] for f in seen if f.get("lr") is not None],
+        "lrs": lrs,
         "lr_first": seen[0].get("lr_start") or (rates[0] if rates else None),
         "lr_peak": max(rates, default=None),
         "weight_decay": latest["weight_decay"],
-        "outputs": [_output(f) for f in seen if "probabilities" in f],
+        "outputs": [_output(f) for f in seen if "output" in f],
     }
 
 
