@@ -95,19 +95,20 @@ class Thresholds:
     # oscillation_amplitude of its level, without falling
     oscillation_epochs: int = 6
     oscillation_amplitude: float = 0.2
-    # overfitting: ... and so for overfit_epochs epochs in a row
+    # overfitting: the validation loss overfit_rise above its best for overfit_epochs epochs in a
+    # row
     overfit_epochs: int = 3
     # lr_collapsed: the learning rate fell below lr_collapse of its peak within the first epoch and
     # stayed there
     lr_collapse: float = 0.01
     # unshuffled: at least this share of a batch's rows had the same top class
     uniform_batch: float = 0.9
-    # noisy_labels: the validation accuracy above the training accuracy by noisy_gap for
-    # noisy_epochs epochs in a row
+    # noisy_labels: the training accuracy below the validation accuracy of the epoch before by
+    # noisy_gap, for noisy_epochs epochs in a row
     noisy_gap: float = 0.15
     noisy_epochs: int = 3
-    # strong_weight_decay: the weights' norm fell for decay_epochs epochs in a row while the loss
-    # stayed above stuck_loss x its first value
+    # strong_weight_decay: the weights' norm below half its first value while the loss stayed
+    # above stuck_loss x an untrained model's for decay_epochs epochs
     decay_epochs: int = 3
 
     @classmethod
@@ -649,10 +650,9 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     gradients cannot move them."""
     now = history[-1]
     decay = now.loop.get("weight_decay")
-    first = history[0].first_loss
     start = history[0].loop.get("weight_norm_first")
     norm = now.loop.get("weight_norm")
-    untrained, _ = _start_loss(history)
+    untrained, said = _start_loss(history)
     if len(history) < t.decay_epochs or not decay or not untrained or not _finite(start):
         return []
     losses = [_loss(s) for s in history[-t.decay_epochs :]]
@@ -661,9 +661,9 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     if not all(_finite(loss) and loss >= t.stuck_loss * untrained for loss in losses):
         return []
     message = f"with weight decay {decay:g} the weights' norm fell from {start:.3g} to {norm:.3g} "
-    message += f"while the training loss stays near its start ({losses[-1]:.3g}, first "
-    message += f"{first:.3g}): the decay holds the weights near zero faster than the gradients "
-    message += "can move them."
+    message += f"while the training loss stays near {untrained:.3g} ({said}; {losses[-1]:.3g} "
+    message += "now): the decay holds the weights near zero faster than the gradients can move "
+    message += "them."
     evidence = {"weight_decay": decay, "weight_norms": [start, norm], "train_loss": losses[-1]}
     suggestion = (
         f"a weight decay ten to a hundred times smaller than {decay:g} (5e-4 is usual with "

@@ -637,3 +637,20 @@ def test_recipes_that_look_like_faults_stay_clean():
     assert diagnose(growing([1.0, 0.9, 0.8, 0.7, 0.6])) == []  # still improving on new data
     [finding] = diagnose(growing([1.0, 0.9, 0.8, 0.9, 1.0]))
     assert finding.rule == "weights_growing" and finding.parameters == ["fc.weight"]
+
+
+def test_strong_weight_decay_speaks_without_a_first_loss():
+    """A loop that gives step() no loss, only the epoch's metrics: the rule compares with ln C and says so."""
+    loop = {"weight_decay": 0.5, "weight_norm_first": 2.0}
+    history = [
+        EpochSummary(
+            e,
+            10 * (e + 1),
+            num_classes=4,
+            metrics={"train_loss": 1.39, "train_accuracy": 0.25},
+            loop={**loop, "weight_norm": 2.0 / 10 ** (e + 1)},
+        )  # fmt: skip
+        for e in range(3)
+    ]
+    findings = [f for f in diagnose(history) if f.rule == "strong_weight_decay"]
+    assert len(findings) == 1 and "near 1.39 (ln 4, an untrained model's; 1.39 now)" in findings[0].message
