@@ -154,6 +154,40 @@ def contradictions(findings):
     return bad
 
 
+def score(runs, names, train_one, widths=(18, 38), story=False):
+    """Train each run of `names` ({name: (cause, the rules that name it, settings)}; no rules for a healthy run)
+    with `train_one(log_dir, settings)`, which returns its findings; print a row per run (what the diagnosis named
+    first, whether that is right, the seconds it took), its story if asked, then the totals."""
+    name_width, cause_width = widths
+    print(f"{'run':{name_width}}{'cause':{cause_width}}{'named first':24}{'right':>6}  {'s':>5}")
+    right = wrong_healthy = faults = healthy = 0
+    bad = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            cause, rules, settings = runs[name]
+            start = time.perf_counter()
+            with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+                findings = train_one(f"{tmp}/{name}", settings)
+            first = first_problem(findings)
+            named = first.rule if first else "-"
+            ok = named in rules if rules else first is None
+            faults += bool(rules)
+            healthy += not rules
+            right += bool(rules) and ok
+            wrong_healthy += not rules and not ok
+            bad += [f"{name}: {text}" for text in contradictions(findings)]
+            print(f"{name:{name_width}}{cause:{cause_width}}{named:24}{'yes' if ok else 'NO':>6}  "
+                  f"{time.perf_counter() - start:5.1f}", flush=True)  # fmt: skip
+            for finding in findings if story else ():
+                print(f"    {finding}")
+    print(f"\ncauses named first: {right} of {faults} faulty runs; healthy runs with a warning: {wrong_healthy} of "
+          f"{healthy}; suggestions against the run's history: {len(bad)}; "
+          f"{time.perf_counter() - started:.0f} s in all")  # fmt: skip
+    for text in bad:
+        print(f"  {text}")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,33 +201,11 @@ def main():
         ROOT / "Data", 16, 0, device, 0, "yes", CIFAR10_MEAN, CIFAR10_STD
     )
     runs = {**FAULTS, **{name: (what, set(), settings) for name, (what, settings) in HEALTHY.items()}}
-    names = args.only or list(runs)
-    print(f"{'run':18}{'cause':38}{'named first':24}{'right':>6}  {'s':>5}")
-    right = wrong_healthy = faults = healthy = 0
-    bad = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            cause, rules, settings = runs[name]
-            start = time.perf_counter()
-            with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
-                findings = train(f"{tmp}/{name}", train_loader, valid_loader, classes, args.epochs, **settings)
-            first = first_problem(findings)
-            named = first.rule if first else "-"
-            if rules:
-                faults += 1
-                ok = named in rules
-                right += ok
-            else:
-                healthy += 1
-                ok = first is None
-                wrong_healthy += not ok
-            bad += [f"{name}: {text}" for text in contradictions(findings)]
-            print(f"{name:18}{cause:38}{named:24}{'yes' if ok else 'NO':>6}  {time.perf_counter() - start:5.1f}",
-                  flush=True)  # fmt: skip
-    print(f"\ncauses named first: {right} of {faults} faulty runs; healthy runs with a problem: {wrong_healthy} of "
-          f"{healthy}; suggestions against the run's history: {len(bad)}")  # fmt: skip
-    for text in bad:
-        print(f"  {text}")
+
+    def train_one(log_dir, settings):
+        return train(log_dir, train_loader, valid_loader, classes, args.epochs, **settings)
+
+    score(runs, args.only or list(runs), train_one)
 
 
 if __name__ == "__main__":

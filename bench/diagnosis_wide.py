@@ -19,13 +19,10 @@ holds the runs that were.
 """
 
 import argparse
-import contextlib
 import math
 import os
 import pydoc_data.topics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from diagnosis_suite import contradictions, first_problem  # noqa: E402
+from diagnosis_suite import score  # noqa: E402
 
 from data import CIFAR10_MEAN, CIFAR10_STD, CachedBatches, build_loaders  # noqa: E402
 from gradwatch import TrainingMonitor  # noqa: E402
@@ -516,34 +513,9 @@ def main():
     unknown = sorted(set(args.only or ()) - set(runs))
     if unknown:
         parser.error(f"no such run: {', '.join(unknown)}; known: {', '.join(runs)}")
-    print(f"{'run':32}{'cause':42}{'named first':24}{'right':>6}  {'s':>5}")
-    right = wrong_healthy = faults = healthy = 0
-    bad = []
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only or list(runs):
-            cause, rules, settings = runs[name]
-            start = time.perf_counter()
-            with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
-                findings = train(f"{tmp}/{name}", data, **settings)
-            first = first_problem(findings)
-            named = first.rule if first else "-"
-            ok = named in rules if rules else first is None
-            faults += bool(rules)
-            healthy += not rules
-            right += bool(rules) and ok
-            wrong_healthy += not rules and not ok
-            bad += [f"{name}: {text}" for text in contradictions(findings)]
-            print(f"{name:32}{cause:44}{named:24}{'yes' if ok else 'NO':>6}  {time.perf_counter() - start:5.1f}",
-                  flush=True)  # fmt: skip
-            if args.story:
-                for finding in findings:
-                    print(f"    {finding}")
-    print(f"\ncauses named first: {right} of {faults} faulty runs; healthy runs with a warning: {wrong_healthy} of "
-          f"{healthy}; suggestions against the run's history: {len(bad)}; "
-          f"{time.perf_counter() - started:.0f} s in all")  # fmt: skip
-    for text in bad:
-        print(f"  {text}")
+    score(
+        runs, args.only or list(runs), lambda log_dir, settings: train(log_dir, data, **settings), (32, 44), args.story
+    )
 
 
 if __name__ == "__main__":
