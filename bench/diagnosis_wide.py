@@ -380,8 +380,10 @@ HELD_OUT_2_HEALTHY = {
         "dropout 0.3 before the classifier, seed 1",
         dict(arch="resnet", lr=0.05, dropout=0.3, seed=1),
     ),  # fmt: skip
-    "transformer_constant_lr": ("AdamW 1e-3, constant, no clipping", dict(arch="transformer", optimizer="adamw",
-                                                                           lr=1e-3)),  # fmt: skip
+    "transformer_constant_lr": (
+        "AdamW 1e-3, constant, no clipping",
+        dict(arch="transformer", optimizer="adamw", lr=1e-3),
+    ),  # fmt: skip
     "cnn_lr_0.005": ("the tutorial's CNN at lr 0.005, seed 5", dict(lr=0.005, seed=5)),
     "resnet_label_smoothing_cosine": (
         "label smoothing 0.1, cosine, weight decay 5e-4",
@@ -546,7 +548,8 @@ class Loop:
 
 SETTINGS = dict(arch="cnn", optimizer="sgd", lr=0.01, weight_decay=0.0, seed=0, schedule=None, clip=None,
                 label_smoothing=0.0, dropout=0.0, freeze=None, accumulate=1, no_zero_grad=False, leave_out=None,
-                detach=None, softmax=False, stay_eval=False, mse=False, noise=0.0, sort=False, first_bias=None)  # fmt: skip
+                detach=None, softmax=False, stay_eval=False, mse=False, noise=0.0, sort=False,
+                first_bias=None)  # fmt: skip
 
 
 def train(log_dir, data, **settings):
