@@ -110,6 +110,10 @@ class Thresholds:
     # strong_weight_decay: the weights' norm below half its first value while the loss stayed
     # above stuck_loss x an untrained model's for decay_epochs epochs
     decay_epochs: int = 3
+    # not_cross_entropy: the training loss below ce_bound x the least cross-entropy allows at the
+    # training accuracy ((1 - accuracy) x ln 2); a quarter leaves room for focal losses and a loss
+    # divided by up to 4 accumulation steps
+    ce_bound: float = 0.25
 
     @classmethod
     def names(cls) -> list[str]:
@@ -154,7 +158,8 @@ class Finding:
     suggestion: str | None  # what to try; None for a consequence of an earlier finding (see cause)
     last_epoch: int = -1  # the last epoch it held
     cause: str | None = None  # the id of the earlier finding it follows from
-    severity: str = "warning"  # or "note": a slow start that ended on its own
+    severity: str = "warning"  # or "note": it ended on its own (a slow start), or is harmless
+    harmless: bool = False  # its rule found that the run does well anyway: a note
 
     def __post_init__(self):
         self.last_epoch = max(self.last_epoch, self.epoch)
@@ -206,7 +211,7 @@ class Rule:
     lr: int = 0  # LOWER or RAISE: what its suggestion does to the learning rate, or 0
     instead: str | None = None  # what to suggest where that would go against the run's history
     per_parameter: bool = False  # a finding per parameter (weights_growing) or one for the rule
-    slow_start: bool = False  # a finding that ended on its own is a note about a slow start
+    ended: str = ""  # what a finding that ended on its own was, told as a note; "": a warning
     diverged: bool = False  # the run diverged: no later suggestion may raise the learning rate
 
     def __post_init__(self):
@@ -421,6 +426,31 @@ def softmax_before_loss(history: list[EpochSummary], t: Thresholds) -> list[Find
     message += f"{low:.2f} for such rows: a softmax before a loss that applies its own."
     evidence = {"max_value": top, "loss_floor": low, "readings": len(readings)}
     return [_found(now, [], evidence, message, step=readings[-1]["step"])]
+
+
+@rule(
+    "for classes, nn.CrossEntropyLoss on the model's raw scores with the class indices as targets "
+    "(not MSE or L1 on one-hot vectors); if this loss is chosen on purpose, ignore this.",
+    thresholds=("ce_bound",),
+)
+def not_cross_entropy(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The epoch's training loss is below `ce_bound` x (1 - training accuracy) x ln 2: cross-entropy
+    on class labels costs at least ln 2 for every wrong answer (its class then has a probability of
+    1/2 at most), so the loss is not cross-entropy (MSE on one-hot targets, most often)."""
+    now = history[-1]
+    loss = now.metrics.get("train_loss")
+    accuracy = now.metrics.get("train_accuracy")
+    if not (_finite(loss) and _finite(accuracy)) or not 0 <= accuracy <= 1:
+        return []
+    least = (1 - accuracy) * math.log(2)
+    if loss >= t.ce_bound * least:
+        return []
+    message = f"the training loss is {loss:.3g} at a training accuracy of {accuracy:.1%}, where "
+    message += f"cross-entropy on class labels cannot be below {least:.3g} (ln 2 for each wrong "
+    message += "answer): the loss is not cross-entropy, and a square loss on one-hot targets "
+    message += "learns classes slowly."
+    evidence = {"train_loss": loss, "train_accuracy": accuracy, "least_cross_entropy": least}
+    return [_found(now, [], evidence, message, step=_loop_start(history))]
 
 
 @rule(
@@ -686,7 +716,8 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
 )
 def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """`dead_share` of a ReLU's units (channels or features) gave no positive output at any
-    statistics step of the epoch (in logs read by `diagnose`: for a whole batch)."""
+    statistics step of the epoch (in logs read by `diagnose`: for a whole batch). A note while the
+    model learns anyway (not near its start, as `stuck` measures it), a warning once it does not."""
     now = history[-1]
     # by the layer that feeds them: of two ReLUs after one layer, the later one speaks for it
     dead = {
@@ -701,7 +732,14 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     message = f"{parts} units gave no positive output on any batch read this epoch: their ReLUs no "
     message += "longer fire (dead units)."
     evidence = {"dead_share": dead, "threshold": t.dead_share}
-    return [_found(now, list(dead), evidence, message)]
+    finding = _found(now, list(dead), evidence, message)
+    start, _ = _start_loss(history)
+    if start and not _near_start(now, start, t):  # the units left learn: capacity lost, no more
+        finding.harmless = True
+        finding.message += f" The model learns on the units left (training loss {_loss(now):.3g}"
+        accuracy = _accuracy(now)
+        finding.message += f", accuracy {accuracy:.1%})." if _finite(accuracy) else ")."
+    return [finding]
 
 
 @rule(
@@ -748,7 +786,7 @@ def _weight_rms(summary: EpochSummary) -> dict[str, float]:
     ),
     lr=RAISE,
     instead="residual connections or normalisation layers, or an auxiliary loss.",
-    slow_start=True,
+    ended="a slow start",
 )
 def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The first weight layer's gradient RMS is below `vanishing_ratio` of the last weight layer's,
@@ -824,7 +862,7 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
     ),
     lr=RAISE,
     instead="check that these layers receive gradients and are in the optimizer.",
-    slow_start=True,
+    ended="a slow start",
 )
 def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio ||dw|| / ||w|| over the epoch is below
@@ -905,7 +943,7 @@ def _near_start(summary: EpochSummary, start: float, t: Thresholds) -> bool:
     ),
     lr=RAISE,
     instead="check that the labels match the images and that the inputs are normalised.",
-    slow_start=True,
+    ended="a slow start",
 )
 def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """For `stuck_epochs` epochs the training loss stays above `stuck_loss` x ln C and the accuracy
@@ -975,11 +1013,18 @@ def oscillating(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 
 
 def _worse_on_new_data(history: list[EpochSummary], rise: float) -> bool:
-    """Whether the latest validation loss is `rise` above its best; True without validation."""
+    """Whether the validation loss rose `rise` above its best so far at some epoch, and has made no
+    new best since (so that one rise that came back above the best still counts, and a new best
+    clears it); True without validation."""
     losses = [s.metrics.get("valid_loss") for s in history]
     if not _finite(losses[-1]):
         return True
-    return losses[-1] > (1 + rise) * min(loss for loss in losses if _finite(loss))
+    best = math.inf
+    worse = False
+    for loss in filter(_finite, losses):
+        worse = (worse and loss >= best) or loss > (1 + rise) * best
+        best = min(best, loss)
+    return worse
 
 
 def _max_abs_weight(summary: EpochSummary, name: str) -> float | None:
@@ -991,12 +1036,13 @@ def _max_abs_weight(summary: EpochSummary, name: str) -> float | None:
     thresholds=("weight_max_abs", "weight_growth", "weight_window", "overfit_rise"),
     follows=("gradients_not_cleared", "diverging", "output_bias_skew"),
     per_parameter=True,
+    ended="the validation loss made a new best, or the weights stopped growing",
 )
 def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A layer's max |w| is above `weight_max_abs`, at least `weight_growth` times its value after
     the first epoch, and still higher than `weight_window` epochs ago, while the validation loss (if
-    there is one) is `overfit_rise` above its best: weights that grow while the model still does as
-    well on new data are learning, not overfitting."""
+    there is one) rose `overfit_rise` above its best and has made no new best since: weights that
+    grow while the model does better than ever on new data are learning, not overfitting."""
     if len(history) <= t.weight_window or not _worse_on_new_data(history, t.overfit_rise):
         return []
     now = history[-1]
@@ -1149,6 +1195,7 @@ def _gap(summary: EpochSummary) -> float:
     "more data.",
     thresholds=("overfit_gap", "overfit_rise", "overfit_epochs"),
     follows=("no_generalisation", "weights_growing"),
+    ended="the validation loss came back near its best, so it was noise, not overfitting",
 )
 def overfitting(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """For `overfit_epochs` epochs in a row the validation loss is `overfit_rise` above its best,
@@ -1212,6 +1259,7 @@ def record(
             begun.add(finding.key)
             continue
         kept.last_epoch = max(kept.last_epoch, finding.last_epoch)
+        kept.harmless = kept.harmless and finding.harmless  # once it did harm, a warning
         kept.parameters = [
             *kept.parameters,
             *(p for p in finding.parameters if p not in kept.parameters),
@@ -1229,10 +1277,15 @@ def _link(findings: list[Finding], epoch: int) -> None:
     direction = 0  # the first problem's, for the learning rate
     for i, finding in enumerate(findings):
         rule_ = declared(finding.rule)
-        causes = [f for f in findings[:i] if f.rule in rule_.follows and _related(f, finding)]
+        causes = [
+            f
+            for f in findings[:i]
+            if f.rule in rule_.follows and f.severity != "note" and _related(f, finding)
+        ]  # a note explains nothing that is a problem
         finding.cause = causes[0].id if causes else None
-        slow_start = rule_.slow_start and finding.last_epoch < epoch
-        finding.severity = "note" if slow_start and not finding.cause else "warning"
+        ended = rule_.ended and finding.last_epoch < epoch
+        note = (ended or finding.harmless) and not finding.cause
+        finding.severity = "note" if note else "warning"
         if finding.cause:
             finding.suggestion = None
             continue
@@ -1258,9 +1311,11 @@ def _related(cause: Finding, effect: Finding) -> bool:
 
 
 def _paragraph(root: Finding, chain: list[Finding], told_in_full: int) -> str:
-    if root.severity == "note":
-        ended = f"It ended after epoch {root.last_epoch + 1}: a slow start."
+    if root.severity == "note" and not root.harmless:
+        ended = f"It ended after epoch {root.last_epoch + 1}: {declared(root.rule).ended}."
         return f"Note, {_when(root)}: {root.message} {ended}"
+    if root.severity == "note":
+        return f"Note, {_when(root)}: {root.message} If that matters: {root.suggestion}"
     text = [f"Problem, {_when(root)}: {root.message}"]
     text += [f"Then, {_when(f)}: {f.message}" for f in chain[:told_in_full]]
     later: dict[str, list[Finding]] = {}

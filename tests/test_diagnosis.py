@@ -3,6 +3,7 @@
 import json
 import math
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 from conftest import load_events
 
 from gradwatch import Finding, Thresholds, TrainingMonitor, diagnose
-from gradwatch.diagnosis import output_bias_skew
+from gradwatch.diagnosis import output_bias_skew, record, story
 from gradwatch.summary import EpochSummary
 
 CLASSES = ["a", "b", "c", "d"]
@@ -164,7 +165,7 @@ def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
             reported.append(monitor.epoch_end(epoch, {}))
     saved = json.loads((tmp_path / "diagnosis.json").read_text())
     schema = {"id", "rule", "parameters", "epoch", "last_epoch", "step", "evidence", "message", "suggestion", "cause"}
-    assert set(saved[0]) == schema | {"severity"}
+    assert set(saved[0]) == schema | {"severity", "harmless"}
     assert [Finding.from_json(item) for item in saved] == monitor.findings
     keys = [f.key for epoch_findings in reported for f in epoch_findings]
     assert reported[0] and len(keys) == len(set(keys)) == len(monitor.findings)  # each finding begins once
@@ -654,3 +655,62 @@ def test_strong_weight_decay_speaks_without_a_first_loss():
     ]
     findings = [f for f in diagnose(history) if f.rule == "strong_weight_decay"]
     assert len(findings) == 1 and "near 1.39 (ln 4, an untrained model's; 1.39 now)" in findings[0].message
+
+
+def told(history):
+    """The findings of `history` as the live monitor records them, epoch after epoch."""
+    findings = []
+    for epoch in range(len(history)):
+        findings, _ = record(findings, diagnose(history[: epoch + 1]), epoch)
+    return findings
+
+
+def test_dead_units_the_model_learns_without_are_a_note_until_it_stops_learning():
+    """Most of a layer silent while the loss falls and the accuracy rises: capacity lost, a note. Once the model
+    is back near its untrained loss, the same units are a warning."""
+    relu = {"1": {"layer": "0", "kind": "relu", "share": 0.8, "never_fired": 0.8}}
+
+    def epochs(*losses_and_accuracies):
+        return [
+            EpochSummary(e, 10 * (e + 1), num_classes=4, activations=relu,
+                         metrics={"train_loss": loss, "valid_accuracy": accuracy})
+            for e, (loss, accuracy) in enumerate(losses_and_accuracies)
+        ]  # fmt: skip
+
+    [finding] = told(epochs((0.6, 0.8), (0.5, 0.85)))
+    assert finding.rule == "dead_units" and finding.harmless and finding.severity == "note"
+    assert "learns on the units left" in finding.message
+    assert story([finding]).startswith("Note, epoch 1-2") and "If that matters: a smaller" in story([finding])
+    [finding] = told(epochs((0.6, 0.8), (1.38, 0.25)))  # it stopped learning
+    assert finding.severity == "warning" and not finding.harmless
+    [finding] = told(epochs((1.38, 0.25), (0.5, 0.85)))  # dead before it learnt anything: a warning
+    assert finding.severity == "warning"
+
+
+def test_a_validation_loss_that_comes_back_to_a_new_best_was_noise_not_overfitting():
+    """Weights growing while the validation loss rose: a warning while it stays above its best (also when one
+    epoch comes back near it), a note once the validation loss makes a new best."""
+
+    def growing(valid_losses):
+        return [
+            EpochSummary(e, 10 * (e + 1), layers={"fc.weight": {"max_abs_weight": 0.5 * (e + 1)}},
+                         metrics={"valid_loss": v})
+            for e, v in enumerate(valid_losses)
+        ]  # fmt: skip
+
+    [finding] = told(growing([1.0, 0.9, 0.8, 1.0, 0.85]))  # came back near the best, not below it
+    assert finding.rule == "weights_growing" and finding.severity == "warning" and finding.last_epoch == 4
+    [finding] = told(growing([1.0, 0.9, 0.8, 1.0, 0.85, 0.5]))
+    assert finding.severity == "note" and finding.last_epoch == 4
+    assert "It ended after epoch 5: the validation loss made a new best" in story([finding])
+
+
+def test_a_note_explains_no_later_problem():
+    """Overfitting after weights that grew, then stopped being a problem, is a problem of its own."""
+    grew = Finding("weights_growing", ["fc.weight"], 3, 40, {}, "grew", None, last_epoch=4)
+    overfit = Finding("overfitting", [], 6, 70, {}, "overfits", None)
+    findings, _ = record([grew], [overfit], 6)
+    assert [f.severity for f in findings] == ["note", "warning"]
+    assert findings[1].cause is None
+    findings, _ = record([replace(grew, last_epoch=6)], [overfit], 6)  # both hold: one story
+    assert findings[1].cause == "weights_growing:fc.weight"

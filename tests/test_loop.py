@@ -234,3 +234,48 @@ def test_an_empty_batch_and_a_sparse_gradient_leave_the_loop_checks_quiet(tmp_pa
         monitor.epoch_end(0, {})
     assert "failed" not in capsys.readouterr().err  # no hook, rule or statistic failed
     assert monitor.diagnosis.history[0].loop["clearing_checks"] >= 1  # the dense Linear was the probe
+
+
+def ten_classes(log_dir, loss_fn, epochs=2, accumulate=1):
+    """A 10-class problem (a linear rule on 20 features) trained with `loss_fn`; returns the findings."""
+    torch.manual_seed(0)
+    x = torch.randn(640, 20)
+    y = (x @ torch.randn(20, 10)).argmax(1)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    names = [str(i) for i in range(10)]
+    with TrainingMonitor(log_dir, stats_every=4).watch(model, optimizer) as monitor:
+        for epoch in range(epochs):
+            losses, hits = [], 0
+            for i in range(0, len(x), 16):
+                outputs = model(x[i : i + 16])
+                loss = loss_fn(outputs, y[i : i + 16])
+                (loss / accumulate).backward()
+                losses.append(loss.item() / accumulate)  # as a loop that logs the divided loss reports it
+                hits += (outputs.argmax(1) == y[i : i + 16]).sum().item()
+                if (i // 16 + 1) % accumulate == 0:
+                    optimizer.step()
+                    monitor.step(loss)
+                    optimizer.zero_grad()
+            metrics = {"train/loss": sum(losses) / len(losses), "train/accuracy": hits / len(x)}
+            monitor.epoch_end(epoch, metrics, classes=names)
+    return monitor.findings
+
+
+def test_a_square_loss_on_one_hot_targets_is_named_and_cross_entropy_is_not(tmp_path):
+    """Cross-entropy costs at least ln 2 per wrong answer: a loss far below that at the run's accuracy is not
+    cross-entropy. Label smoothing and a loss divided over 4 accumulation steps stay clean."""
+
+    def mse_one_hot(outputs, targets):
+        return F.mse_loss(outputs, F.one_hot(targets, 10).float())
+
+    def smoothed(outputs, targets):
+        return F.cross_entropy(outputs, targets, label_smoothing=0.1)
+
+    finding = first(ten_classes(tmp_path / "mse", mse_one_hot))
+    assert finding.rule == "not_cross_entropy" and finding.epoch == 0
+    loss, accuracy = finding.evidence["train_loss"], finding.evidence["train_accuracy"]
+    assert loss < 0.25 * (1 - accuracy) * math.log(2) and "nn.CrossEntropyLoss" in finding.suggestion
+    for i, (loss_fn, accumulate) in enumerate([(F.cross_entropy, 1), (smoothed, 1), (F.cross_entropy, 4)]):
+        findings = ten_classes(tmp_path / str(i), loss_fn, epochs=4, accumulate=accumulate)
+        assert "not_cross_entropy" not in rules(findings)
