@@ -11,6 +11,7 @@ relative to the list's folder. An existing output is never overwritten without -
 """
 
 import argparse
+import io
 import json
 import os
 import pickle
@@ -47,11 +48,26 @@ def _text(value):
     return value.decode() if isinstance(value, bytes) else value
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's python batches hold: dicts, lists, bytes, numbers and numpy arrays. Any other
+    global (a function a crafted archive would have called while it loads) is refused before it runs."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}  # fmt: skip
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}, which CIFAR-10 batches never hold")
+        if name == "_reconstruct":  # the archive names numpy 1's module; numpy 2 moved it
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+        return super().find_class(module, name)
+
+
 def _unpickle(data, name):
     try:
-        batch = pickle.loads(data, encoding="bytes")
+        batch = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
         return {_text(key): value for key, value in batch.items()}
-    except Exception as err:  # any failure to unpickle means a damaged file
+    except Exception as err:  # any failure to unpickle means a damaged (or crafted) file
         raise PrepareError(f"{name}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
 
 

@@ -171,3 +171,34 @@ def test_stats_are_exact_and_used_by_train(tmp_path, capsys):
     (data_dir / "stats.json").write_text('{"mean": [0.5, 0.5]}')
     assert train.main(["--data", str(data_dir), "--log-dir", str(tmp_path / "runs"), "--epochs", "1"]) == 1
     assert "stats.json: unusable" in capsys.readouterr().err
+
+
+class _RunsCode:
+    """What a crafted archive holds: unpickling it calls exec(), which here writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_crafted_archive_runs_no_code(tmp_path):
+    """The batches are read by an unpickler that accepts only arrays and plain values: a pickle that would call a
+    function while it loads is refused, in one line naming the file, before the function runs."""
+    import pickle
+
+    source, _ = make_cifar_batches(tmp_path)
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(_RunsCode(marker)))  # the oracle: a plain unpickler runs it
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    (source / "test_batch").write_bytes(pickle.dumps({b"data": _RunsCode(marker), b"labels": []}, protocol=2))
+    result = run_script("prepare_data.py", "cifar10", "--archive", source, "--out", tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr and not marker.exists()
+    assert "test_batch: not a CIFAR-10 python batch" in result.stderr
+    assert "refused to load __builtin__.exec" in result.stderr  # protocol 2 names Python 2's module
+    # the official archive was pickled by numpy 1, whose module numpy 2 renamed: it still loads
+    numpy_1 = (source / "data_batch_1").read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in numpy_1
+    assert prepare_data._unpickle(numpy_1, "data_batch_1")["data"].shape == (6, 3072)
