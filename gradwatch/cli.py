@@ -14,8 +14,10 @@ told as the monitor tells them.
 """
 
 import argparse
+import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -179,7 +181,13 @@ def run_folders(path):
     """Every folder under path (path included) that holds event files, except the monitor's
     step-axis folders: `<run>/steps` belongs to the run `<run>`, whose epoch histograms are the ones
     diagnosed."""
-    folders = {file.parent for file in Path(path).rglob("*tfevents*") if file.is_file()}
+    folders = set()
+    seen = set()  # real paths walked: a symlinked folder is followed once, a link loop ends
+    for top, dirs, files in os.walk(path, followlinks=True):
+        seen.add(os.path.realpath(top))
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(top, d)) not in seen]
+        if any("tfevents" in name and os.path.isfile(os.path.join(top, name)) for name in files):
+            folders.add(Path(top))
     return sorted(f for f in folders if not (f.name == "steps" and f.parent in folders))
 
 
@@ -206,18 +214,30 @@ def build_parser():
 
 
 def main(argv=None):
-    """The `diagnose` command; returns the exit status. Ctrl-C stops it quietly (nothing is
-    written)."""
+    """The `diagnose` command; returns the exit status: 0 when every run was read, 1 when a run or
+    the path could not be. Ctrl-C stops it quietly (nothing is written), and so does a reader that
+    closes the pipe (`diagnose Result --json | head`)."""
     try:
         return _main(argv)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 141
 
 
 def _folders(path):
-    """The run folders under `path`, or the line that says why there are none."""
+    """The run folders under `path` (an event file stands for its folder), or the line that says why
+    there are none."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return (
+            [],
+            "error: diagnose reads event files with TensorBoard's reader: pip install tensorboard",
+        )
     if not path.exists():
         return [], f"error: {path}: not found; pass a run folder or a folder of runs"
+    if path.is_file() and "tfevents" in path.name:
+        return [path.parent], None
     folders = run_folders(path)
     if not folders:
         return [], f"error: {path}: no event files (events.out.tfevents.*) in it or below it"
@@ -251,13 +271,25 @@ def _main(argv):
         print(error, file=sys.stderr)
         return 1
     report = {}
+    unread = 0
     for folder in folders:
-        name = str(folder.relative_to(args.path)) if folder != args.path else folder.name
+        name = _name(folder, args.path)
         findings, summary = _diagnosed(folder, thresholds, args.classes)
-        report[name] = findings or []
-        if not args.json:
+        unread += findings is None
+        if findings is not None:
+            report[name] = findings
+        if args.json and findings is None:  # stdout holds only the JSON of the runs read
+            print(f"{name}: {summary}", file=sys.stderr)
+        elif not args.json:
             _print_run(name, findings, summary)
     if args.json:
         runs = {name: [f.to_json() for f in findings] for name, findings in report.items()}
         print(json.dumps(runs, indent=2))
-    return 0
+    return 1 if unread else 0
+
+
+def _name(folder: Path, path: Path) -> str:
+    """A run's name: its folder below `path`, or the folder's own name."""
+    if path.is_dir() and folder != path:
+        return str(folder.relative_to(path))
+    return folder.name

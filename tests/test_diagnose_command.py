@@ -1,11 +1,14 @@
 """The diagnose command on logs written by this project, by tensorboardX and by torch.utils.tensorboard."""
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import run_script
+from conftest import ROOT, run_script
 from tensorboardX import SummaryWriter as TensorboardXWriter
 from test_diagnosis import deep_sigmoid, make_data, mlp, train
 from torch.utils.tensorboard import SummaryWriter as TorchWriter
@@ -65,7 +68,7 @@ def test_diagnose_explains_what_it_cannot_read(tmp_path, capsys):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "events.out.tfevents.1.host").write_bytes(b"\x00garbage" * 50)
     result = run_script("diagnose.py", tmp_path)
-    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr  # runs it could not read: never exit 0
     assert (
         "other: no weight or gradient histograms and no loss or accuracy scalars recognised among 1 histogram "
         "tags (e.g. activations/relu1)" in result.stdout
@@ -126,3 +129,40 @@ def test_a_runs_step_axis_folder_is_part_of_the_run(tmp_path, capsys):
     assert (tmp_path / "logs" / "run" / "steps").is_dir()
     assert diagnose.main([str(tmp_path / "logs")]) == 0
     assert capsys.readouterr().out == "run: 2 steps, 4 parameters; healthy\n"
+
+
+def test_diagnose_follows_links_reads_an_event_file_and_says_what_it_lacks(tmp_path, capsys, monkeypatch):
+    """A run reached through a symlinked folder is found (a link loop ends); an event file stands for its run;
+    with --json, stdout holds only the JSON of the runs read; a closed pipe ends quietly; without TensorBoard's
+    reader, one line names the install."""
+    log_with(TensorboardXWriter(str(tmp_path / "real" / "run")), mlp(), 2, "{}_data", "{}_grad")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "linked").symlink_to(tmp_path / "real" / "run", target_is_directory=True)
+    (tmp_path / "real" / "run" / "loop").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert diagnose.main([str(tmp_path / "logs")]) == 0
+    assert capsys.readouterr().out.startswith("linked: 2 steps")
+    event_file = next((tmp_path / "real" / "run").glob("events.out.tfevents.*"))
+    assert diagnose.main([str(event_file), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == ["run"]
+
+    (tmp_path / "logs" / "broken").mkdir()
+    (tmp_path / "logs" / "broken" / "events.out.tfevents.1.host").write_bytes(b"\x00garbage" * 50)
+    assert diagnose.main([str(tmp_path / "logs"), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert list(json.loads(captured.out)) == ["linked"] and captured.err.startswith("broken: no readable event")
+
+    piped = subprocess.run(
+        f"{sys.executable} diagnose.py {tmp_path / 'logs'} --json | true",  # the reader is gone before it writes
+        shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert piped.stderr.startswith("broken: no readable event") and "Traceback" not in piped.stderr
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real_find_spec(name)
+    )
+    assert diagnose.main([str(tmp_path / "logs")]) == 1
+    assert (
+        capsys.readouterr().err
+        == "error: diagnose reads event files with TensorBoard's reader: pip install tensorboard\n"
+    )
