@@ -182,8 +182,12 @@ class EventSink(NullSink):
         self.scalars(metrics, step)
 
     def save_json(self, name: str, value: Any) -> None:
-        with open(os.path.join(self.log_dir, name), "w") as fh:
+        """Written whole, then renamed over the old file: a kill or a full disk midway leaves the
+        old one."""
+        path = os.path.join(self.log_dir, name)
+        with open(path + ".tmp", "w") as fh:
             json.dump(value, fh, indent=2)
+        os.replace(path + ".tmp", path)
 
     def save_image(self, name: str, image: Image.Image) -> None:
         image.save(os.path.join(self.log_dir, name))
@@ -223,4 +227,16 @@ class Guard:
                     f"gradwatch: {what} failed ({why}); training goes on; see {self.path}",
                     file=sys.stderr,
                 )
-            self.sink.error(traceback.format_exc())
+            self._keep(traceback.format_exc())
+
+    def _keep(self, text: str) -> None:
+        """The traceback into the error log; where that fails too (a full disk, a read-only folder),
+        one line says so, and the guard still does not raise."""
+        try:
+            self.sink.error(text)
+        except Exception as err:
+            if ERRORS not in self.failed:
+                self.failed.add(ERRORS)
+                why = f"{type(err).__name__}: {err}"
+                line = f"gradwatch: could not write {self.path} ({why}); tracebacks are not kept"
+                print(line, file=sys.stderr)

@@ -1,5 +1,6 @@
 """TrainingMonitor's events read back with TensorBoard's reader, and its statistics against plain torch."""
 
+import json
 import math
 
 import numpy as np
@@ -258,6 +259,42 @@ def test_the_guard_is_public_and_keeps_a_failure_from_ending_the_run(tmp_path, c
                 raise ZeroDivisionError("a norm of zero")
     assert capsys.readouterr().err.count("gradwatch: a callback's own measurement failed (ZeroDivisionError") == 1
     assert (tmp_path / "gradwatch-errors.log").read_text().count("ZeroDivisionError: a norm of zero") == 2
+
+
+@pytest.mark.monitor_failures
+def test_the_guard_never_raises_whatever_its_error_log_can_do(tmp_path, capsys, monkeypatch):
+    """A full disk fails the error log too: one line says so, and the run goes on."""
+
+    def full(text):
+        raise OSError(28, "No space left on device")
+
+    with TrainingMonitor(tmp_path) as monitor:
+        monkeypatch.setattr(monitor.sink, "error", full)
+        for _ in range(3):
+            with monitor.guard("the statistics"):
+                raise ValueError("a bad value")
+    err = capsys.readouterr().err
+    assert err.count("gradwatch: the statistics failed (ValueError: a bad value)") == 1
+    assert err.count("gradwatch-errors.log (OSError: [Errno 28] No space left on device); tracebacks are not") == 1
+
+
+def test_diagnosis_json_is_replaced_whole(tmp_path, monkeypatch):
+    """The findings file is written beside the old one and renamed over it: a write that fails midway leaves the
+    old file as it was, and no temporary file behind a finished write."""
+    with TrainingMonitor(tmp_path) as monitor:
+        monitor.sink.save_json("diagnosis.json", [{"rule": "old"}])
+        assert json.loads((tmp_path / "diagnosis.json").read_text()) == [{"rule": "old"}]
+        assert not (tmp_path / "diagnosis.json.tmp").exists()
+
+        def fails_midway(value, fh, **kwargs):
+            fh.write('[{"rule": "ne')
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(json, "dump", fails_midway)
+        with pytest.raises(OSError):
+            monitor.sink.save_json("diagnosis.json", [{"rule": "new"}])
+        monkeypatch.undo()
+    assert json.loads((tmp_path / "diagnosis.json").read_text()) == [{"rule": "old"}]
 
 
 def raw_events(folder):
