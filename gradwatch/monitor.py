@@ -107,6 +107,27 @@ class HistogramChoice:
         return ".".join(module.split(".")[: self.group_depth])
 
 
+def _numbers(values: Mapping[str, Any], guard: Guard) -> dict[str, float]:
+    """The values that are one number each, as floats; any other is left out with one line from
+    `guard` (once per tag), and the rest are kept."""
+    kept = {}
+    for tag, value in dict(values).items():
+        with guard(f"the scalar {tag}"):
+            kept[tag] = _number(value)
+    return kept
+
+
+def _number(value: Any) -> float:
+    """`value` as one float (a number, or a tensor or array of one element); else ValueError."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        what = f"{value!r:.40} ({type(value).__name__})"
+        raise ValueError(f"{what} is not one number; left out, the other scalars kept") from None
+
+
 def _metrics(scalars: Mapping[str, float]) -> dict[str, float]:
     """The training and validation loss and accuracy among an epoch's scalars, under METRIC_TAGS."""
     return {
@@ -347,6 +368,8 @@ class TrainingMonitor:
             raise RuntimeError("call watch(model) before epoch_end()")
         if self._parameters_logged != epoch:
             self.log_epoch_parameters(epoch)
+        scalars = _numbers(scalars, self.guard)
+        metrics = _numbers(metrics, self.guard)
         with self.guard("writing the scalars"):
             self.sink.scalars(scalars, epoch)
         for tag, image in dict(images).items():

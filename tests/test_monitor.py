@@ -302,3 +302,28 @@ def raw_events(folder):
 
     for path in sorted(folder.glob("events.out.tfevents.*")):
         yield from EventFileLoader(str(path)).Load()
+
+
+@pytest.mark.monitor_failures
+def test_a_scalar_that_is_not_one_number_is_left_out_and_the_rest_kept(tmp_path, capsys):
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scalars = {
+        "train/loss": "1.5",
+        "train/accuracy": 0.5,
+        "none": None,
+        "three": torch.ones(3),
+        "one": torch.tensor(2.0),
+    }
+    with TrainingMonitor(tmp_path).watch(model, optimizer) as monitor:
+        for epoch in range(2):
+            model(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+            monitor.step()
+            monitor.epoch_end(epoch, scalars)
+    assert set(load_events(tmp_path).Tags()["scalars"]) >= {"train/accuracy", "one"}
+    assert not {"train/loss", "none", "three"} & set(load_events(tmp_path).Tags()["scalars"])
+    assert monitor.diagnosis.history[-1].metrics == {"train_accuracy": 0.5}  # the epoch's summary is kept
+    err = capsys.readouterr().err
+    assert err.count("gradwatch: the scalar train/loss failed (ValueError: '1.5' (str) is not one number") == 1
+    assert err.count("is not one number; left out, the other scalars kept") == 3  # one line per tag, once
