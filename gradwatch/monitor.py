@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,20 @@ def is_main_process() -> bool:
     writes."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not distributed or torch.distributed.get_rank() == 0
+
+
+def measurable(parameters: NamedParameters) -> tuple[NamedParameters, list[str]]:
+    """The parameters whose values can be measured (floating point, on a device that holds values),
+    and the others, named with their dtype: "codes (torch.int8)"."""
+    kept = []
+    skipped = []
+    for name, param in parameters:
+        meta = param.device.type == "meta"
+        if param.is_floating_point() and not meta:
+            kept.append((name, param))
+        else:
+            skipped.append(f"{name} ({param.dtype}{', on the meta device' if meta else ''})")
+    return kept, skipped
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -250,7 +265,11 @@ class TrainingMonitor:
         # A compiled graph keeps the hooks it was traced with: activation hooks there stay for good.
         compiled = is_compiled(model) if compiled is None else compiled
         self.model = unwrap(model)
-        self._parameters = list(self.model.named_parameters())
+        self._parameters, skipped = measurable(list(self.model.named_parameters()))
+        if skipped and is_main_process():
+            print(f"gradwatch: not measured: {', '.join(skipped)}, since statistics and histograms "
+                  f"need floating-point values; the other {len(self._parameters)} parameters are",
+                  file=sys.stderr)  # fmt: skip
         self.hooks.attach(self.model, optimizer, compiled)
         if self.cadence.stats_due(self.steps, ahead=1):
             self.hooks.prepare(self._parameters)

@@ -327,3 +327,32 @@ def test_a_scalar_that_is_not_one_number_is_left_out_and_the_rest_kept(tmp_path,
     err = capsys.readouterr().err
     assert err.count("gradwatch: the scalar train/loss failed (ValueError: '1.5' (str) is not one number") == 1
     assert err.count("is not one number; left out, the other scalars kept") == 3  # one line per tag, once
+
+
+@pytest.mark.monitor_failures
+def test_parameters_that_cannot_be_measured_are_named_once_and_the_others_diagnosed(tmp_path, capsys):
+    """Integer, bool, complex and meta parameters (quantised codes, masks, lazily built layers) have no
+    floating-point values to bin: one line names them at watch(), and every other parameter is measured."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    odd = {"codes": torch.zeros(3, dtype=torch.int8), "mask": torch.ones(3, dtype=torch.bool),
+           "phase": torch.ones(3, dtype=torch.complex64), "lazy": torch.empty(3, device="meta")}  # fmt: skip
+    for name, value in odd.items():
+        model.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    optimizer.add_param_group({"params": model[2].parameters()})
+    with TrainingMonitor(tmp_path, stats_every=1).watch(model, optimizer) as monitor:
+        for epoch in range(2):
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(8, 4)).sum().backward()
+                optimizer.step()
+                monitor.step()
+            monitor.epoch_end(epoch, {"train/loss": 1.0})
+    err = capsys.readouterr().err
+    assert err.count("gradwatch: not measured:") == 1 and "failed" not in err
+    assert (
+        "codes (torch.int8), mask (torch.bool), phase (torch.complex64), lazy (torch.float32, on the meta device)"
+        in err
+    )
+    assert set(monitor.diagnosis.history[-1].layers) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert "0.weight_grad" in load_events(tmp_path).Tags()["histograms"]
