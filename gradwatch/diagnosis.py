@@ -731,14 +731,15 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     parts = ", ".join(f"{share:.0%} of {layer}'s" for layer, share in dead.items())
     message = f"{parts} units gave no positive output on any batch read this epoch: their ReLUs no "
     message += "longer fire (dead units)."
+    start, _ = _start_loss(history)
+    learns = bool(start) and not _near_start(now, start, t)  # capacity lost, no more
+    if learns:
+        accuracy = _accuracy(now)
+        message += f" The model learns on the units left (training loss {_loss(now):.3g}"
+        message += f", accuracy {accuracy:.1%})." if _finite(accuracy) else ")."
     evidence = {"dead_share": dead, "threshold": t.dead_share}
     finding = _found(now, list(dead), evidence, message)
-    start, _ = _start_loss(history)
-    if start and not _near_start(now, start, t):  # the units left learn: capacity lost, no more
-        finding.harmless = True
-        finding.message += f" The model learns on the units left (training loss {_loss(now):.3g}"
-        accuracy = _accuracy(now)
-        finding.message += f", accuracy {accuracy:.1%})." if _finite(accuracy) else ")."
+    finding.harmless = learns
     return [finding]
 
 

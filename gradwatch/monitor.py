@@ -9,6 +9,7 @@ accumulators of the loss and the clipping norms (steps.py), and what the rules r
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
@@ -134,13 +135,11 @@ def _numbers(values: Mapping[str, Any], guard: Guard) -> dict[str, float]:
 
 def _number(value: Any) -> float:
     """`value` as one float (a number, or a tensor or array of one element); else ValueError."""
-    try:
-        if isinstance(value, (str, bytes)):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        what = f"{value!r:.40} ({type(value).__name__})"
-        raise ValueError(f"{what} is not one number; left out, the other scalars kept") from None
+    if not isinstance(value, (str, bytes)):  # float("1.5") would read a string as a number
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            return float(value)
+    what = f"{value!r:.40} ({type(value).__name__})"
+    raise ValueError(f"{what} is not one number; left out, the other scalars kept")
 
 
 def _metrics(scalars: Mapping[str, float]) -> dict[str, float]:
@@ -267,9 +266,9 @@ class TrainingMonitor:
         self.model = unwrap(model)
         self._parameters, skipped = measurable(list(self.model.named_parameters()))
         if skipped and is_main_process():
-            print(f"gradwatch: not measured: {', '.join(skipped)}, since statistics and histograms "
-                  f"need floating-point values; the other {len(self._parameters)} parameters are",
-                  file=sys.stderr)  # fmt: skip
+            line = f"gradwatch: not measured: {', '.join(skipped)}, since statistics and "
+            line += f"histograms need floating-point values; the other {len(self._parameters)} "
+            print(line + "parameters are", file=sys.stderr)
         self.hooks.attach(self.model, optimizer, compiled)
         if self.cadence.stats_due(self.steps, ahead=1):
             self.hooks.prepare(self._parameters)
