@@ -14,6 +14,7 @@ told as the monitor tells them.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ from pathlib import Path
 from .diagnosis import (
     METRIC_TAGS,
     Finding,
+    RunDiagnosis,
     Thresholds,
     diagnose,
     indented,
@@ -31,6 +33,7 @@ from .diagnosis import (
     story,
     threshold_override,
 )
+from .sink import SUMMARIES
 from .summary import EpochSummary, summarize
 
 WEIGHT_PREFIXES = ("weights/", "weight/", "parameters/", "params/", "param/")
@@ -147,10 +150,52 @@ def _load(folder):
     return events
 
 
-def diagnose_run(run_dir, thresholds, classes=None):
-    """(findings, message): the rules applied at every logged step of one run folder, its findings
-    merged as the monitor merges them; findings is None when nothing could be examined, and the
-    message says why."""
+def _lines(path):
+    """The JSON lines of a summaries file that hold a summary (a line cut short by a kill is
+    left out)."""
+    lines = []
+    with open(path) as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(line))
+    return [line for line in lines if isinstance(line, dict) and "summary" in line]
+
+
+def replay(path, overrides=()):
+    """(findings, message) of the live monitor again: the summaries it wrote (sink.SUMMARIES) given
+    to the same RunDiagnosis in the same order, under the thresholds it ran with (and `overrides`);
+    None if the file holds none."""
+    lines = _lines(path)
+    if not lines:
+        return None
+    known = set(Thresholds.names())
+    ran_with = {k: v for k, v in lines[-1].get("thresholds", {}).items() if k in known}
+    diagnosis = RunDiagnosis(Thresholds(**ran_with).replace(dict(overrides)))
+    for line in lines:  # a rule that fails is skipped, as the monitor's guard skips it
+        diagnosis.add(EpochSummary.from_dict(line["summary"]), lambda what: _SKIP)
+    last = diagnosis.history[-1]
+    count = last.epoch + 1 if last.unit == "epoch" else last.step
+    counted = _plural(count, "epoch" if last.unit == "epoch" else "step")
+    parameters = _plural(len(last.layers), "parameter")
+    return diagnosis.findings, f"{counted}, {parameters}, diagnosed as the monitor did"
+
+
+_SKIP = contextlib.suppress(Exception)
+
+
+def _plural(count, word):
+    return f"{count} {word}{'s' * (count != 1)}"
+
+
+def diagnose_run(run_dir, thresholds, classes=None, overrides=()):
+    """(findings, message) of one run folder: for a run this monitor wrote, its live diagnosis
+    replayed from the summaries it logged; otherwise the rules applied at every logged step, the
+    findings merged as the monitor merges them. findings is None when nothing could be examined,
+    and the message says why."""
+    if (run_dir / SUMMARIES).is_file():
+        replayed = replay(run_dir / SUMMARIES, overrides)
+        if replayed is not None:
+            return replayed
     events = _load(run_dir)
     try:
         events.FirstEventTimestamp()
@@ -244,9 +289,9 @@ def _folders(path):
     return folders, None
 
 
-def _diagnosed(folder, thresholds, classes):
+def _diagnosed(folder, thresholds, classes, overrides):
     try:
-        return diagnose_run(folder, thresholds, classes)
+        return diagnose_run(folder, thresholds, classes, overrides)
     except Exception as err:  # a damaged file must not hide the other runs
         return None, f"could not read the event files ({type(err).__name__}: {err})"
 
@@ -274,7 +319,7 @@ def _main(argv):
     unread = 0
     for folder in folders:
         name = _name(folder, args.path)
-        findings, summary = _diagnosed(folder, thresholds, args.classes)
+        findings, summary = _diagnosed(folder, thresholds, args.classes, dict(args.threshold))
         unread += findings is None
         if findings is not None:
             report[name] = findings

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .summary import EXTRA, EpochSummary
+from .summary import EXTRA, JUMP_READINGS, EpochSummary, jumps
 
 METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
     "train_loss": "train/loss train_loss loss/train Loss/train training_loss train/loss_epoch "
@@ -114,6 +114,11 @@ class Thresholds:
     # training accuracy ((1 - accuracy) x ln 2); a quarter leaves room for focal losses and a loss
     # divided by up to 4 accumulation steps
     ce_bound: float = 0.25
+    # loss_spikes: a loss window's highest loss above spike_factor x the median of the highest of
+    # the SPIKE_BASELINE windows before, and above their median mean by spike_rise x an untrained
+    # model's loss; it came back once a window's highest is below spike_factor x that median again
+    spike_factor: float = 3.0
+    spike_rise: float = 0.2
 
     @classmethod
     def names(cls) -> list[str]:
@@ -160,9 +165,12 @@ class Finding:
     cause: str | None = None  # the id of the earlier finding it follows from
     severity: str = "warning"  # or "note": it ended on its own (a slow start), or is harmless
     harmless: bool = False  # its rule found that the run does well anyway: a note
+    unit: str = "epoch"  # or "steps": found in windows of steps (epoch counts the windows)
+    last_step: int = -1  # the step of the last epoch's (window's) end at which it held
 
     def __post_init__(self):
         self.last_epoch = max(self.last_epoch, self.epoch)
+        self.last_step = max(self.last_step, self.step)
 
     @property
     def key(self) -> tuple:
@@ -213,6 +221,9 @@ class Rule:
     per_parameter: bool = False  # a finding per parameter (weights_growing) or one for the rule
     ended: str = ""  # what a finding that ended on its own was, told as a note; "": a warning
     diverged: bool = False  # the run diverged: no later suggestion may raise the learning rate
+    # for a rule whose findings repeat (loss_spikes): the message told from the evidence, whose
+    # "count" merged findings add up and whose "spikes" they join
+    retell: Callable[[dict], str] | None = None
 
     def __post_init__(self):
         unknown = set(self.thresholds) - set(Thresholds.names())
@@ -283,7 +294,10 @@ def _found(
 ) -> Finding:
     """A finding about summary `now`; its rule, and its suggestion unless given, are the Rule's."""
     step = now.step if step is None else step
-    return Finding("", parameters, now.epoch, step, evidence, message, suggestion)
+    found = Finding("", parameters, now.epoch, step, evidence, message, suggestion)
+    found.unit = now.unit
+    found.last_step = max(found.step, now.step)
+    return found
 
 
 def _finite(value: float | None) -> bool:
@@ -304,6 +318,14 @@ def _loss(summary: EpochSummary) -> float | None:
 def _accuracy(summary: EpochSummary) -> float | None:
     """The validation accuracy, else the training accuracy."""
     return summary.metrics.get("valid_accuracy", summary.metrics.get("train_accuracy"))
+
+
+def _period(summary: EpochSummary, plural: bool = False) -> str:
+    """What a summary covers, for a message: "epoch", or "window of steps" in a loop without
+    epochs."""
+    if summary.unit == "steps":
+        return "windows of steps" if plural else "window of steps"
+    return "epochs" if plural else "epoch"
 
 
 def _loop_start(history: list[EpochSummary]) -> int:
@@ -365,7 +387,9 @@ def eval_mode(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if not loop.get("mode_matters") or loop["eval_readings"] * 2 <= loop["readings"]:
         return []
     message = f"the model was in eval mode at {loop['eval_readings']} of {loop['readings']} "
-    message += "statistics steps of the epoch: its dropout and BatchNorm layers train as at "
+    message += (
+        f"statistics steps of the {_period(now)}: its dropout and BatchNorm layers train as at "
+    )
     message += "inference (no dropout, frozen running statistics)."
     evidence = {"eval_readings": loop["eval_readings"], "readings": loop["readings"]}
     return [_found(now, [], evidence, message, step=_loop_start(history))]
@@ -460,8 +484,9 @@ def not_cross_entropy(history: list[EpochSummary], t: Thresholds) -> list[Findin
 )
 def lr_collapsed(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The learning rate fell below `lr_collapse` of its peak within the first epoch and is still
-    there an epoch later: a scheduler meant for epochs, stepped every batch."""
-    if len(history) < 2:
+    there an epoch later: a scheduler meant for epochs, stepped every batch (a loop without epochs
+    steps its scheduler by design)."""
+    if len(history) < 2 or history[-1].unit == "steps":
         return []
     first = history[0]
     now = history[-1]
@@ -536,11 +561,104 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
     return [_found(now, [], {"first_loss": first, "expected": expected}, message, step=1)]
 
 
+SPIKE_BASELINE = 8  # the loss windows before a spike that give its level
+SHOWN = 5  # the spikes a finding's evidence lists
+
+
+def _spikes(history: list[EpochSummary], t: Thresholds) -> list[dict[str, Any]]:
+    """The loss spikes that came back within the latest summary, each told once: [{"after": the
+    last step before it, "start", "peak_step", "peak", "level", "base", "back"}]."""
+    recent = history[-4:]
+    windows = [
+        (s is recent[-1], w) for s in recent for w in s.losses if _finite(w["max"])
+    ]  # (in the latest summary, loss window)
+    start, _ = _start_loss(history)
+    rise = t.spike_rise * start if start else 0.0
+    found = []
+    spike = None
+    for i, (latest, w) in enumerate(windows):
+        before = [v for _, v in windows[max(0, i - SPIKE_BASELINE) : i]]
+        if spike is None and len(before) >= 4:
+            base = statistics.median(v["max"] for v in before)
+            level = statistics.median(v["mean"] for v in before)
+            if w["max"] > t.spike_factor * base and w["max"] > level + rise:
+                spike = {"after": before[-1]["step"], "start": w["max_step"], "level": level}
+                spike.update(peak=w["max"], peak_step=w["max_step"], base=base, windows=1)
+        elif spike is not None and w["max"] < t.spike_factor * spike["base"]:
+            # one high window alone is one hard batch, unless it is twice as high
+            lasted = spike.pop("windows") > 1 or spike["peak"] > 2 * t.spike_factor * spike["base"]
+            if latest and lasted:
+                found.append({**spike, "back": w["step"]})
+            spike = None
+        elif spike is not None:
+            spike["windows"] += 1
+            if w["max"] > spike["peak"]:
+                spike.update(peak=w["max"], peak_step=w["max_step"])
+    return found
+
+
+def _moved_first(history: list[EpochSummary], spike: dict) -> dict[str, Any]:
+    """The earliest reading from just before `spike` to its end at which layers jumped (see
+    summary.EpochSummary.jumps); {} if none did, or none was read then."""
+    jumps = [j for s in history[-4:] for j in s.loop.get("jumps", [])]
+    jumps = [j for j in jumps if spike["after"] < j["step"] <= spike["back"]]
+    return min(jumps, key=lambda j: j["step"], default={})
+
+
+def _spike_message(evidence: dict) -> str:
+    count = evidence["count"]
+    first = evidence["spikes"][0]
+    text = f"the training loss spiked {'once' if count == 1 else f'{count} times'}: "
+    text += "the first " if count > 1 else ""
+    text += f"at step {first['peak_step']}, from about {first['level']:.3g} to "
+    text += f"{first['peak']:.3g}, back by step {first['back']}"
+    moved = evidence.get("moved_first")
+    if not moved:
+        text += " (which layers jumped first is not known: no statistics reading in it could be "
+        return text + "compared with an earlier window or epoch; stats_every=1 reads every step)."
+    said = {"grad_norm": "gradient norm", "update_ratio": "update ratio"}
+    parts = [
+        f"{name} ({', '.join(f'{said[k]} x{v:.0f}' for k, v in ratios.items())})"
+        for name, ratios in moved["layers"].items()
+    ]
+    return f"{text}. First to jump, at step {moved['step']}: {'; '.join(parts)}."
+
+
+@rule(
+    "clip gradients (torch.nn.utils.clip_grad_norm_ at 1.0), a lower peak learning rate or a "
+    "longer warmup, and look at the batches of those steps; with Adam, a larger eps.",
+    thresholds=("spike_factor", "spike_rise"),
+    follows=("gradients_not_cleared", "unshuffled"),
+    lr=LOWER,
+    instead="clip gradients, and look at the batches of those steps.",
+    retell=_spike_message,
+)
+def loss_spikes(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The training loss spiked and came back: a loss window's highest value above `spike_factor`
+    x the median of the highest of the windows before, and above their level by `spike_rise` x an
+    untrained model's loss, until a window's highest is under `spike_factor` x that median again.
+    Told with the layers whose gradient norm or update ratio jumped first (at least 3x their
+    median), where a statistics reading fell in the spike; repeated spikes are one finding."""
+    spikes = _spikes(history, t)
+    if not spikes:
+        return []
+    evidence = {"count": len(spikes), "spikes": spikes[:SHOWN]}
+    evidence["moved_first"] = _moved_first(history, spikes[0])
+    message = _spike_message(evidence)
+    return [_found(history[-1], [], evidence, message, step=spikes[0]["start"])]
+
+
 @rule(
     "lower the learning rate at least ten times{lr}; check that the inputs are normalised; clip "
     "gradients (torch.nn.utils.clip_grad_norm_).",
     thresholds=("diverging_factor",),
-    follows=("gradients_not_cleared", "unshuffled", "high_initial_loss", "moving_too_fast"),
+    follows=(
+        "gradients_not_cleared",
+        "unshuffled",
+        "loss_spikes",
+        "high_initial_loss",
+        "moving_too_fast",
+    ),
     lr=LOWER,
     instead="check the data and the loss for invalid values, clip gradients.",
     diverged=True,
@@ -594,7 +712,7 @@ def nonfinite_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
 @rule(
     "lower the learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
     thresholds=("exploding_factor",),
-    follows=("gradients_not_cleared", "diverging", "high_initial_loss"),
+    follows=("gradients_not_cleared", "loss_spikes", "diverging", "high_initial_loss"),
     lr=LOWER,
     instead="clip gradients (torch.nn.utils.clip_grad_norm_).",
     diverged=True,
@@ -613,7 +731,7 @@ def exploding_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     evidence = {"total_grad_norm_max": peak, "median_before": baseline, "factor": peak / baseline}
     evidence["threshold"] = t.exploding_factor
     message = f"the total gradient norm reached {peak:.3g}, {peak / baseline:.0f}x its median of "
-    message += f"{baseline:.3g} in the epochs before."
+    message += f"{baseline:.3g} in the {_period(now, plural=True)} before."
     return [_found(now, ["total"], evidence, message)]
 
 
@@ -649,7 +767,8 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         return []
     median = clip["grad_norm_median"]
     p90 = clip["grad_norm_p90"]
-    message = f"gradient clipping at {clip['max_norm']:g} scaled down {share:.0%} of the epoch's "
+    message = f"gradient clipping at {clip['max_norm']:g} scaled down {share:.0%} of the "
+    message += f"{_period(now)}'s "
     message += f"{clip['steps']} steps (norms before clipping: median {median:.3g}, "
     message += f"90th percentile {p90:.3g}). Clipping nearly every step "
     lr = now.lr
@@ -729,10 +848,10 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if not dead:
         return []
     parts = ", ".join(f"{share:.0%} of {layer}'s" for layer, share in dead.items())
-    message = f"{parts} units gave no positive output on any batch read this epoch: their ReLUs no "
-    message += "longer fire (dead units)."
+    message = f"{parts} units gave no positive output on any batch read this {_period(now)}: "
+    message += "their ReLUs no longer fire (dead units)."
     start, _ = _start_loss(history)
-    learns = bool(start) and not _near_start(now, start, t)  # capacity lost, no more
+    learns = bool(start) and _finite(_loss(now)) and not _near_start(now, start, t)  # no more
     if learns:
         accuracy = _accuracy(now)
         message += f" The model learns on the units left (training loss {_loss(now):.3g}"
@@ -962,7 +1081,8 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     accuracy = _accuracy(now)
     loss = _loss(now)
     where = "near" if loss <= 1.5 * start else "above"
-    message = f"since epoch {recent[0].epoch + 1} the training loss stays {where} {start:.3g} "
+    since = f"epoch {recent[0].epoch + 1}" if now.unit == "epoch" else f"step {recent[0].step}"
+    message = f"since {since} the training loss stays {where} {start:.3g} "
     message += f"({said}; {loss:.3g} now)"
     if classes:
         message += f" and the accuracy near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
@@ -1006,7 +1126,8 @@ def oscillating(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     falling = statistics.mean(losses[half:]) < 0.9 * statistics.mean(losses[:half])
     if turns < len(steps) - 2 or swing < t.oscillation_amplitude * level or falling:
         return []
-    message = f"over the last {len(losses)} epochs the training loss went up and down by "
+    span = _period(history[-1], plural=True)
+    message = f"over the last {len(losses)} {span} the training loss went up and down by "
     message += f"{swing:.3g} "
     message += f"(around {level:.3g}) without falling: the steps overshoot."
     evidence = {"train_losses": losses, "swing": swing, "threshold": t.oscillation_amplitude}
@@ -1043,7 +1164,10 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
     """A layer's max |w| is above `weight_max_abs`, at least `weight_growth` times its value after
     the first epoch, and still higher than `weight_window` epochs ago, while the validation loss (if
     there is one) rose `overfit_rise` above its best and has made no new best since: weights that
-    grow while the model does better than ever on new data are learning, not overfitting."""
+    grow while the model does better than ever on new data are learning, not overfitting. In a loop
+    without epochs, only with a validation loss: there weights grow as a model learns."""
+    if history[-1].unit == "steps" and not _finite(history[-1].metrics.get("valid_loss")):
+        return []
     if len(history) <= t.weight_window or not _worse_on_new_data(history, t.overfit_rise):
         return []
     now = history[-1]
@@ -1058,7 +1182,7 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
             evidence = {"max_abs_weight": value, "after_first_epoch": first}
             evidence[f"{t.weight_window}_epochs_before"] = earlier
             evidence["weight_norm"] = s.get("weight_norm")
-            message = f"{name}: max |w| grew from {first:.3g} after the first epoch to "
+            message = f"{name}: max |w| grew from {first:.3g} after the first {_period(now)} to "
             message += f"{value:.3g} and "
             message += "is still growing."
             findings.append(_found(now, [name], evidence, message))
@@ -1240,8 +1364,8 @@ def _order(finding: Finding) -> tuple:
     told = list(RULES)
     return (
         finding.step,
-        finding.epoch,
         told.index(finding.rule) if finding.rule in told else len(told),
+        finding.epoch,
     )
 
 
@@ -1260,6 +1384,11 @@ def record(
             begun.add(finding.key)
             continue
         kept.last_epoch = max(kept.last_epoch, finding.last_epoch)
+        retell = declared(finding.rule).retell
+        if retell is not None:  # each finding of such a rule tells of new events
+            kept.evidence = _counted(kept.evidence, finding.evidence)
+            kept.message = retell(kept.evidence)
+        kept.last_step = max(kept.last_step, finding.last_step)
         kept.harmless = kept.harmless and finding.harmless  # once it did harm, a warning
         kept.parameters = [
             *kept.parameters,
@@ -1268,6 +1397,13 @@ def record(
     ordered = sorted(merged.values(), key=_order)
     _link(ordered, epoch)
     return ordered, [f for f in ordered if f.key in begun]
+
+
+def _counted(kept: dict, new: dict) -> dict:
+    """The evidence of a repeating finding with a new one's added: the counts summed, the first
+    SHOWN events kept."""
+    spikes = [*kept.get("spikes", []), *new.get("spikes", [])][:SHOWN]
+    return {**kept, "count": kept.get("count", 0) + new.get("count", 0), "spikes": spikes}
 
 
 def _link(findings: list[Finding], epoch: int) -> None:
@@ -1313,7 +1449,8 @@ def _related(cause: Finding, effect: Finding) -> bool:
 
 def _paragraph(root: Finding, chain: list[Finding], told_in_full: int) -> str:
     if root.severity == "note" and not root.harmless:
-        ended = f"It ended after epoch {root.last_epoch + 1}: {declared(root.rule).ended}."
+        after = f"step {root.last_step}" if root.unit == "steps" else f"epoch {root.last_epoch + 1}"
+        ended = f"It ended after {after}: {declared(root.rule).ended}."
         return f"Note, {_when(root)}: {root.message} {ended}"
     if root.severity == "note":
         return f"Note, {_when(root)}: {root.message} If that matters: {root.suggestion}"
@@ -1355,6 +1492,10 @@ def indented(story: str, width: int = 116) -> str:
 
 
 def _when(finding: Finding) -> str:
+    if finding.unit == "steps":  # a loop without epochs
+        if finding.last_step > finding.step:
+            return f"steps {finding.step}-{finding.last_step}"
+        return f"step {finding.step}"
     epochs = f"epoch {finding.epoch + 1}"
     if finding.last_epoch > finding.epoch:
         epochs += f"-{finding.last_epoch + 1}"
@@ -1375,9 +1516,25 @@ def saved_findings(path: str, before_epoch: int | None) -> list[Finding]:
     return findings
 
 
+# What the rules keep of a run: at most MAX_HISTORY summaries, the first and the latest RECENT
+# always, every other one of those between dropped whenever there are more (so that over a million
+# steps the older windows thin out, and memory and state_dict() stay flat)
+MAX_HISTORY = 128
+RECENT = 32
+
+
+def thinned(items: list, limit: int, recent: int) -> list:
+    """`items` if there are at most `limit`; else the first, every other one of the middle, and the
+    latest `recent`."""
+    if len(items) <= limit:
+        return items
+    return [items[0], *items[1:-recent][1::2], *items[-recent:]]
+
+
 class RunDiagnosis:
-    """What the rules remember of a run: the statistics records of the epoch so far, a summary per
-    finished epoch (oldest first) and the findings so far."""
+    """What the rules remember of a run: the statistics records since the last summary, the
+    summaries so far (oldest first: one per finished epoch, or per window of steps in a loop that
+    calls no epoch_end) and the findings so far."""
 
     def __init__(self, thresholds: Thresholds | None = None, findings: Iterable[Finding] = ()):
         if thresholds is not None and not isinstance(thresholds, Thresholds):
@@ -1385,40 +1542,72 @@ class RunDiagnosis:
             raise TypeError(f"thresholds must be a gradwatch.Thresholds, got {kind}")
         self.thresholds = thresholds or Thresholds()
         self.records: list[dict] = []
+        self.jumps: list[dict] = []  # the readings since the last summary at which layers jumped
         self.history: list[EpochSummary] = []
         self.findings: list[Finding] = list(findings)
 
     def next_epoch(self) -> int:
-        """The epoch after the last one summarised: where a resumed run begins again."""
+        """The epoch (window) after the last one summarised: where a resumed run begins again."""
         return self.history[-1].epoch + 1 if self.history else 0
 
-    def urgent(self, step: int, stats: Mapping[str, dict]) -> list[Finding]:
-        """What cannot wait for the epoch's end: non-finite gradients in a statistics record."""
+    @property
+    def has_epochs(self) -> bool:
+        """Whether an epoch was summarised: from then on, the loop's epochs make the summaries."""
+        return bool(self.history) and self.history[-1].unit == "epoch"
+
+    def readings(self) -> int:
+        """The statistics records taken since the last window of steps (with epochs, 0)."""
+        if self.has_epochs:
+            return 0
+        since = self.history[-1].step if self.history else -1
+        return sum(record["loop"]["step"] > since for record in self.records)
+
+    def keep(self, record: dict, limit: int) -> None:
+        """Add a statistics record; past `limit` records, the older half thins out. Whether its
+        layers jumped against the last summary is kept apart, for the first JUMP_READINGS."""
+        found = jumps(record, self.history[-1].layers) if self.history else None
+        if found and len(self.jumps) < JUMP_READINGS:
+            self.jumps.append(found)
+        self.records = thinned([*self.records, record], limit, limit // 2)
+
+    def urgent(
+        self, step: int, stats: Mapping[str, dict], losses: list[dict], first_loss: float | None
+    ) -> list[Finding]:
+        """What cannot wait for the epoch's end, from one statistics record and the latest loss
+        windows: non-finite gradients, then a diverging or non-finite loss."""
         layers = {name: values for name, values in stats.items() if name not in EXTRA}
-        return nonfinite_gradients(
-            [EpochSummary(self.next_epoch(), step, layers=layers)], self.thresholds
-        )
+        now = EpochSummary(self.next_epoch(), step, layers=layers, losses=losses)
+        now.first_loss = first_loss
+        return [*nonfinite_gradients([now], self.thresholds), *diverging([now], self.thresholds)]
 
-    def end_epoch(self, summary: EpochSummary) -> None:
-        self.history.append(summary)
-
-    def run(self, epoch: int, guard: Callable[[str], Any]) -> list[Finding]:
-        """Every rule, each under `guard`, if epoch `epoch` was summarised; the findings merged into
-        the run's. Returns the findings that began."""
+    def add(self, summary: EpochSummary, guard: Callable[[str], Any]) -> list[Finding]:
+        """Summary `summary` added to the history; every rule, each under `guard`, on the history,
+        and the findings merged into the run's. Returns the findings that began. The first epoch
+        after windows of steps replaces them (their findings are kept, as found in that epoch)."""
+        if summary.unit == "epoch" and self.history and not self.has_epochs:
+            summary.first_loss = self.history[0].first_loss
+            for finding in self.findings:
+                finding.unit = "epoch"
+                finding.epoch = finding.last_epoch = summary.epoch
+            self.history = []
+        summary.loop.setdefault("jumps", self.jumps)
+        self.jumps = []
+        self.history = thinned([*self.history, summary], MAX_HISTORY, RECENT)
         found = []
-        summarised = bool(self.history) and self.history[-1].epoch == epoch
-        for declaration in RULES.values() if summarised else ():
+        for declaration in RULES.values():
             with guard(f"the {declaration.name} rule"):
                 found += declaration(self.history, self.thresholds)
-        self.findings, begun = record(self.findings, found, epoch)
+        self.findings, begun = record(self.findings, found, summary.epoch)
         return begun
 
     def state_dict(self) -> dict[str, Any]:
         history = [summary.to_dict() for summary in self.history]
         findings = [finding.to_json() for finding in self.findings]
-        return {"history": history, "records": list(self.records), "findings": findings}
+        state = {"history": history, "records": list(self.records), "findings": findings}
+        return {**state, "jumps": list(self.jumps)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = [EpochSummary.from_dict(summary) for summary in state["history"]]
         self.records = list(state["records"])
+        self.jumps = list(state.get("jumps", []))
         self.findings = [Finding.from_json(item) for item in state["findings"]]

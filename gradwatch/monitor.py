@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from .hooks import Hooks, is_compiled
 from .loop import loop_facts
 from .pictures import gradient_flow_image
 from .shards import is_sharded
-from .sink import EventSink, Guard, NullSink
+from .sink import SUMMARIES, EventSink, Guard, NullSink
 from .stats import (
     NamedParameters,
     gradient_flow,
@@ -34,12 +35,13 @@ from .stats import (
     parameter_statistics,
     parameter_tensors,
 )
-from .steps import Cadence, ClippingNorms, LossWindows, check_count
-from .summary import summarize
+from .steps import MIN_WINDOW_STEPS, Cadence, ClippingNorms, LossWindows, check_count
+from .summary import EpochSummary, summarize
 
 # the parts that each own some keys of state_dict() (the sink: where each step axis stands)
 STATE_PARTS = ("losses", "clipping", "cadence", "diagnosis", "sink")
 STATE_KEYS = {"steps", "skipped_steps", "history", "records", "findings"}  # what a state must hold
+MAX_RECORDS = 32  # statistics records an epoch keeps for its summary; beyond, the older ones thin
 
 
 def is_main_process() -> bool:
@@ -142,6 +144,33 @@ def _number(value: Any) -> float:
     raise ValueError(f"{what} is not one number; left out, the other scalars kept")
 
 
+def statistics_scalars(stats: Mapping[str, dict]) -> dict[str, float]:
+    """A statistics record as scalars: `<key>/<parameter>`, `dead_share/<module>` for a ReLU's,
+    `saturated_share/<module>` for a sigmoid's or tanh's; the non-finite values left out (the
+    share of them is nonfinite_share)."""
+    scalars = {}
+    for name, values in stats.items():
+        if name not in ("activations", "loop"):
+            scalars.update((f"{key}/{name}", value) for key, value in values.items())
+    for name, a in stats["activations"].items():
+        scalars[f"{'dead_share' if a['kind'] == 'relu' else 'saturated_share'}/{name}"] = a["share"]
+    return {tag: value for tag, value in scalars.items() if math.isfinite(value)}
+
+
+def window_due(cadence: Cadence, diagnosis: RunDiagnosis, step: int, urgent: list[Finding]) -> bool:
+    """Whether a loop without epochs (none summarised yet) is diagnosed at `step`: every
+    `diagnose_every` readings and MIN_WINDOW_STEPS steps, and at once when a reading holds an
+    urgent finding not found yet."""
+    if not cadence.diagnose_every or diagnosis.has_epochs:
+        return False
+    known = {finding.key for finding in diagnosis.findings}
+    if any(finding.key not in known for finding in urgent):
+        return True
+    since = diagnosis.history[-1].step if diagnosis.history else cadence.epoch_start
+    long = step - since >= MIN_WINDOW_STEPS
+    return long and diagnosis.readings() >= cadence.diagnose_every
+
+
 def _metrics(scalars: Mapping[str, float]) -> dict[str, float]:
     """The training and validation loss and accuracy among an epoch's scalars, under METRIC_TAGS."""
     return {
@@ -209,9 +238,11 @@ class TrainingMonitor:
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         group_depth: int = 0,
+        diagnose_every: int | None = None,
     ):
         self.choice = HistogramChoice(bins, include, exclude, group_depth)
-        self.cadence = Cadence(stats_every, hist_every, check_count("start_step", start_step, 0))
+        start_step = check_count("start_step", start_step, 0)
+        self.cadence = Cadence(stats_every, hist_every, start_step, diagnose_every)
         self.diagnosis = RunDiagnosis(thresholds)
         self.log_dir = os.fspath(log_dir)
         self.is_writer = is_main_process()
@@ -335,19 +366,12 @@ class TrainingMonitor:
         stats["loop"] = loop_facts(self.model, self._parameters, self.hooks.optimizer)
         stats["loop"].update(self.hooks.take_loop(), step=self.steps)
         stats["loop"]["loss"] = self.losses.latest(self.steps)
-        self.diagnosis.records.append(stats)
-        for name, values in stats.items():
-            if name not in ("activations", "loop"):
-                scalars.update((f"{key}/{name}", value) for key, value in values.items())
-        for name, a in stats["activations"].items():
-            scalars[f"{'dead_share' if a['kind'] == 'relu' else 'saturated_share'}/{name}"] = a[
-                "share"
-            ]
-        finite = {
-            tag: v for tag, v in scalars.items() if math.isfinite(v)
-        }  # the rest: nonfinite_share
-        self.sink.scalars(finite, self.steps, per_step=True)
-        return self.diagnosis.urgent(self.steps, stats)
+        self.diagnosis.keep(stats, max(MAX_RECORDS, 2 * self.cadence.diagnose_every))
+        self.sink.scalars({**scalars, **statistics_scalars(stats)}, self.steps, per_step=True)
+        urgent = self.diagnosis.urgent(self.steps, stats, self.losses.windows, self.losses.first)
+        if window_due(self.cadence, self.diagnosis, self.steps, urgent):
+            self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
+        return [f for f in urgent if f.rule == "nonfinite_gradients"]
 
     def log_parameters(
         self, model: torch.nn.Module | NamedParameters, step: int, per_step: bool = False
@@ -396,50 +420,77 @@ class TrainingMonitor:
         bias = {}
         with self.guard("the output_bias_skew rule"):
             bias = output_bias(self._parameters, classes, recall) if classes is not None else {}
+        summary = None
         with self.guard("the epoch's statistics"):
-            self._summarize(epoch, {**dict(metrics), **scalars}, len(classes or ()), bias)
-        self._next_epoch()
-        begun = self.diagnosis.run(epoch, self.guard)
-        with self.guard("writing the diagnosis"):
-            listed = "\n\n".join(f"- {f}" for f in self.findings)
-            self.sink.text("diagnosis", listed or "No findings.", epoch)
-            self.sink.save_json("diagnosis.json", [f.to_json() for f in self.findings])
-        return begun
+            metrics = _metrics({**dict(metrics), **scalars})
+            summary = self._summary(epoch, "epoch", metrics, len(classes or ()), bias)
+        self._restart(epoch_ended=True)
+        return self._diagnose(summary) if summary is not None else []
 
-    def _summarize(
-        self, epoch: int, scalars: Mapping[str, float], num_classes: int, bias: dict
-    ) -> None:
-        """Log the epoch's last loss window and its clipping share; summarise it for the rules."""
-        self._log_pending()
-        records = self.diagnosis.records
+    def _summary(
+        self,
+        epoch: int,
+        unit: str,
+        metrics: Mapping[str, float] = (),
+        num_classes: int = 0,
+        bias: Mapping = (),
+    ) -> EpochSummary:
+        """The epoch (or the window of steps since the last, unit "steps") that ends now,
+        summarised for the rules, after logging its last loss window and, for an epoch, its clipping
+        share."""
+        self.sink.scalars({**self.losses.take(), **self.clipping.take()}, self.steps, per_step=True)
+        history = self.diagnosis.history
+        since = history[-1].step if unit == "steps" and history else -1
+        records = [r for r in self.diagnosis.records if r.get("loop", {}).get("step", 0) > since]
         if not records:  # statistics once per epoch (stats_every=0), or an epoch without steps
             records = [
                 {**parameter_statistics(self._parameters), "activations": self.hooks.collect()}
             ]
-        clipping = self.clipping.summary()
-        if clipping:
+        clipping = self.clipping.summary(window=unit == "steps")
+        if clipping and unit == "epoch":
             self.sink.scalars({"clip/clipped_share": clipping["clipped_share"]}, epoch)
-        context = dict(losses=self.losses.windows, first_loss=self.losses.first, clipping=clipping)
-        context.update(metrics=_metrics(scalars), num_classes=num_classes, output_bias=bias)
-        context["lr"] = learning_rate(self.hooks.optimizer)
-        self.diagnosis.end_epoch(summarize(epoch, self.steps, records, **context))
+        losses = [w for w in self.losses.windows if w["step"] > since]
+        context = dict(losses=losses, first_loss=self.losses.first, clipping=clipping)
+        context.update(metrics=dict(metrics), num_classes=num_classes, output_bias=dict(bias))
+        context.update(lr=learning_rate(self.hooks.optimizer), unit=unit)
+        return summarize(epoch, self.steps, records, **context)
 
-    def _next_epoch(self) -> None:
-        """The next epoch starts with no records, loss windows or clipping norms; after the first
-        one, the default cadence takes its length."""
-        self.diagnosis.records = []
+    def _diagnose(self, summary: EpochSummary) -> list[Finding]:
+        """Every rule on the history with `summary` added; the diagnosis written (diagnosis.json,
+        the Text tab, the summary for `diagnose`). Returns the findings that began, which a window
+        of steps also prints, since a loop without epochs has no epoch_end to return them."""
+        windowed = summary.unit == "steps"
+        if windowed:
+            self._restart(epoch_ended=False)
+        begun = self.diagnosis.add(summary, self.guard)
+        with self.guard("writing the diagnosis"):
+            listed = "\n\n".join(f"- {f}" for f in self.findings)
+            step = self.steps if windowed else summary.epoch
+            self.sink.text("diagnosis", listed or "No findings.", step, per_step=windowed)
+            self.sink.save_json("diagnosis.json", [f.to_json() for f in self.findings])
+            thresholds = asdict(self.diagnosis.thresholds)
+            self.sink.append_line(
+                SUMMARIES, {"summary": summary.to_dict(), "thresholds": thresholds}
+            )
+        for finding in begun if windowed and self.is_writer else ():
+            print(f"gradwatch found {finding}", file=sys.stderr)
+        return begun
+
+    def _restart(self, epoch_ended: bool) -> None:
+        """The next window of steps counts silent units and clipped steps afresh; the next epoch
+        also starts with no records and loss windows (in a loop without epochs they thin out as
+        they grow), and after the first one, the default cadence takes its length."""
         self.hooks.end_epoch()
+        self.clipping.end_window()
+        if not epoch_ended:
+            return
+        self.diagnosis.records = []
         self.clipping.end_epoch()
         self.losses.end_epoch()
         if self.cadence.epoch_ended(self.steps):
             self.hooks.take_weights()  # prepared for the old cadence
             if self.cadence.stats_due(self.steps, ahead=1):
                 self.hooks.prepare(self._parameters)
-
-    def _log_pending(self) -> None:
-        """Take the losses and clipping norms since the last statistics log (at an epoch's end, a
-        checkpoint) and log them."""
-        self.sink.scalars({**self.losses.take(), **self.clipping.take()}, self.steps, per_step=True)
 
     def log_epoch_parameters(self, epoch: int) -> None:
         """The part of epoch_end() that reads the gradients: the histograms and the gradient-flow
@@ -464,7 +515,7 @@ class TrainingMonitor:
         rules compare against, the statistics and losses of an unfinished epoch, the findings so
         far, the step counts and the cadence. Plain Python values, so that it can go into a
         checkpoint loaded with torch.load(weights_only=True)."""
-        self._log_pending()
+        self.sink.scalars({**self.losses.take(), **self.clipping.take()}, self.steps, per_step=True)
         state = {"steps": self.steps, "skipped_steps": self.skipped_steps}
         for part in STATE_PARTS:
             state.update(getattr(self, part).state_dict())
@@ -499,7 +550,11 @@ class TrainingMonitor:
         self.sink.flush()
 
     def close(self) -> None:
-        """Remove the hooks and close the event files; safe to call twice."""
+        """Diagnose the last window of steps of a loop without epochs (the readings since the last
+        window); remove the hooks and close the event files. Safe to call twice."""
+        if self.cadence.diagnose_every and self.diagnosis.readings():
+            with self.guard("the last window's diagnosis"):
+                self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
         self.unwatch()
         self.sink.close()
 

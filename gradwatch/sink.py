@@ -28,6 +28,20 @@ from tensorboardX.summary import hparams as hparams_summaries
 from .histograms import Histogram
 
 ERRORS = "gradwatch-errors.log"
+# the summaries the rules read, one JSON line each, which `diagnose` replays to tell the live story
+SUMMARIES = "gradwatch-summaries.jsonl"
+
+
+def kept_lines(path: str, before_step: int) -> list[str]:
+    """The lines of a summaries file whose summary ends before `before_step`: what a run resumed
+    from there keeps (a line cut short by a kill is dropped)."""
+    kept = []
+    with contextlib.suppress(FileNotFoundError), open(path) as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if json.loads(line)["summary"]["step"] < before_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
 
 
 def _scalar_values(scalars: Mapping[str, float]) -> list[Summary.Value]:
@@ -76,8 +90,8 @@ class NullSink:
     def image(self, tag: str, image: Any, step: int) -> None:
         """A PIL image, an (H, W, 3) uint8 array or a matplotlib figure, on the epoch axis."""
 
-    def text(self, tag: str, text: str, step: int) -> None:
-        """Markdown text on the epoch axis (TensorBoard's Text tab)."""
+    def text(self, tag: str, text: str, step: int, per_step: bool = False) -> None:
+        """Markdown text (TensorBoard's Text tab) at `step`: an epoch, or an optimizer step."""
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         """The run's settings and metrics in the HParams tab, at `step` on the epoch axis."""
@@ -87,6 +101,11 @@ class NullSink:
 
     def save_image(self, name: str, image: Image.Image) -> None:
         """A PIL image as the file `name` of the run folder."""
+
+    def append_line(self, name: str, value: Any) -> None:
+        """`value` as one JSON line at the end of the file `name` of the run folder. A sink's first
+        line starts the file afresh; a resumed one's keeps the lines of summaries before the step
+        it resumes at (see kept_lines)."""
 
     def error(self, text: str) -> None:
         """Append `text` to the run folder's gradwatch-errors.log."""
@@ -112,6 +131,7 @@ class EventSink(NullSink):
         self.purge = {False: purge_epoch, True: purge_step}  # by per_step
         self.next_epoch = purge_epoch or 0
         self.writers: dict[bool, SummaryWriter] = {}
+        self.appended: set[str] = set()  # the files append_line has begun
         os.makedirs(log_dir, exist_ok=True)
 
     @property
@@ -168,8 +188,8 @@ class EventSink(NullSink):
         array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
         self.writer(step=step).add_image(tag, array, step, dataformats="HWC")
 
-    def text(self, tag: str, text: str, step: int) -> None:
-        self.writer(step=step).add_text(tag, text, step)
+    def text(self, tag: str, text: str, step: int, per_step: bool = False) -> None:
+        self.writer(per_step, step).add_text(tag, text, step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         # what add_hparams(name=".") writes, but into this writer's file: add_hparams opens a writer
@@ -191,6 +211,17 @@ class EventSink(NullSink):
 
     def save_image(self, name: str, image: Image.Image) -> None:
         image.save(os.path.join(self.log_dir, name))
+
+    def append_line(self, name: str, value: Any) -> None:
+        path = os.path.join(self.log_dir, name)
+        if name not in self.appended:
+            self.appended.add(name)
+            step = self.purge[True]
+            with open(path + ".tmp", "w") as fh:
+                fh.writelines(kept_lines(path, step) if step is not None else [])
+            os.replace(path + ".tmp", path)
+        with open(path, "a") as fh:
+            fh.write(json.dumps(value) + "\n")
 
     def error(self, text: str) -> None:
         with open(os.path.join(self.log_dir, ERRORS), "a") as fh:

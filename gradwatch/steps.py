@@ -24,6 +24,12 @@ from .shards import is_sharded
 STATS_EVERY = 50
 READINGS_PER_EPOCH = 16
 MAX_STATS_EVERY = 1000
+# A loop that calls no epoch_end is diagnosed in windows of this many statistics readings
+READINGS_PER_WINDOW = 16
+MIN_WINDOW_STEPS = 256  # and of at least this many steps, so that its mean loss is not one batch's
+# What an epoch keeps, however long it is: loss windows and clipping norms beyond these thin out
+MAX_LOSS_WINDOWS = 512
+MAX_NORMS = 4096
 
 
 def check_count(name: str, value: Any, low: int) -> int:
@@ -36,9 +42,19 @@ def check_count(name: str, value: Any, low: int) -> int:
 class Cadence:
     """Which optimizer steps take statistics and histograms. By default statistics every 50 steps;
     after the first epoch, 16 times an epoch if that is sparser, at most 1,000 steps apart (so that
-    on long epochs what they cost is a fixed share of an epoch); a `stats_every` given stays."""
+    on long epochs what they cost is a fixed share of an epoch); a `stats_every` given stays. A
+    loop without epochs is diagnosed every `diagnose_every` readings (16 by default; 0: only at
+    epoch_end)."""
 
-    def __init__(self, stats_every: int | None, hist_every: int, start_step: int):
+    def __init__(
+        self,
+        stats_every: int | None,
+        hist_every: int,
+        start_step: int,
+        diagnose_every: int | None = None,
+    ):
+        every = READINGS_PER_WINDOW if diagnose_every is None else diagnose_every
+        self.diagnose_every = check_count("diagnose_every", every, 0)
         self.auto = stats_every is None  # STATS_EVERY until the first epoch's length is known
         self.stats_every = STATS_EVERY if self.auto else check_count("stats_every", stats_every, 0)
         self.hist_every = check_count("hist_every", hist_every, 0)
@@ -112,6 +128,11 @@ class LossWindows:
         mean = statistics.fmean(v for v, _ in finite) if finite else math.nan
         window = {"step": steps[-1], "mean": mean, "max": peak, "max_step": peak_step}
         self.windows.append({**window, "nonfinite_step": nonfinite})
+        if len(self.windows) > MAX_LOSS_WINDOWS:  # a long epoch: its older half in pairs
+            half = MAX_LOSS_WINDOWS // 2
+            older = self.windows[:half]
+            pairs = [merged(a, b) for a, b in zip(older[::2], older[1::2])]
+            self.windows = pairs + older[len(pairs) * 2 :] + self.windows[half:]
         return {"loss": mean} if finite else {}
 
     def end_epoch(self) -> list[dict[str, Any]]:
@@ -128,6 +149,21 @@ class LossWindows:
         self.first = state.get("first_loss")
 
 
+def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two consecutive loss windows as one (the mean of their means, as if of equal length)."""
+    means = [w["mean"] for w in (a, b) if math.isfinite(w["mean"])]
+    peak = max((w for w in (a, b) if math.isfinite(w["max"])), key=lambda w: w["max"], default=b)
+    nonfinite = a["nonfinite_step"] if a["nonfinite_step"] is not None else b["nonfinite_step"]
+    mean = statistics.fmean(means) if means else math.nan
+    return {
+        "step": b["step"],
+        "mean": mean,
+        "max": peak["max"],
+        "max_step": peak["max_step"],
+        "nonfinite_step": nonfinite,
+    }
+
+
 def clipped(norm: float, max_norm: float) -> bool:
     """Whether clip_grad_norm_ scaled the gradients down (it multiplies them by max_norm / (norm +
     1e-6))."""
@@ -141,6 +177,7 @@ class ClippingNorms:
     def __init__(self):
         self.pending: list[tuple[torch.Tensor, float]] = []  # (norm, max_norm) since the last take
         self.norms: list[float] = []  # the epoch's finite norms
+        self.recent: list[float] = []  # those since the last window of steps was diagnosed
         self.max_norm: float | None = None  # the latest threshold
 
     def add(self, norm: torch.Tensor | float, max_norm: float) -> None:
@@ -163,30 +200,46 @@ class ClippingNorms:
         if not finite:
             return {}
         self.norms += [norm for norm, _ in finite]
+        self.recent += [norm for norm, _ in finite]
+        if len(self.norms) > MAX_NORMS:  # a long epoch: every other norm, a sample of them all
+            self.norms = self.norms[1::2]
+        if len(self.recent) > MAX_NORMS:
+            self.recent = self.recent[1::2]
         were = [clipped(norm, max_norm) for norm, max_norm in finite]
         scalars = {"clip/grad_norm": finite[-1][0], "clip/clipped": float(were[-1])}
         return {**scalars, "clip/clipped_share": statistics.fmean(were)}
 
-    def summary(self) -> dict[str, float]:
-        """The epoch's clipping, for the diagnosis: the threshold, the steps, the share clipped, and
-        the median and 90th percentile of the norms before clipping; {} without clipping."""
-        if not self.norms:
+    def summary(self, window: bool = False) -> dict[str, float]:
+        """The epoch's clipping (or, with `window`, since the last window), for the diagnosis: the
+        threshold, the steps, the share clipped, and the median and 90th percentile of the norms
+        before clipping; {} without clipping."""
+        norms = self.recent if window else self.norms
+        if not norms:
             return {}
-        share = statistics.fmean(clipped(norm, self.max_norm) for norm in self.norms)
+        share = statistics.fmean(clipped(norm, self.max_norm) for norm in norms)
         return {
             "max_norm": self.max_norm,
-            "steps": len(self.norms),
+            "steps": len(norms),
             "clipped_share": share,
-            "grad_norm_median": statistics.median(self.norms),
-            "grad_norm_p90": float(np.percentile(self.norms, 90)),
+            "grad_norm_median": statistics.median(norms),
+            "grad_norm_p90": float(np.percentile(norms, 90)),
         }
+
+    def end_window(self) -> None:
+        self.recent = []
 
     def end_epoch(self) -> None:
         self.norms = []
+        self.recent = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clip_norms": list(self.norms), "max_norm": self.max_norm}
+        return {
+            "clip_norms": list(self.norms),
+            "clip_recent": list(self.recent),
+            "max_norm": self.max_norm,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.norms = list(state.get("clip_norms", []))
+        self.recent = list(state.get("clip_recent", []))
         self.max_norm = state.get("max_norm")

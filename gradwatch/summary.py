@@ -25,14 +25,19 @@ STAT_KEYS = (
     "nonfinite_share",
 )
 EXTRA = ("total", "activations", "loop")  # the keys of a statistics record that are not parameters
+# jumps: a layer's gradient norm or update ratio at one reading, over its median in the summary
+JUMP_KEYS = ("grad_norm", "update_ratio")
+JUMP = 3.0  # the least ratio kept
+JUMP_LAYERS = 3  # the layers kept per reading, largest ratio first
+JUMP_READINGS = 8  # the readings kept per summary, earliest first
 
 
 @dataclass
 class EpochSummary:
-    """One epoch as the rules see it."""
+    """One epoch as the rules see it, or one window of steps in a loop without epochs."""
 
-    epoch: int  # from 0
-    step: int  # optimizer steps done at the epoch's end
+    epoch: int  # from 0; in a loop without epochs, the window's number
+    step: int  # optimizer steps done at the epoch's (the window's) end
     # {parameter: {key of STAT_KEYS: value}}: medians over the epoch's statistics logs; weight_norm
     # and
     # max_abs_weight as at the latest one
@@ -62,6 +67,8 @@ class EpochSummary:
     output_bias: dict[str, Any] = field(default_factory=dict)
     # what the statistics steps told of the training loop (see loop.py and _loop below)
     loop: dict[str, Any] = field(default_factory=dict)
+    # "epoch", or "steps" for a window of statistics readings in a loop that calls no epoch_end
+    unit: str = "epoch"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values, for a checkpoint loaded with torch.load(weights_only=True)."""
@@ -153,6 +160,31 @@ def _loop(records: list[dict]) -> dict[str, Any]:
         "weight_decay": latest["weight_decay"],
         "outputs": [_output(f) for f in seen if "output" in f],
     }
+
+
+def jumps(record: dict, layers: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """For the loss_spikes rule: whether a layer's gradient norm or update ratio at one statistics
+    reading is JUMP times or more its median in `layers` (the summary before): {"step", "layers":
+    {name: {"grad_norm": ratio, "update_ratio": ratio}}} for the JUMP_LAYERS largest; else None."""
+    ratios = {}
+    for name, median in layers.items():
+        found = {
+            key: record[name][key] / median[key]
+            for key in JUMP_KEYS
+            if _finite(median.get(key))
+            and median[key] > 0
+            and _finite(record.get(name, {}).get(key))
+        }
+        if found and max(found.values()) >= JUMP:
+            ratios[name] = found
+    largest = sorted(ratios, key=lambda n: -max(ratios[n].values()))[:JUMP_LAYERS]
+    if not largest:
+        return None
+    return {"step": record["loop"]["step"], "layers": {n: ratios[n] for n in largest}}
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def summarize(epoch: int, step: int, records: list[dict], **context: Any) -> EpochSummary:

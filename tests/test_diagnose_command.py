@@ -128,7 +128,7 @@ def test_a_runs_step_axis_folder_is_part_of_the_run(tmp_path, capsys):
     train(mlp(), tmp_path / "logs" / "run", lr=0.02, epochs=2, hist_every=2)
     assert (tmp_path / "logs" / "run" / "steps").is_dir()
     assert diagnose.main([str(tmp_path / "logs")]) == 0
-    assert capsys.readouterr().out == "run: 2 steps, 4 parameters; healthy\n"
+    assert capsys.readouterr().out == "run: 2 epochs, 4 parameters, diagnosed as the monitor did; healthy\n"
 
 
 def test_diagnose_follows_links_reads_an_event_file_and_says_what_it_lacks(tmp_path, capsys, monkeypatch):

@@ -165,7 +165,7 @@ def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
             reported.append(monitor.epoch_end(epoch, {}))
     saved = json.loads((tmp_path / "diagnosis.json").read_text())
     schema = {"id", "rule", "parameters", "epoch", "last_epoch", "step", "evidence", "message", "suggestion", "cause"}
-    assert set(saved[0]) == schema | {"severity", "harmless"}
+    assert set(saved[0]) == schema | {"severity", "harmless", "unit", "last_step"}
     assert [Finding.from_json(item) for item in saved] == monitor.findings
     keys = [f.key for epoch_findings in reported for f in epoch_findings]
     assert reported[0] and len(keys) == len(set(keys)) == len(monitor.findings)  # each finding begins once

@@ -38,4 +38,4 @@ def test_pip_installs_the_package_and_the_readme_snippet_runs_elsewhere(tmp_path
 
     result = run(str(site / "bin" / "diagnose"), "Result")  # the console script
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("my-loop: 5 steps, 4 parameters;")
+    assert result.stdout.startswith("my-loop: 5 epochs, 4 parameters, diagnosed as the monitor did;")

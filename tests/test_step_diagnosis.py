@@ -1,0 +1,229 @@
+"""Loops counted in optimizer steps: a loop that calls only watch() and step(loss) is diagnosed in
+windows of steps while it runs, keeps a bounded memory, and `diagnose` tells its story again from the
+summaries the monitor logged."""
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch import TrainingMonitor, diagnosis
+from gradwatch.cli import main as diagnose_main
+from gradwatch.diagnosis import MAX_HISTORY, thinned
+from gradwatch.sink import SUMMARIES
+
+
+def data(seed=0, rows=4096):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 20, generator=generator)
+    y = (x @ torch.randn(20, 10, generator=generator)).argmax(1)
+    return x, y
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def warmup_cosine(optimizer, steps, warmup=100):
+    def factor(step):
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run(log_dir, steps, optimizer="adamw", lr=1e-3, boost_at=(), boost=100.0, clip=None, seed=0,
+        stats_every=10, during=None, monitor=None, resume=None):  # fmt: skip
+    """A loop without epochs: `steps` optimizer steps under warmup and cosine decay, the learning
+    rate `boost` times higher for 3 steps from each step of `boost_at` (loss spikes);
+    `during(monitor, step, states)` is called after each step, states() giving what a checkpoint
+    holds, which `resume` takes. Returns the monitor, closed."""
+    torch.manual_seed(seed)
+    model = mlp()
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    schedule = warmup_cosine(opt, steps)
+    x, y = data(seed)
+    monitor = monitor or TrainingMonitor(log_dir, stats_every=stats_every)
+    generator = torch.Generator().manual_seed(seed)
+    parts = {"model": model, "opt": opt, "schedule": schedule, "monitor": monitor}
+    for name, state in (resume or {}).items():
+        parts[name].load_state_dict(state) if name != "generator" else generator.set_state(state)
+    monitor.watch(model, opt)
+
+    def states():
+        return {"generator": generator.get_state(), **{n: p.state_dict() for n, p in parts.items()}}
+
+    for step in range(monitor.steps + 1, steps + 1):
+        rows = torch.randint(0, len(x), (64,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
+        opt.zero_grad()
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), clip) if clip else None
+        boosted = any(start <= step < start + 3 for start in boost_at)
+        for group in opt.param_groups if boosted else ():
+            group["lr"] *= boost
+        opt.step()
+        for group in opt.param_groups if boosted else ():
+            group["lr"] /= boost
+        schedule.step()
+        monitor.step(loss, grad_norm=norm, max_norm=clip)
+        if during:
+            during(monitor, step, states)
+    monitor.close()
+    return monitor
+
+
+def rules(findings):
+    return [f.rule for f in findings]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(optimizer="sgd", lr=0.05, clip=1.0), dict(seed=1, stats_every=50)],
+    ids=["adamw", "sgd-clipped", "adamw-seed-1-default-cadence"],
+)
+def test_a_healthy_run_counted_in_steps_gets_no_finding(tmp_path, settings):
+    monitor = run(tmp_path, 3000, **settings)
+    assert len(monitor.diagnosis.history) >= 4  # it was diagnosed, window after window
+    assert monitor.findings == []
+    assert json.loads((tmp_path / "diagnosis.json").read_text()) == []
+
+
+def test_a_divergence_is_found_while_the_loop_runs(tmp_path):
+    """The urgent findings come at the reading that shows them, not at an epoch's end that never
+    comes: diagnosis.json holds the divergence a few steps after the loss rose."""
+    seen = {}
+
+    def during(monitor, step, states):
+        if "diverging" in rules(monitor.findings) and not seen:
+            seen["step"] = step
+            seen["saved"] = json.loads((tmp_path / "diagnosis.json").read_text())
+
+    monitor = run(tmp_path, 1200, optimizer="sgd", lr=0.05, boost_at=[600], boost=300.0, during=during)
+    assert 600 <= seen["step"] <= 620  # found at the first reading after the loss rose
+    assert [f["rule"] for f in seen["saved"]] == ["diverging"]
+    finding = next(f for f in monitor.findings if f.rule == "diverging")
+    assert finding.unit == "steps" and 600 <= finding.step <= 610
+    assert str(finding).startswith(f"[diverging] steps {finding.step}-")  # no epoch in a loop without them
+
+
+def test_loss_spikes_are_one_finding_with_their_count_and_the_layers_that_jumped_first(tmp_path):
+    spikes_at = [800, 1500]
+    counts = []
+    monitor = run(tmp_path, 3000, boost_at=spikes_at, stats_every=1,
+                  during=lambda m, step, _: counts.append(sum(f.rule == "loss_spikes" for f in m.findings)))  # fmt: skip
+    found = [f for f in monitor.findings if f.rule == "loss_spikes"]
+    assert len(found) == 1 and found[0].evidence["count"] == 2
+    assert max(counts) == 1 and counts.index(1) < 1500  # told during the run, before the second spike
+    peaks = [spike["peak_step"] for spike in found[0].evidence["spikes"]]
+    assert [start <= peak <= start + 10 for start, peak in zip(spikes_at, peaks)] == [True, True]
+    moved = found[0].evidence["moved_first"]
+    assert spikes_at[0] <= moved["step"] <= spikes_at[0] + 2  # the boosted steps' own update ratios
+    assert all(ratios["update_ratio"] > 10 for ratios in moved["layers"].values())
+    assert f"at step {moved['step']}" in found[0].message and "2 times" in found[0].message
+    assert monitor.findings[0].rule == "loss_spikes"  # told first: the loss's rise follows from it
+
+
+def test_memory_and_state_stay_flat_as_the_steps_grow(tmp_path, monkeypatch):
+    """With the history held to 8 summaries (128 by default, which takes 32,000 steps to reach:
+    bench/memory.py measures a million), its state is as large at step 8,000 as at 4,000."""
+    monkeypatch.setattr(diagnosis, "MAX_HISTORY", 8)
+    monkeypatch.setattr(diagnosis, "RECENT", 4)
+    sizes = {}
+    windows = []
+
+    def during(monitor, step, states):
+        windows.append(len(monitor.diagnosis.history))
+        if step in (4000, 8000):
+            sizes[step] = len(pickle.dumps(monitor.state_dict()))
+            assert len(monitor.diagnosis.records) <= 32
+
+    monitor = run(tmp_path, 8000, optimizer="sgd", lr=0.05, stats_every=4, during=during)
+    assert max(windows) == 8 and monitor.diagnosis.history[0].step == 256  # the first one stays
+    assert sizes[8000] < 1.1 * sizes[4000]
+    lines = (tmp_path / SUMMARIES).read_text().splitlines()
+    assert len(lines) == 8000 // 256 + 1  # every window logged: 16 readings and 256 steps, and close()'s
+
+
+def test_thinning_keeps_the_first_and_the_latest_and_halves_the_middle():
+    items = list(range(MAX_HISTORY + 1))
+    kept = thinned(items, MAX_HISTORY, 32)
+    assert kept[0] == 0 and kept[-32:] == items[-32:]
+    assert kept[1:-32] == items[2:-32:2]
+    assert thinned(items[:10], MAX_HISTORY, 32) == items[:10]
+
+
+def test_a_window_needs_enough_readings_and_steps(tmp_path):
+    every_step = run(tmp_path / "a", 600, stats_every=1)
+    assert [s.step for s in every_step.diagnosis.history] == [256, 512, 600]  # 600: at close()
+    given = run(tmp_path / "b", 600, stats_every=50, monitor=TrainingMonitor(tmp_path / "b", stats_every=50, diagnose_every=4))
+    assert [s.step for s in given.diagnosis.history] == [300, 600]
+    with pytest.raises(ValueError, match="diagnose_every"):
+        TrainingMonitor(tmp_path / "c", diagnose_every=-1)
+
+
+def test_diagnose_tells_the_live_story_of_a_step_run(tmp_path, capsys):
+    monitor = run(tmp_path / "run", 3000, boost_at=[800, 1500], stats_every=1)
+    assert diagnose_main([str(tmp_path / "run"), "--json"]) == 0
+    replayed = json.loads(capsys.readouterr().out)["run"]
+    assert replayed == [f.to_json() for f in monitor.findings] != []
+    assert diagnose_main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("run: 3000 steps, 6 parameters, diagnosed as the monitor did; 1 problem")
+    assert diagnosis.indented(monitor.story()) in out
+
+
+def test_a_resumed_step_run_keeps_the_summaries_up_to_its_state(tmp_path):
+    """Stopped at step 1100, after a spike was found, and resumed from the state saved at step 600:
+    the summaries logged after 600 are dropped, and the run ends with the uninterrupted one's
+    summaries and findings."""
+    saved = {}
+
+    def during(monitor, step, states):
+        if step == 600:
+            saved.update(pickle.loads(pickle.dumps(states())))
+        if step == 1100:
+            assert "loss_spikes" in rules(monitor.findings)
+            raise KeyboardInterrupt
+
+    whole = run(tmp_path / "whole", 3000, boost_at=[800], stats_every=5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", 3000, boost_at=[800], stats_every=5, during=during)
+    resumed = run(tmp_path / "cut", 3000, boost_at=[800], stats_every=5, resume=saved,
+                  monitor=TrainingMonitor(tmp_path / "cut", stats_every=5))  # fmt: skip
+    summaries = [json.loads(line)["summary"] for line in (tmp_path / "cut" / SUMMARIES).read_text().splitlines()]
+    whole_summaries = (tmp_path / "whole" / SUMMARIES).read_text().splitlines()
+    assert [s["step"] for s in summaries] == [json.loads(line)["summary"]["step"] for line in whole_summaries]
+    assert [f.rule for f in resumed.findings] == [f.rule for f in whole.findings]
+    assert [f.rule for f in whole.findings] == ["loss_spikes", "diverging"]
+
+
+def test_a_long_first_epoch_is_diagnosed_in_windows_then_by_its_epochs(tmp_path):
+    """Windows of steps stand in for the first epoch until it ends; then the epochs make the
+    summaries, and what the windows found is kept, as found in epoch 1."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = data()
+    monitor = TrainingMonitor(tmp_path, stats_every=10).watch(model, opt)
+    units = []
+    for epoch in range(2):
+        for i in range(0, len(x) - 8, 8):  # 511 steps an epoch
+            loss = nn.functional.cross_entropy(model(x[i : i + 8]), y[i : i + 8])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss * (1000 if epoch == 0 and i == 8 * 300 else 1))  # one spiked loss
+            units.append([s.unit for s in monitor.diagnosis.history])
+        monitor.epoch_end(epoch, {"train/loss": loss.item()})
+    monitor.close()
+    assert units[300] == ["steps"]  # the first window, at step 256
+    assert [s.unit for s in monitor.diagnosis.history] == ["epoch", "epoch"]
+    found = {f.rule: f for f in monitor.findings}
+    assert found["diverging"].epoch == 0 and found["diverging"].unit == "epoch"
+    assert str(found["diverging"]).startswith("[diverging] epoch 1")
