@@ -19,8 +19,11 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from .diagnosis import (
     METRIC_TAGS,
@@ -98,17 +101,18 @@ def _steps_of_metrics(metrics):
 
 def summaries(events, classes=None, step_events=None) -> list[EpochSummary]:
     """Epoch summaries, one per logged step, from an EventAccumulator's histograms and scalars (the
-    steps of a metric where there are no histograms). The training loss comes per optimizer step
-    from `step_events` (the monitor's <run>/steps) when given, else from the run's scalars; its
-    points are given to the logged steps by wall time, since the two may count steps
-    differently."""
+    steps of a metric where there are no histograms). The training loss and the clipping scalars
+    (clip/*) come per optimizer step from `step_events` (the monitor's <run>/steps) when given,
+    else from the run's scalars; their points are given to the logged steps by wall time, since the
+    two may count steps differently."""
     records, walls = _records(events)
     metrics = {key: _scalars(events, tags) for key, tags in METRIC_TAGS.items()}
     if not records:
         records, walls = _steps_of_metrics(metrics)
+    per_step = step_events or events
     losses = (_scalars(step_events, ("loss",)) if step_events else []) or metrics["train_loss"]
-    # an untrained model's loss is where the loss starts: a first logged value may hold a divergence
-    first_loss = math.log(classes) if classes and classes > 1 else losses[0][2] if losses else None
+    first_loss = _first_loss(losses, len(records), classes, bool(step_events))
+    clips = {key: _scalars(per_step, (f"clip/{key}",)) for key in ("grad_norm", "clipped_share")}
     history = []
     previous = -math.inf  # the wall time of the step before
     for index, (step, record_) in enumerate(sorted(records.items())):
@@ -117,11 +121,39 @@ def summaries(events, classes=None, step_events=None) -> list[EpochSummary]:
         values = {key: v for key, series in metrics.items() for s, _, v in series if s == step}
         done = windows[-1]["step"] if windows else step  # on the loss's step axis where it has one
         context = dict(losses=windows, metrics=values, first_loss=first_loss, num_classes=classes)
+        context["clipping"] = _clipping(clips, previous, walls[step])
         history.append(
             summarize(index, done, [{**record_, "total": {"grad_norm": total}}], **context)
         )
         previous = walls[step]
     return history
+
+
+def _first_loss(losses, logged_steps, classes, per_step):
+    """Where the loss started: the lower of its first value where it is logged by optimizer steps
+    (more often than the histograms) and ln C for C classes, an untrained model's, since a first
+    logged mean may hold a divergence; else its first logged value."""
+    starts = [losses[0][2]] if losses and (per_step or len(losses) > 2 * logged_steps) else []
+    starts += [math.log(classes)] if classes and classes > 1 else []
+    if starts:
+        return min(starts)
+    return losses[0][2] if losses else None
+
+
+def _clipping(clips, after, until):
+    """The clipping of the points logged between two wall times (see EpochSummary.clipping; the
+    threshold is not logged), or {}."""
+    norms = [v for _, wall, v in clips["grad_norm"] if after < wall <= until and math.isfinite(v)]
+    shares = [v for _, wall, v in clips["clipped_share"] if after < wall <= until]
+    if not norms or not shares:
+        return {}
+    return {
+        "max_norm": None,
+        "steps": len(norms),
+        "clipped_share": statistics.fmean(shares),
+        "grad_norm_median": statistics.median(norms),
+        "grad_norm_p90": float(np.percentile(norms, 90)),
+    }
 
 
 def _scalars(events, tags):
@@ -216,10 +248,34 @@ def diagnose_run(run_dir, thresholds, classes=None, overrides=()):
             f"no weight or gradient histograms and no loss or accuracy scalars recognised {found}",
         )
     findings = []
+    rose = False  # whether the loss rose above its start: then no advice to raise the lr
     for i, summary in enumerate(history):
-        findings, _ = record(findings, diagnose(history[: i + 1], thresholds), summary.epoch)
-    parameters = len(history[-1].layers)
-    return findings, f"{len(history)} step{'s' * (len(history) != 1)}, {parameters} parameters"
+        rose = rose or _rose(summary)
+        found = diagnose(history[: i + 1], thresholds)
+        findings, _ = record(findings, found, summary.epoch, rose)
+    parameters = _plural(len(history[-1].layers), "parameter")
+    return findings, f"{_counted(history, events, steps)}, {parameters}"
+
+
+def _rose(summary, by=1.1):
+    """Whether a logged training loss of `summary` is `by` times the run's first loss or more."""
+    first = summary.first_loss
+    means = [w["mean"] for w in summary.losses if math.isfinite(w["mean"])]
+    return bool(first) and first > 0 and any(mean >= by * first for mean in means)
+
+
+def _counted(history, events, step_events):
+    """How much of the run was read, in its own units: epochs where the histograms are an epoch
+    axis beside a step axis (the monitor's <run>/steps), else logged steps, with the last step and
+    the epoch where a scalar `epoch` or `train/epoch` tells it (Lightning's, Hugging Face's)."""
+    if step_events is not None:
+        losses = _scalars(step_events, ("loss",))
+        return f"{_plural(len(history), 'epoch')}, {losses[-1][0] if losses else '?'} steps"
+    epochs = _scalars(events, ("epoch", "train/epoch"))
+    text = _plural(len(history), "logged step")
+    if epochs:
+        text += f" (to step {epochs[-1][0]}, epoch {epochs[-1][2]:g})"
+    return text
 
 
 def run_folders(path):

@@ -320,12 +320,14 @@ def _accuracy(summary: EpochSummary) -> float | None:
     return summary.metrics.get("valid_accuracy", summary.metrics.get("train_accuracy"))
 
 
-def _period(summary: EpochSummary, plural: bool = False) -> str:
-    """What a summary covers, for a message: "epoch", or "window of steps" in a loop without
-    epochs."""
-    if summary.unit == "steps":
-        return "windows of steps" if plural else "window of steps"
-    return "epochs" if plural else "epoch"
+def _period(summary: EpochSummary) -> str:
+    """What a summary covers, for a message: "the epoch", or "steps 257-512" for a window of steps
+    (which stays true once a long first epoch has ended)."""
+    if summary.unit == "epoch":
+        return "the epoch"
+    losses = summary.losses
+    start = losses[0]["step"] if losses else summary.step
+    return f"steps {start}-{summary.step}" if start < summary.step else f"step {start}"
 
 
 def _loop_start(history: list[EpochSummary]) -> int:
@@ -388,7 +390,7 @@ def eval_mode(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         return []
     message = f"the model was in eval mode at {loop['eval_readings']} of {loop['readings']} "
     message += (
-        f"statistics steps of the {_period(now)}: its dropout and BatchNorm layers train as at "
+        f"statistics steps of {_period(now)}: its dropout and BatchNorm layers train as at "
     )
     message += "inference (no dropout, frozen running statistics)."
     evidence = {"eval_readings": loop["eval_readings"], "readings": loop["readings"]}
@@ -645,7 +647,8 @@ def loss_spikes(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     evidence = {"count": len(spikes), "spikes": spikes[:SHOWN]}
     evidence["moved_first"] = _moved_first(history, spikes[0])
     message = _spike_message(evidence)
-    return [_found(history[-1], [], evidence, message, step=spikes[0]["start"])]
+    began = spikes[0]["after"] + 1  # after the last step of the loss at its level
+    return [_found(history[-1], [], evidence, message, step=began)]
 
 
 @rule(
@@ -731,7 +734,7 @@ def exploding_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     evidence = {"total_grad_norm_max": peak, "median_before": baseline, "factor": peak / baseline}
     evidence["threshold"] = t.exploding_factor
     message = f"the total gradient norm reached {peak:.3g}, {peak / baseline:.0f}x its median of "
-    message += f"{baseline:.3g} in the {_period(now, plural=True)} before."
+    message += f"{baseline:.3g} in the {'epochs' if now.unit == 'epoch' else 'steps'} before."
     return [_found(now, ["total"], evidence, message)]
 
 
@@ -767,12 +770,12 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         return []
     median = clip["grad_norm_median"]
     p90 = clip["grad_norm_p90"]
-    message = f"gradient clipping at {clip['max_norm']:g} scaled down {share:.0%} of the "
-    message += f"{_period(now)}'s "
-    message += f"{clip['steps']} steps (norms before clipping: median {median:.3g}, "
+    at = f" at {clip['max_norm']:g}" if clip.get("max_norm") else ""  # unknown in others' logs
+    message = f"gradient clipping{at} scaled down {share:.0%} of the {clip['steps']} steps of "
+    message += f"{_period(now)} (norms before clipping: median {median:.3g}, "
     message += f"90th percentile {p90:.3g}). Clipping nearly every step "
     lr = now.lr
-    in_effect = lr * clip["max_norm"] / median if lr and median > 0 else None
+    in_effect = lr * clip["max_norm"] / median if lr and at and median > 0 else None
     if in_effect:
         message += f"makes the learning rate of {lr:g} about {in_effect:.2g} in effect: "
     else:
@@ -848,7 +851,7 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if not dead:
         return []
     parts = ", ".join(f"{share:.0%} of {layer}'s" for layer, share in dead.items())
-    message = f"{parts} units gave no positive output on any batch read this {_period(now)}: "
+    message = f"{parts} units gave no positive output on any batch read in {_period(now)}: "
     message += "their ReLUs no longer fire (dead units)."
     start, _ = _start_loss(history)
     learns = bool(start) and _finite(_loss(now)) and not _near_start(now, start, t)  # no more
@@ -1126,7 +1129,7 @@ def oscillating(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     falling = statistics.mean(losses[half:]) < 0.9 * statistics.mean(losses[:half])
     if turns < len(steps) - 2 or swing < t.oscillation_amplitude * level or falling:
         return []
-    span = _period(history[-1], plural=True)
+    span = "epochs" if history[-1].unit == "epoch" else "windows of steps"
     message = f"over the last {len(losses)} {span} the training loss went up and down by "
     message += f"{swing:.3g} "
     message += f"(around {level:.3g}) without falling: the steps overshoot."
@@ -1182,7 +1185,8 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
             evidence = {"max_abs_weight": value, "after_first_epoch": first}
             evidence[f"{t.weight_window}_epochs_before"] = earlier
             evidence["weight_norm"] = s.get("weight_norm")
-            message = f"{name}: max |w| grew from {first:.3g} after the first {_period(now)} to "
+            after = "the first epoch" if now.unit == "epoch" else f"step {history[0].step}"
+            message = f"{name}: max |w| grew from {first:.3g} after {after} to "
             message += f"{value:.3g} and "
             message += "is still growing."
             findings.append(_found(now, [name], evidence, message))
@@ -1364,17 +1368,19 @@ def _order(finding: Finding) -> tuple:
     told = list(RULES)
     return (
         finding.step,
-        told.index(finding.rule) if finding.rule in told else len(told),
         finding.epoch,
+        told.index(finding.rule) if finding.rule in told else len(told),
     )
 
 
 def record(
-    findings: list[Finding], new: list[Finding], epoch: int
+    findings: list[Finding], new: list[Finding], epoch: int, rose: bool = False
 ) -> tuple[list[Finding], list[Finding]]:
     """The run's findings with epoch `epoch`'s `new` ones merged in, in the order they began, each
     linked to the earlier finding it follows from; and the findings that began this epoch, in the
-    same order. Pure: the arguments are kept."""
+    same order. `rose`: the loss rose above its start, so that no suggestion may raise the learning
+    rate even without a finding that says so (in logs read without the monitor's summaries). Pure:
+    the arguments are kept."""
     merged = {f.key: replace(f) for f in findings}
     begun = set()
     for finding in new:
@@ -1395,7 +1401,7 @@ def record(
             *(p for p in finding.parameters if p not in kept.parameters),
         ]
     ordered = sorted(merged.values(), key=_order)
-    _link(ordered, epoch)
+    _link(ordered, epoch, rose)
     return ordered, [f for f in ordered if f.key in begun]
 
 
@@ -1406,11 +1412,11 @@ def _counted(kept: dict, new: dict) -> dict:
     return {**kept, "count": kept.get("count", 0) + new.get("count", 0), "spikes": spikes}
 
 
-def _link(findings: list[Finding], epoch: int) -> None:
+def _link(findings: list[Finding], epoch: int, rose: bool = False) -> None:
     """Causes, severities and suggestions of findings in the order they began: a finding that can
     follow from an earlier one does, and leaves the suggestion to it; no suggestion goes against the
     run's history."""
-    diverged = any(declared(f.rule).diverged for f in findings)
+    diverged = rose or any(declared(f.rule).diverged for f in findings)
     direction = 0  # the first problem's, for the learning rate
     for i, finding in enumerate(findings):
         rule_ = declared(finding.rule)

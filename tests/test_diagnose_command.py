@@ -14,6 +14,7 @@ from test_diagnosis import deep_sigmoid, make_data, mlp, train
 from torch.utils.tensorboard import SummaryWriter as TorchWriter
 
 from gradwatch import cli as diagnose
+from gradwatch import diagnosis
 
 
 def log_with(writer, model, epochs, weight_tag, grad_tag, lr=0.05):
@@ -50,9 +51,9 @@ def test_diagnose_reads_every_writer_and_convention(tmp_path, capsys):
     assert report["healthy"] == []
     assert diagnose.main([str(tmp_path / "logs" / "torch")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("torch: 2 steps, 18 parameters; 1 problem\n  Problem, epoch 1-2") and "0.weight" in out
+    assert out.startswith("torch: 2 logged steps, 18 parameters; 1 problem\n  Problem, epoch 1-2") and "0.weight" in out
     assert diagnose.main([str(tmp_path / "logs" / "healthy")]) == 0
-    assert capsys.readouterr().out == "healthy: 3 steps, 4 parameters; healthy\n"
+    assert capsys.readouterr().out == "healthy: 3 logged steps, 4 parameters; healthy\n"
 
 
 def test_diagnose_explains_what_it_cannot_read(tmp_path, capsys):
@@ -120,7 +121,7 @@ def test_loss_and_accuracy_scalars_under_common_tags_tell_the_story(tmp_path, ca
     assert findings[0]["evidence"]["peak"] == 70.0 and findings[0]["cause"] is None  # as first found
     assert diagnose.main([str(tmp_path / "diverged"), "--classes", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("diverged: 4 steps, 0 parameters; 1 problem\n  Problem, epoch 1-4, step 10: the training")
+    assert out.startswith("diverged: 4 logged steps, 0 parameters; 1 problem\n  Problem, epoch 1-4, step 10: the training")
 
 
 def test_a_runs_step_axis_folder_is_part_of_the_run(tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_diagnose_follows_links_reads_an_event_file_and_says_what_it_lacks(tmp_p
     (tmp_path / "logs" / "linked").symlink_to(tmp_path / "real" / "run", target_is_directory=True)
     (tmp_path / "real" / "run" / "loop").symlink_to(tmp_path / "real", target_is_directory=True)
     assert diagnose.main([str(tmp_path / "logs")]) == 0
-    assert capsys.readouterr().out.startswith("linked: 2 steps")
+    assert capsys.readouterr().out.startswith("linked: 2 logged steps")
     event_file = next((tmp_path / "real" / "run").glob("events.out.tfevents.*"))
     assert diagnose.main([str(event_file), "--json"]) == 0
     assert list(json.loads(capsys.readouterr().out)) == ["run"]
@@ -166,3 +167,78 @@ def test_diagnose_follows_links_reads_an_event_file_and_says_what_it_lacks(tmp_p
         capsys.readouterr().err
         == "error: diagnose reads event files with TensorBoard's reader: pip install tensorboard\n"
     )
+
+
+def foreign_log(folder, steps, loss, clipped_share=None, vanishing=False, epoch_scalar=False):
+    """A log as another loop writes it: `loss(step)` every step, weight and gradient histograms every
+    10 steps (the first layer's gradients 1e-6 of the last one's with `vanishing`), clip/* scalars
+    where given, and Lightning's `epoch` scalar (100 steps an epoch)."""
+    writer = TensorboardXWriter(str(folder))
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        writer.add_scalar("train_loss", loss(step), step)
+        if epoch_scalar:
+            writer.add_scalar("epoch", (step - 1) // 100, step)
+        if clipped_share is not None:
+            writer.add_scalar("clip/grad_norm", 5.0 + torch.rand(1, generator=generator).item(), step)
+            writer.add_scalar("clip/clipped_share", clipped_share, step)
+        if step % 10 == 0:
+            for layer, scale in (("0", 1e-6 if vanishing else 1.0), ("1", 1.0)):
+                writer.add_histogram(f"weights/{layer}.weight", torch.randn(64, generator=generator).numpy(), step)
+                grad = torch.randn(64, generator=generator) * 1e-2 * scale
+                writer.add_histogram(f"gradients/{layer}.weight", grad.numpy(), step)
+    writer.close()
+
+
+def test_logs_of_other_loops_are_read_with_their_clipping_first_loss_and_units(tmp_path, capsys):
+    """Without the monitor's summaries: clip/* is read (clipping every step while the loss does not fall
+    is named); the first loss is the first step's where the loss is logged every step (a rise from 1.0 to
+    1.6 diverges, though ln 10 is 2.3); epochs are counted by Lightning's `epoch` scalar."""
+    foreign_log(tmp_path / "clipped", 60, lambda step: 2.0 + 0.01 * (step % 7), clipped_share=1.0)
+    foreign_log(tmp_path / "rose", 60, lambda step: 1.0 if step < 20 else 1.6, epoch_scalar=True)
+    foreign_log(tmp_path / "calm", 60, lambda step: 1.0 / step, clipped_share=0.1)
+    assert diagnose.main([str(tmp_path), "--json", "--classes", "10"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "mostly_clipped" in rules(report, "clipped") and "mostly_clipped" not in rules(report, "calm")
+    assert [f["rule"] for f in report["rose"]][:1] == ["diverging"]
+    assert report["rose"][0]["evidence"]["first_loss"] == 1.0
+    assert diagnose.main([str(tmp_path / "rose"), "--classes", "10"]) == 0
+    assert capsys.readouterr().out.startswith("rose: 6 logged steps (to step 60, epoch 0), 2 parameters;")
+
+
+def test_no_advice_to_raise_the_learning_rate_after_a_loss_that_rose(tmp_path, capsys):
+    """Vanishing gradients in a log whose loss rose 20% above its start (too little to be called a
+    divergence): the suggestion is not a larger learning rate. With a falling loss, it is."""
+    foreign_log(tmp_path / "rose", 60, lambda step: 2.0 if step < 20 else 2.4, vanishing=True)
+    foreign_log(tmp_path / "fell", 60, lambda step: 2.0 - step / 100, vanishing=True)
+    assert diagnose.main([str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    said = {run: next(f["suggestion"] for f in report[run] if f["rule"] == "vanishing_gradients") for run in report}
+    assert "larger learning rate" in said["fell"] and "larger learning rate" not in said["rose"]
+
+
+SUITE_SAMPLE = ["lr_high_2", "nan_injected", "clipped_lr_high", "dead_relus", "default"]
+
+
+def test_diagnose_names_the_live_monitors_first_problem_on_a_sample_of_the_suite(tmp_path, capsys):
+    """Runs of bench/diagnosis_suite.py (4 epochs each): diagnose on each folder gives back the live
+    monitor's findings, the same first problem, causes and suggestions, and the same story."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import diagnosis_suite as suite
+    from data import CIFAR10_MEAN, CIFAR10_STD, build_loaders
+
+    loaders = build_loaders(ROOT / "Data", 16, 0, torch.device("cpu"), 0, "yes", CIFAR10_MEAN, CIFAR10_STD)
+    runs = {**suite.FAULTS, "default": ("healthy", set(), {})}
+    firsts = {}
+    for name in SUITE_SAMPLE:
+        live = suite.train(tmp_path / name, loaders[0], loaders[1], loaders[2], 4, **runs[name][-1])
+        assert diagnose.main([str(tmp_path / name), "--json"]) == 0
+        replayed = json.loads(capsys.readouterr().out)[name]
+        assert replayed == [f.to_json() for f in live], name
+        assert diagnose.main([str(tmp_path / name)]) == 0
+        told = capsys.readouterr().out
+        assert diagnosis.indented(diagnosis.story(live)) in told if live else told.endswith("; healthy\n")
+        first = suite.first_problem(live)
+        firsts[name] = first.rule if first else None
+    named = {"lr_high_2": "diverging", "nan_injected": "diverging", "clipped_lr_high": "mostly_clipped"}
+    assert firsts == {**named, "dead_relus": "dead_units", "default": None}  # the suite's causes
