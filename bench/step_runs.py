@@ -144,8 +144,13 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--set", choices=SETS, default="2", help="tuning: the runs the thresholds were set on; 1:"
-                        " the first held-out set (seen once before the rule changed); 2 (default): the second")
+    parser.add_argument(
+        "--set",
+        choices=SETS,
+        default="2",
+        help="tuning: the runs the thresholds were set on; 1:"
+        " the first held-out set (seen once before the rule changed); 2 (default): the second",
+    )
     parser.add_argument("--only", nargs="*", help="run only these (names from the tables)")
     parser.add_argument("--story", action="store_true", help="print each run's findings too")
     args = parser.parse_args()

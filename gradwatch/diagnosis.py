@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .summary import EXTRA, JUMP_READINGS, EpochSummary, jumps
+from .summary import EXTRA, JUMP, JUMP_READINGS, EpochSummary, jumps
 
 METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
     "train_loss": "train/loss train_loss loss/train Loss/train training_loss train/loss_epoch "
@@ -115,9 +115,9 @@ class Thresholds:
     # divided by up to 4 accumulation steps
     ce_bound: float = 0.25
     # loss_spikes: a loss window's highest loss above spike_factor x the median of the highest of
-    # the SPIKE_BASELINE windows before, and above their median mean by spike_rise x an untrained
-    # model's loss; it came back once a window's highest is below spike_factor x that median again
-    spike_factor: float = 3.0
+    # the SPIKE_BASELINE windows before, and above it by spike_rise x an untrained model's loss,
+    # from a level below stuck_loss x that; back once a window's highest is within half that rise
+    spike_factor: float = 1.5
     spike_rise: float = 0.2
 
     @classmethod
@@ -326,7 +326,7 @@ def _period(summary: EpochSummary) -> str:
     if summary.unit == "epoch":
         return "the epoch"
     losses = summary.losses
-    start = losses[0]["step"] if losses else summary.step
+    start = losses[0].get("first", losses[0]["step"]) if losses else summary.step
     return f"steps {start}-{summary.step}" if start < summary.step else f"step {start}"
 
 
@@ -389,9 +389,7 @@ def eval_mode(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if not loop.get("mode_matters") or loop["eval_readings"] * 2 <= loop["readings"]:
         return []
     message = f"the model was in eval mode at {loop['eval_readings']} of {loop['readings']} "
-    message += (
-        f"statistics steps of {_period(now)}: its dropout and BatchNorm layers train as at "
-    )
+    message += f"statistics steps of {_period(now)}: its dropout and BatchNorm layers train as at "
     message += "inference (no dropout, frozen running statistics)."
     evidence = {"eval_readings": loop["eval_readings"], "readings": loop["readings"]}
     return [_found(now, [], evidence, message, step=_loop_start(history))]
@@ -569,41 +567,55 @@ SHOWN = 5  # the spikes a finding's evidence lists
 
 def _spikes(history: list[EpochSummary], t: Thresholds) -> list[dict[str, Any]]:
     """The loss spikes that came back within the latest summary, each told once: [{"after": the
-    last step before it, "start", "peak_step", "peak", "level", "base", "back"}]."""
-    recent = history[-4:]
-    windows = [
-        (s is recent[-1], w) for s in recent for w in s.losses if _finite(w["max"])
-    ]  # (in the latest summary, loss window)
+    last step at the loss's level, "start", "peak_step", "peak", "level", "base", "back"}]. See
+    loss_spikes for when a window spikes."""
     start, _ = _start_loss(history)
-    rise = t.spike_rise * start if start else 0.0
+    if not start:
+        return []
+    recent = history[-4:]
+    windows = [(s is recent[-1], w) for s in recent for w in s.losses if _finite(w["max"])]
+    rise = t.spike_rise * start  # over the highest losses before
     found = []
     spike = None
     for i, (latest, w) in enumerate(windows):
-        before = [v for _, v in windows[max(0, i - SPIKE_BASELINE) : i]]
-        if spike is None and len(before) >= 4:
-            base = statistics.median(v["max"] for v in before)
-            level = statistics.median(v["mean"] for v in before)
-            if w["max"] > t.spike_factor * base and w["max"] > level + rise:
-                spike = {"after": before[-1]["step"], "start": w["max_step"], "level": level}
-                spike.update(peak=w["max"], peak_step=w["max_step"], base=base, windows=1)
-        elif spike is not None and w["max"] < t.spike_factor * spike["base"]:
-            # one high window alone is one hard batch, unless it is twice as high
-            lasted = spike.pop("windows") > 1 or spike["peak"] > 2 * t.spike_factor * spike["base"]
-            if latest and lasted:
-                found.append({**spike, "back": w["step"]})
-            spike = None
-        elif spike is not None:
-            spike["windows"] += 1
+        if spike is None:
+            spike = _spike_at([v for _, v in windows[max(0, i - SPIKE_BASELINE) : i]], w, rise, t)
+        elif w["max"] >= spike["base"] + rise / 2:  # not back yet: a spike over two windows
+            spike["lasted"] = True
             if w["max"] > spike["peak"]:
                 spike.update(peak=w["max"], peak_step=w["max_step"])
+        else:
+            if latest and spike.pop("lasted"):
+                found.append({**spike, "back": w["step"]})
+            spike = None
     return found
+
+
+def _spike_at(before: list[dict], window: dict, rise: float, t: Thresholds) -> dict | None:
+    """A spike beginning at loss window `window`, after the windows `before` (at least four), or
+    None; "lasted" tells whether this window alone tells of more than one hard batch: it rose
+    twice as far, or it spans several steps and its mean rose by a quarter of `rise` (one batch
+    of many moves the mean little)."""
+    if len(before) < 4:
+        return None
+    base = statistics.median(w["max"] for w in before)
+    level = statistics.median(w["mean"] for w in before)
+    start = rise / t.spike_rise
+    high = window["max"] > max(t.spike_factor * base, base + rise)
+    if not high or level >= t.stuck_loss * start:  # only from a level the model had reached
+        return None
+    several = window.get("first", window["step"]) < window["step"]
+    lasted = window["max"] > base + 2 * rise or several and window["mean"] > level + rise / 4
+    spike = {"after": before[-1]["step"], "start": window["max_step"], "level": level}
+    return {**spike, "peak": window["max"], "peak_step": window["max_step"], "base": base,
+            "lasted": lasted}  # fmt: skip
 
 
 def _moved_first(history: list[EpochSummary], spike: dict) -> dict[str, Any]:
     """The earliest reading from just before `spike` to its end at which layers jumped (see
     summary.EpochSummary.jumps); {} if none did, or none was read then."""
     jumps = [j for s in history[-4:] for j in s.loop.get("jumps", [])]
-    jumps = [j for j in jumps if spike["after"] < j["step"] <= spike["back"]]
+    jumps = [j for j in jumps if spike["after"] <= j["step"] <= spike["back"]]  # from its update
     return min(jumps, key=lambda j: j["step"], default={})
 
 
@@ -620,7 +632,7 @@ def _spike_message(evidence: dict) -> str:
         return text + "compared with an earlier window or epoch; stats_every=1 reads every step)."
     said = {"grad_norm": "gradient norm", "update_ratio": "update ratio"}
     parts = [
-        f"{name} ({', '.join(f'{said[k]} x{v:.0f}' for k, v in ratios.items())})"
+        f"{name} ({', '.join(f'{said[k]} x{v:.0f}' for k, v in ratios.items() if v >= JUMP)})"
         for name, ratios in moved["layers"].items()
     ]
     return f"{text}. First to jump, at step {moved['step']}: {'; '.join(parts)}."
@@ -629,7 +641,7 @@ def _spike_message(evidence: dict) -> str:
 @rule(
     "clip gradients (torch.nn.utils.clip_grad_norm_ at 1.0), a lower peak learning rate or a "
     "longer warmup, and look at the batches of those steps; with Adam, a larger eps.",
-    thresholds=("spike_factor", "spike_rise"),
+    thresholds=("spike_factor", "spike_rise", "stuck_loss"),
     follows=("gradients_not_cleared", "unshuffled"),
     lr=LOWER,
     instead="clip gradients, and look at the batches of those steps.",
@@ -637,17 +649,19 @@ def _spike_message(evidence: dict) -> str:
 )
 def loss_spikes(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The training loss spiked and came back: a loss window's highest value above `spike_factor`
-    x the median of the highest of the windows before, and above their level by `spike_rise` x an
-    untrained model's loss, until a window's highest is under `spike_factor` x that median again.
-    Told with the layers whose gradient norm or update ratio jumped first (at least 3x their
-    median), where a statistics reading fell in the spike; repeated spikes are one finding."""
+    x the median of the highest of the 8 windows before, and above it by `spike_rise` x an
+    untrained model's loss (ln C, or the first loss), from a level the model had reached (below
+    `stuck_loss` x that), for two windows or twice as high, until a window's highest is within half
+    that rise again. Told with the layers whose gradient norm or update ratio jumped first (3x their
+    median in the summary before, or more), where a statistics reading fell in the spike; repeated
+    spikes are one finding with their count."""
     spikes = _spikes(history, t)
     if not spikes:
         return []
     evidence = {"count": len(spikes), "spikes": spikes[:SHOWN]}
     evidence["moved_first"] = _moved_first(history, spikes[0])
     message = _spike_message(evidence)
-    began = spikes[0]["after"] + 1  # after the last step of the loss at its level
+    began = spikes[0]["after"]  # the update of that step is the first that could have caused it
     return [_found(history[-1], [], evidence, message, step=began)]
 
 

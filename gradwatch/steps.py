@@ -92,7 +92,8 @@ class Cadence:
 
 class LossWindows:
     """The training loss of every step, as windows of the epoch: one per statistics log, each with
-    its mean, maximum, the step of the maximum and the step of the first NaN or Inf."""
+    its first and last step, mean, maximum, the step of the maximum and the step of the first NaN
+    or Inf."""
 
     def __init__(self):
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last window
@@ -126,7 +127,8 @@ class LossWindows:
         )
         peak, peak_step = max(finite, default=(math.nan, None))
         mean = statistics.fmean(v for v, _ in finite) if finite else math.nan
-        window = {"step": steps[-1], "mean": mean, "max": peak, "max_step": peak_step}
+        window = {"first": steps[0], "step": steps[-1], "mean": mean, "max": peak}
+        window["max_step"] = peak_step
         self.windows.append({**window, "nonfinite_step": nonfinite})
         if len(self.windows) > MAX_LOSS_WINDOWS:  # a long epoch: its older half in pairs
             half = MAX_LOSS_WINDOWS // 2
@@ -156,6 +158,7 @@ def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     nonfinite = a["nonfinite_step"] if a["nonfinite_step"] is not None else b["nonfinite_step"]
     mean = statistics.fmean(means) if means else math.nan
     return {
+        "first": a.get("first", a["step"]),
         "step": b["step"],
         "mean": mean,
         "max": peak["max"],

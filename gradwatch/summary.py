@@ -51,7 +51,8 @@ class EpochSummary:
     total_grad_norm_max: float = math.nan
     total_grad_norm_median: float = math.nan
     # the training loss in windows of steps, one per statistics log:
-    # [{"step", "mean", "max", "max_step", "nonfinite_step" (None if all were finite)}]
+    # [{"first", "step", "mean", "max", "max_step", "nonfinite_step" (None if all were finite)}],
+    # "first" and "step" the window's first and last step
     losses: list[dict[str, Any]] = field(default_factory=list)
     first_loss: float | None = None  # the run's first training loss
     # with gradient clipping: {"max_norm", "steps", "clipped_share", "grad_norm_median",

@@ -121,7 +121,9 @@ def test_loss_and_accuracy_scalars_under_common_tags_tell_the_story(tmp_path, ca
     assert findings[0]["evidence"]["peak"] == 70.0 and findings[0]["cause"] is None  # as first found
     assert diagnose.main([str(tmp_path / "diverged"), "--classes", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("diverged: 4 logged steps, 0 parameters; 1 problem\n  Problem, epoch 1-4, step 10: the training")
+    assert out.startswith(
+        "diverged: 4 logged steps, 0 parameters; 1 problem\n  Problem, epoch 1-4, step 10: the training"
+    )
 
 
 def test_a_runs_step_axis_folder_is_part_of_the_run(tmp_path, capsys):
@@ -225,6 +227,7 @@ def test_diagnose_names_the_live_monitors_first_problem_on_a_sample_of_the_suite
     monitor's findings, the same first problem, causes and suggestions, and the same story."""
     sys.path.insert(0, str(ROOT / "bench"))
     import diagnosis_suite as suite
+
     from data import CIFAR10_MEAN, CIFAR10_STD, build_loaders
 
     loaders = build_loaders(ROOT / "Data", 16, 0, torch.device("cpu"), 0, "yes", CIFAR10_MEAN, CIFAR10_STD)

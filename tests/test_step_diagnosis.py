@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import readme_python, run_script
 from torch import nn
 
 from gradwatch import TrainingMonitor, diagnosis
@@ -161,7 +162,9 @@ def test_thinning_keeps_the_first_and_the_latest_and_halves_the_middle():
 def test_a_window_needs_enough_readings_and_steps(tmp_path):
     every_step = run(tmp_path / "a", 600, stats_every=1)
     assert [s.step for s in every_step.diagnosis.history] == [256, 512, 600]  # 600: at close()
-    given = run(tmp_path / "b", 600, stats_every=50, monitor=TrainingMonitor(tmp_path / "b", stats_every=50, diagnose_every=4))
+    given = run(
+        tmp_path / "b", 600, stats_every=50, monitor=TrainingMonitor(tmp_path / "b", stats_every=50, diagnose_every=4)
+    )
     assert [s.step for s in given.diagnosis.history] == [300, 600]
     with pytest.raises(ValueError, match="diagnose_every"):
         TrainingMonitor(tmp_path / "c", diagnose_every=-1)
@@ -227,3 +230,12 @@ def test_a_long_first_epoch_is_diagnosed_in_windows_then_by_its_epochs(tmp_path)
     found = {f.rule: f for f in monitor.findings}
     assert found["diverging"].epoch == 0 and found["diverging"].unit == "epoch"
     assert str(found["diverging"]).startswith("[diverging] epoch 1")
+
+
+def test_the_readme_snippet_runs_as_printed(tmp_path):
+    (tmp_path / "snippet.py").write_text(readme_python("### Loops counted in steps"))
+    result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "Result" / "my-steps" / SUMMARIES).read_text().splitlines()
+    assert [json.loads(line)["summary"]["step"] for line in lines] == [800, 1600, 2000]
+    assert result.stdout.strip() == "No findings." or result.stdout.startswith(("Problem", "Note"))
