@@ -9,6 +9,7 @@ Needs `pip install gradwatch[transformers]`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -82,9 +83,9 @@ class MonitorCallback(TrainerCallback):
         )
         # the model unwrapped
         self._hook = self.monitor.model.register_forward_hook(self._keep_loss)
-        batches = kwargs.get("train_dataloader")
-        if batches is not None and hasattr(batches, "__len__"):
-            self._steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
+        with contextlib.suppress(TypeError):  # an iterable dataset may have no length: max_steps
+            batches = len(kwargs.get("train_dataloader"))
+            self._steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
 
     def _keep_loss(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)

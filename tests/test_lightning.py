@@ -204,3 +204,24 @@ def test_a_model_sharded_by_lightning_is_watched_whole(tmp_path):
     histogram = load_events(run).Histograms("net.1.weight_data")[0].histogram_value
     assert histogram.num == 64 * 32  # the whole weight, not rank 0's half
     assert not list(tmp_path.rglob("gradwatch-errors.log"))
+
+
+class Endless(torch.utils.data.IterableDataset):
+    """loaders()'s task without end: a run counted in max_steps."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randn(8, 8, generator=generator)
+            yield x, (x[0, 0] > 0).long() + 2 * (x[1, 1] > 0).long()
+
+
+def test_a_max_steps_run_is_diagnosed_in_windows_of_steps_while_it_trains(tmp_path):
+    callback = MonitorCallback(stats_every=10)
+    trainer = L.Trainer(callbacks=[callback], max_steps=600, accelerator="cpu", default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(Recorder(), DataLoader(Endless(), batch_size=16))
+    lines = (tmp_path / "lightning_logs" / "version_0" / "gradwatch-summaries.jsonl").read_text().splitlines()
+    summaries = [json.loads(line)["summary"] for line in lines]
+    assert [(s["unit"], s["step"]) for s in summaries][:2] == [("steps", 260), ("steps", 520)]
+    assert summaries[-1]["step"] == 600  # the rest: at the epoch's end, or at close()

@@ -116,8 +116,11 @@ def test_a_divergence_is_found_while_the_loop_runs(tmp_path):
 def test_loss_spikes_are_one_finding_with_their_count_and_the_layers_that_jumped_first(tmp_path):
     spikes_at = [800, 1500]
     counts = []
-    monitor = run(tmp_path, 3000, boost_at=spikes_at, stats_every=1,
-                  during=lambda m, step, _: counts.append(sum(f.rule == "loss_spikes" for f in m.findings)))  # fmt: skip
+
+    def during(monitor, step, states):
+        counts.append(rules(monitor.findings).count("loss_spikes"))
+
+    monitor = run(tmp_path, 3000, boost_at=spikes_at, stats_every=1, during=during)
     found = [f for f in monitor.findings if f.rule == "loss_spikes"]
     assert len(found) == 1 and found[0].evidence["count"] == 2
     assert max(counts) == 1 and counts.index(1) < 1500  # told during the run, before the second spike

@@ -100,3 +100,28 @@ def test_under_torchrun_only_the_main_process_writes(tmp_path):
         assert len(list(folder.glob("events.out.tfevents.*"))) == 1
     histograms = load_events(tmp_path / "run").Tags()["histograms"]
     assert "classifier.weight_grad" in histograms and not [tag for tag in histograms if tag.startswith("module.")]
+
+
+class Endless(torch.utils.data.IterableDataset):
+    """Random sequences whose class is their first token mod 3, without end: a run counted in max_steps."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            ids = torch.randint(3, 64, (12,), generator=generator)
+            yield {"input_ids": ids, "labels": ids[0] % 3}
+
+
+def test_a_max_steps_run_is_diagnosed_in_windows_of_steps_while_it_trains(tmp_path):
+    """An endless dataset and max_steps: the Trainer's one epoch ends only with the run, so the monitor
+    diagnoses windows of steps as it trains (each summary logged when it was diagnosed), then the epoch."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16, num_labels=3)  # fmt: skip
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=600, per_device_train_batch_size=8, logging_steps=50,
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, report_to=[])  # fmt: skip
+    callback = MonitorCallback(log_dir=tmp_path / "run", stats_every=10)
+    Trainer(model=BertForSequenceClassification(config), args=args, train_dataset=Endless(), callbacks=[callback]).train()
+    lines = (tmp_path / "run" / "gradwatch-summaries.jsonl").read_text().splitlines()
+    summaries = [json.loads(line)["summary"] for line in lines]
+    assert [(s["unit"], s["step"]) for s in summaries] == [("steps", 260), ("steps", 520), ("epoch", 600)]
