@@ -121,7 +121,8 @@ def test_a_max_steps_run_is_diagnosed_in_windows_of_steps_while_it_trains(tmp_pa
     args = TrainingArguments(str(tmp_path / "out"), max_steps=600, per_device_train_batch_size=8, logging_steps=50,
                              save_strategy="no", use_cpu=True, disable_tqdm=True, report_to=[])  # fmt: skip
     callback = MonitorCallback(log_dir=tmp_path / "run", stats_every=10)
-    Trainer(model=BertForSequenceClassification(config), args=args, train_dataset=Endless(), callbacks=[callback]).train()
+    model = BertForSequenceClassification(config)
+    Trainer(model=model, args=args, train_dataset=Endless(), callbacks=[callback]).train()
     lines = (tmp_path / "run" / "gradwatch-summaries.jsonl").read_text().splitlines()
     summaries = [json.loads(line)["summary"] for line in lines]
     assert [(s["unit"], s["step"]) for s in summaries] == [("steps", 260), ("steps", 520), ("epoch", 600)]
