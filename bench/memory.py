@@ -7,8 +7,9 @@
 The loop calls only watch() and step(loss), at the monitor's defaults (statistics every 50 steps, a diagnosis every
 16 readings). At each mark it prints the size of what the monitor holds for its rules (the statistics records, the
 summaries, the loss windows, the clipping norms and the findings, measured as the deep size of those Python objects),
-the size of its pickled state_dict(), and the number of summaries in its history; then each figure's ratio to the
-first mark's. Flat means a ratio near 1 once the history is full (128 summaries, which takes about 100,000 steps).
+the size of its pickled state_dict(), the number of summaries in its history and the size of the summaries it logged
+(gradwatch-summaries.jsonl, which grows with the run, as its event files do); each figure with its ratio to the mark
+before. Flat means a ratio near 1 once the history is full (128 summaries, which takes about 100,000 steps).
 """
 
 import argparse
@@ -76,10 +77,9 @@ def main():
                 rows.append((step, held(monitor), state, len(monitor.diagnosis.history), log))
                 print(f"  {step:>9,} steps done, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         monitor.close()
-    first = rows[0]
     print(f"{'steps':>10} {'held kB':>9} {'ratio':>6} {'state kB':>9} {'ratio':>6} {'summaries':>9} {'log kB':>8}")
-    for step, memory, state, summaries, log in rows:
-        print(f"{step:>10,} {memory / 1e3:9.1f} {memory / first[1]:6.2f} {state / 1e3:9.1f} {state / first[2]:6.2f} "
+    for before, (step, memory, state, summaries, log) in zip([rows[0], *rows], rows):
+        print(f"{step:>10,} {memory / 1e3:9.1f} {memory / before[1]:6.2f} {state / 1e3:9.1f} {state / before[2]:6.2f} "
               f"{summaries:>9} {log / 1e3:8.0f}")  # fmt: skip
     print(f"{len(model.state_dict())} parameters; {time.perf_counter() - started:.0f} s in all")
 
