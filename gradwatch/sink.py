@@ -32,6 +32,26 @@ ERRORS = "gradwatch-errors.log"
 SUMMARIES = "gradwatch-summaries.jsonl"
 
 
+STUCK_SECONDS = 10  # how long the event writer's full queue may take to drain, before it is stuck
+
+
+def stopped_writer(writer: SummaryWriter) -> str | None:
+    """Why `writer` can take no more events, or None while it works: its thread died (an error
+    writing the event file, such as a full disk; tensorboardX's queue would then block the next
+    writes for ever), or its queue stayed full for STUCK_SECONDS."""
+    events = writer.file_writer.event_writer
+    worker = getattr(events, "_worker", None)  # tensorboardX's writer thread and its queue
+    pending = getattr(events, "_event_queue", None)
+    if worker is None or pending is None:
+        return None
+    deadline = time.monotonic() + STUCK_SECONDS
+    while worker.is_alive() and pending.full() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not worker.is_alive():
+        return "its thread stopped on an error writing the event file (a full disk?)"
+    return f"its queue did not drain in {STUCK_SECONDS} s" if pending.full() else None
+
+
 def kept_lines(path: str, before_step: int) -> list[str]:
     """The lines of a summaries file whose summary ends before `before_step`: what a run resumed
     from there keeps (a line cut short by a kill is dropped)."""
@@ -132,6 +152,7 @@ class EventSink(NullSink):
         self.next_epoch = purge_epoch or 0
         self.writers: dict[bool, SummaryWriter] = {}
         self.appended: set[str] = set()  # the files append_line has begun
+        self.stopped: str | None = None  # why no more events are written: closed, or a writer broke
         os.makedirs(log_dir, exist_ok=True)
 
     @property
@@ -144,8 +165,13 @@ class EventSink(NullSink):
         self.purge = {False: epoch, True: step}
         self.next_epoch = epoch or 0
 
-    def writer(self, per_step: bool = False, step: int | None = None) -> SummaryWriter:
-        """The writer of one axis, opened at its first use; `step`: where the write goes."""
+    def writer(self, per_step: bool = False, step: int | None = None) -> SummaryWriter | None:
+        """The writer of one axis, opened at its first use; `step`: where the write goes. None once
+        no more events can be written (closed, or a writer stopped: said once, in one line)."""
+        if self.stopped == "closed":
+            self.stop("the monitor was closed: what is logged after close() is not written")
+        if self.stopped:
+            return None
         if not per_step and step is not None:
             self.next_epoch = max(self.next_epoch, step + 1)
         if per_step not in self.writers:
@@ -160,14 +186,25 @@ class EventSink(NullSink):
                 flush_secs=self.flush_secs,
                 filename_suffix=f".{time.time_ns()}",
             )
+        why = stopped_writer(self.writers[per_step])
+        if why:
+            after = "Nothing more goes to TensorBoard and training goes on; free space, then "
+            self.stop(f"the event writer stopped: {why}. {after}resume from the last checkpoint")
+            return None
         return self.writers[per_step]
+
+    def stop(self, why: str) -> None:
+        """Write no more events, and say why in one line."""
+        self.stopped = why
+        print(f"gradwatch: {why}", file=sys.stderr)
 
     def open(self) -> None:
         self.writer()
 
     def event(self, values: list[Summary.Value], step: int, per_step: bool = False) -> None:
-        if values:
-            self.writer(per_step, step).file_writer.add_summary(Summary(value=values), step)
+        writer = self.writer(per_step, step) if values else None
+        if writer is not None:
+            writer.file_writer.add_summary(Summary(value=values), step)
 
     def scalars(self, scalars: Mapping[str, float], step: int, per_step: bool = False) -> None:
         self.event(_scalar_values(scalars), step, per_step)
@@ -182,14 +219,19 @@ class EventSink(NullSink):
         self.event(values + _scalar_values(nonfinite), step, per_step)
 
     def image(self, tag: str, image: Any, step: int) -> None:
+        writer = self.writer(step=step)
+        if writer is None:
+            return
         if hasattr(image, "savefig"):  # a matplotlib figure
-            self.writer(step=step).add_figure(tag, image, step, close=False)
+            writer.add_figure(tag, image, step, close=False)
             return
         array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-        self.writer(step=step).add_image(tag, array, step, dataformats="HWC")
+        writer.add_image(tag, array, step, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int, per_step: bool = False) -> None:
-        self.writer(per_step, step).add_text(tag, text, step)
+        writer = self.writer(per_step, step)
+        if writer is not None:
+            writer.add_text(tag, text, step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         # what add_hparams(name=".") writes, but into this writer's file: add_hparams opens a writer
@@ -197,8 +239,9 @@ class EventSink(NullSink):
         # its own, whose file (named without the nanosecond suffix) can sort before this one and
         # lose
         # its metrics to this file's purge on a resume within the same second
-        for summary in hparams_summaries(dict(hparams), dict(metrics)):
-            self.writer(step=step).file_writer.add_summary(summary)
+        writer = self.writer(step=step)
+        for summary in hparams_summaries(dict(hparams), dict(metrics)) if writer else ():
+            writer.file_writer.add_summary(summary)
         self.scalars(metrics, step)
 
     def save_json(self, name: str, value: Any) -> None:
@@ -228,12 +271,16 @@ class EventSink(NullSink):
             fh.write(text)
 
     def flush(self) -> None:
-        for writer in self.writers.values():
+        for writer in self.writers.values() if not self.stopped else ():
             writer.flush()
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
+        """Close the event files; a writer that stopped is left as it is (closing it would wait on
+        its queue for ever)."""
+        for writer in self.writers.values() if not self.stopped else ():
+            if stopped_writer(writer) is None:
+                writer.close()
+        self.stopped = self.stopped or "closed"
 
 
 class Guard:

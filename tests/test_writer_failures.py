@@ -1,0 +1,84 @@
+"""The event writer failing under the monitor: its thread dead (an error writing, a full disk), and the monitor
+used after close(). Training goes on and ends; nothing hangs; one line says what happened."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from gradwatch import TrainingMonitor
+
+LOOP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from gradwatch import TrainingMonitor
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))
+monitor = TrainingMonitor(sys.argv[1], stats_every=1, hist_every=1, flush_secs=1).watch(model, optimizer)
+for epoch in range(3):
+    for i in range(100):
+        if {break_at} == monitor.steps:  # the writer thread's next write fails, as on a full disk
+            def full(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+            for writer in monitor.sink.writers.values():
+                writer.file_writer.event_writer._ev_writer.write_event = full
+        rows = slice(i % 8 * 32, i % 8 * 32 + 32)
+        loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+    monitor.epoch_end(epoch, {{"train/loss": loss.item()}})
+monitor.close()
+print("trained", monitor.steps, "steps")
+"""
+
+
+def run_loop(tmp_path, log_dir, break_at):
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP.format(root=str(ROOT), break_at=break_at))
+    return subprocess.run([sys.executable, str(script), str(log_dir)], capture_output=True, text=True, timeout=240)
+
+
+def test_a_dead_event_writer_neither_hangs_nor_ends_the_run(tmp_path):
+    """tensorboardX's writer thread dies on the error and its queue then blocks every later write for ever: the
+    monitor sees the thread gone, says so once and writes no more events, and the loop trains to its end."""
+    result = run_loop(tmp_path, tmp_path / "run", break_at=20)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained 300 steps" in result.stdout
+    assert result.stderr.count("gradwatch: the event writer stopped") == 1, result.stderr[-2000:]
+    assert "free space, then resume from the last checkpoint" in result.stderr
+
+
+@pytest.mark.monitor_failures
+def test_a_full_disk_neither_hangs_nor_ends_the_run(tmp_path):
+    """The same on a real full disk: a 256 kB tmpfs, skipped where this process may not mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        result = run_loop(tmp_path, disk / "run", break_at=-1)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained 300 steps" in result.stdout
+    assert result.stderr.count("gradwatch: the event writer stopped") == 1, result.stderr[-3000:]
+
+
+def test_what_is_logged_after_close_is_not_written(tmp_path, capsys):
+    model = torch.nn.Linear(4, 2)
+    monitor = TrainingMonitor(tmp_path).watch(model)
+    monitor.epoch_end(0, {"train/loss": 1.0})
+    monitor.close()
+    files = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    monitor.epoch_end(1, {"train/loss": 0.5})  # a loop that goes on after close()
+    monitor.log_parameters(model, 2)
+    assert sorted(tmp_path.rglob("events.out.tfevents.*")) == files  # no new event file
+    assert capsys.readouterr().err.count("what is logged after close() is not written") == 1
+    monitor.close()  # twice: safe
