@@ -59,6 +59,16 @@ def compile_backend(text):
     return text
 
 
+def run_name(text):
+    """argparse type for --run-name: one folder name, so that the run stays inside --log-dir."""
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    if text in ("", ".", "..") or any(sep in text for sep in separators) or Path(text).is_absolute():
+        raise argparse.ArgumentTypeError(
+            f"must be one folder name, which goes under --log-dir (no '/', '.' or '..'), got '{text}'"
+        )
+    return text
+
+
 def run_folder(text):
     path = Path(text)
     if not path.is_dir():
@@ -116,7 +126,7 @@ OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's ta
     ],
     "logging": [
         ("--log-dir", dict(type=Path, default=Path("Result"), help="where run folders go")),
-        ("--run-name", dict(help="run folder name under --log-dir (default: the start time)")),
+        ("--run-name", dict(type=run_name, help="run folder name under --log-dir (default: the start time)")),
         ("--hist-every", dict(type=non_negative_int, default=0)),
         ("--print-every", dict(type=positive_int, default=10, help="iterations between progress lines")),
         ("--resume", dict(type=run_folder, metavar="RUN_DIR")),

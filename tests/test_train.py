@@ -141,6 +141,11 @@ def test_bad_input_from_the_command_line_has_no_traceback(data_dir, tmp_path):
         (["--compile", "bogus"], "--compile: unknown torch.compile backend 'bogus'; use cudagraphs, inductor"),
         (["--clip-grad-norm", "0"], "--clip-grad-norm: must be a positive number, got 0"),
         (["--fsdp"], "--fsdp shards the model over the processes of a torchrun job: torchrun --nproc_per_node N"),
+        (["--run-name", ".."], "--run-name: must be one folder name, which goes under --log-dir"),
+        (["--run-name", "../x"], "--run-name: must be one folder name, which goes under --log-dir"),
+        (["--run-name", "."], "--run-name: must be one folder name, which goes under --log-dir"),
+        (["--run-name", "/tmp/x"], "--run-name: must be one folder name, which goes under --log-dir"),
+        (["--run-name", "a/b"], "--run-name: must be one folder name, which goes under --log-dir"),
     ],
 )
 def test_parser_refuses_nonsense(args, message, capsys):
