@@ -36,9 +36,11 @@ def prepare_run_dir(args):
         return
     args.run_name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = args.log_dir / args.run_name
-    if (run_dir / "args.json").exists():
+    if (run_dir / "args.json").exists() and (run_dir / "last.pt").exists():
         again = f"continue it with --resume {run_dir} or pick another --run-name"
         raise RunError(f"{run_dir} already holds a run; {again}")
+    if (run_dir / "args.json").exists():  # killed before its first checkpoint: nothing to resume
+        print(f"{run_dir} holds a run stopped before its first checkpoint: starting it again", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 

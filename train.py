@@ -142,6 +142,8 @@ def open_monitor(run, monitor_state):
     options = dict(thresholds=args.thresholds, stats_every=args.stats_every, hist_every=args.hist_every)
     if args.resume is not None and not monitor_state:  # a checkpoint of a version that saved no monitor state
         options.update(purge_epoch=progress.epoch, purge_step=progress.step + 1, start_step=progress.step)
+    elif args.resume is None and any(run.run_dir.glob("events.out.tfevents.*")):  # started again: hide the old
+        options.update(purge_epoch=0, purge_step=1)
     monitor = TrainingMonitor(run.run_dir, **options)  # stats_every None: the monitor's default
     monitor.watch(run.model, run.optimizer)  # the model as trained: compiled, it keeps its activation hooks
     if monitor_state:

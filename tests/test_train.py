@@ -174,6 +174,21 @@ def test_existing_run_is_not_overwritten(data_dir, tmp_path, capsys):
     assert "has already trained 1 epochs; pass --epochs N" in capsys.readouterr().out
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again(data_dir, tmp_path, capsys):
+    """args.json and events but no last.pt: neither resumable nor to be refused; it starts again in its folder,
+    and TensorBoard shows each step once (the old events purged)."""
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", epochs=1)) == 0
+    for name in ("last.pt", "best.pt"):
+        (tmp_path / "r" / name).unlink()  # as if killed before the first checkpoint was written
+    capsys.readouterr()
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", epochs=1)) == 0
+    assert "holds a run stopped before its first checkpoint: starting it again" in capsys.readouterr().out
+    events = load_events(tmp_path / "r")
+    assert [event.step for event in events.Histograms("conv1.weight_data")] == [0]
+    assert len(list((tmp_path / "r").glob("events.out.tfevents.*"))) == 2
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 1
+
+
 def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_dir, tmp_path, monkeypatch, capsys):
     log_parameters = TrainingMonitor.log_parameters
 
