@@ -7,6 +7,11 @@ validation accuracy, each holding everything a resumed run needs to train on as 
 
 import json
 import os
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +46,40 @@ def prepare_run_dir(args):
         raise RunError(f"{run_dir} already holds a run; {again}")
     if (run_dir / "args.json").exists():  # killed before its first checkpoint: nothing to resume
         print(f"{run_dir} holds a run stopped before its first checkpoint: starting it again", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only log dir, a file in the way
+        where = "pick another --log-dir or --run-name"
+        raise RunError(f"{run_dir}: cannot create the run folder ({err.strerror}); {where}") from None
+
+
+_LOCKS = []  # the lock files this process holds, open until it exits
+
+
+def lock_run_dir(run_dir):
+    """Take the run folder for this process, so that one run folder has one writer: a second train.py
+    on it is refused with a line naming the first."""
+    if fcntl is None:  # not on POSIX: no lock
+        return
+    lock = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise RunError(f"{run_dir} is being trained by another train.py (process {holder}); wait for it to end, "
+                       "or pick another --run-name") from None  # fmt: skip
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _LOCKS.append(lock)
+
+
+def release_run_dirs():
+    """Give up the run folders this process took (at the end of train.py's main)."""
+    while _LOCKS:
+        _LOCKS.pop().close()
 
 
 def saved_args(args):
@@ -84,9 +122,26 @@ def save(run, *names):
     saved = state(run)
     if not run.dist.is_main:
         return
+    if run.monitor is not None:  # the events of the steps the checkpoint covers are on disk first
+        run.monitor.flush()
     for name in names:
         torch.save(saved, run.run_dir / (name + ".tmp"))
         os.replace(run.run_dir / (name + ".tmp"), run.run_dir / name)
+
+
+def read_checkpoint(path, device):
+    """The checkpoint at `path`, or a RunError that says what is wrong with it (torch's own message
+    for a damaged file suggests weights_only=False, which would run whatever the file holds)."""
+    fix = "copy best.pt over it to resume from the best epoch, or start a new run"
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated, empty, random bytes
+        raise RunError(f"{path}: not a readable checkpoint ({type(err).__name__}): it is damaged; {fix}") from None
+    keys = {"model", "optimizer", "scheduler", "classes", "args", *(f.name for f in fields(Progress))}
+    missing = sorted(keys - set(checkpoint)) if isinstance(checkpoint, dict) else ["everything"]
+    if missing:
+        raise RunError(f"{path}: not a train.py checkpoint (it lacks {', '.join(missing)}); {fix}")
+    return checkpoint
 
 
 def _check(run, checkpoint):
@@ -133,7 +188,7 @@ def resume(run):
     """Load the run's last checkpoint into `run`; returns the monitor's saved state, if the
     checkpoint has one (a checkpoint of an earlier version may not)."""
     device = run.dist.device
-    checkpoint = torch.load(run.run_dir / "last.pt", map_location=device, weights_only=True)
+    checkpoint = read_checkpoint(run.run_dir / "last.pt", device)
     _check(run, checkpoint)
     _load_weights(run, checkpoint)
     run.scheduler.load_state_dict(checkpoint["scheduler"])

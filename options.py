@@ -172,16 +172,27 @@ def build_parser():
     return parser
 
 
+def saved_options(path, parser):
+    """The options a run was started with, from its args.json, as defaults for the parser; a damaged
+    file ends the program with one line (parser.error) that says so."""
+    try:
+        saved = json.loads(path.read_text())
+        known = {action.dest for action in parser._actions}
+        saved = {key: value for key, value in saved.items() if key in known}
+        saved["data"], saved["log_dir"] = Path(saved["data"]), Path(saved["log_dir"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, not an object, keys missing
+        why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        parser.error(f"{path} is damaged ({why}); restore it, or start a new run")
+    return saved
+
+
 def parse_args(argv=None):
     """Parse the command line; with --resume, the run's saved arguments are the defaults."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is not None:
         run_dir = args.resume
-        saved = json.loads((run_dir / "args.json").read_text())
-        known = {action.dest for action in parser._actions}
-        saved = {key: value for key, value in saved.items() if key in known}
-        saved["data"], saved["log_dir"] = Path(saved["data"]), Path(saved["log_dir"])
+        saved = saved_options(run_dir / "args.json", parser)
         args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
         args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
     args.thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser

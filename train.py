@@ -112,6 +112,7 @@ def setup(args, dist):
     loaders, classes = load_data(args, dist)
     if dist.is_main:
         checkpoints.prepare_run_dir(args)
+        checkpoints.lock_run_dir(args.log_dir / args.run_name)
     args.run_name = dist.broadcast(args.run_name)
 
     torch.manual_seed(args.seed)
@@ -391,6 +392,7 @@ def main(argv=None):
             warn("Stopped before the first checkpoint; nothing to resume")
         return 130
     finally:
+        checkpoints.release_run_dirs()
         dist.close()
 
 

@@ -547,7 +547,10 @@ class TrainingMonitor:
         self.sink.hparams(hparams, metrics, epoch)
 
     def flush(self) -> None:
-        self.sink.flush()
+        """Write the queued events to disk (before a checkpoint, so that a kill after it loses none
+        of the steps it covers); a failure is reported and training goes on."""
+        with self.guard("flushing the event files"):
+            self.sink.flush()
 
     def close(self) -> None:
         """Diagnose the last window of steps of a loop without epochs (the readings since the last

@@ -52,6 +52,18 @@ def stopped_writer(writer: SummaryWriter) -> str | None:
     return f"its queue did not drain in {STUCK_SECONDS} s" if pending.full() else None
 
 
+def drained(writer: SummaryWriter, seconds: float = STUCK_SECONDS) -> None:
+    """Wait until `writer`'s thread has taken every queued event (for at most `seconds`)."""
+    events = writer.file_writer.event_writer
+    worker = getattr(events, "_worker", None)
+    pending = getattr(events, "_event_queue", None)
+    deadline = time.monotonic() + seconds
+    while worker is not None and worker.is_alive() and not pending.empty():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
+
+
 def kept_lines(path: str, before_step: int) -> list[str]:
     """The lines of a summaries file whose summary ends before `before_step`: what a run resumed
     from there keeps (a line cut short by a kill is dropped)."""
@@ -271,7 +283,10 @@ class EventSink(NullSink):
             fh.write(text)
 
     def flush(self) -> None:
+        """The queued events written (tensorboardX's flush writes out only what its thread has
+        taken from the queue), then the files flushed."""
         for writer in self.writers.values() if not self.stopped else ():
+            drained(writer)
             writer.flush()
 
     def close(self) -> None:

@@ -1,14 +1,17 @@
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, histogram_steps, load_events, run_script
+from conftest import ROOT, histogram_steps, load_events, make_data, run_script
 
 import data
 import options
@@ -488,3 +491,86 @@ def test_a_failing_rule_or_statistic_never_ends_the_run(data_dir, tmp_path, caps
     assert len(err) == 2 and all("statistics" in line and "RuntimeError" in line for line in err)  # steps', epoch's
     assert torch.load(tmp_path / "statistics" / "last.pt", weights_only=True)["epoch"] == 2
     assert histogram_steps(load_events(tmp_path / "statistics")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+
+
+DAMAGED_ARGS = {
+    "not JSON": "{'epochs': 1",
+    "empty": "",
+    "not an object": "[1, 2]",
+    "keys missing": '{"epochs": 1}',
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run of one epoch, to be copied and damaged."""
+    root = tmp_path_factory.mktemp("finished")
+    data = make_data(root / "Data")
+    assert train.main(train_args(data, root / "Result", "--run-name", "r", epochs=1)) == 0
+    return root / "Result" / "r"
+
+
+def damaged_copy(finished_run, tmp_path):
+    return Path(shutil.copytree(finished_run, tmp_path / "r"))
+
+
+@pytest.mark.parametrize("form", DAMAGED_ARGS)
+def test_a_damaged_args_json_gets_one_line_and_nothing_is_lost(form, finished_run, tmp_path, capsys):
+    run = damaged_copy(finished_run, tmp_path)
+    (run / "args.json").write_text(DAMAGED_ARGS[form])
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", str(run), "--epochs", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'args.json'} is damaged (" in err and "restore it, or start a new run" in err
+    assert "Traceback" not in err and sorted(p.name for p in run.rglob("*")) == before
+
+
+DAMAGED_CHECKPOINTS = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:1000]),
+    "random bytes": lambda path: path.write_bytes(bytes(range(256)) * 40),
+    "empty": lambda path: path.write_bytes(b""),
+    "keys missing": lambda path: torch.save({"model": {}}, path),
+}
+
+
+@pytest.mark.parametrize("form", DAMAGED_CHECKPOINTS)
+def test_a_damaged_last_pt_gets_one_line_and_nothing_is_lost(form, finished_run, tmp_path, capsys):
+    run = damaged_copy(finished_run, tmp_path)
+    DAMAGED_CHECKPOINTS[form](run / "last.pt")
+    kept = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {run / 'last.pt'}: not a"), err
+    assert "copy best.pt over it" in err and "weights_only=False" not in err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == kept
+
+
+def test_a_run_folder_that_cannot_be_made_gets_one_line(data_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert train.main(train_args(data_dir, tmp_path / "file", "--run-name", "r", epochs=1)) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'file' / 'r'}: cannot create the run folder (")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "taken").write_text("a file where the run would go")
+    assert train.main(train_args(data_dir, tmp_path / "runs", "--run-name", "taken", epochs=1)) == 1
+    assert "cannot create the run folder" in capsys.readouterr().err
+
+
+def test_one_run_folder_has_one_writer(data_dir, tmp_path, capsys):
+    """A second train.py on a run folder that another one holds is refused, naming it."""
+    (tmp_path / "r").mkdir()
+    with open(tmp_path / "r" / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("12345")
+        lock.flush()
+        holder = subprocess.run(
+            [sys.executable, "train.py", *train_args(data_dir, tmp_path, "--run-name", "r", epochs=1)],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+    assert holder.returncode == 1
+    assert holder.stderr.strip() == (
+        f"error: {tmp_path / 'r'} is being trained by another train.py (process 12345); wait for it to end, or pick "
+        "another --run-name"
+    )
+    assert not (tmp_path / "r" / "args.json").exists()
