@@ -144,8 +144,27 @@ def read_checkpoint(path, device):
     return checkpoint
 
 
+def _check_options(run, checkpoint):
+    """Refuse options changed on resume that the run cannot honour: another --batch-size in the middle of
+    an epoch (the batches done would not be the ones skipped), another --layer-lr or --layer-wd (the
+    optimizer's state holds the saved ones, so the new ones would be ignored)."""
+    saved, args = checkpoint["args"], run.args
+    if checkpoint["batches_done"] and saved.get("batch_size", args.batch_size) != args.batch_size:
+        done = f"{checkpoint['batches_done']} batches of {saved['batch_size']} of epoch {checkpoint['epoch'] + 1}"
+        raise RunError(f"{run.run_dir} stopped within an epoch ({done} done): resume it with --batch-size "
+                       f"{saved['batch_size']}, which can go on exactly")  # fmt: skip
+    for option in ("layer_lr", "layer_wd"):
+        before = [list(pair) for pair in saved.get(option, [])]
+        if before != [list(pair) for pair in getattr(args, option)]:
+            flag = "--" + option.replace("_", "-")
+            own = f"resume with the run's own {flag}, or start a new run"
+            held = "and its optimizer state holds the old settings"
+            raise RunError(f"{run.run_dir}: {flag} differs from the run's ({before or 'none'}), {held}; {own}")
+
+
 def _check(run, checkpoint):
     """Refuse a checkpoint the run as built cannot continue."""
+    _check_options(run, checkpoint)
     if checkpoint["classes"] != run.classes:
         again = "use the same --data"
         raise RunError(f"{run.args.data}: its classes differ from those {run.run_dir} was trained on; {again}")

@@ -401,7 +401,20 @@ def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path, capsys):
     groups = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert sorted(g["lr"] for g in groups) == [pytest.approx(0.001), pytest.approx(0.01)]
     assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "3", "--layer-wd", "fc1=0.1"]) == 1
-    assert "its optimizer has other parameter groups" in capsys.readouterr().err
+    assert "--layer-wd differs from the run's (none), and its optimizer state holds" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "3", "--layer-lr", "conv1=5"]) == 1  # not ignored
+    assert "--layer-lr differs from the run's ([['conv1', 10.0]])" in capsys.readouterr().err
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_is_refused(finished_run, tmp_path, capsys):
+    run = damaged_copy(finished_run, tmp_path)
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    checkpoint["batches_done"] = 2  # as if stopped within the epoch
+    torch.save(checkpoint, run / "last.pt")
+    size = checkpoint["args"]["batch_size"]
+    assert train.main(["--resume", str(run), "--epochs", "2", "--batch-size", str(size * 2)]) == 1
+    err = capsys.readouterr().err
+    assert f"stopped within an epoch (2 batches of {size} of epoch 2 done): resume it with --batch-size {size}" in err
 
 
 def torchrun(*args):  # gloo on the CPU, also where a GPU is present
