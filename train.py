@@ -299,7 +299,9 @@ def checkpoint(run, accuracy, picture):
     progress.best_accuracy = max(progress.best_accuracy, accuracy)
     progress.epoch += 1
     progress.batches_done = 0
-    checkpoints.save(run, "last.pt", "best.pt") if is_best else checkpoints.save(run, "last.pt")
+    # best.pt first: a kill between the two renames leaves last.pt an epoch behind, whose rerun writes the same
+    # best.pt again; the other way round, best.pt could stay an epoch behind the best for good
+    checkpoints.save(run, "best.pt", "last.pt") if is_best else checkpoints.save(run, "last.pt")
     if is_best and run.dist.is_main:
         picture.save(run.run_dir / "Confusion_Matrix_valid_best.png")
 

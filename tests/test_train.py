@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, histogram_steps, load_events, make_data, run_script
 
+import checkpoints
 import data
 import options
 import train
@@ -404,6 +405,30 @@ def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path, capsys):
     assert "--layer-wd differs from the run's (none), and its optimizer state holds" in capsys.readouterr().err
     assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "3", "--layer-lr", "conv1=5"]) == 1  # not ignored
     assert "--layer-lr differs from the run's ([['conv1', 10.0]])" in capsys.readouterr().err
+
+
+def test_a_kill_between_the_two_checkpoint_renames_leaves_a_pair_that_heals(tmp_path, monkeypatch):
+    """Killed between writing the two checkpoints of a new best epoch after the first, then resumed to that
+    epoch: best.pt is the checkpoint of the best epoch that last.pt records (best.pt is written first, so the
+    kill leaves last.pt an epoch behind, and the rerun of that epoch writes both)."""
+    save = checkpoints.save
+    killed = []
+
+    def killed_between(run, *names):
+        if len(names) == 2 and run.progress.epoch > 1 and not killed:
+            save(run, names[0])
+            killed.append(run.progress.epoch)  # the epochs done, that one included
+            raise KeyboardInterrupt
+        save(run, *names)
+
+    monkeypatch.setattr(checkpoints, "save", killed_between)
+    args = ["--data", str(ROOT / "Data"), "--log-dir", str(tmp_path), "--run-name", "r", "--epochs", "6"]
+    assert train.main(args) == 130 and killed  # a new best came after the first epoch
+    monkeypatch.setattr(checkpoints, "save", save)
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", str(killed[0])]) == 0
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert last["epoch"] == killed[0] and best["best_accuracy"] == last["best_accuracy"]
 
 
 def test_a_mid_epoch_resume_with_another_batch_size_is_refused(finished_run, tmp_path, capsys):
