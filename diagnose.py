@@ -4,13 +4,9 @@ python diagnose.py Result                 # every run under Result
 python diagnose.py Result/my-run --json   # one run, findings as JSON
 """
 
-import os
-import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while the libraries load ends quietly (an exception there can abort in C++)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-    from gradwatch.cli import main
+if __name__ == "__main__":
+    from gradwatch.command import diagnose  # Ctrl-C while the libraries load ends quietly
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.exit(main())
+    sys.exit(diagnose())

@@ -36,8 +36,7 @@ from .diagnosis import (
     story,
     threshold_override,
 )
-from .sink import SUMMARIES
-from .summary import EpochSummary, summarize
+from .summary import SUMMARIES, EpochSummary, summarize
 
 WEIGHT_PREFIXES = ("weights/", "weight/", "parameters/", "params/", "param/")
 GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
@@ -194,9 +193,9 @@ def _lines(path):
 
 
 def replay(path, overrides=()):
-    """(findings, message) of the live monitor again: the summaries it wrote (sink.SUMMARIES) given
-    to the same RunDiagnosis in the same order, under the thresholds it ran with (and `overrides`);
-    None if the file holds none."""
+    """(findings, message) of the live monitor again: the summaries it wrote (summary.SUMMARIES)
+    given to the same RunDiagnosis in the same order, under the thresholds it ran with (and
+    `overrides`); None if the file holds none."""
     lines = _lines(path)
     if not lines:
         return None

@@ -26,7 +26,7 @@ from .hooks import Hooks, is_compiled
 from .loop import loop_facts
 from .pictures import gradient_flow_image
 from .shards import is_sharded
-from .sink import SUMMARIES, EventSink, Guard, NullSink
+from .sink import EventSink, Guard, NullSink
 from .stats import (
     NamedParameters,
     gradient_flow,
@@ -36,7 +36,7 @@ from .stats import (
     parameter_tensors,
 )
 from .steps import MIN_WINDOW_STEPS, Cadence, ClippingNorms, LossWindows, check_count
-from .summary import EpochSummary, summarize
+from .summary import SUMMARIES, EpochSummary, summarize
 
 # the parts that each own some keys of state_dict() (the sink: where each step axis stands)
 STATE_PARTS = ("losses", "clipping", "cadence", "diagnosis", "sink")

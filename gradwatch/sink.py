@@ -28,8 +28,6 @@ from tensorboardX.summary import hparams as hparams_summaries
 from .histograms import Histogram
 
 ERRORS = "gradwatch-errors.log"
-# the summaries the rules read, one JSON line each, which `diagnose` replays to tell the live story
-SUMMARIES = "gradwatch-summaries.jsonl"
 
 
 STUCK_SECONDS = 10  # how long the event writer's full queue may take to drain, before it is stuck

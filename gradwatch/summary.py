@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# the file of a run folder that holds the summaries the rules read, one JSON line each, which
+# `diagnose` replays to tell the live story
+SUMMARIES = "gradwatch-summaries.jsonl"
+
 # The per-parameter keys of a statistics record (see stats.parameter_statistics) that an epoch
 # summary keeps
 STAT_KEYS = (

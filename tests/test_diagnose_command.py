@@ -2,8 +2,11 @@
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +248,18 @@ def test_diagnose_names_the_live_monitors_first_problem_on_a_sample_of_the_suite
         firsts[name] = first.rule if first else None
     named = {"lr_high_2": "diverging", "nan_injected": "diverging", "clipped_lr_high": "mostly_clipped"}
     assert firsts == {**named, "dead_relus": "dead_units", "default": None}  # the suite's causes
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
+def test_ctrl_c_stops_the_diagnose_command_quietly_while_it_starts_or_reads(tmp_path, delay):
+    """The console script, interrupted while its modules load or while it reads 30 runs: status 130, no
+    traceback."""
+    for run in range(30):
+        foreign_log(tmp_path / "logs" / f"run{run}", 60, lambda step: 2.0 - step / 100)
+    command = [str(Path(sys.executable).parent / "diagnose"), str(tmp_path / "logs")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err

@@ -14,7 +14,7 @@ from torch import nn
 from gradwatch import TrainingMonitor, diagnosis
 from gradwatch.cli import main as diagnose_main
 from gradwatch.diagnosis import MAX_HISTORY, thinned
-from gradwatch.sink import SUMMARIES
+from gradwatch.summary import SUMMARIES
 
 
 def data(seed=0, rows=4096):
