@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .summary import EXTRA, JUMP, JUMP_READINGS, EpochSummary, jumps
+from .summary import EXTRA, JUMP, JUMP_READINGS, EpochSummary, finite, jumped
 
 METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
     "train_loss": "train/loss train_loss loss/train Loss/train training_loss train/loss_epoch "
@@ -300,10 +300,6 @@ def _found(
     return found
 
 
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
 def _classes(summary: EpochSummary) -> int | None:
     classes = summary.num_classes
     return classes if classes and classes >= 2 else None
@@ -311,7 +307,7 @@ def _classes(summary: EpochSummary) -> int | None:
 
 def _loss(summary: EpochSummary) -> float | None:
     """The epoch's training loss: as the training loop reported it, else its windows' median."""
-    windows = [w["mean"] for w in summary.losses if _finite(w["mean"])]
+    windows = [w["mean"] for w in summary.losses if finite(w["mean"])]
     return summary.metrics.get("train_loss", statistics.median(windows) if windows else None)
 
 
@@ -421,7 +417,7 @@ def _in_band(reading: dict) -> bool:
     """Whether the step's loss is what cross-entropy on these output rows can give."""
     loss = reading["loss"]
     margin = 0.02 * reading["ce_high"]
-    return _finite(loss) and reading["ce_low"] - margin <= loss <= reading["ce_high"] + margin
+    return finite(loss) and reading["ce_low"] - margin <= loss <= reading["ce_high"] + margin
 
 
 @rule(
@@ -464,7 +460,7 @@ def not_cross_entropy(history: list[EpochSummary], t: Thresholds) -> list[Findin
     now = history[-1]
     loss = now.metrics.get("train_loss")
     accuracy = now.metrics.get("train_accuracy")
-    if not (_finite(loss) and _finite(accuracy)) or not 0 <= accuracy <= 1:
+    if not (finite(loss) and finite(accuracy)) or not 0 <= accuracy <= 1:
         return []
     least = (1 - accuracy) * math.log(2)
     if loss >= t.ce_bound * least:
@@ -491,7 +487,7 @@ def lr_collapsed(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     first = history[0]
     now = history[-1]
     peak = _peak_lr(history[:1])
-    if not peak or not _finite(first.lr) or not _finite(now.lr):
+    if not peak or not finite(first.lr) or not finite(now.lr):
         return []
     limit = t.lr_collapse * peak
     if first.lr >= limit or now.lr >= limit:
@@ -523,11 +519,11 @@ def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     classes = sorted({int(r["mode"]) for r in uniform})
     if len(readings) < 4 or len(uniform) * 4 < len(readings) * 3 or len(classes) < 3:
         return []
-    low = 0.5 * first if _finite(first) else -math.inf
-    right = [r for r in uniform if _finite(r["loss"]) and r["loss"] < low]
+    low = 0.5 * first if finite(first) else -math.inf
+    right = [r for r in uniform if finite(r["loss"]) and r["loss"] < low]
     chance = 1 / _classes(history[-1]) if _classes(history[-1]) else 0.0
     below = any(
-        _finite(a) and a < chance / 2 for a in (s.metrics.get("train_accuracy") for s in history)
+        finite(a) and a < chance / 2 for a in (s.metrics.get("train_accuracy") for s in history)
     )
     if len(right) < max(2, len(uniform) / 4) and not below:
         return []
@@ -550,7 +546,7 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
     now = history[0]
     classes = _classes(now)
     first = now.first_loss
-    if len(history) > 1 or not classes or not _finite(first):
+    if len(history) > 1 or not classes or not finite(first):
         return []
     expected = math.log(classes)
     if first <= t.initial_loss_factor * expected:
@@ -573,7 +569,7 @@ def _spikes(history: list[EpochSummary], t: Thresholds) -> list[dict[str, Any]]:
     if not start:
         return []
     recent = history[-4:]
-    windows = [(s is recent[-1], w) for s in recent for w in s.losses if _finite(w["max"])]
+    windows = [(s is recent[-1], w) for s in recent for w in s.losses if finite(w["max"])]
     rise = t.spike_rise * start  # over the highest losses before
     found = []
     spike = None
@@ -685,10 +681,10 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     (then, without rising first, it points at the data)."""
     now = history[-1]
     first = history[0].first_loss
-    limit = t.diverging_factor * first if _finite(first) and first > 0 else math.inf
+    limit = t.diverging_factor * first if finite(first) and first > 0 else math.inf
     high = next((w for w in now.losses if w["max"] > limit), None)  # NaN compares False
     if high is not None:
-        peak = max((w for w in now.losses if _finite(w["max"])), key=lambda w: w["max"])
+        peak = max((w for w in now.losses if finite(w["max"])), key=lambda w: w["max"])
         steps = peak["max_step"]
         when = f"in the first {steps} steps" if now.epoch == 0 else f"by step {steps}"
         message = f"the training loss rose from {first:.3g} to {peak['max']:.3g} {when}: "
@@ -738,9 +734,9 @@ def exploding_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     """The epoch's largest total gradient norm exceeds `exploding_factor` x its median over the
     epochs before."""
     now = history[-1]
-    before = [h.total_grad_norm_median for h in history[:-1] if _finite(h.total_grad_norm_median)]
+    before = [h.total_grad_norm_median for h in history[:-1] if finite(h.total_grad_norm_median)]
     peak = now.total_grad_norm_max
-    if not before or not _finite(peak):
+    if not before or not finite(peak):
         return []
     baseline = statistics.median(before)
     if baseline <= 0 or peak < t.exploding_factor * baseline:
@@ -757,9 +753,9 @@ def _falling(history: list[EpochSummary]) -> bool:
     epoch's."""
     losses = [_loss(s) for s in history]
     first = history[0].first_loss
-    if not _finite(losses[-1]):
+    if not finite(losses[-1]):
         return False
-    before = [loss for loss in [first, *losses[:-1]] if _finite(loss)]
+    before = [loss for loss in [first, *losses[:-1]] if finite(loss)]
     return bool(before) and losses[-1] < min(before)
 
 
@@ -780,7 +776,7 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     now = history[-1]
     clip = now.clipping
     share = clip.get("clipped_share")
-    if not _finite(share) or share <= t.clipped_share or _falling(history):
+    if not finite(share) or share <= t.clipped_share or _falling(history):
         return []
     median = clip["grad_norm_median"]
     p90 = clip["grad_norm_p90"]
@@ -819,12 +815,12 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     start = history[0].loop.get("weight_norm_first")
     norm = now.loop.get("weight_norm")
     untrained, said = _start_loss(history)
-    if len(history) < t.decay_epochs or not decay or not untrained or not _finite(start):
+    if len(history) < t.decay_epochs or not decay or not untrained or not finite(start):
         return []
     losses = [_loss(s) for s in history[-t.decay_epochs :]]
-    if not _finite(norm) or norm >= start / 2:
+    if not finite(norm) or norm >= start / 2:
         return []
-    if not all(_finite(loss) and loss >= t.stuck_loss * untrained for loss in losses):
+    if not all(finite(loss) and loss >= t.stuck_loss * untrained for loss in losses):
         return []
     message = f"with weight decay {decay:g} the weights' norm fell from {start:.3g} to {norm:.3g} "
     message += f"while the training loss stays near {untrained:.3g} ({said}; {losses[-1]:.3g} "
@@ -868,11 +864,11 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     message = f"{parts} units gave no positive output on any batch read in {_period(now)}: "
     message += "their ReLUs no longer fire (dead units)."
     start, _ = _start_loss(history)
-    learns = bool(start) and _finite(_loss(now)) and not _near_start(now, start, t)  # no more
+    learns = bool(start) and finite(_loss(now)) and not _near_start(now, start, t)  # no more
     if learns:
         accuracy = _accuracy(now)
         message += f" The model learns on the units left (training loss {_loss(now):.3g}"
-        message += f", accuracy {accuracy:.1%})." if _finite(accuracy) else ")."
+        message += f", accuracy {accuracy:.1%})." if finite(accuracy) else ")."
     evidence = {"dead_share": dead, "threshold": t.dead_share}
     finding = _found(now, list(dead), evidence, message)
     finding.harmless = learns
@@ -905,7 +901,7 @@ def _weight_rms(summary: EpochSummary) -> dict[str, float]:
     return {
         name: s["grad_rms"]
         for name, s in summary.layers.items()
-        if name.endswith("weight") and _finite(s.get("grad_rms"))
+        if name.endswith("weight") and finite(s.get("grad_rms"))
     }
 
 
@@ -959,7 +955,7 @@ def _peak_lr(history: list[EpochSummary]) -> float | None:
     """The highest learning rate of the run so far: at watch(), at a statistics step, or at an
     epoch's end."""
     rates = [s.loop.get(key) for s in history for key in ("lr_first", "lr_peak")]
-    rates = [r for r in [*rates, *(s.lr for s in history)] if _finite(r)]
+    rates = [r for r in [*rates, *(s.lr for s in history)] if finite(r)]
     return max(rates, default=None)
 
 
@@ -969,9 +965,7 @@ def _update_ratios(summary: EpochSummary) -> dict[str, float]:
     return {
         name: s["update_ratio"]
         for name, s in sorted(summary.layers.items())
-        if name.endswith("weight")
-        and _finite(s.get("update_ratio"))
-        and s.get("weight_norm", 0) > 0
+        if name.endswith("weight") and finite(s.get("update_ratio")) and s.get("weight_norm", 0) > 0
     }
 
 
@@ -1007,7 +1001,7 @@ def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     once the schedule has brought the learning rate below a tenth of its peak."""
     frozen = set(history[-1].loop.get("frozen", ()))
     peak = _peak_lr(history)
-    if peak and _finite(history[-1].lr) and history[-1].lr < 0.1 * peak:
+    if peak and finite(history[-1].lr) and history[-1].lr < 0.1 * peak:
         return []  # the schedule has annealed the learning rate: slow steps are what it asks for
     ratios = _update_ratios(history[-1]).items()
     found = {n: r for n, r in ratios if r < t.update_slow and n not in frozen}
@@ -1042,7 +1036,7 @@ def _start_loss(history: list[EpochSummary]) -> tuple[float | None, str]:
     if classes:
         return math.log(classes), f"ln {classes}, an untrained model's"
     first = history[0].first_loss
-    return (first, "its first value") if _finite(first) and first > 0 else (None, "")
+    return (first, "its first value") if finite(first) and first > 0 else (None, "")
 
 
 def _near_start(summary: EpochSummary, start: float, t: Thresholds) -> bool:
@@ -1050,12 +1044,12 @@ def _near_start(summary: EpochSummary, start: float, t: Thresholds) -> bool:
     chance."""
     loss = _loss(summary)
     classes = _classes(summary)
-    if not _finite(loss) or loss < t.stuck_loss * start:
+    if not finite(loss) or loss < t.stuck_loss * start:
         return False
     if not classes:
         return True
     accuracy = _accuracy(summary)
-    return _finite(accuracy) and accuracy <= 1 / classes + t.chance_margin
+    return finite(accuracy) and accuracy <= 1 / classes + t.chance_margin
 
 
 @rule(
@@ -1103,7 +1097,7 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     message += f"({said}; {loss:.3g} now)"
     if classes:
         message += f" and the accuracy near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
-    ratios = [s["update_ratio"] for s in now.layers.values() if _finite(s.get("update_ratio"))]
+    ratios = [s["update_ratio"] for s in now.layers.values() if finite(s.get("update_ratio"))]
     moving = statistics.median(ratios) if ratios else None  # if they move, the data are suspect
     evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0].epoch}
     if moving is None or moving < t.stuck_moving_ratio:
@@ -1133,7 +1127,7 @@ def oscillating(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Over the last `oscillation_epochs` epochs the training loss turned up and down nearly every
     epoch, by `oscillation_amplitude` of its level, without falling."""
     losses = [_loss(s) for s in history[-t.oscillation_epochs :]]
-    if len(losses) < t.oscillation_epochs or not all(map(_finite, losses)):
+    if len(losses) < t.oscillation_epochs or not all(map(finite, losses)):
         return []
     steps = [b - a for a, b in zip(losses, losses[1:])]
     turns = sum(1 for a, b in zip(steps, steps[1:]) if a * b < 0)
@@ -1156,11 +1150,11 @@ def _worse_on_new_data(history: list[EpochSummary], rise: float) -> bool:
     new best since (so that one rise that came back above the best still counts, and a new best
     clears it); True without validation."""
     losses = [s.metrics.get("valid_loss") for s in history]
-    if not _finite(losses[-1]):
+    if not finite(losses[-1]):
         return True
     best = math.inf
     worse = False
-    for loss in filter(_finite, losses):
+    for loss in filter(finite, losses):
         worse = (worse and loss >= best) or loss > (1 + rise) * best
         best = min(best, loss)
     return worse
@@ -1183,7 +1177,7 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
     there is one) rose `overfit_rise` above its best and has made no new best since: weights that
     grow while the model does better than ever on new data are learning, not overfitting. In a loop
     without epochs, only with a validation loss: there weights grow as a model learns."""
-    if history[-1].unit == "steps" and not _finite(history[-1].metrics.get("valid_loss")):
+    if history[-1].unit == "steps" and not finite(history[-1].metrics.get("valid_loss")):
         return []
     if len(history) <= t.weight_window or not _worse_on_new_data(history, t.overfit_rise):
         return []
@@ -1193,7 +1187,7 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
         first = _max_abs_weight(history[0], name)
         earlier = _max_abs_weight(history[-1 - t.weight_window], name)
         value = s.get("max_abs_weight")
-        if not all(map(_finite, (first, earlier, value))) or first <= 0:
+        if not all(map(finite, (first, earlier, value))) or first <= 0:
             continue
         if value > t.weight_max_abs and value >= t.weight_growth * first and value > earlier:
             evidence = {"max_abs_weight": value, "after_first_epoch": first}
@@ -1247,7 +1241,7 @@ def output_bias_skew(history: list[EpochSummary], t: Thresholds) -> list[Finding
     values = bias.get("values")
     if not values or len(values) < 3:
         return []
-    recalls = [r for r in bias.get("recall") or () if _finite(r)]
+    recalls = [r for r in bias.get("recall") or () if finite(r)]
     typical = statistics.median(recalls) if recalls else None
     before = history[-2].output_bias.get("values") if len(history) > 1 else None
     lasting = set()
@@ -1259,7 +1253,7 @@ def output_bias_skew(history: list[EpochSummary], t: Thresholds) -> list[Finding
             continue  # a skew of one epoch is the noise of training
         label = bias["classes"][i]
         recall = bias["recall"][i] if bias["recall"] else None
-        if typical is not None and _finite(recall) and recall >= typical / 2:
+        if typical is not None and finite(recall) and recall >= typical / 2:
             continue
         evidence = {"class": label, "bias": values[i], "median_bias": centre, "robust_z": z}
         evidence["validation_recall"] = recall
@@ -1285,7 +1279,7 @@ def noisy_labels(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         return []
     train = [s.metrics.get("train_accuracy") for s in recent]
     valid = [s.metrics.get("valid_accuracy") for s in recent]
-    if not all(map(_finite, train + valid)):
+    if not all(map(finite, train + valid)):
         return []
     if min(before - now for before, now in zip(valid, train[1:])) < t.noisy_gap:
         return []
@@ -1316,7 +1310,7 @@ def no_generalisation(history: list[EpochSummary], t: Thresholds) -> list[Findin
     classes = _classes(now)
     train = now.metrics.get("train_accuracy")
     valid = now.metrics.get("valid_accuracy")
-    if not classes or not (_finite(train) and _finite(valid)):
+    if not classes or not (finite(train) and finite(valid)):
         return []
     chance = 1 / classes
     if train < chance + t.generalisation_gap or valid > chance + t.chance_margin:
@@ -1344,7 +1338,7 @@ def overfitting(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """For `overfit_epochs` epochs in a row the validation loss is `overfit_rise` above its best,
     and the train-valid accuracy gap is now `overfit_gap` and more above what it was then."""
     keys = ("valid_loss", "train_accuracy", "valid_accuracy")
-    seen = [s for s in history if all(_finite(s.metrics.get(k)) for k in keys)]
+    seen = [s for s in history if all(finite(s.metrics.get(k)) for k in keys)]
     if len(seen) < 2 or seen[-1] is not history[-1]:
         return []
     best = min(seen, key=lambda s: s.metrics["valid_loss"])
@@ -1585,7 +1579,7 @@ class RunDiagnosis:
     def keep(self, record: dict, limit: int) -> None:
         """Add a statistics record; past `limit` records, the older half thins out. Whether its
         layers jumped against the last summary is kept apart, for the first JUMP_READINGS."""
-        found = jumps(record, self.history[-1].layers) if self.history else None
+        found = jumped(record, self.history[-1].layers) if self.history else None
         if found and len(self.jumps) < JUMP_READINGS:
             self.jumps.append(found)
         self.records = thinned([*self.records, record], limit, limit // 2)

@@ -33,13 +33,18 @@ ERRORS = "gradwatch-errors.log"
 STUCK_SECONDS = 10  # how long the event writer's full queue may take to drain, before it is stuck
 
 
+def _thread_and_queue(writer: SummaryWriter) -> tuple[Any, Any]:
+    """tensorboardX's writer thread and its queue of events behind `writer` (None, None where a
+    version of it has other names)."""
+    events = writer.file_writer.event_writer
+    return getattr(events, "_worker", None), getattr(events, "_event_queue", None)
+
+
 def stopped_writer(writer: SummaryWriter) -> str | None:
     """Why `writer` can take no more events, or None while it works: its thread died (an error
     writing the event file, such as a full disk; tensorboardX's queue would then block the next
     writes for ever), or its queue stayed full for STUCK_SECONDS."""
-    events = writer.file_writer.event_writer
-    worker = getattr(events, "_worker", None)  # tensorboardX's writer thread and its queue
-    pending = getattr(events, "_event_queue", None)
+    worker, pending = _thread_and_queue(writer)
     if worker is None or pending is None:
         return None
     deadline = time.monotonic() + STUCK_SECONDS
@@ -52,11 +57,9 @@ def stopped_writer(writer: SummaryWriter) -> str | None:
 
 def drained(writer: SummaryWriter, seconds: float = STUCK_SECONDS) -> None:
     """Wait until `writer`'s thread has taken every queued event (for at most `seconds`)."""
-    events = writer.file_writer.event_writer
-    worker = getattr(events, "_worker", None)
-    pending = getattr(events, "_event_queue", None)
+    worker, pending = _thread_and_queue(writer)
     deadline = time.monotonic() + seconds
-    while worker is not None and worker.is_alive() and not pending.empty():
+    while worker is not None and pending is not None and worker.is_alive() and not pending.empty():
         if time.monotonic() > deadline:
             return
         time.sleep(0.005)

@@ -167,6 +167,12 @@ def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sampled(norms: list[float]) -> list[float]:
+    """`norms`, or every other one where there are more than MAX_NORMS (a long epoch or window):
+    a sample of them all."""
+    return norms[1::2] if len(norms) > MAX_NORMS else norms
+
+
 def clipped(norm: float, max_norm: float) -> bool:
     """Whether clip_grad_norm_ scaled the gradients down (it multiplies them by max_norm / (norm +
     1e-6))."""
@@ -204,10 +210,8 @@ class ClippingNorms:
             return {}
         self.norms += [norm for norm, _ in finite]
         self.recent += [norm for norm, _ in finite]
-        if len(self.norms) > MAX_NORMS:  # a long epoch: every other norm, a sample of them all
-            self.norms = self.norms[1::2]
-        if len(self.recent) > MAX_NORMS:
-            self.recent = self.recent[1::2]
+        self.norms = sampled(self.norms)
+        self.recent = sampled(self.recent)
         were = [clipped(norm, max_norm) for norm, max_norm in finite]
         scalars = {"clip/grad_norm": finite[-1][0], "clip/clipped": float(were[-1])}
         return {**scalars, "clip/clipped_share": statistics.fmean(were)}

@@ -167,7 +167,7 @@ def _loop(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def jumps(record: dict, layers: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+def jumped(record: dict, layers: dict[str, dict[str, float]]) -> dict[str, Any] | None:
     """For the loss_spikes rule: whether a layer's gradient norm or update ratio at one statistics
     reading is JUMP times or more its median in `layers` (the summary before): {"step", "layers":
     {name: {"grad_norm": ratio, "update_ratio": ratio}}} for the JUMP_LAYERS largest; else None."""
@@ -176,9 +176,7 @@ def jumps(record: dict, layers: dict[str, dict[str, float]]) -> dict[str, Any] |
         found = {
             key: record[name][key] / median[key]
             for key in JUMP_KEYS
-            if _finite(median.get(key))
-            and median[key] > 0
-            and _finite(record.get(name, {}).get(key))
+            if finite(median.get(key)) and median[key] > 0 and finite(record.get(name, {}).get(key))
         }
         if found and max(found.values()) >= JUMP:
             ratios[name] = found
@@ -188,7 +186,8 @@ def jumps(record: dict, layers: dict[str, dict[str, float]]) -> dict[str, Any] |
     return {"step": record["loop"]["step"], "layers": {n: ratios[n] for n in largest}}
 
 
-def _finite(value: float | None) -> bool:
+def finite(value: float | None) -> bool:
+    """Whether `value` is a number, neither None nor NaN nor Inf (what the rules can read)."""
     return value is not None and math.isfinite(value)
 
 
