@@ -12,6 +12,10 @@
   whether the gradients were cleared since the optimizer step;
 - and, beside them, the copy of the weights before a statistics step's update, for the update
   ratio.
+
+Each hook is a `Hook`, which a copy of the model or optimizer (copy.deepcopy for an EMA or
+torch.optim.swa_utils.AveragedModel, pickle for torch.save(model) or a DataLoader worker) holds as
+`ignore`: the copy neither carries the monitor nor feeds it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,29 @@ def is_compiled(model: torch.nn.Module) -> bool:
     )
 
 
+def ignore(*args: Any, **kwargs: Any) -> None:
+    """What a monitor's hook is in a copy of the module or optimizer it is placed on: nothing."""
+
+
+def ignored() -> Any:
+    return ignore
+
+
+class Hook:
+    """A hook the monitor places. Copied, it is `ignore`: the monitor watches the model it was
+    given, not its copies, and its event writer cannot be copied (tensorboardX's queue refuses
+    pickling)."""
+
+    def __init__(self, function: Any):
+        self.function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return ignored, ()
+
+
 class Hooks:
     """The monitor's hooks on one model and optimizer; `remove()` takes them all off."""
 
@@ -96,7 +123,8 @@ class Hooks:
             if type(module) in ACTIVATIONS:
                 self.activations.append((name, module, ACTIVATIONS[type(module)], layer or name))
         if optimizer is not None:
-            self.handles["before_step"] = optimizer.register_step_pre_hook(self._before_step)
+            stepped = Hook(self._before_step)
+            self.handles["before_step"] = optimizer.register_step_pre_hook(stepped)
         if compiled:
             self.arm()
 
@@ -114,6 +142,7 @@ class Hooks:
         """Forward hooks that measure the activations of the next training forward pass."""
         if self.stay and any(key.startswith("forward ") for key in self.handles):
             return
+        self._drop_forward()  # placed for a step whose statistics were not taken
         for name, module, kind, layer in self.activations:
 
             def hook(module, inputs, output, name=name, kind=kind, layer=layer):
@@ -122,9 +151,10 @@ class Hooks:
                     found = units_fired(out) if kind == "relu" else activation_share(kind, out)
                     self.values[name] = (kind, layer, found)
 
-            self.handles[f"forward {name}"] = module.register_forward_hook(hook)
+            self.handles[f"forward {name}"] = module.register_forward_hook(Hook(hook))
         if self.model is not None:
-            self.handles["forward output"] = self.model.register_forward_hook(self._read_output)
+            output = Hook(self._read_output)
+            self.handles["forward output"] = self.model.register_forward_hook(output)
 
     def _read_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         scores = logits(output)
@@ -158,7 +188,7 @@ class Hooks:
                     self.cleared = torch.ones(()) if cleared else (before == 0).all().float()
             return None
 
-        self.handles["clearing"] = probe.register_hook(hook)
+        self.handles["clearing"] = probe.register_hook(Hook(hook))
 
     def take_loop(self) -> dict[str, Any]:
         """Whether the gradients were cleared before the step's backward pass (None where it could
@@ -183,6 +213,11 @@ class Hooks:
         if handle is not None:
             handle.remove()
 
+    def _drop_forward(self) -> None:
+        """Remove the forward hooks."""
+        for key in [key for key in self.handles if key.startswith("forward ")]:
+            self._drop(key)
+
     def prepare(self, parameters: NamedParameters) -> None:
         """Before a step whose statistics are due: hooks for its forward pass and its backward pass,
         and a copy of the weights before its update."""
@@ -202,8 +237,7 @@ class Hooks:
         "share"}}, and for a ReLU "never_fired", the share of its units silent at every statistics
         step of the epoch so far (one transfer); the hooks are removed, unless placed for good."""
         if not self.stay:
-            for key in [key for key in self.handles if key.startswith("forward ")]:
-                self.handles.pop(key).remove()
+            self._drop_forward()
         values = dict(self.values)
         self.values.clear()  # the same dict: a compiled graph writes into it
         rows = {}

@@ -172,6 +172,15 @@ class EventSink(NullSink):
     def opened(self) -> bool:
         return bool(self.writers)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """A copy (pickle, copy.deepcopy: a DataLoader worker's, a spawned process's) of a sink that
+        has begun writing is a NullSink: its files belong to the process that writes them, and
+        tensorboardX's writer cannot be copied. A sink that has written nothing is copied whole, so
+        that a monitor made before torch.multiprocessing.spawn writes from the spawned process."""
+        if self.writers or self.appended:
+            return NullSink, ()
+        return super().__reduce_ex__(protocol)
+
     def resume_at(self, epoch: int | None, step: int | None) -> None:
         if self.writers:
             raise RuntimeError("load_state_dict() must come before the first step() or log call")
