@@ -88,20 +88,29 @@ def row_shares(confusion_mat: np.ndarray) -> np.ndarray:
     return np.divide(confusion_mat, totals, out=np.zeros_like(confusion_mat), where=totals > 0)
 
 
+def _upright(text: str) -> Image.Image:
+    """`text` in black on white, turned to read upwards (a column's or an axis's name)."""
+    width = math.ceil(font().getlength(text)) + 2
+    strip = Image.new("RGB", (width, LINE), WHITE)
+    ImageDraw.Draw(strip).text((1, 0), text, BLACK, font())
+    return strip.rotate(90, expand=True)
+
+
 def confusion_matrix_image(
     confusion_mat: np.ndarray, classes: Sequence[str], set_name: str
 ) -> Image.Image:
-    """Rows are true classes, columns predictions. A cell's grey is its share of the row (black: all
-    of it); its count is written in red where counts fit in the cells (up to 30 classes). Rows are
-    numbered and named, columns numbered."""
+    """Rows are true classes, columns predictions, each named by its class (the first 14
+    characters), the axes "true" and "predicted". A cell's grey is its share of the row (black:
+    all of it); its count is written in red where counts fit in the cells (up to 30 classes)."""
     counts = np.asarray(confusion_mat)
     n = len(classes)
     cell = max(16, min(26, 260 // max(n, 1)))
-    names = [f"{i} {str(c)[:14]}" for i, c in enumerate(classes)]
-    left = 14 + math.ceil(max(font().getlength(name) for name in names))
-    top = 56
-    title = [f"Confusion_Matrix_{set_name}", "rows: true label, columns: predicted"]
-    image, draw = _canvas(left + n * cell + 8, top + n * cell + 22, title)
+    names = [str(c)[:14] for c in classes]
+    longest = max((math.ceil(font().getlength(name)) for name in names), default=0)
+    left = 2 * LINE + 8 + longest  # the axis name, then the row names
+    top = 2 * LINE + 12 + LINE + longest  # the title, the axis name, then the column names
+    title = [f"Confusion matrix, {set_name}", "a row's grey: its share of that true class"]
+    image, draw = _canvas(left + n * cell + 8, top + n * cell + 8, title)
 
     greys = np.round(255 * (1 - row_shares(counts))).astype(np.uint8)
     greys = greys.repeat(cell, 0).repeat(cell, 1)
@@ -109,9 +118,13 @@ def confusion_matrix_image(
         greys[edge::cell] = OUTLINE
         greys[:, edge::cell] = OUTLINE
     image.paste(Image.fromarray(greys).convert("RGB"), (left, top))
+    draw.text((left + n * cell / 2, top - longest - 6), "predicted", BLACK, font(), anchor="mb")
+    axis = _upright("true")
+    image.paste(axis, (6, top + (n * cell - axis.height) // 2))
     fits = n <= 30 and font().getlength(str(counts.max(initial=0))) <= cell - 2
     for i in range(n):
-        draw.text((left + i * cell + cell // 2, top - 3), str(i), BLACK, font(), anchor="mb")
+        column = _upright(names[i])
+        image.paste(column, (left + i * cell + (cell - column.width) // 2, top - 3 - column.height))
         draw.text((left - 6, top + i * cell + cell // 2), names[i], BLACK, font(), anchor="rm")
         for j in range(n if fits else 0):
             draw.text(
@@ -121,5 +134,4 @@ def confusion_matrix_image(
                 font(),
                 anchor="mm",
             )
-    draw.text((left, top + n * cell + 5), "Predict label", BLACK, font())
     return image

@@ -51,9 +51,23 @@ def test_confusion_matrix_cells_are_grey_by_row_share_with_red_counts():
     for share in (0.75, 0.25, 0.0, 1.0):  # every row-normalised share is a cell's grey level
         level = round(255 * (1 - share))
         assert (level, level, level) in greys
-    title = "Confusion_Matrix_valid", "rows: true label, columns: predicted"
+    title = "Confusion matrix, valid", "a row's grey: its share of that true class"
     assert title_is_drawn_whole(Image.fromarray(image), *title)
     assert ((image[..., 0] > 200) & (image[..., 1] < 100)).sum() > 4 * 5  # four counts in red
+
+
+def test_confusion_matrix_names_rows_and_columns_by_class_alone_and_its_axes(monkeypatch):
+    drawn = []
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(
+        ImageDraw.ImageDraw, "text", lambda self, xy, s, *a, **k: drawn.append(s) or text(self, xy, s, *a, **k)
+    )
+    classes = ["0", "airplane", "class one"]
+    image = confusion_matrix_image(np.array([[3, 1, 2], [2, 4, 2], [1, 1, 5]]), classes, "valid")  # no count reads "0"
+    labels = [s for s in drawn if not s.isdigit() or s in classes]  # the counts aside
+    title = ["Confusion matrix, valid", "a row's grey: its share of that true class"]
+    assert sorted(labels) == sorted([*title, "predicted", "true", *classes, *classes])  # rows and columns, once each
+    assert image.width <= 330
 
 
 def test_confusion_matrix_writes_counts_only_where_they_fit():
