@@ -230,11 +230,18 @@ def param_groups(model, lr, weight_decay, layer_lr=(), layer_wd=()):
     return [{"params": params, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), params in groups.items()]
 
 
+# TensorBoard's HParams tab ticks the first five settings by name, capitals before lower case: the five most
+# compared between runs are named in words, the rest as train.py's options
+TICKED = {"Learning rate": "lr", "Batch size": "batch_size", "Weight decay": "weight_decay", "Epochs": "epochs"}
+OTHERS = ("momentum", "dampening", "step_size", "gamma", "seed")
+
+
 def hyperparameters(args):
-    """The settings shown in TensorBoard's HParams tab."""
-    keys = ("lr", "batch_size", "momentum", "dampening", "weight_decay", "epochs", "step_size", "gamma", "seed")
-    values = {key: getattr(args, key) for key in keys}
-    values["clip_grad_norm"] = args.clip_grad_norm or 0.0  # 0: no clipping
+    """The settings shown in TensorBoard's HParams tab: clipping as "off" or its norm (a string either way, since
+    TensorBoard leaves out the runs whose value has another type than the first run's)."""
+    values = {name: getattr(args, key) for name, key in TICKED.items()}
+    values["Clipping"] = f"{args.clip_grad_norm:g}" if args.clip_grad_norm else "off"
+    values.update((key, getattr(args, key)) for key in OTHERS)
     for key in ("layer_lr", "layer_wd"):
         values[key] = ",".join(f"{n}={v:g}" for n, v in getattr(args, key)) or "-"
     return values

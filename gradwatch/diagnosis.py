@@ -185,12 +185,17 @@ class Finding:
         return ":".join(self.key)
 
     def to_json(self) -> dict:
-        return {"id": self.id, **asdict(self)}
+        """As diagnosis.json holds it: epochs (and windows of steps) counted from 1, as everywhere
+        the run is shown."""
+        counted = {"epoch": self.epoch + 1, "last_epoch": self.last_epoch + 1}
+        return {"id": self.id, **asdict(self), **counted}
 
     @classmethod
     def from_json(cls, item: dict) -> Finding:
         """A finding from diagnosis.json or a monitor's state_dict()."""
-        return cls(**{key: value for key, value in item.items() if key != "id"})
+        values = {key: value for key, value in item.items() if key != "id"}
+        values.update(epoch=item["epoch"] - 1, last_epoch=item["last_epoch"] - 1)
+        return cls(**values)
 
     def __str__(self):
         text = f"[{self.rule}] {_when(self)}: {self.message}"
@@ -1523,8 +1528,8 @@ def saved_findings(path: str, before_epoch: int | None) -> list[Finding]:
         return []
     with open(path) as fh:
         findings = [
-            Finding.from_json(item) for item in json.load(fh) if item["epoch"] < before_epoch
-        ]
+            Finding.from_json(item) for item in json.load(fh) if item["epoch"] <= before_epoch
+        ]  # counted from 1 there
     for finding in findings:
         finding.last_epoch = min(finding.last_epoch, before_epoch - 1)
     return findings

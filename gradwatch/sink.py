@@ -5,6 +5,10 @@ other than 0): every call does nothing. `EventSink` writes. Epochs and optimizer
 axes, so each gets its own event folder (a tag keeps one axis): epochs in `log_dir`, optimizer steps
 in `log_dir/steps`. A writer opens at its first write, or at `open()`: until then the steps from
 which a resumed run rewrites each axis can still be set with `resume_at`.
+
+The sink is given epochs as indices from 0 (`for epoch in range(epochs)`) and writes epoch N at
+step N + 1 (`axis_step`), so that TensorBoard's epoch axis counts epochs as the console, the story,
+diagnosis.json and the pictures do: the first is epoch 1.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ from tensorboardX.summary import hparams as hparams_summaries
 from .histograms import Histogram
 
 ERRORS = "gradwatch-errors.log"
+
+
+def axis_step(step: int, per_step: bool) -> int:
+    """The step an event is written at: an optimizer step as it is, an epoch's index plus one."""
+    return step if per_step else step + 1
 
 
 STUCK_SECONDS = 10  # how long the event writer's full queue may take to drain, before it is stuck
@@ -202,9 +211,10 @@ class EventSink(NullSink):
             # resumed
             # within the same second from overwriting the file it continues, and sorts it after that
             # file.
+            purge = self.purge[per_step]
             self.writers[per_step] = SummaryWriter(
                 folder,
-                purge_step=self.purge[per_step],
+                purge_step=None if purge is None else axis_step(purge, per_step),
                 flush_secs=self.flush_secs,
                 filename_suffix=f".{time.time_ns()}",
             )
@@ -226,7 +236,7 @@ class EventSink(NullSink):
     def event(self, values: list[Summary.Value], step: int, per_step: bool = False) -> None:
         writer = self.writer(per_step, step) if values else None
         if writer is not None:
-            writer.file_writer.add_summary(Summary(value=values), step)
+            writer.file_writer.add_summary(Summary(value=values), axis_step(step, per_step))
 
     def scalars(self, scalars: Mapping[str, float], step: int, per_step: bool = False) -> None:
         self.event(_scalar_values(scalars), step, per_step)
@@ -245,25 +255,23 @@ class EventSink(NullSink):
         if writer is None:
             return
         if hasattr(image, "savefig"):  # a matplotlib figure
-            writer.add_figure(tag, image, step, close=False)
+            writer.add_figure(tag, image, axis_step(step, False), close=False)
             return
         array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-        writer.add_image(tag, array, step, dataformats="HWC")
+        writer.add_image(tag, array, axis_step(step, False), dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int, per_step: bool = False) -> None:
         writer = self.writer(per_step, step)
         if writer is not None:
-            writer.add_text(tag, text, step)
+            writer.add_text(tag, text, axis_step(step, per_step))
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         # what add_hparams(name=".") writes, but into this writer's file: add_hparams opens a writer
-        # of
-        # its own, whose file (named without the nanosecond suffix) can sort before this one and
-        # lose
-        # its metrics to this file's purge on a resume within the same second
+        # of its own, whose file (named without the nanosecond suffix) can sort before this one and
+        # lose its metrics to this file's purge on a resume within the same second
         writer = self.writer(step=step)
         for summary in hparams_summaries(dict(hparams), dict(metrics)) if writer else ():
-            writer.file_writer.add_summary(summary)
+            writer.file_writer.add_summary(summary, axis_step(step, False))
         self.scalars(metrics, step)
 
     def save_json(self, name: str, value: Any) -> None:

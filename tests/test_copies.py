@@ -142,5 +142,5 @@ def test_a_monitor_held_by_a_dataset_in_spawned_dataloader_workers(tmp_path):
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the workers opened no event file of their own
     assert len(list((run / "steps").glob("events.out.tfevents.*"))) == 1
     events = load_events(run)
-    assert [e.step for e in events.Histograms("0.weight_grad")] == [0, 1, 2]
-    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2]
+    assert [e.step for e in events.Histograms("0.weight_grad")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]

@@ -103,7 +103,7 @@ def test_a_lasting_finding_is_one_entry_with_its_first_and_last_step(tmp_path, c
     log_with(TensorboardXWriter(str(tmp_path / "run")), deep_sigmoid(), 4, "{}_data", "{}_grad")
     assert diagnose.main([str(tmp_path / "run"), "--json"]) == 0
     listed = [f for f in json.loads(capsys.readouterr().out)["run"] if f["rule"] == "vanishing_gradients"]
-    assert [(f["epoch"], f["last_epoch"]) for f in listed] == [(0, 3)]
+    assert [(f["epoch"], f["last_epoch"]) for f in listed] == [(1, 4)]  # counted from 1
     assert diagnose.main([str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert out.count("Problem, epoch 1-4") == 1 and "gradients of 0.weight" in out

@@ -86,9 +86,9 @@ def test_a_healthy_run_has_no_finding(tmp_path):
     assert findings == [] and urgent == []
     assert json.loads((tmp_path / "diagnosis.json").read_text()) == []
     events = load_events(tmp_path)
-    assert [e.step for e in events.Images("gradient_flow")] == list(range(10))
+    assert [e.step for e in events.Images("gradient_flow")] == list(range(1, 11))
     texts = events.Tensors("diagnosis/text_summary")  # one message a step, the same Summary each time
-    assert [(t.step, t.tensor_proto.string_val[0]) for t in texts] == [(step, b"No findings.") for step in range(10)]
+    assert [(t.step, t.tensor_proto.string_val[0]) for t in texts] == [(step, b"No findings.") for step in range(1, 11)]
 
 
 def test_deep_sigmoid_network_has_vanishing_gradients(tmp_path):
@@ -172,7 +172,7 @@ def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
     vanishing = next(f for f in monitor.findings if f.rule == "vanishing_gradients")
     assert (vanishing.epoch, vanishing.last_epoch) == (0, 2)  # one entry for the three epochs it held
     texts = load_events(tmp_path).Tensors("diagnosis/text_summary")
-    assert [t.step for t in texts] == [0, 1, 2] and b"vanishing_gradients" in texts[0].tensor_proto.string_val[0]
+    assert [t.step for t in texts] == [1, 2, 3] and b"vanishing_gradients" in texts[0].tensor_proto.string_val[0]
 
     # a resumed monitor keeps what came before the epoch it rewrites
     resumed = TrainingMonitor(tmp_path, purge_epoch=2)
@@ -409,7 +409,8 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     assert isinstance(json.loads((tmp_path / "Result" / "my-loop" / "diagnosis.json").read_text()), list)
     assert len(load_events(tmp_path / "Result" / "my-loop").Histograms("0.weight_grad")) == 5
     exec(compile(second, "README.md", "exec"), namespace)  # saved, then resumed for two more epochs
-    assert [e.step for e in load_events(tmp_path / "Result" / "my-loop").Histograms("0.weight_grad")] == list(range(7))
+    steps = [e.step for e in load_events(tmp_path / "Result" / "my-loop").Histograms("0.weight_grad")]
+    assert steps == list(range(1, 8))  # epochs 1 to 7
     assert namespace["monitor"].steps == 7 * 50
 
 

@@ -84,9 +84,9 @@ def test_unscaled_accumulated_gradients_and_the_mean_loss_once_per_optimizer_ste
 
     epochs = load_events(run)
     for tag in ("net.1.weight_data", "net.1.weight_grad", "net.3.bias_grad"):
-        assert [event.step for event in epochs.Histograms(tag)] == [0, 1]
+        assert [event.step for event in epochs.Histograms(tag)] == [1, 2]
     assert "val_acc" in epochs.Tags()["scalars"]  # the logger's own scalars, in the same run
-    assert [event.step for event in epochs.Images("gradient_flow")] == [0, 1]
+    assert [event.step for event in epochs.Images("gradient_flow")] == [1, 2]
     assert isinstance(json.loads((run / "diagnosis.json").read_text()), list)
     assert len(callback.state_dict()["history"]) == 2
 
@@ -143,7 +143,7 @@ def test_under_ddp_only_rank_zero_writes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
     assert len(list((run / "steps").glob("events.out.tfevents.*"))) == 1  # one writer, not one per process
-    assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [0]
+    assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [1]
     assert (run / "diagnosis.json").is_file() and not list(tmp_path.rglob("gradwatch-errors.log"))
 
 
@@ -152,7 +152,7 @@ def test_the_readme_snippet_runs_as_printed(tmp_path):
     result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
-    assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [0, 1, 2]
+    assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [1, 2, 3]
     assert json.loads((run / "diagnosis.json").read_text()) == []
 
 

@@ -48,7 +48,7 @@ def test_a_writer_reopened_within_the_same_second_keeps_earlier_events(tmp_path)
         with TrainingMonitor(tmp_path, purge_epoch=epoch or None) as monitor:
             monitor.watch(model).epoch_end(epoch, {"loss": float(epoch)})
     events = load_events(tmp_path)
-    assert [e.step for e in events.Histograms("weight_data")] == [0, 1, 2]
+    assert [e.step for e in events.Histograms("weight_data")] == [1, 2, 3]
     assert [e.value for e in events.Scalars("loss")] == [0.0, 1.0, 2.0]
 
 
@@ -245,7 +245,7 @@ def test_the_state_is_the_union_of_the_parts_and_a_loaded_one_sets_where_each_ax
         epoch(resumed, 2)
         with pytest.raises(RuntimeError, match="before the first step"):
             resumed.load_state_dict(state)  # too late: the event files are open
-    assert [e.step for e in load_events(tmp_path).Scalars("train/loss")] == [0, 1, 2]
+    assert [e.step for e in load_events(tmp_path).Scalars("train/loss")] == [1, 2, 3]
     assert [e.step for e in load_events(tmp_path / "steps").Scalars("loss")] == [2, 4, 6, 8, 10, 12]
     starts = [event.step for event in raw_events(tmp_path / "steps") if event.HasField("session_log")]
     assert starts == [9]  # the resumed writer's purge, which TensorBoard's loaders honour

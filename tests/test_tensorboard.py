@@ -62,20 +62,20 @@ def test_tensorboard_serves_histograms_scalars_images_and_diagnosis(served_run):
     assert set(get(port, "/data/runs")) == {"r", "r/steps"}
 
     weights = get(port, "/data/plugin/histograms/histograms", run="r", tag="fc3.bias_data")
-    assert [step for _, step, _ in weights] == [0, 1]
+    assert [step for _, step, _ in weights] == [1, 2]
     bias = torch.load(run / "last.pt", weights_only=True)["model"]["fc3.bias"]
     buckets = weights[-1][2]  # [left, right, count] per bucket, as the Histograms tab draws them
     assert sum(count for _, _, count in buckets) == bias.numel()
     assert buckets[0][0] == pytest.approx(bias.min().item()) and buckets[-1][1] == pytest.approx(bias.max().item())
     gradients = get(port, "/data/plugin/histograms/histograms", run="r", tag="conv1.weight_grad")
-    assert [step for _, step, _ in gradients] == [0, 1]
+    assert [step for _, step, _ in gradients] == [1, 2]
     assert sum(count for _, _, count in gradients[0][2]) == 6 * 3 * 5 * 5
 
     accuracy = get(port, "/data/plugin/scalars/scalars", run="r", tag="valid/accuracy")
-    assert [step for _, step, _ in accuracy] == [0, 1] and all(0 <= value <= 1 for _, _, value in accuracy)
+    assert [step for _, step, _ in accuracy] == [1, 2] and all(0 <= value <= 1 for _, _, value in accuracy)
     update = get(port, "/data/plugin/scalars/scalars", run="r/steps", tag="update_ratio/conv1.weight")
     assert [step for _, step, _ in update] == [3, 6, 9, 12]
     assert set(get(port, "/data/plugin/images/tags")["r"]) == {"gradient_flow", "valid/confusion_matrix"}
 
     texts = get(port, "/data/plugin/text/text", run="r", tag="diagnosis/text_summary")
-    assert [t["step"] for t in texts] == [0, 1] and "moving_too_fast" in texts[0]["text"]
+    assert [t["step"] for t in texts] == [1, 2] and "moving_too_fast" in texts[0]["text"]

@@ -46,10 +46,10 @@ def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_
     assert "Training: Epoch[001/002] Iteration[002/006] Loss: " in out and "Acc: " in out
     run = tmp_path / "Result" / "first"
     events = load_events(run)
-    assert histogram_steps(events) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(events) == {tag: [1, 2] for tag in HISTOGRAM_TAGS}
     for tag in ("train/loss", "train/accuracy", "valid/accuracy", "train/lr", "valid_recall/cat"):
-        assert [e.step for e in events.Scalars(tag)] == [0, 1], tag
-    assert [e.step for e in events.Images("valid/confusion_matrix")] == [0, 1]
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    assert [e.step for e in events.Images("valid/confusion_matrix")] == [1, 2]
     assert json.loads((run / "args.json").read_text())["epochs"] == 2
 
     last = torch.load(run / "last.pt", weights_only=True, map_location="cpu")
@@ -71,7 +71,7 @@ def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_
 
 def test_without_cache_workers_decode_every_epoch(data_dir, tmp_path):
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--cache", "no", "--workers", "1")) == 0
-    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [1, 2] for tag in HISTOGRAM_TAGS}
 
 
 def test_hist_every_logs_steps_on_their_own_axis(data_dir, tmp_path, capsys):
@@ -82,7 +82,7 @@ def test_hist_every_logs_steps_on_their_own_axis(data_dir, tmp_path, capsys):
         f"this run logs 102 histogram steps per tag; TensorBoard shows a sample of 100 unless started with: "
         f"tensorboard --logdir {tmp_path} --samples_per_plugin histograms=0"
     ) in capsys.readouterr().out
-    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [1, 2] for tag in HISTOGRAM_TAGS}
     assert histogram_steps(load_events(tmp_path / "r" / "steps")) == {tag: [4, 8, 12] for tag in HISTOGRAM_TAGS}
 
 
@@ -188,7 +188,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(data_dir, tmp_pat
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", epochs=1)) == 0
     assert "holds a run stopped before its first checkpoint: starting it again" in capsys.readouterr().out
     events = load_events(tmp_path / "r")
-    assert [event.step for event in events.Histograms("conv1.weight_data")] == [0]
+    assert [event.step for event in events.Histograms("conv1.weight_data")] == [1]
     assert len(list((tmp_path / "r").glob("events.out.tfevents.*"))) == 2
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 1
 
@@ -226,11 +226,11 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
 
     assert train.main(["--resume", str(tmp_path / "r")]) == 0
     assert "Resuming" in capsys.readouterr().out
-    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0, 1, 2, 3] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [1, 2, 3, 4] for tag in HISTOGRAM_TAGS}
     assert histogram_steps(load_events(tmp_path / "r" / "steps")) == {
         tag: list(range(3, 25, 3)) for tag in HISTOGRAM_TAGS
     }
-    assert [e.step for e in load_events(tmp_path / "r").Scalars("train/loss")] == [0, 1, 2, 3]
+    assert [e.step for e in load_events(tmp_path / "r").Scalars("train/loss")] == [1, 2, 3, 4]
     resumed = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert resumed["step"] == 24
 
@@ -239,7 +239,7 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
     unbroken = torch.load(tmp_path / "u" / "last.pt", weights_only=True)
     assert all(torch.equal(resumed["model"][name], value) for name, value in unbroken["model"].items())
     diagnosis = json.loads((tmp_path / "u" / "diagnosis.json").read_text())
-    assert "weights_growing" in {f["rule"] for f in diagnosis if f["epoch"] == 3}
+    assert "weights_growing" in {f["rule"] for f in diagnosis if f["epoch"] == 4}
     assert json.loads((tmp_path / "r" / "diagnosis.json").read_text()) == diagnosis
 
 
@@ -274,8 +274,8 @@ def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
 
     result = run_script("train.py", "--resume", run, "--epochs", epochs)
     assert result.returncode == 0, result.stderr
-    assert histogram_steps(load_events(run)) == {tag: list(range(epochs)) for tag in HISTOGRAM_TAGS}
-    assert [e.step for e in load_events(run).Scalars("valid/accuracy")] == list(range(epochs))
+    assert histogram_steps(load_events(run)) == {tag: list(range(1, epochs + 1)) for tag in HISTOGRAM_TAGS}
+    assert [e.step for e in load_events(run).Scalars("valid/accuracy")] == list(range(1, epochs + 1))
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.6, 1.0, 1.5])
@@ -300,9 +300,9 @@ def test_resume_from_an_older_checkpoint_purges_what_it_rewrites(data_dir, tmp_p
     del older["monitor"], older["rng"]  # and from an earlier version of train.py, which saved neither
     torch.save(older, run / "last.pt")  # as if the process died before saving epoch 3's checkpoint
     assert train.main(["--resume", str(run), "--epochs", "3"]) == 0
-    assert histogram_steps(load_events(run)) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(run)) == {tag: [1, 2, 3] for tag in HISTOGRAM_TAGS}
     assert histogram_steps(load_events(run / "steps")) == {tag: [5, 10, 15] for tag in HISTOGRAM_TAGS}
-    assert [e.step for e in load_events(run).Scalars("train/loss")] == [0, 1, 2]
+    assert [e.step for e in load_events(run).Scalars("train/loss")] == [1, 2, 3]
     assert torch.load(run / "last.pt", weights_only=True)["totals"]["seen"] == 24  # the last epoch's images only
 
 
@@ -381,11 +381,11 @@ def test_the_sample_data_trains_without_findings(tmp_path, capsys):
     assert json.loads((run / "diagnosis.json").read_text()) == []
     assert (run / "gradient_flow.png").is_file()
     events = load_events(run)
-    assert [e.step for e in events.Images("gradient_flow")] == [0, 1, 2, 3]
+    assert [e.step for e in events.Images("gradient_flow")] == [1, 2, 3, 4]
     steps = load_events(run / "steps")
     assert [e.step for e in steps.Scalars("grad_norm/total")] == list(range(50, 361, 50))  # 90-step epochs
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
-    assert [e.step for e in events.Scalars("hparam/best_valid_accuracy")] == [3]
+    assert [e.step for e in events.Scalars("hparam/best_valid_accuracy")] == [4]
 
 
 def test_statistics_come_16_times_a_long_epoch_after_the_first(tmp_path):
@@ -463,7 +463,7 @@ def test_torchrun_two_processes_train_one_run_and_resume(data_dir, tmp_path):
     result = torchrun("--resume", run, "--epochs", "3")
     assert result.returncode == 0, result.stderr
     assert "Resuming" in result.stdout
-    assert histogram_steps(load_events(run)) == {tag: [0, 1, 2] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(run)) == {tag: [1, 2, 3] for tag in HISTOGRAM_TAGS}
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 9
 
 
@@ -493,7 +493,7 @@ def test_clip_grad_norm_logs_the_norm_before_clipping_and_the_share_of_clipped_s
 
 def test_amp_bf16_trains_on_the_cpu_and_fp16_asks_for_cuda(data_dir, tmp_path, capsys):
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", "--amp", "bf16", epochs=1)) == 0
-    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [0] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(tmp_path / "r")) == {tag: [1] for tag in HISTOGRAM_TAGS}
     if not torch.cuda.is_available():
         assert train.main(train_args(data_dir, tmp_path, "--amp", "fp16", "--device", "cpu", epochs=1)) == 1
         assert "--amp fp16 needs a CUDA device" in capsys.readouterr().err
@@ -528,7 +528,7 @@ def test_a_failing_rule_or_statistic_never_ends_the_run(data_dir, tmp_path, caps
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("statistics" in line and "RuntimeError" in line for line in err)  # steps', epoch's
     assert torch.load(tmp_path / "statistics" / "last.pt", weights_only=True)["epoch"] == 2
-    assert histogram_steps(load_events(tmp_path / "statistics")) == {tag: [0, 1] for tag in HISTOGRAM_TAGS}
+    assert histogram_steps(load_events(tmp_path / "statistics")) == {tag: [1, 2] for tag in HISTOGRAM_TAGS}
 
 
 DAMAGED_ARGS = {

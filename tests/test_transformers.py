@@ -48,7 +48,7 @@ def test_gradients_once_per_optimizer_step_beside_the_trainers_own_logs(tmp_path
 
     epochs = load_events(run)
     for tag in ("bert.encoder.layer.0.attention.self.query.weight_grad", "classifier.bias_data"):
-        assert [event.step for event in epochs.Histograms(tag)] == [0, 1]
+        assert [event.step for event in epochs.Histograms(tag)] == [1, 2]
     assert not [tag for tag in epochs.Tags()["histograms"] if tag.startswith(("module.", "_orig_mod."))]
     assert "eval/loss" in epochs.Tags()["scalars"]
     assert json.loads((run / "diagnosis.json").read_text()) == []
@@ -66,7 +66,7 @@ def test_the_readme_snippet_runs_as_printed(tmp_path):
     result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "hf-out" / "runs" / "tiny-bert"
-    assert [event.step for event in load_events(run).Histograms("classifier.weight_grad")] == [0, 1, 2]
+    assert [event.step for event in load_events(run).Histograms("classifier.weight_grad")] == [1, 2, 3]
     assert "eval/loss" in load_events(run).Tags()["scalars"]  # the Trainer's own logs, in the same run
     assert isinstance(json.loads((run / "diagnosis.json").read_text()), list)
 
