@@ -278,15 +278,16 @@ def validate_and_log(run, lr, images_per_second):
         run.net, run.loaders[1], "valid", run.classes, nn.functional.cross_entropy
     )
     recall, precision = class_report(conf_mat)
-    metrics = {"train/loss": totals["loss_sum"] / totals["seen"], "train/accuracy": totals["correct"] / totals["seen"]}
-    metrics.update({"valid/accuracy": accuracy, "valid/loss": valid_loss, "train/lr": lr})
+    # capitals put the curves first in TensorBoard, before the lower-case statistics (gradwatch/layout.py)
+    metrics = {"Loss/train": totals["loss_sum"] / totals["seen"], "Accuracy/train": totals["correct"] / totals["seen"]}
+    metrics.update({"Loss/valid": valid_loss, "Accuracy/valid": accuracy, "Learning rate": lr})
     metrics["train/images_per_second"] = images_per_second
     metrics.update({f"valid_recall/{name}": r for name, r in zip(run.classes, recall) if not np.isnan(r)})
     metrics.update({f"valid_precision/{name}": p for name, p in zip(run.classes, precision) if not np.isnan(p)})
     picture = confusion_matrix_image(conf_mat, run.classes, "valid")
     recall = [None if np.isnan(r) else float(r) for r in recall]
     run.monitor.epoch_end(epoch, metrics, {"valid/confusion_matrix": picture}, run.classes, recall)
-    trained = f"train loss {metrics['train/loss']:.4f} acc {metrics['train/accuracy']:.2%}"
+    trained = f"train loss {metrics['Loss/train']:.4f} acc {metrics['Accuracy/train']:.2%}"
     rest = f"valid acc {accuracy:.2%} | lr {lr:.3g} | {images_per_second:,.0f} images/s"
     print(f"Summary:  {format_epoch(epoch, run.args.epochs)} {trained} | {rest}", flush=True)
     return accuracy, conf_mat, picture, metrics
@@ -338,8 +339,8 @@ def train_epochs(run, stop_request):
             run.monitor.flush()
             warn(f"Stopped after epoch {progress.epoch}. Resume with: python train.py --resume {run.run_dir}")
             return 130, None
-    final = {"best_valid_accuracy": progress.best_accuracy, "final_valid_accuracy": accuracy}
-    final["final_train_loss"] = metrics["train/loss"]
+    # two metrics: beside the five settings TensorBoard ticks, they fit a window 1,700 pixels wide
+    final = {"best_valid_accuracy": progress.best_accuracy, "final_train_loss": metrics["Loss/train"]}
     run.monitor.log_hparams(hyperparameters(args), {f"hparam/{k}": v for k, v in final.items()}, progress.epoch - 1)
     return None, (conf_mat, picture)
 

@@ -34,10 +34,10 @@ METRIC_TAGS = {  # the scalar tags under which training loops commonly log these
     "train_loss": "train/loss train_loss loss/train Loss/train training_loss train/loss_epoch "
     "train_loss_epoch loss",
     "train_accuracy": "train/accuracy train_acc train/acc accuracy/train Accuracy/train acc",
-    "valid_loss": "valid/loss val_loss val/loss validation/loss loss/val Loss/val eval/loss "
-    "eval_loss",
+    "valid_loss": "valid/loss val_loss val/loss validation/loss loss/val Loss/val Loss/valid "
+    "eval/loss eval_loss",
     "valid_accuracy": "valid/accuracy val_acc val/acc val/accuracy val_accuracy "
-    "validation/accuracy accuracy/val Accuracy/val eval/accuracy eval_accuracy",
+    "validation/accuracy accuracy/val Accuracy/val Accuracy/valid eval/accuracy eval_accuracy",
 }
 METRIC_TAGS = {key: tuple(tags.split()) for key, tags in METRIC_TAGS.items()}
 

@@ -147,14 +147,19 @@ def _number(value: Any) -> float:
 def statistics_scalars(stats: Mapping[str, dict]) -> dict[str, float]:
     """A statistics record as scalars: `<key>/<parameter>`, `dead_share/<module>` for a ReLU's,
     `saturated_share/<module>` for a sigmoid's or tanh's; the non-finite values left out (the
-    share of them is nonfinite_share)."""
+    share of them is nonfinite_share). Beside them the extremes over the layers, which the Custom
+    Scalars tab charts: `update_ratio/max` and `/min`, `dead_share/max`."""
     scalars = {}
     for name, values in stats.items():
         if name not in ("activations", "loop"):
             scalars.update((f"{key}/{name}", value) for key, value in values.items())
     for name, a in stats["activations"].items():
         scalars[f"{'dead_share' if a['kind'] == 'relu' else 'saturated_share'}/{name}"] = a["share"]
-    return {tag: value for tag, value in scalars.items() if math.isfinite(value)}
+    scalars = {tag: value for tag, value in scalars.items() if math.isfinite(value)}
+    for kind, extremes in (("update_ratio", (max, min)), ("dead_share", (max,))):
+        values = [v for tag, v in scalars.items() if tag.startswith(f"{kind}/")]
+        scalars.update((f"{kind}/{pick.__name__}", pick(values)) for pick in extremes if values)
+    return scalars
 
 
 def window_due(cadence: Cadence, diagnosis: RunDiagnosis, step: int, urgent: list[Finding]) -> bool:

@@ -30,6 +30,7 @@ from tensorboardX.summary import histogram_raw
 from tensorboardX.summary import hparams as hparams_summaries
 
 from .histograms import Histogram
+from .layout import custom_scalars
 
 ERRORS = "gradwatch-errors.log"
 
@@ -39,6 +40,9 @@ def axis_step(step: int, per_step: bool) -> int:
     return step if per_step else step + 1
 
 
+# scalars charted only from their first reading that is not zero: a share of non-finite values is 0
+# for the whole of a healthy run, and ten flat charts of it would bury the ones that move
+HIDDEN_WHILE_ZERO = ("nonfinite_share/",)
 STUCK_SECONDS = 10  # how long the event writer's full queue may take to drain, before it is stuck
 
 
@@ -175,6 +179,7 @@ class EventSink(NullSink):
         self.writers: dict[bool, SummaryWriter] = {}
         self.appended: set[str] = set()  # the files append_line has begun
         self.stopped: str | None = None  # why no more events are written: closed, or a writer broke
+        self.charted: set[str] = set()  # the HIDDEN_WHILE_ZERO tags that have been non-zero
         os.makedirs(log_dir, exist_ok=True)
 
     @property
@@ -218,6 +223,8 @@ class EventSink(NullSink):
                 flush_secs=self.flush_secs,
                 filename_suffix=f".{time.time_ns()}",
             )
+            if not per_step:
+                self.writers[per_step].add_custom_scalars(custom_scalars())
         why = stopped_writer(self.writers[per_step])
         if why:
             after = "Nothing more goes to TensorBoard and training goes on; free space, then "
@@ -239,7 +246,11 @@ class EventSink(NullSink):
             writer.file_writer.add_summary(Summary(value=values), axis_step(step, per_step))
 
     def scalars(self, scalars: Mapping[str, float], step: int, per_step: bool = False) -> None:
-        self.event(_scalar_values(scalars), step, per_step)
+        hidden = [tag for tag in scalars if tag.startswith(HIDDEN_WHILE_ZERO)]
+        self.charted.update(tag for tag in hidden if scalars[tag] != 0)
+        left_out = set(hidden) - self.charted
+        shown = {tag: value for tag, value in scalars.items() if tag not in left_out}
+        self.event(_scalar_values(shown), step, per_step)
 
     def histograms(
         self, histograms: Mapping[str, Histogram], step: int, per_step: bool = False

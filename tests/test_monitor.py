@@ -10,6 +10,7 @@ import torch.nn as nn
 from conftest import load_events
 
 from gradwatch import TrainingMonitor, gradient_flow, parameter_statistics
+from gradwatch.sink import EventSink
 
 
 def test_log_parameters_writes_both_tags_and_skips_missing_gradients(tmp_path):
@@ -356,3 +357,14 @@ def test_parameters_that_cannot_be_measured_are_named_once_and_the_others_diagno
     )
     assert set(monitor.diagnosis.history[-1].layers) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert "0.weight_grad" in load_events(tmp_path).Tags()["histograms"]
+
+
+def test_shares_of_non_finite_values_are_charted_from_their_first_reading_that_is_not_zero(tmp_path):
+    sink = EventSink(str(tmp_path), flush_secs=30, purge_epoch=None, purge_step=None)
+    for step, (a, b) in enumerate([(0.0, 0.0), (0.5, 0.0), (0.0, 0.0)], start=1):
+        sink.scalars({"nonfinite_share/a": a, "nonfinite_share/b": b, "grad_norm/a": 1.0}, step, per_step=True)
+    sink.close()
+    events = load_events(tmp_path / "steps")
+    assert "nonfinite_share/b" not in events.Tags()["scalars"]  # zero all along: never charted
+    assert [(e.step, e.value) for e in events.Scalars("nonfinite_share/a")] == [(2, 0.5), (3, 0.0)]  # then kept
+    assert [e.step for e in events.Scalars("grad_norm/a")] == [1, 2, 3]

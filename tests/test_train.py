@@ -47,7 +47,7 @@ def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_
     run = tmp_path / "Result" / "first"
     events = load_events(run)
     assert histogram_steps(events) == {tag: [1, 2] for tag in HISTOGRAM_TAGS}
-    for tag in ("train/loss", "train/accuracy", "valid/accuracy", "train/lr", "valid_recall/cat"):
+    for tag in ("Loss/train", "Accuracy/train", "Loss/valid", "Accuracy/valid", "Learning rate", "valid_recall/cat"):
         assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
     assert [e.step for e in events.Images("valid/confusion_matrix")] == [1, 2]
     assert json.loads((run / "args.json").read_text())["epochs"] == 2
@@ -61,7 +61,7 @@ def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_
     weights = last["model"]["fc3.bias"].numpy()
     counts, _ = np.histogram(weights, bins=np.concatenate([[stored.min], stored.bucket_limit]))
     assert list(stored.bucket) == counts.tolist() and stored.min == weights.min() and stored.max == weights.max()
-    accuracy = events.Scalars("valid/accuracy")[-1].value
+    accuracy = events.Scalars("Accuracy/valid")[-1].value
     assert 0 <= accuracy <= 1
     # The confusion matrices in the run folder are the pictures TensorBoard shows: the best and the last epoch's.
     pictures = [e.encoded_image_string for e in events.Images("valid/confusion_matrix")]
@@ -230,7 +230,7 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
     assert histogram_steps(load_events(tmp_path / "r" / "steps")) == {
         tag: list(range(3, 25, 3)) for tag in HISTOGRAM_TAGS
     }
-    assert [e.step for e in load_events(tmp_path / "r").Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in load_events(tmp_path / "r").Scalars("Loss/train")] == [1, 2, 3, 4]
     resumed = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert resumed["step"] == 24
 
@@ -275,7 +275,7 @@ def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
     result = run_script("train.py", "--resume", run, "--epochs", epochs)
     assert result.returncode == 0, result.stderr
     assert histogram_steps(load_events(run)) == {tag: list(range(1, epochs + 1)) for tag in HISTOGRAM_TAGS}
-    assert [e.step for e in load_events(run).Scalars("valid/accuracy")] == list(range(1, epochs + 1))
+    assert [e.step for e in load_events(run).Scalars("Accuracy/valid")] == list(range(1, epochs + 1))
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.6, 1.0, 1.5])
@@ -302,7 +302,7 @@ def test_resume_from_an_older_checkpoint_purges_what_it_rewrites(data_dir, tmp_p
     assert train.main(["--resume", str(run), "--epochs", "3"]) == 0
     assert histogram_steps(load_events(run)) == {tag: [1, 2, 3] for tag in HISTOGRAM_TAGS}
     assert histogram_steps(load_events(run / "steps")) == {tag: [5, 10, 15] for tag in HISTOGRAM_TAGS}
-    assert [e.step for e in load_events(run).Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in load_events(run).Scalars("Loss/train")] == [1, 2, 3]
     assert torch.load(run / "last.pt", weights_only=True)["totals"]["seen"] == 24  # the last epoch's images only
 
 
@@ -612,3 +612,21 @@ def test_one_run_folder_has_one_writer(data_dir, tmp_path, capsys):
         "another --run-name"
     )
     assert not (tmp_path / "r" / "args.json").exists()
+
+
+def test_one_epoch_numbering_from_the_console_to_tensorboard_and_diagnosis_json(data_dir, tmp_path, capsys):
+    """An epoch is the same number wherever it is shown, the first being 1: a finding of the first epoch of three."""
+    args = train_args(
+        data_dir, tmp_path, "--run-name", "r", "--threshold", "update_fast=1e-9", "--stats-every", 3, epochs=3
+    )
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Epoch[001/003]" in out and "Epoch[003/003]" in out and "Problem, epoch 1-3," in out
+    run = tmp_path / "r"
+    finding = next(f for f in json.loads((run / "diagnosis.json").read_text()) if f["rule"] == "moving_too_fast")
+    assert (finding["epoch"], finding["last_epoch"]) == (1, 3)
+    events = load_events(run)
+    texts = events.Tensors("diagnosis/text_summary")
+    assert [t.step for t in texts] == [1, 2, 3] and b"epoch 1" in texts[0].tensor_proto.string_val[0]
+    for steps in ([e.step for e in events.Images("gradient_flow")], [e.step for e in events.Scalars("Loss/valid")]):
+        assert steps == [1, 2, 3]

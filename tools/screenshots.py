@@ -15,10 +15,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VIEWS = {  # file name: TensorBoard URL fragment
+VIEWS = {  # file name: TensorBoard URL fragment; one per tab, in the order of TensorBoard's tab bar
+    "time_series.png": "#timeseries",
+    "scalars.png": "#scalars",
+    "images.png": "#images",
+    "text.png": "#text",
     "histograms.png": "#histograms&tagFilter=conv1.weight_grad%7Cfc3.bias_data",
     "distributions.png": "#distributions&tagFilter=conv1.weight_grad%7Cfc3.bias_data",
-    "time_series.png": "#timeseries",
+    "hparams.png": "#hparams",
+    "custom_scalars.png": "#custom_scalars",
 }
 
 
@@ -34,15 +39,16 @@ def screenshot(chromium, url, path, profile):
             chromium,
             "--headless",
             "--no-sandbox",
-            "--disable-gpu",
+            "--use-angle=swiftshader",  # TensorBoard draws its Time Series charts with WebGL
+            "--enable-unsafe-swiftshader",
             "--no-first-run",
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={profile}",
             "--hide-scrollbars",
-            "--window-size=1400,1000",
-            "--virtual-time-budget=20000",
+            "--window-size=1920,1080",
+            "--virtual-time-budget=60000",  # simulated time, in which the charts get their data and draw
             f"--screenshot={path}",
             url,
         ],
@@ -89,7 +95,12 @@ def main():
                     time.sleep(0.5)
             time.sleep(3)  # let the data server finish loading the run
             for name, fragment in VIEWS.items():
-                screenshot(args.chromium, f"http://127.0.0.1:{port}/{fragment}", args.out / name, Path(tmp) / name)
+                screenshot(
+                    args.chromium,
+                    f"http://127.0.0.1:{port}/?forceSVG=true{fragment}",
+                    args.out / name,
+                    Path(tmp) / name,
+                )
                 print(f"wrote {args.out / name}")
         finally:
             server.terminate()
