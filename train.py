@@ -280,7 +280,7 @@ def validate_and_log(run, lr, images_per_second):
     recall, precision = class_report(conf_mat)
     # capitals put the curves first in TensorBoard, before the lower-case statistics (gradwatch/layout.py)
     metrics = {"Loss/train": totals["loss_sum"] / totals["seen"], "Accuracy/train": totals["correct"] / totals["seen"]}
-    metrics.update({"Loss/valid": valid_loss, "Accuracy/valid": accuracy, "Learning rate": lr})
+    metrics.update({"Loss/valid": valid_loss, "Accuracy/valid": accuracy, "Optimizer/learning rate": lr})
     metrics["train/images_per_second"] = images_per_second
     metrics.update({f"valid_recall/{name}": r for name, r in zip(run.classes, recall) if not np.isnan(r)})
     metrics.update({f"valid_precision/{name}": p for name, p in zip(run.classes, precision) if not np.isnan(p)})

@@ -3,8 +3,9 @@
 TensorBoard's Time Series and Scalars tabs sort their sections (a tag's part before the first "/")
 by name, digits first, then capitals, then lower case. The per-layer statistics are one section per
 statistic in lower case (`grad_norm/<layer>`, `update_ratio/<layer>`, ...), so that curves logged
-under a capital (train.py's `Loss/train`, `Accuracy/valid`, `Learning rate`) come before them, and
-before the tutorial's `<name>_data` / `<name>_grad` histograms of lower-case layer names.
+under a capital (train.py's `Accuracy/valid`, `Loss/train`, `Optimizer/learning rate`: the Scalars
+tab opens its first two sections) come before them, and before the tutorial's `<name>_data` /
+`<name>_grad` histograms of lower-case layer names.
 
 The Custom Scalars tab gets the few charts a practitioner opens first, the curves by epoch and the
 gradients by optimizer step, whatever the loop calls its curves: the tags the diagnosis reads.
@@ -18,7 +19,7 @@ from .diagnosis import METRIC_TAGS
 
 # the tags under which loops log the learning rate: train.py's, Hugging Face's, Lightning's
 # LearningRateMonitor (`lr-SGD`, `lr-AdamW/pg1`), and plain ones
-LR_TAGS = ("Learning rate", "train/lr", "lr", "learning_rate", "train/learning_rate")
+LR_TAGS = ("Optimizer/learning rate", "train/lr", "lr", "learning_rate", "train/learning_rate")
 
 
 def exactly(tags: tuple[str, ...], also: str = "") -> str:

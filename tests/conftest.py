@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +49,35 @@ def load_events(run_dir):
     return accumulator
 
 
-def readme_python(heading):
-    """The first Python block under `heading` in README.md, as printed there."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(heading) :]
-    start = section.index("```python\n") + len("```python\n")
-    return section[start : section.index("```\n", start)]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def python_blocks():
+    """[(file name, the heading above it, its code)] of every ```python block in README.md and docs/*.md: the
+    snippets that run as printed (an excerpt that does not run alone is marked ```py)."""
+    blocks = []
+    for path in DOCUMENTS:
+        heading, code = None, None
+        for line in path.read_text().splitlines(keepends=True):
+            stripped = line.strip()
+            if code is not None:
+                if stripped == "```":
+                    blocks.append((path.name, heading, textwrap.dedent("".join(code))))
+                    code = None
+                else:
+                    code.append(line)
+            elif stripped == "```python":
+                code = []
+            elif line.startswith("#"):
+                heading = line.rstrip("\n")
+    return blocks
+
+
+def readme_python(heading, index=0):
+    """The Python block `index` under `heading` (a heading line of README.md or docs/*.md, as written), as printed."""
+    found = [code for _, above, code in python_blocks() if above == heading]
+    assert len(found) > index, f"no Python block {index} under {heading!r} in README.md or docs/"
+    return found[index]
 
 
 def histogram_steps(accumulator):

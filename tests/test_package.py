@@ -24,7 +24,7 @@ def test_pip_installs_the_package_with_its_dependencies_and_the_readme_snippet_r
     assert result.returncode == 0, result.stderr
 
     project.mkdir()
-    (project / "snippet.py").write_text(readme_python("## The monitor in your own training loop"))
+    (project / "snippet.py").write_text(readme_python("## Three ways to use it"))
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
     def run(*command):

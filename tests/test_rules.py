@@ -17,12 +17,23 @@ from gradwatch.stats import learning_rate
 from gradwatch.summary import EpochSummary
 
 
-def readme_rule_rows():
-    """{rule: its 'fires when' cell}, in the order of README's table."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("| rule | fires when") :].split("\n\n")[0]
+def table_rows(path, header):
+    """{rule: its second cell}, in the order of the table that begins with `header` in `path`."""
+    text = (ROOT / path).read_text()
+    table = text[text.index(header) :].split("\n\n")[0]
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    return {row[0].strip("| `"): row[1] for row in rows}
+    return {row[0].strip("| `[").split("`")[0]: row[1] for row in rows}
+
+
+def readme_rule_rows():
+    """{rule: its 'fires when' cell}, in the order of the table of docs/diagnosis.md."""
+    return table_rows("docs/diagnosis.md", "| rule | fires when")
+
+
+def test_readme_names_every_rule_in_order_with_a_link_to_its_thresholds():
+    rows = table_rows("README.md", "| rule | what it finds")
+    assert list(rows) == list(RULES) and all(cell.strip() for cell in rows.values())
+    assert (ROOT / "README.md").read_text().count("](docs/diagnosis.md#the-rules)") == len(RULES)
 
 
 def test_readme_lists_every_declared_rule_in_order_with_the_thresholds_it_reads():

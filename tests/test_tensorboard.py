@@ -122,7 +122,7 @@ def test_the_first_view_opens_on_the_curves_and_custom_scalars_charts_them(serve
     tags |= set(listing["images"]["tagRunSampledInfo"])
     ordered = sorted(tags, key=functools.cmp_to_key(tensorboard_order))
     sections = list(dict.fromkeys(tag.split("/", 1)[0] for tag in ordered))  # in the order of their first card
-    assert sections[:3] == ["Accuracy", "Learning rate", "Loss"]
+    assert sections[:3] == ["Accuracy", "Loss", "Optimizer"]  # Scalars opens the first two
     assert {"conv1.weight_grad", "fc3.bias_data"} <= tags  # the tutorial's histograms, after the curves
     assert "grad_norm" in sections and sections.index("grad_norm") > 2  # a section per statistic
     assert not any(tag.startswith("nonfinite_share/") for tag in tags)  # zero all the run: not charted
@@ -136,7 +136,9 @@ def test_the_first_view_opens_on_the_curves_and_custom_scalars_charts_them(serve
         "Accuracy/train",
         "Accuracy/valid",
     }
-    assert matched["learning rate"] == {"Learning rate"} and matched["total gradient norm"] == {"grad_norm/total"}
+    assert matched["learning rate"] == {"Optimizer/learning rate"} and matched["total gradient norm"] == {
+        "grad_norm/total"
+    }
     assert matched["update ratio: the fastest and the slowest layer"] == {"update_ratio/max", "update_ratio/min"}
     assert matched["dead share: the most silent ReLU"] == {"dead_share/max"}
     ratio = {}

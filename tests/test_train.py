@@ -47,7 +47,14 @@ def test_end_to_end_run_writes_histograms_scalars_and_checkpoints(data_dir, tmp_
     run = tmp_path / "Result" / "first"
     events = load_events(run)
     assert histogram_steps(events) == {tag: [1, 2] for tag in HISTOGRAM_TAGS}
-    for tag in ("Loss/train", "Accuracy/train", "Loss/valid", "Accuracy/valid", "Learning rate", "valid_recall/cat"):
+    for tag in (
+        "Loss/train",
+        "Accuracy/train",
+        "Loss/valid",
+        "Accuracy/valid",
+        "Optimizer/learning rate",
+        "valid_recall/cat",
+    ):
         assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
     assert [e.step for e in events.Images("valid/confusion_matrix")] == [1, 2]
     assert json.loads((run / "args.json").read_text())["epochs"] == 2

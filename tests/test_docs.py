@@ -1,0 +1,67 @@
+"""README and docs/ as users read them: every snippet run as printed by a test, every link leading somewhere, and
+README a few screens long."""
+
+import re
+
+from conftest import DOCUMENTS, ROOT, python_blocks
+
+# every Python block of README.md and docs/, and the tests that run it as printed (an excerpt is marked ```py)
+RUN_BY = {
+    ("README.md", "## Three ways to use it"): ("test_package.py", "test_diagnosis.py"),
+    ("README.md", "### Lightning"): ("test_lightning.py",),
+    ("README.md", "### Hugging Face"): ("test_transformers.py",),
+    ("library.md", "## The API"): ("test_diagnosis.py",),
+    ("library.md", "### Loops counted in steps"): ("test_step_diagnosis.py",),
+    ("library.md", "### Gradient clipping"): ("test_diagnosis.py",),
+}
+
+
+def test_every_python_block_is_run_by_a_test_that_reads_it_by_its_heading():
+    blocks = python_blocks()
+    assert sorted((name, heading) for name, heading, _ in blocks) == sorted(RUN_BY)
+    for (_, heading), tests in RUN_BY.items():
+        for test in tests:
+            assert f"readme_python({heading!r})" in (ROOT / "tests" / test).read_text().replace('"', "'"), (
+                heading,
+                test,
+            )
+    for _, heading, code in blocks:
+        compile(code, heading, "exec")  # each is whole Python, as printed
+
+
+def slug(heading):
+    return re.sub(r"[^\w\- ]", "", heading.strip("# \n").lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_documents_leads_to_a_file_and_a_heading_there():
+    anchors = {
+        path: {slug(line) for line in path.read_text().splitlines() if line.startswith("#")} for path in DOCUMENTS
+    }
+    for path in DOCUMENTS:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)\s]+))?\)", text):
+            where = (path.parent / target).resolve() if target else path
+            assert where.exists(), f"{path.name}: link to {target}"
+            if anchor and where.suffix == ".md":
+                assert anchor in anchors[where], f"{path.name}: link to {target}#{anchor}"
+
+
+def test_readme_is_a_few_screens_and_says_how_it_was_measured_not_made():
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("\n") < 250
+    for document in DOCUMENTS:
+        text = document.read_text()
+        for words in ("development machine", "was lent", "an earlier run", "<owner>", "this version"):
+            assert words not in text, (document.name, words)
+
+
+def test_the_story_in_docs_is_what_train_py_prints_for_its_command(tmp_path, capsys):
+    import train
+
+    text = (ROOT / "docs" / "diagnosis.md").read_text()
+    start = text.index("```\nDiagnosis (in full in") + 4
+    printed = text[start : text.index("```\n", start)]
+    assert train.main(["--data", str(ROOT / "Data"), "--log-dir", str(tmp_path), "--lr", "50", "--epochs", "4"]) == 0
+    out = capsys.readouterr().out
+    story = out[out.index("Diagnosis (in full in") : out.index("Per-class results")]
+    assert re.sub(r"in \S+/diagnosis.json", "in Result/<run>/diagnosis.json", story) == printed
