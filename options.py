@@ -230,10 +230,11 @@ def param_groups(model, lr, weight_decay, layer_lr=(), layer_wd=()):
     return [{"params": params, "lr": group_lr, "weight_decay": wd} for (group_lr, wd), params in groups.items()]
 
 
-# TensorBoard's HParams tab ticks the first five settings by name, capitals before lower case: the five most
-# compared between runs are named in words, the rest as train.py's options
-TICKED = {"Learning rate": "lr", "Batch size": "batch_size", "Weight decay": "weight_decay", "Epochs": "epochs"}
-OTHERS = ("momentum", "dampening", "step_size", "gamma", "seed")
+# TensorBoard's HParams tab ticks the first five settings by name, capitals before lower case, in every
+# comparison (also of runs that differ in another setting): the five most compared between runs are named in
+# words, the rest as train.py's options
+TICKED = {"Learning rate": "lr", "Batch size": "batch_size", "Weight decay": "weight_decay", "Momentum": "momentum"}
+OTHERS = ("epochs", "dampening", "step_size", "gamma", "seed")
 
 
 def hyperparameters(args):

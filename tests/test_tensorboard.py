@@ -1,5 +1,6 @@
 """What users see: a real TensorBoard process serving a short run, read through its HTTP data API."""
 
+import contextlib
 import functools
 import json
 import re
@@ -17,6 +18,8 @@ from tensorboard.plugins.hparams import metadata
 from test_train import HISTOGRAM_TAGS, train_args
 
 import train
+from gradwatch import TrainingMonitor
+from options import hyperparameters, parse_args
 
 
 def free_port():
@@ -31,6 +34,42 @@ def get(port, path, **query):
         return json.loads(response.read())
 
 
+@contextlib.contextmanager
+def served(logdir, ready):
+    """A TensorBoard process over `logdir`, once `ready(port)` holds; its port."""
+    port = free_port()
+    tensorboard = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1"]
+    server = subprocess.Popen([*tensorboard, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if ready(port):
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "tensorboard did not start"
+            time.sleep(0.5)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def hparams_experiment(port):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/data/plugin/hparams/experiment",
+        data=json.dumps({"experimentName": ""}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def has_histograms(port):
+    return set(get(port, "/data/plugin/histograms/tags").get("r", {})) == HISTOGRAM_TAGS
+
+
 @pytest.fixture
 def served_run(data_dir, tmp_path):
     # --threshold update_fast=1e-9 makes the moving_too_fast rule fire, so the Text tab has a finding to show
@@ -42,23 +81,8 @@ def served_run(data_dir, tmp_path):
         )
         == 0
     )
-    port = free_port()
-    tensorboard = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "logs"), "--host", "127.0.0.1"]
-    server = subprocess.Popen([*tensorboard, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while True:  # the server is up once it lists the run with its histogram tags
-            try:
-                if set(get(port, "/data/plugin/histograms/tags").get("r", {})) == HISTOGRAM_TAGS:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "tensorboard did not start"
-            time.sleep(0.5)
+    with served(tmp_path / "logs", has_histograms) as port:  # up once it lists the run with its histogram tags
         yield port, tmp_path / "logs" / "r"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_tensorboard_serves_histograms_scalars_images_and_diagnosis(served_run):
@@ -151,16 +175,10 @@ def test_the_first_view_opens_on_the_curves_and_custom_scalars_charts_them(serve
 
 def test_hparams_ticks_the_settings_most_compared_and_shows_clipping_off(served_run):
     port, run = served_run
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/data/plugin/hparams/experiment",
-        data=json.dumps({"experimentName": ""}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        experiment = json.loads(response.read())
+    experiment = hparams_experiment(port)
     names = [info["name"] for info in experiment["hparamInfos"]]  # in TensorBoard's order; it ticks the first five
-    assert names[:5] == ["Batch size", "Clipping", "Epochs", "Learning rate", "Weight decay"]
-    assert {"momentum", "layer_lr"} <= set(names[5:])
+    assert names[:5] == ["Batch size", "Clipping", "Learning rate", "Momentum", "Weight decay"]
+    assert {"epochs", "layer_lr"} <= set(names[5:])
     content = load_events(run).PluginTagToContent("hparams")["_hparams_/session_start_info"]
     values = metadata.parse_session_start_info_plugin_data(content).hparams
     assert values["Clipping"].string_value == "off" and values["Learning rate"].number_value == 0.01
@@ -168,3 +186,16 @@ def test_hparams_ticks_the_settings_most_compared_and_shows_clipping_off(served_
         "hparam/best_valid_accuracy",
         "hparam/final_train_loss",
     ]
+
+
+def test_hparams_ticks_the_same_five_settings_when_runs_differ_in_another(tmp_path):
+    """Two runs of train.py's settings that differ only in epochs: TensorBoard still ticks the five named, in
+    name order (the experiment summary each run carries fixes the order), as docs/tensorboard.md says."""
+    for epochs in (10, 20):
+        with TrainingMonitor(tmp_path / f"e{epochs}") as monitor:
+            args = parse_args(["--epochs", str(epochs)])
+            monitor.log_hparams(hyperparameters(args), {"hparam/best_valid_accuracy": 0.5}, epochs - 1)
+    with served(tmp_path, lambda port: set(get(port, "/data/runs")) == {"e10", "e20"}) as port:
+        names = [info["name"] for info in hparams_experiment(port)["hparamInfos"]]
+    assert names[:5] == ["Batch size", "Clipping", "Learning rate", "Momentum", "Weight decay"]
+    assert "epochs" in names[5:]
