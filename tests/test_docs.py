@@ -3,6 +3,7 @@ README a few screens long."""
 
 import re
 
+import pytest
 from conftest import DOCUMENTS, ROOT, python_blocks
 
 # every Python block of README.md and docs/, and the tests that run it as printed (an excerpt is marked ```py)
@@ -55,13 +56,21 @@ def test_readme_is_a_few_screens_and_says_how_it_was_measured_not_made():
             assert words not in text, (document.name, words)
 
 
+NUMBER = r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
+
+
 def test_the_story_in_docs_is_what_train_py_prints_for_its_command(tmp_path, capsys):
     import train
 
     text = (ROOT / "docs" / "diagnosis.md").read_text()
     start = text.index("```\nDiagnosis (in full in") + 4
     printed = text[start : text.index("```\n", start)]
-    assert train.main(["--data", str(ROOT / "Data"), "--log-dir", str(tmp_path), "--lr", "50", "--epochs", "4"]) == 0
+    assert train.main(["--data", str(ROOT / "Data"), "--log-dir", str(tmp_path), "--lr", "50", "--epochs", "3"]) == 0
     out = capsys.readouterr().out
     story = out[out.index("Diagnosis (in full in") : out.index("Per-class results")]
-    assert re.sub(r"in \S+/diagnosis.json", "in Result/<run>/diagnosis.json", story) == printed
+    story = re.sub(r"in \S+/diagnosis.json", "in Result/<run>/diagnosis.json", story)
+    # the same words, the numbers within 2%: the peak of a diverging loss is 179 with AVX-512 and 180 with AVX2
+    # (ATEN_CPU_CAPABILITY); over 4 epochs, AVX2 adds a finding, so the story is told for 3
+    words, told = re.split(NUMBER, story), re.split(NUMBER, printed)
+    assert words[::2] == told[::2], story
+    assert [float(n) for n in words[1::2]] == pytest.approx([float(n) for n in told[1::2]], rel=0.02), story
