@@ -7,11 +7,13 @@ validation accuracy, each holding everything a resumed run needs to train on as 
 
 import json
 import os
+import shutil
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +55,31 @@ def prepare_run_dir(args):
         raise RunError(f"{run_dir}: cannot create the run folder ({err.strerror}); {where}") from None
 
 
+@contextmanager
+def writing(path, partial=None):
+    """Writing `path` into a run folder: a failure (a full disk, a folder made read-only) becomes a RunError that
+    names the file and what to do, the half-written `partial` is removed, and what was written before is kept."""
+    try:
+        yield path
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        run_dir = path.parent
+        free = shutil.disk_usage(run_dir).free  # before the partial file is removed
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.strerror:
+            reason = err.strerror
+        elif free < 2**20:
+            reason = f"the disk is full, {free:,} bytes free"
+        else:
+            reason = str(err).strip().splitlines()[-1]
+        if (run_dir / "last.pt").is_file():
+            then = f"resume with: python train.py --resume {run_dir}"
+        else:
+            then = "run the same command again"
+        raise RunError(f"{path}: cannot be written ({reason}); free space on its disk or make {run_dir} "
+                       f"writable, then {then}") from None  # fmt: skip
+
+
 _LOCKS = []  # the lock files this process holds, open until it exits
 
 
@@ -61,7 +88,8 @@ def lock_run_dir(run_dir):
     on it is refused with a line naming the first."""
     if fcntl is None:  # not on POSIX: no lock
         return
-    lock = open(run_dir / ".lock", "a+")
+    with writing(run_dir / ".lock") as path:
+        lock = open(path, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -70,10 +98,11 @@ def lock_run_dir(run_dir):
         lock.close()
         raise RunError(f"{run_dir} is being trained by another train.py (process {holder}); wait for it to end, "
                        "or pick another --run-name") from None  # fmt: skip
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
     _LOCKS.append(lock)
+    with writing(run_dir / ".lock"):
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
 
 
 def release_run_dirs():
@@ -88,7 +117,8 @@ def saved_args(args):
 
 
 def write_args(run):
-    (run.run_dir / "args.json").write_text(json.dumps(saved_args(run.args), indent=2) + "\n")
+    with writing(run.run_dir / "args.json") as path:
+        path.write_text(json.dumps(saved_args(run.args), indent=2) + "\n")
 
 
 def rng_state(device):
@@ -115,8 +145,8 @@ def state(run):
 
 
 def save(run, *names):
-    """Write the checkpoint under each name, atomically: a crash mid-save leaves the previous one
-    intact. Under --fsdp every rank gathers, and rank 0 writes."""
+    """Write the checkpoint under each name, atomically: a crash or a full disk mid-save leaves the previous
+    one intact. Under --fsdp every rank gathers, and rank 0 writes."""
     if not (run.dist.is_main or run.args.fsdp):
         return
     saved = state(run)
@@ -125,8 +155,10 @@ def save(run, *names):
     if run.monitor is not None:  # the events of the steps the checkpoint covers are on disk first
         run.monitor.flush()
     for name in names:
-        torch.save(saved, run.run_dir / (name + ".tmp"))
-        os.replace(run.run_dir / (name + ".tmp"), run.run_dir / name)
+        path, partial = run.run_dir / name, run.run_dir / (name + ".tmp")
+        with writing(path, partial):
+            torch.save(saved, partial)
+            os.replace(partial, path)
 
 
 def read_checkpoint(path, device):

@@ -304,13 +304,15 @@ def checkpoint(run, accuracy, picture):
     # best.pt again; the other way round, best.pt could stay an epoch behind the best for good
     checkpoints.save(run, "best.pt", "last.pt") if is_best else checkpoints.save(run, "last.pt")
     if is_best and run.dist.is_main:
-        picture.save(run.run_dir / "Confusion_Matrix_valid_best.png")
+        with checkpoints.writing(run.run_dir / "Confusion_Matrix_valid_best.png") as path:
+            picture.save(path)
 
 
 def report(run, conf_mat, picture):
     """The last epoch's per-class results, and where to look."""
     if run.dist.is_main:
-        picture.save(run.run_dir / "Confusion_Matrix_valid_last.png")
+        with checkpoints.writing(run.run_dir / "Confusion_Matrix_valid_last.png") as path:
+            picture.save(path)
     print("Per-class results on the validation set (last epoch):")
     for name, r, p, n in zip(run.classes, *class_report(conf_mat), conf_mat.sum(axis=1)):
         recall, precision = ("      -" if np.isnan(v) else f"{v:7.2%}" for v in (r, p))

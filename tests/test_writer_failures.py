@@ -1,12 +1,15 @@
 """The event writer failing under the monitor: its thread dead (an error writing, a full disk), and the monitor
-used after close(). Training goes on and ends; nothing hangs; one line says what happened."""
+used after close(). Training goes on and ends; nothing hangs; one line says what happened. And train.py's
+checkpoints on a disk that fills up."""
 
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 from gradwatch import TrainingMonitor
 
@@ -82,3 +85,31 @@ def test_what_is_logged_after_close_is_not_written(tmp_path, capsys):
     assert sorted(tmp_path.rglob("events.out.tfevents.*")) == files  # no new event file
     assert capsys.readouterr().err.count("what is logged after close() is not written") == 1
     monitor.close()  # twice: safe
+
+
+@pytest.mark.monitor_failures
+def test_train_py_on_a_disk_that_fills_up_stops_with_one_line_and_resumes_elsewhere(tmp_path):
+    """A 1.4 MB tmpfs holds the first epoch's best.pt and last.pt, not the second's: train.py stops with one line
+    naming the checkpoint and what to do, no traceback, no half-written file, and the last.pt it kept resumes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        result = run_script("train.py", "--log-dir", disk, "--run-name", "r", "--epochs", "3")
+        kept = tmp_path / "kept"
+        shutil.copytree(disk / "r", kept / "r")  # what the full disk holds, moved to one with room
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(r"/r/(last|best)\.pt: cannot be written \(the disk is full", errors[0])
+    assert f"then resume with: python train.py --resume {disk / 'r'}" in errors[0]
+    assert not list(kept.rglob("*.tmp"))
+    saved = torch.load(kept / "r" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["batches_done"] == 0
+    result = run_script("train.py", "--resume", kept / "r", "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.load(kept / "r" / "last.pt", weights_only=True)["epoch"] == 3
