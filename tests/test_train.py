@@ -438,6 +438,37 @@ def test_a_kill_between_the_two_checkpoint_renames_leaves_a_pair_that_heals(tmp_
     assert last["epoch"] == killed[0] and best["best_accuracy"] == last["best_accuracy"]
 
 
+KILLED_AFTER_ITS_FIRST_CHECKPOINT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import checkpoints, train
+save = checkpoints.save
+def save_then_die(run, *names):
+    save(run, *names)
+    if names[-1] == "last.pt":
+        os.kill(os.getpid(), signal.SIGKILL)  # the moment the first checkpoint is on disk
+checkpoints.save = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_events_are_on_disk_before_each_checkpoint(data_dir, tmp_path):
+    """SIGKILL right after the first checkpoint: every step and the epoch it covers are in the event files,
+    though tensorboardX would have held the last of them in its queue for up to 30 s (flush_secs)."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AFTER_ITS_FIRST_CHECKPOINT.format(root=str(ROOT)))
+    args = train_args(data_dir, tmp_path, "--run-name", "r", "--stats-every", "1", epochs=3)
+    result = run_script(script, *args)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    steps = torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"]
+    assert steps == 6  # 24 images in batches of 4: one epoch
+    logged = load_events(tmp_path / "r" / "steps")
+    assert [e.step for e in logged.Scalars("grad_norm/total")] == list(range(1, steps + 1))
+    epochs = load_events(tmp_path / "r")
+    assert all(histogram_steps(epochs)[tag] == [1] for tag in HISTOGRAM_TAGS)
+    assert [e.step for e in epochs.Scalars("Loss/train")] == [1]
+
+
 def test_a_mid_epoch_resume_with_another_batch_size_is_refused(finished_run, tmp_path, capsys):
     run = damaged_copy(finished_run, tmp_path)
     checkpoint = torch.load(run / "last.pt", weights_only=True)
