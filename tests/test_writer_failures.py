@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -47,6 +48,20 @@ def run_loop(tmp_path, log_dir, break_at):
     return subprocess.run([sys.executable, str(script), str(log_dir)], capture_output=True, text=True, timeout=240)
 
 
+@contextmanager
+def small_disk(folder, size):
+    """A tmpfs of `size` mounted at `folder` for the with block; the test is skipped where this process may not
+    mount one."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def test_a_dead_event_writer_neither_hangs_nor_ends_the_run(tmp_path):
     """tensorboardX's writer thread dies on the error and its queue then blocks every later write for ever: the
     monitor sees the thread gone, says so once and writes no more events, and the loop trains to its end."""
@@ -60,15 +75,8 @@ def test_a_dead_event_writer_neither_hangs_nor_ends_the_run(tmp_path):
 @pytest.mark.monitor_failures
 def test_a_full_disk_neither_hangs_nor_ends_the_run(tmp_path):
     """The same on a real full disk: a 256 kB tmpfs, skipped where this process may not mount one."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "disk", "256k") as disk:
         result = run_loop(tmp_path, disk / "run", break_at=-1)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trained 300 steps" in result.stdout
     assert result.stderr.count("gradwatch: the event writer stopped") == 1, result.stderr[-3000:]
@@ -91,17 +99,10 @@ def test_what_is_logged_after_close_is_not_written(tmp_path, capsys):
 def test_train_py_on_a_disk_that_fills_up_stops_with_one_line_and_resumes_elsewhere(tmp_path):
     """A 1.4 MB tmpfs holds the first epoch's best.pt and last.pt, not the second's: train.py stops with one line
     naming the checkpoint and what to do, no traceback, no half-written file, and the last.pt it kept resumes."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    kept = tmp_path / "kept"
+    with small_disk(tmp_path / "disk", "1400k") as disk:
         result = run_script("train.py", "--log-dir", disk, "--run-name", "r", "--epochs", "3")
-        kept = tmp_path / "kept"
         shutil.copytree(disk / "r", kept / "r")  # what the full disk holds, moved to one with room
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
