@@ -63,15 +63,14 @@ def writing(path, partial=None):
         yield path
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
         run_dir = path.parent
-        free = shutil.disk_usage(run_dir).free  # before the partial file is removed
-        if partial is not None:
-            partial.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.strerror:
             reason = err.strerror
-        elif free < 2**20:
-            reason = f"the disk is full, {free:,} bytes free"
+        elif run_dir.is_dir() and shutil.disk_usage(run_dir).free < 2**20:  # before the partial file is removed
+            reason = "the disk is full"
         else:
             reason = str(err).strip().splitlines()[-1]
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         if (run_dir / "last.pt").is_file():
             then = f"resume with: python train.py --resume {run_dir}"
         else:

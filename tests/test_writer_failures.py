@@ -106,7 +106,7 @@ def test_train_py_on_a_disk_that_fills_up_stops_with_one_line_and_resumes_elsewh
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(r"/r/(last|best)\.pt: cannot be written \(the disk is full", errors[0])
+    assert len(errors) == 1 and re.search(r"/r/(last|best)\.pt: cannot be written \(the disk is full\)", errors[0])
     assert f"then resume with: python train.py --resume {disk / 'r'}" in errors[0]
     assert not list(kept.rglob("*.tmp"))
     saved = torch.load(kept / "r" / "last.pt", weights_only=True)
