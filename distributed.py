@@ -5,6 +5,7 @@ with --fsdp), and the collectives its loop needs.
     torchrun --nproc_per_node 2 train.py --fsdp   # its parameters sharded over them (FSDP2)
 """
 
+import gc
 import os
 import sys
 
@@ -55,6 +56,9 @@ class Distributed:
 
     def close(self):
         if torch.distributed.is_initialized():
+            # An FSDP model outlives train() in reference cycles; freed at exit, after its gloo group, it can abort
+            # the exit in torch 2.14.1 ("terminate called without an active exception"): freed while the group lives
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
