@@ -102,7 +102,8 @@ def bench(name, device, repeats, tmp):
     print(f"{'variant':24}{'ms (median)':>12}")
     for variant, median in medians.items():
         print(f"{variant:24}{median:>12.1f}")
-    reduced = tensors * (6 + monitors["sharded"].bins + 1) * 8  # min, max, their NaN flags, 2 sums; bucket counts
+    # min, max, their NaN flags, 2 sums; bucket counts
+    reduced = tensors * (6 + monitors["sharded"].choice.bins + 1) * 8
     print(
         f"sharded histograms: {medians['unsharded'] / medians['sharded']:.2f}x the speed of unsharded ones, "
         f"{medians['gather'] / medians['sharded']:.2f}x that of gathering first; statistics: "
