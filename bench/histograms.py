@@ -90,7 +90,7 @@ def bench(name, device, repeats, tmp):
             computed = compute_histograms(parameter_tensors(model), monitor.choice.bins)
             synchronize(device)
             computing = time.perf_counter() - start
-            monitor.log_histograms(computed, step)
+            monitor.sink.histograms(computed, step)
             monitor.flush()
             return computing
 

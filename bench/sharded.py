@@ -75,7 +75,7 @@ def bench(name, device, repeats, tmp):
 
     def gather_log(step):
         whole = {tag: t.full_tensor() for tag, t in parameter_tensors(model).items()}
-        monitors["gather"].log_histograms(compute_histograms(whole, monitors["gather"].choice.bins), step)
+        monitors["gather"].sink.histograms(compute_histograms(whole, monitors["gather"].choice.bins), step)
 
     runs = {
         "unsharded": lambda step: monitors["unsharded"].log_parameters(twin, step),

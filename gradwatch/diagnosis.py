@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .summary import EXTRA, JUMP, JUMP_READINGS, EpochSummary, finite, jumped
+from .summary import EXTRA, JUMP, JUMP_READINGS, EpochSummary, finite, jumped, loop_summary
 
 METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
     "train_loss": "train/loss train_loss loss/train Loss/train training_loss train/loss_epoch "
@@ -167,6 +167,7 @@ class Finding:
     harmless: bool = False  # its rule found that the run does well anyway: a note
     unit: str = "epoch"  # or "steps": found in windows of steps (epoch counts the windows)
     last_step: int = -1  # the step of the last epoch's (window's) end at which it held
+    part: str = ""  # with several models watched (a GAN's generator), the one it is about
 
     def __post_init__(self):
         self.last_epoch = max(self.last_epoch, self.epoch)
@@ -176,9 +177,10 @@ class Finding:
     def key(self) -> tuple:
         """Findings with the same key say the same thing: a finding that lasts is one entry. One per
         parameter for the rules that judge parameters one by one, one per rule for the others."""
+        part = (self.part,) if self.part else ()
         if declared(self.rule).per_parameter:
-            return (self.rule, *self.parameters[:1])
-        return (self.rule,)
+            return (*part, self.rule, *self.parameters[:1])
+        return (*part, self.rule)
 
     @property
     def id(self) -> str:
@@ -224,6 +226,8 @@ class Rule:
     lr: int = 0  # LOWER or RAISE: what its suggestion does to the learning rate, or 0
     instead: str | None = None  # what to suggest where that would go against the run's history
     per_parameter: bool = False  # a finding per parameter (weights_growing) or one for the rule
+    exact: bool = False  # it reads exact facts of the loop: checked at every statistics reading
+    root: bool = False  # it proves the loop broken: any later finding can follow from it
     ended: str = ""  # what a finding that ended on its own was, told as a note; "": a warning
     diverged: bool = False  # the run diverged: no later suggestion may raise the learning rate
     # for a rule whose findings repeat (loss_spikes): the message told from the evidence, whose
@@ -331,126 +335,27 @@ def _period(summary: EpochSummary) -> str:
     return f"steps {start}-{summary.step}" if start < summary.step else f"step {start}"
 
 
+# The objectives whose loss is not minimised step by step: a policy gradient's, a GAN's, or one
+# the monitor does not know (see watch(objective=...)); their loss rules say nothing
+NOT_MINIMISED = ("rl", "gan", "other")
+OBJECTIVES = ("classification", "regression", "language_model", "contrastive", *NOT_MINIMISED)
+
+
+def _judged(history: list[EpochSummary]) -> bool:
+    """Whether the run's loss is one to be minimised, which the loss rules judge: not where its
+    objective is one of NOT_MINIMISED (given to watch(), or "other" for a loss the graph shows is
+    not made by known loss functions alone)."""
+    return history[-1].loop.get("objective", "") not in NOT_MINIMISED
+
+
 def _loop_start(history: list[EpochSummary]) -> int:
     """The first step of the latest epoch: where a fact about the loop's code holds from."""
     return history[-2].step + 1 if len(history) > 1 else 1
 
 
-@rule(
-    "pass every trainable parameter to the optimizer (torch.optim.SGD(model.parameters(), ...)), "
-    "or set requires_grad=False on those meant to stay frozen.",
-)
-def not_in_optimizer(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """Parameters that require gradients are in no parameter group of the watched optimizer: they
-    get gradients and never change."""
-    now = history[-1]
-    left_out = now.loop.get("not_in_optimizer", [])
-    if not left_out:
-        return []
-    message = (
-        f"{names(left_out)} require gradients but are in no parameter group of the optimizer: "
-    )
-    message += "they never change."
-    evidence = {"not_in_optimizer": left_out}
-    return [_found(now, left_out, evidence, message, step=_loop_start(history))]
-
-
-@rule(
-    "find where the forward pass cuts the graph before these layers (.detach(), torch.no_grad(), "
-    ".data, a value rebuilt from .item() or numpy) and remove it; if they are unused, set "
-    "requires_grad=False on them.",
-)
-def no_gradient(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """Parameters that require gradients had none at any statistics step of the epoch (the optimizer
-    had stepped, zero_grad() not yet called), while others had one: the backward pass never reaches
-    them. Frozen parameters (requires_grad=False) are never a problem."""
-    now = history[-1]
-    missing = now.loop.get("no_gradient", [])
-    if not missing:
-        return []
-    evidence = {"no_gradient": missing, "trainable": now.loop["trainable"]}
-    if len(missing) == now.loop["trainable"]:
-        message = "no parameter had a gradient when monitor.step() was called."
-        suggestion = "call monitor.step() after optimizer.step() and before optimizer.zero_grad()."
-        return [_found(now, [], evidence, message, _loop_start(history), suggestion)]
-    message = f"{names(missing)} require gradients but got none at any statistics step: the "
-    message += "backward pass does not reach them (the graph is cut before them)."
-    return [_found(now, missing, evidence, message, step=_loop_start(history))]
-
-
-@rule(
-    "call model.train() at the start of every training epoch: validate() leaves the model in "
-    "eval mode.",
-)
-def eval_mode(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The model was in eval mode (model.training False) at most of the epoch's training steps,
-    and it has dropout or BatchNorm, which then behave as at inference."""
-    now = history[-1]
-    loop = now.loop
-    if not loop.get("mode_matters") or loop["eval_readings"] * 2 <= loop["readings"]:
-        return []
-    message = f"the model was in eval mode at {loop['eval_readings']} of {loop['readings']} "
-    message += f"statistics steps of {_period(now)}: its dropout and BatchNorm layers train as at "
-    message += "inference (no dropout, frozen running statistics)."
-    evidence = {"eval_readings": loop["eval_readings"], "readings": loop["readings"]}
-    return [_found(now, [], evidence, message, step=_loop_start(history))]
-
-
-@rule(
-    "call optimizer.zero_grad() once per optimizer step: before loss.backward(), or right after "
-    "optimizer.step() (with gradient accumulation, after the step that ends the accumulation).",
-)
-def gradients_not_cleared(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The first backward pass after an optimizer step found the previous step's gradients still
-    there (neither None nor zero), at most of the epoch's checks: each step adds to the gradients of
-    all the steps before."""
-    now = history[-1]
-    loop = now.loop
-    found = loop.get("not_cleared", 0)
-    if not found or found * 2 < loop["clearing_checks"]:
-        return []
-    message = (
-        f"at {found} of {loop['clearing_checks']} checks the backward pass after an optimizer "
-    )
-    message += "step added to the gradients of the step before: they are never cleared, so every "
-    message += "step applies the sum of all gradients so far."
-    evidence = {"not_cleared": found, "checks": loop["clearing_checks"]}
-    return [_found(now, [], evidence, message, step=_loop_start(history))]
-
-
-def _in_band(reading: dict) -> bool:
-    """Whether the step's loss is what cross-entropy on these output rows can give."""
-    loss = reading["loss"]
-    margin = 0.02 * reading["ce_high"]
-    return finite(loss) and reading["ce_low"] - margin <= loss <= reading["ce_high"] + margin
-
-
-@rule(
-    "remove the softmax at the end of the model: nn.CrossEntropyLoss (F.cross_entropy) applies "
-    "log-softmax to raw scores itself; apply softmax only to show probabilities.",
-)
-def softmax_before_loss(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """At every statistics step of the epoch, and of the run before it back to the first that says
-    otherwise (two at least), the model's output rows are probabilities (in [0, 1], summing to 1)
-    and the loss is what cross-entropy on those rows gives: a softmax before a loss that applies
-    its own. It began at the first of those steps."""
-    now = history[-1]
-    if not now.loop.get("outputs"):
-        return []
-    readings = []  # the latest run of such readings, newest first
-    for reading in reversed([r for s in history for r in s.loop.get("outputs", [])]):
-        if not (reading["probabilities"] and _in_band(reading)):
-            break
-        readings.append(reading)
-    if len(readings) < 2 or len(readings) < len(now.loop["outputs"]):
-        return []
-    top = statistics.median(r["max_value"] for r in readings)
-    low = statistics.median(r["ce_low"] for r in readings)
-    message = "the model's outputs are probabilities (rows in [0, 1] summing to 1; mean top value "
-    message += f"{top:.2f}) and the loss is cross-entropy on them, which cannot fall below about "
-    message += f"{low:.2f} for such rows: a softmax before a loss that applies its own."
-    evidence = {"max_value": top, "loss_floor": low, "readings": len(readings)}
-    return [_found(now, [], evidence, message, step=readings[-1]["step"])]
+# The rules that read exact facts of the loop come first in the order of telling: a fact of the
+# loop is a cause, and the statistics it disturbs follow from it
+from . import exact  # noqa: E402, F401  (registers them here, between the helpers they use and the rest)
 
 
 @rule(
@@ -462,6 +367,8 @@ def not_cross_entropy(history: list[EpochSummary], t: Thresholds) -> list[Findin
     """The epoch's training loss is below `ce_bound` x (1 - training accuracy) x ln 2: cross-entropy
     on class labels costs at least ln 2 for every wrong answer (its class then has a probability of
     1/2 at most), so the loss is not cross-entropy (MSE on one-hot targets, most often)."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     now = history[-1]
     loss = now.metrics.get("train_loss")
     accuracy = now.metrics.get("train_accuracy")
@@ -518,6 +425,8 @@ def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     class, the data are not shuffled. A model whose output ignores its input gives one class to
     every row too, but on batches of mixed classes never a low loss, nor an accuracy far below
     chance (the class of the batch before, always wrong)."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     first = history[0].first_loss
     readings = [r for s in history for r in s.loop.get("outputs", []) if r["rows"] >= 8]
     uniform = [r for r in readings if r["mode_share"] >= t.uniform_batch]
@@ -548,6 +457,8 @@ def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The first training loss is above `initial_loss_factor` x ln C, the loss of an untrained
     model."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     now = history[0]
     classes = _classes(now)
     first = now.first_loss
@@ -656,6 +567,8 @@ def loss_spikes(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     that rise again. Told with the layers whose gradient norm or update ratio jumped first (3x their
     median in the summary before, or more), where a statistics reading fell in the spike; repeated
     spikes are one finding with their count."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     spikes = _spikes(history, t)
     if not spikes:
         return []
@@ -687,6 +600,7 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     now = history[-1]
     first = history[0].first_loss
     limit = t.diverging_factor * first if finite(first) and first > 0 else math.inf
+    limit = limit if _judged(history) else math.inf  # a loss that rises by design: only NaN
     high = next((w for w in now.losses if w["max"] > limit), None)  # NaN compares False
     if high is not None:
         peak = max((w for w in now.losses if finite(w["max"])), key=lambda w: w["max"])
@@ -778,6 +692,8 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     training loss made no new low: a learning rate too high, hidden by the clipping (the Deep
     Learning Tuning Playbook's rule). While the loss falls, clipping most steps is what clipping
     at 1.0 does early in transformer training, and no problem."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     now = history[-1]
     clip = now.clipping
     share = clip.get("clipped_share")
@@ -815,6 +731,8 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     statistics step, and the training loss stayed above `stuck_loss` x an untrained model's (ln C,
     or the first loss) for `decay_epochs` epochs: the decay holds the weights near zero, where the
     gradients cannot move them."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     now = history[-1]
     decay = now.loop.get("weight_decay")
     start = history[0].loop.get("weight_norm_first")
@@ -986,6 +904,8 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
     "that they receive gradients.",
     thresholds=("update_slow",),
     follows=(
+        "updates_rounded_away",
+        "not_updated",
         "not_in_optimizer",
         "no_gradient",
         "lr_collapsed",
@@ -1062,6 +982,8 @@ def _near_start(summary: EpochSummary, start: float, t: Thresholds) -> bool:
     "and that the inputs are normalised.",
     thresholds=("stuck_loss", "chance_margin", "stuck_epochs", "stuck_moving_ratio"),
     follows=(
+        "updates_rounded_away",
+        "not_updated",
         "not_in_optimizer",
         "no_gradient",
         "eval_mode",
@@ -1086,6 +1008,8 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     within `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any
     loss function); if the weights move meanwhile (median update ratio above `stuck_moving_ratio`),
     the labels and inputs are the suspects, not the learning rate."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     now = history[-1]
     classes = _classes(now)
     start, said = _start_loss(history)
@@ -1131,6 +1055,8 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 def oscillating(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Over the last `oscillation_epochs` epochs the training loss turned up and down nearly every
     epoch, by `oscillation_amplitude` of its level, without falling."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
     losses = [_loss(s) for s in history[-t.oscillation_epochs :]]
     if len(losses) < t.oscillation_epochs or not all(map(finite, losses)):
         return []
@@ -1436,7 +1362,9 @@ def _link(findings: list[Finding], epoch: int, rose: bool = False) -> None:
         causes = [
             f
             for f in findings[:i]
-            if f.rule in rule_.follows and f.severity != "note" and _related(f, finding)
+            if (f.rule in rule_.follows or declared(f.rule).root)
+            and f.severity != "note"
+            and _related(f, finding)
         ]  # a note explains nothing that is a problem
         finding.cause = causes[0].id if causes else None
         ended = rule_.ended and finding.last_epoch < epoch
@@ -1511,14 +1439,15 @@ def indented(story: str, width: int = 116) -> str:
 
 
 def _when(finding: Finding) -> str:
+    part = f"{finding.part}, " if finding.part else ""  # its own steps
     if finding.unit == "steps":  # a loop without epochs
         if finding.last_step > finding.step:
-            return f"steps {finding.step}-{finding.last_step}"
-        return f"step {finding.step}"
+            return f"{part}steps {finding.step}-{finding.last_step}"
+        return f"{part}step {finding.step}"
     epochs = f"epoch {finding.epoch + 1}"
     if finding.last_epoch > finding.epoch:
         epochs += f"-{finding.last_epoch + 1}"
-    return f"{epochs}, step {finding.step}"
+    return f"{part}{epochs}, step {finding.step}"
 
 
 def saved_findings(path: str, before_epoch: int | None) -> list[Finding]:
@@ -1527,9 +1456,10 @@ def saved_findings(path: str, before_epoch: int | None) -> list[Finding]:
     if before_epoch is None or not os.path.isfile(path):
         return []
     with open(path) as fh:
-        findings = [
-            Finding.from_json(item) for item in json.load(fh) if item["epoch"] <= before_epoch
-        ]  # counted from 1 there
+        saved = json.load(fh)
+    if isinstance(saved, dict):  # {"facts", "findings"}; a list in earlier versions
+        saved = saved.get("findings", [])
+    findings = [Finding.from_json(item) for item in saved if item["epoch"] <= before_epoch]
     for finding in findings:
         finding.last_epoch = min(finding.last_epoch, before_epoch - 1)
     return findings
@@ -1564,6 +1494,11 @@ class RunDiagnosis:
         self.jumps: list[dict] = []  # the readings since the last summary at which layers jumped
         self.history: list[EpochSummary] = []
         self.findings: list[Finding] = list(findings)
+        # what the run is, as plain values for diagnosis.json: the model and optimizer ("model"),
+        # the loss's graph and the first batch ("loss")
+        self.facts: dict[str, Any] = {}
+        self.told: set[tuple] = set()  # the keys of the findings an epoch_end has returned
+        self.objective = ""  # given to watch(); "" to recognise it from the loss's graph
 
     def next_epoch(self) -> int:
         """The epoch (window) after the last one summarised: where a resumed run begins again."""
@@ -1575,16 +1510,19 @@ class RunDiagnosis:
         return bool(self.history) and self.history[-1].unit == "epoch"
 
     def readings(self) -> int:
-        """The statistics records taken since the last window of steps (with epochs, 0)."""
+        """The statistics records taken since the last window of steps, past the first steps after
+        watch() (with epochs, 0)."""
         if self.has_epochs:
             return 0
         since = self.history[-1].step if self.history else -1
-        return sum(record["loop"]["step"] > since for record in self.records)
+        loops = [record["loop"] for record in self.records]
+        return sum(loop["step"] > since and not loop.get("first") for loop in loops)
 
     def keep(self, record: dict, limit: int) -> None:
         """Add a statistics record; past `limit` records, the older half thins out. Whether its
         layers jumped against the last summary is kept apart, for the first JUMP_READINGS."""
-        found = jumped(record, self.history[-1].layers) if self.history else None
+        settled = self.history and not record["loop"].get("first")  # no jump from a first step
+        found = jumped(record, self.history[-1].layers) if settled else None
         if found and len(self.jumps) < JUMP_READINGS:
             self.jumps.append(found)
         self.records = thinned([*self.records, record], limit, limit // 2)
@@ -1595,9 +1533,34 @@ class RunDiagnosis:
         """What cannot wait for the epoch's end, from one statistics record and the latest loss
         windows: non-finite gradients, then a diverging or non-finite loss."""
         layers = {name: values for name, values in stats.items() if name not in EXTRA}
+        since = self.history[-1].step if self.history else -1
+        records = [r for r in self.records if r.get("loop", {}).get("step", 0) > since]
         now = EpochSummary(self.next_epoch(), step, layers=layers, losses=losses)
         now.first_loss = first_loss
-        return [*nonfinite_gradients([now], self.thresholds), *diverging([now], self.thresholds)]
+        now.loop = self._with_graph(loop_summary(records))
+        found = [*nonfinite_gradients([now], self.thresholds), *diverging([now], self.thresholds)]
+        for declaration in (d for d in RULES.values() if d.exact):
+            found += declaration([*self.history[-1:], now], self.thresholds)
+        return found
+
+    def _with_graph(self, loop: dict[str, Any]) -> dict[str, Any]:
+        """The loop facts of a summary, with the loss's graph as last read where none of its
+        readings read it (the graph is read once, and stays what it was), and the objective: as
+        given to watch(), or "other" where the graph shows a loss not made by known loss functions
+        alone."""
+        if not loop.get("graph") and self.facts.get("loss"):
+            loop["graph"] = self.facts["loss"]
+        made_of_losses = loop.get("graph", {}).get("made_of_losses")
+        loop["objective"] = self.objective or ("other" if made_of_losses is False else "")
+        self.facts["objective"] = loop["objective"] or "a loss to minimise"
+        return loop
+
+    def untold(self) -> list[Finding]:
+        """The findings no epoch_end has returned yet (also those a window of steps inside the
+        epoch found first), in the order they began; they count as told from now on."""
+        new = [f for f in self.findings if f.key not in self.told]
+        self.told.update(f.key for f in new)
+        return new
 
     def add(self, summary: EpochSummary, guard: Callable[[str], Any]) -> list[Finding]:
         """Summary `summary` added to the history; every rule, each under `guard`, on the history,
@@ -1609,6 +1572,7 @@ class RunDiagnosis:
                 finding.unit = "epoch"
                 finding.epoch = finding.last_epoch = summary.epoch
             self.history = []
+        summary.loop = self._with_graph(summary.loop)
         summary.loop.setdefault("jumps", self.jumps)
         self.jumps = []
         self.history = thinned([*self.history, summary], MAX_HISTORY, RECENT)
@@ -1623,10 +1587,12 @@ class RunDiagnosis:
         history = [summary.to_dict() for summary in self.history]
         findings = [finding.to_json() for finding in self.findings]
         state = {"history": history, "records": list(self.records), "findings": findings}
-        return {**state, "jumps": list(self.jumps)}
+        return {**state, "jumps": list(self.jumps), "facts": dict(self.facts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = [EpochSummary.from_dict(summary) for summary in state["history"]]
         self.records = list(state["records"])
         self.jumps = list(state.get("jumps", []))
         self.findings = [Finding.from_json(item) for item in state["findings"]]
+        self.facts = {**dict(state.get("facts", {})), **self.facts}  # those read since watch() win
+        self.told = {f.key for f in self.findings}

@@ -8,8 +8,14 @@
   traced with, they are placed once and for good;
 - a forward hook on the model itself, placed the same way, which reads its output (see
   loop.output_facts);
-- after a statistics step, a hook on one parameter's gradient that looks, at the next backward pass,
-  whether the gradients were cleared since the optimizer step;
+- after a statistics step, a hook on one gradient of a parameter the optimizer holds, which looks,
+  at the next backward pass, whether the gradients were cleared since the optimizer step;
+- before the first step after watch(), a forward pre-hook on the model that notes, from its first
+  training forward pass to the optimizer step, where the loss and what fed it were computed
+  (graph.FirstStep);
+- on a model wrapped by DistributedDataParallel, a forward pre-hook on the wrapper and one on the
+  model inside it, which count the training forward passes that skip the wrapper (whose gradients
+  are then never averaged over the replicas);
 - and, beside them, the copy of the weights before a statistics step's update, for the update
   ratio.
 
@@ -24,11 +30,17 @@ from typing import Any
 
 import torch
 
+from .graph import FirstStep
 from .histograms import to_host
-from .loop import logits, output_facts
+from .loop import held, logits, output_facts
 from .shards import is_sharded, local
 from .sink import Guard
 from .stats import NamedParameters, learning_rate
+
+# what WrapperCalls counts: the optimizer steps so far; since the last reading, the training forward
+# passes, those that skipped the DistributedDataParallel wrapper, and the steps all of whose
+# forward passes ran under no_sync()
+COUNTS = ("optimizer_steps", "forward_passes", "skipped_wrapper", "unsynced_steps")
 
 ACTIVATIONS = {
     torch.nn.ReLU: "relu",
@@ -104,13 +116,22 @@ class Hooks:
         self.stay = False  # placed for good: the model runs compiled
         self.stepped = False
         self.before_update: dict[str, torch.Tensor] | None = None
+        self.first = FirstStep()
+        self.wrapper = WrapperCalls()
 
     def attach(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, compiled: bool
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        compiled: bool,
+        wrapper: torch.nn.Module | None = None,
     ) -> None:
         """Find the activations of `model`, hook `optimizer`; `compiled`: place the activation hooks
-        now, for good."""
+        now, for good; `wrapper`: the DistributedDataParallel module around `model`, whose forward
+        passes are counted against the model's."""
         self.remove()
+        if wrapper is not None:
+            self.handles.update(self.wrapper.attach(wrapper, model))
         self.model = model
         self.optimizer = optimizer
         self.lr_start = learning_rate(optimizer)  # before any scheduler step
@@ -130,6 +151,8 @@ class Hooks:
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.stepped = True
+        self.wrapper.stepped()
+        self.first.end()  # the loss of the first step is computed: CallLog stops
 
     def skipped(self) -> bool:
         """Whether the optimizer step since the last call was skipped (by GradScaler); False without
@@ -138,8 +161,13 @@ class Hooks:
         self.stepped = False
         return skipped
 
-    def arm(self) -> None:
-        """Forward hooks that measure the activations of the next training forward pass."""
+    def arm(self, first: bool = False) -> None:
+        """Forward hooks that measure the activations of the next training forward pass; `first`:
+        and that read the graph of its loss (graph.FirstStep)."""
+        if first and self.model is not None and not self.stay:  # a compiled graph: not its loss
+            self.first.arm()
+            begin = Hook(lambda module, args: self.first.begin(module))
+            self.handles["first"] = self.model.register_forward_pre_hook(begin)
         if self.stay and any(key.startswith("forward ") for key in self.handles):
             return
         self._drop_forward()  # placed for a step whose statistics were not taken
@@ -157,6 +185,8 @@ class Hooks:
             self.handles["forward output"] = self.model.register_forward_hook(output)
 
     def _read_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if module.training and not self.stay:
+            self.first.output(output)
         scores = logits(output)
         if not module.training or scores is None:
             return
@@ -167,25 +197,36 @@ class Hooks:
             self.output = output_facts(scores)
 
     def check_clearing(self, parameters: NamedParameters) -> None:
-        """After an optimizer step: look, when the next backward pass reaches the last parameter
-        that has a gradient now, whether its gradient was cleared (None or zero) meanwhile."""
+        """After an optimizer step: look, at each backward pass until the next one that reaches the
+        last parameter the optimizer holds that has a gradient now, whether its gradient was
+        cleared (None or zero) before it. Cleared before one of them is cleared: another model's
+        backward pass through this one (a GAN's generator through its discriminator) may come
+        first, and gradient accumulation adds to the cleared gradient from the second pass on."""
         self.cleared = None
         self._drop("clearing")
+        cleared_by_step = held(self.optimizer) if self.optimizer is not None else None
         graded = [
             p
             for _, p in parameters
-            if p.grad is not None and not p.grad.is_sparse and not is_sharded(p)
-        ]
+            if p.grad is not None
+            and not p.grad.is_sparse
+            and not is_sharded(p)
+            and (cleared_by_step is None or id(p) in cleared_by_step)
+        ]  # a parameter the optimizer does not hold keeps its gradient through zero_grad()
         if not graded:
             return
         probe = graded[-1]
 
         def hook(grad):
-            if self.cleared is None:
-                with self.guard("checking that the gradients are cleared"):
-                    before = probe.grad  # what the backward pass adds to
-                    cleared = before is None or before.is_sparse
-                    self.cleared = torch.ones(()) if cleared else (before == 0).all().float()
+            with self.guard("checking that the gradients are cleared"):
+                before = probe.grad  # what the backward pass adds to
+                if before is None or before.is_sparse:
+                    now = torch.ones(())
+                else:
+                    now = (before == 0).all().float()  # on the device: no synchronisation
+                if self.cleared is not None:
+                    now = torch.maximum(self.cleared, now.to(self.cleared.device))
+                self.cleared = now
             return None
 
         self.handles["clearing"] = probe.register_hook(Hook(hook))
@@ -218,13 +259,19 @@ class Hooks:
         for key in [key for key in self.handles if key.startswith("forward ")]:
             self._drop(key)
 
-    def prepare(self, parameters: NamedParameters) -> None:
+    def prepare(self, parameters: NamedParameters, first: bool = False) -> None:
         """Before a step whose statistics are due: hooks for its forward pass and its backward pass,
-        and a copy of the weights before its update."""
-        self.arm()
+        and a copy of the weights before its update; `first`: the first step after watch(), whose
+        loss graph is read too."""
+        self.arm(first)
         self.check_clearing(parameters)
         with self.guard("copying the weights for the update ratio"), torch.no_grad():
             self.before_update = {name: local(p).clone() for name, p in parameters}
+
+    def take_graph(self, loss: Any, parameters: NamedParameters) -> dict[str, Any]:
+        """What the graph of the first step's loss shows (graph.loss_graph); {} if not read."""
+        self._drop("first")
+        return self.first.take(loss, parameters)
 
     def take_weights(self) -> dict[str, torch.Tensor] | None:
         """The weights copied by prepare(), which are then let go."""
@@ -272,3 +319,52 @@ class Hooks:
         self.fired.clear()
         self.output = {}
         self.cleared = None
+        self.first.end()
+
+
+class WrapperCalls:
+    """The calls of the loop that the replicas check reads: the optimizer steps, and of a model
+    wrapped by DistributedDataParallel, the training forward passes that skip the wrapper (the model
+    inside called directly: its gradients are then not averaged over the replicas), and the
+    optimizer steps all of whose forward passes ran under no_sync() (their gradients stayed each
+    rank's own)."""
+
+    def __init__(self):
+        self.inside = 0  # forward passes of the wrapper under way
+        self.synced: bool | None = None  # whether a forward pass since the last step synced
+        self.counts = dict.fromkeys(COUNTS, 0)
+
+    def attach(self, wrapper: torch.nn.Module, model: torch.nn.Module) -> dict[str, Any]:
+        """Hooks on `wrapper` and on `model`, by name."""
+
+        def enter(module, args):
+            self.inside += 1
+            if module.training:
+                syncs = getattr(module, "require_backward_grad_sync", True)
+                self.synced = bool(self.synced) or bool(syncs)
+
+        def leave(module, args, output):
+            self.inside = max(0, self.inside - 1)
+
+        def called(module, args):
+            if module.training:
+                self.counts["forward_passes"] += 1
+                self.counts["skipped_wrapper"] += self.inside == 0
+
+        return {
+            "wrapper enter": wrapper.register_forward_pre_hook(Hook(enter)),
+            "wrapper leave": wrapper.register_forward_hook(Hook(leave), always_call=True),
+            "wrapped": model.register_forward_pre_hook(Hook(called)),
+        }
+
+    def stepped(self) -> None:
+        """An optimizer step."""
+        self.counts["optimizer_steps"] += 1
+        self.counts["unsynced_steps"] += self.synced is False
+        self.synced = None
+
+    def take(self) -> dict[str, int]:
+        """The counts of COUNTS: the optimizer steps so far, the others since the last call."""
+        counts = dict(self.counts)
+        self.counts = {**dict.fromkeys(COUNTS, 0), "optimizer_steps": counts["optimizer_steps"]}
+        return counts

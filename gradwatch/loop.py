@@ -9,6 +9,7 @@ output and the gradients at the next backward pass are in hooks.py.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,12 +30,36 @@ def mode_matters(model: torch.nn.Module) -> bool:
     )
 
 
+def held(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:
+    """{id(parameter): its group's learning rate} of every parameter the optimizer holds."""
+    groups = optimizer.param_groups if optimizer is not None else ()
+    return {id(p): float(group.get("lr", 0.0)) for group in groups for p in group["params"]}
+
+
+def optimizer_facts(
+    parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """What the optimizer holds, as plain values: how many tensors, how many of them are frozen
+    (requires_grad=False: its steps cannot change them), and the watched parameters in groups whose
+    learning rate is 0."""
+    if optimizer is None:
+        return {}
+    rates = held(optimizer)
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "held": len(tensors),
+        "held_frozen": sum(not p.requires_grad for p in tensors),
+        "zero_lr": [name for name, p in parameters if rates.get(id(p)) == 0],
+    }
+
+
 def loop_facts(
     model: torch.nn.Module, parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
     """What a statistics step can tell of the loop, as plain values: whether the model is in
     training mode and whether that matters, the trainable parameters (requires_grad) in no optimizer
-    group and those without a gradient, the learning rate and the weight decay."""
+    group and those without a gradient, the learning rate and the weight decay, and what the
+    optimizer holds (optimizer_facts)."""
     trainable = [(name, p) for name, p in parameters if p.requires_grad]
     facts = {
         "training": bool(model.training),
@@ -45,11 +70,93 @@ def loop_facts(
         "not_in_optimizer": [],
         "lr": learning_rate(optimizer),
         "weight_decay": weight_decay(optimizer),
+        **optimizer_facts(parameters, optimizer),
     }
     if optimizer is not None:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        facts["not_in_optimizer"] = [name for name, p in trainable if id(p) not in held]
+        rates = held(optimizer)
+        facts["not_in_optimizer"] = [name for name, p in trainable if id(p) not in rates]
     return facts
+
+
+def not_updated(
+    stats: dict[str, dict], parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
+) -> list[str]:
+    """The parameters the optimizer holds at a learning rate above 0 that had a finite gradient
+    other than zero and still did not change at all at the optimizer step: its steps do not reach
+    them."""
+    rates = held(optimizer)
+    found = []
+    for name, p in parameters:
+        values = stats.get(name, {})
+        norm = values.get("grad_norm", 0.0)
+        still = values.get("unchanged_share") == 1
+        if still and rates.get(id(p), 0) > 0 and math.isfinite(norm) and norm > 0:
+            found.append(name)
+    return found
+
+
+def rounded_away(
+    stats: dict[str, dict], parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
+) -> dict[str, dict]:
+    """The parameters the optimizer holds at a learning rate above 0, at least half of whose values
+    had a gradient other than zero and did not change at the optimizer step: the update was smaller
+    than half the spacing of the parameter's dtype at those values, and rounding took it away.
+    {name: {"dtype", "unchanged_share", "grad_zero_share"}}."""
+    rates = held(optimizer)
+    found = {}
+    for name, p in parameters:
+        values = stats.get(name, {}) if rates.get(id(p), 0) > 0 else {}
+        unchanged = values.get("unchanged_share")
+        zero = values.get("grad_zero_share")
+        if unchanged is None or zero is None or values.get("grad_norm", 0.0) == 0:
+            continue
+        if math.isfinite(values["grad_norm"]) and unchanged - zero >= 0.5:
+            dtype = str(p.dtype).removeprefix("torch.")
+            found[name] = {"dtype": dtype, "unchanged_share": unchanged, "grad_zero_share": zero}
+    return found
+
+
+def model_facts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """The model's structure and settings and the optimizer's, as plain values, at watch(): the
+    parameter count, trainable and frozen; the dtypes and devices; the modules by kind, with the
+    dropout rates and normalisation settings; the optimizer's class and its groups' settings."""
+    parameters = list(model.parameters())
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+    facts = {
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in parameters),
+        "trainable": sum(p.numel() for p in parameters if p.requires_grad),
+        "tensors": len(parameters),
+        "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in parameters}),
+        "devices": sorted({str(p.device) for p in parameters}),
+        "modules": kinds,
+        "dropout": sorted({m.p for m in model.modules() if isinstance(m, _DropoutNd)}),
+        "batch_norm": [
+            {"name": name, "momentum": m.momentum, "eps": m.eps, "track": m.track_running_stats}
+            for name, m in model.named_modules()
+            if isinstance(m, _BatchNorm)
+        ][:8],
+    }
+    if optimizer is not None:
+        settings = ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov", "maximize")
+        facts["optimizer"] = {
+            "class": type(optimizer).__name__,
+            "groups": [
+                {key: _plain(group[key]) for key in settings if key in group}
+                | {"tensors": len(group["params"])}
+                for group in optimizer.param_groups
+            ],
+        }
+    return facts
+
+
+def _plain(value: Any) -> Any:
+    """A setting as a plain value: a tensor learning rate as a float, a tuple as a list."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else str(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def logits(output: Any) -> torch.Tensor | None:

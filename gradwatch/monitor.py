@@ -20,11 +20,22 @@ from typing import Any
 
 import torch
 
-from .diagnosis import METRIC_TAGS, Finding, RunDiagnosis, Thresholds, saved_findings, story
+from .diagnosis import (
+    METRIC_TAGS,
+    OBJECTIVES,
+    Finding,
+    RunDiagnosis,
+    Thresholds,
+    saved_findings,
+    story,
+)
+from .graph import loss_graph
 from .histograms import DEFAULT_BINS, Histogram, compute_histograms
 from .hooks import Hooks, is_compiled
-from .loop import loop_facts
+from .loop import loop_facts, model_facts, not_updated, rounded_away
+from .parts import Parts, checked_parts
 from .pictures import gradient_flow_image
+from .replicas import Replicas, data_parallel_group
 from .shards import is_sharded
 from .sink import EventSink, Guard, NullSink
 from .stats import (
@@ -65,17 +76,49 @@ def measurable(parameters: NamedParameters) -> tuple[NamedParameters, list[str]]
     return kept, skipped
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that holds the parameters under their own names, inside DistributedDataParallel,
-    DataParallel or torch.compile wrappers (whose names would otherwise begin with `module.` or
-    `_orig_mod.`)."""
+def measured(model: torch.nn.Module) -> NamedParameters:
+    """The parameters of `model` the monitor measures (see measurable); the others are named in
+    one line, by the main process."""
+    kept, skipped = measurable(list(model.named_parameters()))
+    if skipped and is_main_process():
+        line = f"gradwatch: not measured: {', '.join(skipped)}, since statistics and histograms "
+        line += f"need floating-point values; the other {len(kept)} parameters are measured."
+        print(line, file=sys.stderr)
+    return kept
+
+
+def wrappers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """`model` and the modules inside its DistributedDataParallel, DataParallel or torch.compile
+    wrappers, outermost first."""
+    found = [model]
     while True:
         if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
             model = model._orig_mod
         elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         else:
-            return model
+            return found
+        found.append(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the parameters under their own names, inside DistributedDataParallel,
+    DataParallel or torch.compile wrappers (whose names would otherwise begin with `module.` or
+    `_orig_mod.`)."""
+    return wrappers(model)[-1]
+
+
+def ddp_wrapper(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The DistributedDataParallel module among `model`'s wrappers, if there is one."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return next((m for m in wrappers(model) if isinstance(m, ddp)), None)
+
+
+def graph_key(loss: Any) -> tuple | None:
+    """What tells a loss of another graph from the one read before: its grad_fn's kind and its
+    shape (read without a synchronisation); None for a loss without a graph."""
+    node = getattr(loss, "grad_fn", None)
+    return None if node is None else (type(node).__name__, tuple(loss.shape))
 
 
 def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -87,6 +130,79 @@ def numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             found[tag] = float(value)
     return found
+
+
+def _checked(model: Any, optimizer: Any, objective: Any) -> torch.optim.Optimizer | None:
+    """The optimizer watch() watches (inside Lightning's and Accelerate's wrappers); TypeError or
+    ValueError for arguments it cannot watch."""
+    inner = getattr(optimizer, "optimizer", None)  # Lightning's and Accelerate's wrappers
+    optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if objective is not None and objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return optimizer
+
+
+def _check_step(model: Any, loss: Any, grad_norm: Any, max_norm: Any) -> None:
+    """RuntimeError, TypeError or ValueError for a step() the monitor cannot take, at once."""
+    if model is None:
+        raise RuntimeError("call watch(model) before step()")
+    if (grad_norm is None) != (max_norm is None):
+        raise ValueError(
+            "pass grad_norm and max_norm together: the norm before clipping and the threshold"
+        )
+    one = isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex()
+    number = isinstance(loss, (int, float)) and not isinstance(loss, bool)
+    if loss is not None and not (one or number):
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else None
+        raise TypeError(
+            f"step() takes the step's loss as one number (a tensor of one element, or a float), "
+            f"got {what or type(loss).__name__}; pass loss.mean() for a loss per sample"
+        )
+
+
+def _watched_parts(
+    monitor: TrainingMonitor, models: Mapping, optimizers: Any, *watching: Any
+) -> Parts:
+    """A monitor for each of several named models (parts.py), in the folders `<log_dir>/<part>`;
+    `watching` are watch()'s other arguments, the objective one for all or one per part."""
+    compiled, replicas, objective = watching
+    objectives = objective if isinstance(objective, Mapping) else {}
+    monitors = {}
+    for part, (model, optimizer) in checked_parts(models, optimizers).items():
+        folder = os.path.join(monitor.log_dir, part)
+        watched = TrainingMonitor(folder, **part_options(monitor))
+        monitors[part] = watched.watch(
+            model, optimizer, compiled, replicas, objectives.get(part, objective)
+        )
+    return Parts(monitors)
+
+
+def part_options(monitor: TrainingMonitor) -> dict[str, Any]:
+    """The options `monitor` was made with, for the monitor of each of its parts."""
+    choice = monitor.choice
+    cadence = monitor.cadence
+    sink = monitor.sink
+    purge = getattr(sink, "purge", {False: None, True: None})
+    return dict(
+        bins=choice.bins,
+        include=choice.include,
+        exclude=choice.exclude,
+        group_depth=choice.group_depth,
+        stats_every=None if cadence.auto else cadence.stats_every,
+        hist_every=cadence.hist_every,
+        diagnose_every=cadence.diagnose_every,
+        start_step=cadence.epoch_start,
+        thresholds=monitor.diagnosis.thresholds,
+        flush_secs=getattr(sink, "flush_secs", 30),
+        purge_epoch=purge[False],
+        purge_step=purge[True],
+    )
 
 
 def _patterns(patterns: Sequence[str], name: str) -> tuple[str, ...]:
@@ -250,8 +366,7 @@ class TrainingMonitor:
         self.cadence = Cadence(stats_every, hist_every, start_step, diagnose_every)
         self.diagnosis = RunDiagnosis(thresholds)
         self.log_dir = os.fspath(log_dir)
-        self.is_writer = is_main_process()
-        if self.is_writer:
+        if is_main_process():
             self.sink = EventSink(self.log_dir, flush_secs, purge_epoch, purge_step)
         else:
             self.sink = NullSink()
@@ -261,16 +376,23 @@ class TrainingMonitor:
         self.clipping = ClippingNorms()
         path = os.path.join(self.log_dir, "diagnosis.json")
         self.diagnosis.findings = saved_findings(path, purge_epoch)  # where a resume begins again
+        self.diagnosis.told = {finding.key for finding in self.diagnosis.findings}
         self.steps = start_step
         self.skipped_steps = 0
         self.model: torch.nn.Module | None = None
         self._parameters: NamedParameters = []
-        self._parameters_logged: int | None = None  # the epoch whose histograms are written
+        self.replicas = Replicas(None, None)  # data parallelism: compares the replicas
+        self.parts: Parts | None = None  # several models watched: a monitor for each
 
     @property
     def findings(self) -> list[Finding]:
-        """The run's findings so far, in the order they began."""
-        return self.diagnosis.findings
+        """The run's findings so far, in the order they began (with parts, each part's in turn)."""
+        return self.parts.findings if self.parts is not None else self.diagnosis.findings
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes: rank 0 of a torch.distributed job, or the only process."""
+        return self.sink.writes
 
     @property
     def stats_every(self) -> int:
@@ -279,46 +401,56 @@ class TrainingMonitor:
 
     def watch(
         self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        model: torch.nn.Module | Mapping[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None = None,
         compiled: bool | None = None,
+        replicas: bool = True,
+        objective: str | Mapping[str, str] | None = None,
     ) -> TrainingMonitor:
         """Attach to `model` as its parameters are now (watch again after changing its layers); with
         `optimizer`, also measure each logged step's update-to-weight ratio and count the steps
         GradScaler skips. A model wrapped by DistributedDataParallel or torch.compile, and an
         optimizer wrapped by Lightning or Accelerate, are watched through what they wrap. `compiled`
-        says whether the model runs through torch.compile where watch() cannot see it (a wrapper it
-        is not given); by default, whether `model` holds a compiled module."""
-        inner = getattr(optimizer, "optimizer", None)  # Lightning's and Accelerate's wrappers
-        optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        says whether the model runs through torch.compile where watch() cannot see it; by default,
+        whether `model` holds a compiled module. The first two steps after watch() read the loop's
+        facts (the first, also the loss's graph). Under data parallelism (a DistributedDataParallel
+        `model`, or parameters replicated over a device mesh) every reading compares the replicas,
+        a collective: every rank must then watch and step alike; `replicas=False` turns it off.
+        Several models, each with its optimizer and loss (a GAN): give them by name, with the same
+        names for the optimizers, and name the part at each step(loss, part=...) (parts.py).
+        `objective` (diagnosis.OBJECTIVES, or one per part) says what the loss is: the losses of
+        "rl", "gan" and "other" are judged by nothing but NaN; by default, a loss the graph shows is
+        not made by known loss functions alone (a policy gradient's) is "other"."""
+        if isinstance(model, Mapping):
+            self.parts = _watched_parts(self, model, optimizer, compiled, replicas, objective)
+            return self
+        optimizer = _checked(model, optimizer, objective)
         # A compiled graph keeps the hooks it was traced with: activation hooks there stay for good.
         compiled = is_compiled(model) if compiled is None else compiled
         self.model = unwrap(model)
-        self._parameters, skipped = measurable(list(self.model.named_parameters()))
-        if skipped and is_main_process():
-            line = f"gradwatch: not measured: {', '.join(skipped)}, since statistics and "
-            line += f"histograms need floating-point values; the other {len(self._parameters)} "
-            print(line + "parameters are", file=sys.stderr)
-        self.hooks.attach(self.model, optimizer, compiled)
-        if self.cadence.stats_due(self.steps, ahead=1):
-            self.hooks.prepare(self._parameters)
+        self._parameters = measured(self.model)
+        wrapper = ddp_wrapper(model)
+        self.hooks.attach(self.model, optimizer, compiled, wrapper)
+        group = data_parallel_group(wrapper, self._parameters) if replicas else None
+        self.replicas = Replicas(group, wrapper)
+        self.diagnosis.facts["model"] = model_facts(self.model, optimizer)
+        self.diagnosis.objective = objective or ""
+        self.cadence.watched()
+        self.hooks.prepare(self._parameters, first=True)
         return self
 
     def unwatch(self) -> None:
         """Remove every hook this monitor placed; safe to call twice."""
         self.hooks.remove()
+        for monitor in self.parts.monitors.values() if self.parts is not None else ():
+            monitor.unwatch()
 
     def step(
         self,
         loss: torch.Tensor | float | None = None,
         grad_norm: torch.Tensor | float | None = None,
         max_norm: float | None = None,
+        part: str | None = None,
     ) -> list[Finding]:
         """Call once per optimizer step, after it and before zero_grad(), with the step's training
         loss if you can: it stays on its device until the next statistics log. Returns the step's
@@ -331,15 +463,14 @@ class TrainingMonitor:
 
         With the optimizer watched, a step GradScaler skipped (its scaled gradients overflowed) is
         counted (scalar amp/skipped_steps) and not examined: its gradients are infinite by design.
+        With several models watched, `part` names the one whose optimizer stepped.
         """
-        if self.model is None:
-            raise RuntimeError("call watch(model) before step()")
-        if (grad_norm is None) != (max_norm is None):
-            raise ValueError(
-                "pass grad_norm and max_norm together: the norm before clipping and the threshold"
-            )
+        if self.parts is not None:
+            return self.parts.step(part, loss, grad_norm, max_norm)
+        _check_step(self.model, loss, grad_norm, max_norm)
         self.sink.open()
         self.steps += 1
+        self.cadence.tick()
         if loss is not None:
             self.losses.add(self.steps, loss)
         skipped = self.hooks.skipped()
@@ -347,36 +478,64 @@ class TrainingMonitor:
             self.clipping.add(grad_norm, max_norm)
         urgent = []
         cadence = self.cadence
-        if skipped or cadence.stats_due(self.steps) or cadence.hist_due(self.steps):  # seldom
+        if skipped or cadence.reads(self.steps) or cadence.hist_due(self.steps):  # seldom
             with self.guard("the step's statistics"):
-                urgent = self._take_statistics(skipped)
-        if cadence.stats_due(self.steps, ahead=1):
+                urgent = self._take_statistics(skipped, loss)
+        if cadence.reads(self.steps, ahead=1):
             self.hooks.prepare(self._parameters)
         return urgent
 
-    def _take_statistics(self, skipped: bool) -> list[Finding]:
+    def _take_statistics(self, skipped: bool, loss: Any) -> list[Finding]:
         """What a step logs when statistics or histograms are due; returns its urgent findings."""
+        reading = self.cadence.reads(self.steps)
         if skipped:
             self.skipped_steps += 1
             self.hooks.take_weights()  # of no use: the weights did not change
             self.sink.scalars({"amp/skipped_steps": self.skipped_steps}, self.steps, per_step=True)
+            if reading:  # a collective: every rank reads the replicas at the same steps
+                self.replicas.compare(
+                    self._parameters, self.steps, False, self.hooks.wrapper.take()
+                )
             return []
         if self.cadence.hist_due(self.steps):
             self.log_parameters(self._parameters, self.steps, per_step=True)
-        if not self.cadence.stats_due(self.steps):
+        if not reading:
             return []
         stats = parameter_statistics(self._parameters, self.hooks.take_weights())
         stats["activations"] = self.hooks.collect()
         scalars = {**self.losses.take(), **self.clipping.take()}
-        stats["loop"] = loop_facts(self.model, self._parameters, self.hooks.optimizer)
-        stats["loop"].update(self.hooks.take_loop(), step=self.steps)
-        stats["loop"]["loss"] = self.losses.latest(self.steps)
+        stats["loop"] = self._loop_facts(stats, loss)
         self.diagnosis.keep(stats, max(MAX_RECORDS, 2 * self.cadence.diagnose_every))
         self.sink.scalars({**scalars, **statistics_scalars(stats)}, self.steps, per_step=True)
         urgent = self.diagnosis.urgent(self.steps, stats, self.losses.windows, self.losses.first)
         if window_due(self.cadence, self.diagnosis, self.steps, urgent):
             self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
         return [f for f in urgent if f.rule == "nonfinite_gradients"]
+
+    def _loop_facts(self, stats: dict[str, dict], loss: Any) -> dict[str, Any]:
+        """The exact facts of the loop at a reading (loop.py): the model's mode, what the optimizer
+        holds and whether its step changed the weights, whether the gradients were cleared, the
+        output, the loss's graph (read at the first step, and again when the loss's kind or shape
+        changes), and the replicas compared."""
+        optimizer = self.hooks.optimizer
+        facts = loop_facts(self.model, self._parameters, optimizer)
+        facts.update(self.hooks.take_loop(), step=self.steps, first=self.cadence.first())
+        facts["loss"] = self.losses.latest(self.steps)
+        facts["not_updated"] = not_updated(stats, self._parameters, optimizer)
+        facts["rounded"] = rounded_away(stats, self._parameters, optimizer)
+        graph = self.hooks.take_graph(loss, self._parameters)
+        known = self.diagnosis.facts.get("loss", {})
+        if not graph and graph_key(loss) not in (None, tuple(known.get("key", ()))):
+            graph = loss_graph(loss, self._parameters)  # a loss of another kind or shape
+        if graph:
+            graph.update(step=self.steps, key=list(graph_key(loss) or ()))
+            self.diagnosis.facts["loss"] = graph
+        facts["graph"] = graph
+        window = self.losses.windows[-1] if self.losses.windows else {}
+        nonfinite = window.get("step") == self.steps and window["nonfinite_step"] is not None
+        self.replicas.compare(self._parameters, self.steps, nonfinite, self.hooks.wrapper.take())
+        facts["replicas"] = self.replicas.take()  # those of earlier readings, ended meanwhile
+        return facts
 
     def log_parameters(
         self, model: torch.nn.Module | NamedParameters, step: int, per_step: bool = False
@@ -387,15 +546,8 @@ class TrainingMonitor:
         which TensorBoard takes as the tag's section: `layer4/layer4.2.conv3.weight_grad` at k = 1.
         """
         histograms = self.choice.compute(model)
-        self.log_histograms(histograms, step, per_step)
-        return histograms
-
-    def log_histograms(
-        self, histograms: Mapping[str, Histogram], step: int, per_step: bool = False
-    ) -> None:
-        """Write {tag: Histogram} at `step`, with the count of each tensor's non-finite values as
-        `nonfinite/<tag>` where it has some; a tensor without finite values has that count alone."""
         self.sink.histograms(histograms, step, per_step)
+        return histograms
 
     def epoch_end(
         self,
@@ -409,11 +561,12 @@ class TrainingMonitor:
         """Everything an epoch writes: histograms, `scalars` ({tag: number}), `images` ({tag: PIL
         image, (H, W, 3) uint8 array or matplotlib figure}), the gradient flow and the diagnosis;
         with `classes` (names) and `recall` (per class) the output-layer bias is checked too.
-        `metrics` ({tag: number}) are read by the diagnosis like `scalars` but not written: for
-        values another logger writes already. Returns the findings not reported before."""
-        if self.model is None:
+        `metrics` ({tag: number}) are read like `scalars` but not written (another logger writes
+        them). Returns the findings not returned before. With several models watched, each part
+        reads the scalars tagged `<part>/<tag>` as `<tag>`."""
+        if self.model is None and self.parts is None:
             raise RuntimeError("call watch(model) before epoch_end()")
-        if self._parameters_logged != epoch:
+        if self.cadence.logged_epoch != epoch:
             self.log_epoch_parameters(epoch)
         scalars = _numbers(scalars, self.guard)
         metrics = _numbers(metrics, self.guard)
@@ -422,61 +575,77 @@ class TrainingMonitor:
         for tag, image in dict(images).items():
             with self.guard(f"the image {tag}"):
                 self.sink.image(tag, image, epoch)
-        bias = {}
-        with self.guard("the output_bias_skew rule"):
-            bias = output_bias(self._parameters, classes, recall) if classes is not None else {}
         summary = None
-        with self.guard("the epoch's statistics"):
-            metrics = _metrics({**dict(metrics), **scalars})
-            summary = self._summary(epoch, "epoch", metrics, len(classes or ()), bias)
-        self._restart(epoch_ended=True)
-        return self._diagnose(summary) if summary is not None else []
+        if self.parts is not None:
+            self.parts.epoch_end(epoch, {**dict(metrics), **scalars}, classes, recall)
+        else:
+            with self.guard("the epoch's statistics"):
+                metrics = _metrics({**dict(metrics), **scalars})
+                summary = self._summary(epoch, "epoch", metrics, classes, recall)
+            self._restart(epoch_ended=True)
+        self._diagnose(summary, epoch)
+        return self.diagnosis.untold()  # also what windows of steps found during the epoch
 
     def _summary(
         self,
         epoch: int,
         unit: str,
         metrics: Mapping[str, float] = (),
-        num_classes: int = 0,
-        bias: Mapping = (),
+        classes: list[str] | None = None,
+        recall: list[float | None] | None = None,
     ) -> EpochSummary:
         """The epoch (or the window of steps since the last, unit "steps") that ends now,
         summarised for the rules, after logging its last loss window and, for an epoch, its clipping
-        share."""
+        share; with `classes` (and `recall`), the output layer's bias for output_bias_skew."""
+        bias = {}
+        with self.guard("the output_bias_skew rule"):
+            bias = output_bias(self._parameters, classes, recall) if classes is not None else {}
         self.sink.scalars({**self.losses.take(), **self.clipping.take()}, self.steps, per_step=True)
         history = self.diagnosis.history
         since = history[-1].step if unit == "steps" and history else -1
         records = [r for r in self.diagnosis.records if r.get("loop", {}).get("step", 0) > since]
+        if unit == "epoch" and records:  # every rank is here: the comparisons begun end now
+            loop = records[-1]["loop"]
+            loop["replicas"] = [*loop.get("replicas", ()), *self.replicas.settle()]
         if not records:  # statistics once per epoch (stats_every=0), or an epoch without steps
-            records = [
+            records.append(
                 {**parameter_statistics(self._parameters), "activations": self.hooks.collect()}
-            ]
+            )
         clipping = self.clipping.summary(window=unit == "steps")
         if clipping and unit == "epoch":
             self.sink.scalars({"clip/clipped_share": clipping["clipped_share"]}, epoch)
         losses = [w for w in self.losses.windows if w["step"] > since]
         context = dict(losses=losses, first_loss=self.losses.first, clipping=clipping)
-        context.update(metrics=dict(metrics), num_classes=num_classes, output_bias=dict(bias))
+        context.update(metrics=dict(metrics), num_classes=len(classes or ()), output_bias=bias)
         context.update(lr=learning_rate(self.hooks.optimizer), unit=unit)
-        return summarize(epoch, self.steps, records, **context)
+        return summarize(epoch, self.steps, records, warm=unit == "epoch", **context)
 
-    def _diagnose(self, summary: EpochSummary) -> list[Finding]:
+    def _diagnose(self, summary: EpochSummary | None, epoch: int = 0) -> list[Finding]:
         """Every rule on the history with `summary` added; the diagnosis written (diagnosis.json,
         the Text tab, the summary for `diagnose`). Returns the findings that began, which a window
-        of steps also prints, since a loop without epochs has no epoch_end to return them."""
-        windowed = summary.unit == "steps"
+        of steps also prints, since a loop without epochs has no epoch_end to return them. Without
+        a summary (several models watched), the parts' diagnosis, written as the run's at
+        `epoch`."""
+        windowed = summary is not None and summary.unit == "steps"
         if windowed:
             self._restart(epoch_ended=False)
-        begun = self.diagnosis.add(summary, self.guard)
+        begun = self.diagnosis.add(summary, self.guard) if summary is not None else []
+        if self.parts is not None:
+            self.diagnosis.findings = self.parts.findings
+            self.diagnosis.facts = self.parts.facts()
         with self.guard("writing the diagnosis"):
             listed = "\n\n".join(f"- {f}" for f in self.findings)
-            step = self.steps if windowed else summary.epoch
+            step = self.steps if windowed else summary.epoch if summary is not None else epoch
             self.sink.text("diagnosis", listed or "No findings.", step, per_step=windowed)
-            self.sink.save_json("diagnosis.json", [f.to_json() for f in self.findings])
+            saved = {
+                "facts": self.diagnosis.facts,
+                "findings": [f.to_json() for f in self.findings],
+            }
+            self.sink.save_json("diagnosis.json", saved)
             thresholds = asdict(self.diagnosis.thresholds)
-            self.sink.append_line(
-                SUMMARIES, {"summary": summary.to_dict(), "thresholds": thresholds}
-            )
+            if summary is not None:
+                line = {"summary": summary.to_dict(), "thresholds": thresholds}
+                self.sink.append_line(SUMMARIES, line)
         for finding in begun if windowed and self.is_writer else ():
             print(f"gradwatch found {finding}", file=sys.stderr)
         return begun
@@ -502,7 +671,11 @@ class TrainingMonitor:
         picture. For loops that clear the gradients before the epoch ends (Lightning does, before
         validation): call it after the epoch's last optimizer step, and epoch_end() will not log
         them again."""
-        self._parameters_logged = epoch
+        self.cadence.logged_epoch = epoch
+        if self.parts is not None:  # each part writes its own, in its folder
+            for monitor in self.parts.monitors.values():
+                monitor.log_epoch_parameters(epoch)
+            return
         with self.guard("the histograms"):
             self.log_parameters(self._parameters, epoch)
         with self.guard("the gradient-flow picture"):
@@ -519,7 +692,9 @@ class TrainingMonitor:
         """What a resumed run needs to diagnose as if it had never stopped: the epoch summaries the
         rules compare against, the statistics and losses of an unfinished epoch, the findings so
         far, the step counts and the cadence. Plain Python values, so that it can go into a
-        checkpoint loaded with torch.load(weights_only=True)."""
+        checkpoint loaded with torch.load(weights_only=True). With parts, theirs by name."""
+        if self.parts is not None:
+            return {**self.parts.state_dict(), **self.sink.state_dict()}
         self.sink.scalars({**self.losses.take(), **self.clipping.take()}, self.steps, per_step=True)
         state = {"steps": self.steps, "skipped_steps": self.skipped_steps}
         for part in STATE_PARTS:
@@ -530,6 +705,10 @@ class TrainingMonitor:
         """Continue from a state_dict() saved with a checkpoint; call it before the first step() of
         the resumed run. The step count goes on from the saved one, and each step axis is rewritten
         from just after it: the epoch after the last one written, the step after the saved one."""
+        if self.parts is not None:
+            self.parts.load_state_dict(state)
+            self.sink.resume_at(state.get("next_epoch", 0), None)
+            return self
         missing = STATE_KEYS - set(state)
         if missing:
             raise ValueError(f"not a TrainingMonitor state: it lacks {', '.join(sorted(missing))}")
@@ -537,8 +716,8 @@ class TrainingMonitor:
         self.skipped_steps = state["skipped_steps"]
         for part in STATE_PARTS:
             getattr(self, part).load_state_dict(state)
-        if self.model is not None and self.cadence.stats_due(self.steps, ahead=1):
-            self.hooks.prepare(self._parameters)
+        if self.model is not None and self.cadence.reads(self.steps, ahead=1):
+            self.hooks.prepare(self._parameters, first=self.cadence.first(ahead=1))
         return self
 
     def log_hparams(
@@ -556,11 +735,16 @@ class TrainingMonitor:
         of the steps it covers); a failure is reported and training goes on."""
         with self.guard("flushing the event files"):
             self.sink.flush()
+        for monitor in self.parts.monitors.values() if self.parts is not None else ():
+            monitor.flush()
 
     def close(self) -> None:
         """Diagnose the last window of steps of a loop without epochs (the readings since the last
         window); remove the hooks and close the event files. Safe to call twice."""
-        if self.cadence.diagnose_every and self.diagnosis.readings():
+        if self.parts is not None:
+            self.parts.close()  # each part diagnoses its last window
+            self._diagnose(None, max(self.sink.next_epoch - 1, 0))
+        elif self.cadence.diagnose_every and self.diagnosis.readings():
             with self.guard("the last window's diagnosis"):
                 self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
         self.unwatch()

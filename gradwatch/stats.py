@@ -61,7 +61,7 @@ def _to_floats(columns: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]
 COMBINE = dict(
     weight_norm="l2", max_abs_weight="max", grad_norm="l2", grad_nonzero="sum", update_norm="l2"
 )
-COMBINE.update(grad_l1="sum", max_abs_grad="max", nonfinite="sum")
+COMBINE.update(grad_l1="sum", max_abs_grad="max", nonfinite="sum", update_nonzero="sum")
 
 
 def _whole(
@@ -104,11 +104,13 @@ def _columns(named, graded, moved, previous_weights) -> dict[str, list[float]]:
         "grad_norm": _norms(grads, 2),
         "grad_nonzero": [torch.count_nonzero(g) for g in grads],
         "update_norm": _norms(changes, 2),
+        "update_nonzero": [torch.count_nonzero(c) for c in changes],
     }
     weight_groups = [shard_groups(w) for _, w in named]
     grad_groups = [shard_groups(g) for _, g in graded]
     groups = dict(weight_norm=weight_groups, max_abs_weight=weight_groups, grad_norm=grad_groups)
-    groups.update(grad_nonzero=grad_groups, update_norm=[shard_groups(w) for _, w in moved])
+    moved_groups = [shard_groups(w) for _, w in moved]
+    groups.update(grad_nonzero=grad_groups, update_norm=moved_groups, update_nonzero=moved_groups)
     return _to_floats(_whole(columns, groups))
 
 
@@ -152,9 +154,10 @@ def parameter_statistics(
         stats[name]["grad_rms"] = norm / math.sqrt(size)
         stats[name]["grad_zero_share"] = 1 - values["grad_nonzero"][i] / size
         stats[name]["nonfinite_share"] = nonfinite.get(i, 0.0) / size
-    for (name, _), update in zip(moved, values["update_norm"]):
+    for (name, _), update, nonzero in zip(moved, values["update_norm"], values["update_nonzero"]):
         weight_norm = stats[name]["weight_norm"]
         stats[name]["update_ratio"] = update / weight_norm if weight_norm > 0 else math.nan
+        stats[name]["unchanged_share"] = 1 - nonzero / sizes[name]
     if graded:
         stats["total"] = {"grad_norm": math.sqrt(sum(n * n for n in values["grad_norm"]))}
     return stats

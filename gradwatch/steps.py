@@ -27,6 +27,9 @@ MAX_STATS_EVERY = 1000
 # A loop that calls no epoch_end is diagnosed in windows of this many statistics readings
 READINGS_PER_WINDOW = 16
 MIN_WINDOW_STEPS = 256  # and of at least this many steps, so that its mean loss is not one batch's
+# The first steps after watch() are read whatever the cadence: the first for the loss's graph and
+# the loop's facts, the second for whether the gradients were cleared after the first
+FIRST_READINGS = 2
 # What an epoch keeps, however long it is: loss windows and clipping norms beyond these thin out
 MAX_LOSS_WINDOWS = 512
 MAX_NORMS = 4096
@@ -59,6 +62,26 @@ class Cadence:
         self.stats_every = STATS_EVERY if self.auto else check_count("stats_every", stats_every, 0)
         self.hist_every = check_count("hist_every", hist_every, 0)
         self.epoch_start = start_step  # the step the first epoch began at
+        self.since_watch: int | None = None  # step() calls since watch()
+        self.logged_epoch: int | None = None  # the epoch whose histograms are written
+
+    def watched(self) -> None:
+        """watch() was called: the next FIRST_READINGS steps are read."""
+        self.since_watch = 0
+
+    def tick(self) -> None:
+        """A step() call."""
+        if self.since_watch is not None:
+            self.since_watch += 1
+
+    def first(self, ahead: int = 0) -> bool:
+        """Whether the step (`ahead` steps on) is one of the first FIRST_READINGS after watch()."""
+        calls = None if self.since_watch is None else self.since_watch + ahead
+        return calls is not None and 1 <= calls <= FIRST_READINGS
+
+    def reads(self, step: int, ahead: int = 0) -> bool:
+        """Whether statistics and the loop's facts are read at `step` (`ahead` steps on)."""
+        return self.first(ahead) or self.stats_due(step, ahead)
 
     def stats_due(self, step: int, ahead: int = 0) -> bool:
         return bool(self.stats_every) and (step + ahead) % self.stats_every == 0

@@ -133,11 +133,60 @@ def _weight_norm(record: dict) -> float | None:
     return math.sqrt(sum(squares)) if squares else None
 
 
-def _loop(records: list[dict]) -> dict[str, Any]:
+def _at_every(seen: list[dict], key: str, least: int = 1) -> list[str]:
+    """The names listed under `key` at every reading past the first steps that lists it, where
+    there are `least` such readings; none before."""
+    lists = [f[key] for f in seen if key in f and not f.get("first")]
+    if len(lists) < least:
+        return []
+    return [n for n in lists[-1] if all(n in names for names in lists)]
+
+
+def _replicas(seen: list[dict]) -> dict[str, Any]:
+    """The readings of the replicas (each reading's comparison ends by a later one): the latest, the
+    first that found them apart ("first_step", "first") among those that compared the ranks at
+    the same optimizer step, the last before it that found them equal ("agreed_step"), the first
+    that found ranks at different optimizer steps ("out_of_step"), and the first that found a loss
+    NaN or Inf on some ranks only ("nonfinite")."""
+    found = [r for f in seen for r in f.get("replicas", ())]
+    if not found:
+        return {}
+    in_step = [r for r in found if r["optimizer_steps"][0] == r["optimizer_steps"][1]]
+    apart = [r for r in in_step if r["weights_differ"] or r["gradients_differ"]]
+    first = apart[0] if apart else found[-1]
+    agreed = [r["step"] for r in found if r["step"] < first["step"] and r not in apart]
+    latest = dict(found[-1])
+    if apart:
+        latest.update(first_step=first["step"], first=first)
+    out_of_step = next((r for r in found if r not in in_step), None)
+    nonfinite = next((r for r in found if r["nonfinite_ranks"]), None)
+    latest.update(out_of_step=out_of_step, nonfinite=nonfinite)
+    return {**latest, "agreed_step": max(agreed, default=None)}
+
+
+def _exact(seen: list[dict]) -> dict[str, Any]:
+    """The facts of the readings that hold exactly (what the optimizer holds and changes, the loss's
+    graph, the replicas): the latest of what stays, what held at every reading, the readings that
+    found ranks out of step or a loss NaN on some ranks only."""
+    latest = seen[-1]
+    graph = next((f["graph"] for f in reversed(seen) if f.get("graph")), {})
+    return {
+        "held": latest.get("held"),
+        "held_frozen": latest.get("held_frozen"),
+        "zero_lr": latest.get("zero_lr", []),
+        "not_updated": _at_every(seen, "not_updated", least=2),
+        "rounded": {name: latest["rounded"][name] for name in _at_every(seen, "rounded", least=2)},
+        "graph": graph,
+        "replicas": _replicas(seen),
+    }
+
+
+def loop_summary(records: list[dict]) -> dict[str, Any]:
     """The epoch's loop facts: from the latest reading, what does not change (trainable parameters
     outside the optimizer, the weight decay, whether training mode matters); over the readings, how
     many found the model in eval mode, the parameters that never had a gradient, how many checks
-    found the gradients not cleared, the learning rates, and each reading of the output."""
+    found the gradients not cleared, the learning rates, and each reading of the output; and the
+    exact facts of _exact."""
     seen = [r["loop"] for r in records if "loop" in r]
     if not seen:
         return {}
@@ -146,6 +195,7 @@ def _loop(records: list[dict]) -> dict[str, Any]:
     lrs = [[f["step"], f["lr"]] for f in seen if f.get("lr") is not None]
     rates = [lr for _, lr in lrs]
     return {
+        **_exact(seen),
         "readings": len(seen),
         "weight_norm_first": _weight_norm(records[0]),
         "weight_norm": _weight_norm(records[-1]),
@@ -191,19 +241,27 @@ def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def summarize(epoch: int, step: int, records: list[dict], **context: Any) -> EpochSummary:
+def summarize(
+    epoch: int, step: int, records: list[dict], warm: bool = True, **context: Any
+) -> EpochSummary:
     """The summary of an epoch from the statistics records logged during it (see
     stats.parameter_statistics; "activations" as the monitor's hooks measure them): medians per
-    layer and per activation, the latest weight norm and max |w|. `context` gives the other fields
-    (losses, metrics, first_loss, clipping, num_classes, lr, output_bias)."""
-    totals = [r["total"]["grad_norm"] for r in records if "total" in r]
+    layer and per activation, the latest weight norm and max |w|, from the records after the first
+    steps (whose "loop" says "first": they give the loop's facts, and a baseline only where there
+    is nothing else, and `warm`). `context`
+    gives the other fields (losses, metrics, first_loss, clipping, num_classes, lr, output_bias)."""
+    # past the first steps; where there are none, with `warm`, the first steps (a short epoch)
+    settled = [r for r in records if not r.get("loop", {}).get("first")] or (
+        records if warm else []
+    )
+    totals = [r["total"]["grad_norm"] for r in settled if "total" in r]
     return EpochSummary(
         epoch,
         step,
-        layers=_layers(records),
-        activations=_activations(records),
+        layers=_layers(settled) if settled else {},
+        activations=_activations(settled),
         total_grad_norm_max=max(totals, default=math.nan),
         total_grad_norm_median=_median(totals),
-        loop=_loop(records),
+        loop=loop_summary(records),
         **context,
     )

@@ -87,7 +87,7 @@ def test_unscaled_accumulated_gradients_and_the_mean_loss_once_per_optimizer_ste
         assert [event.step for event in epochs.Histograms(tag)] == [1, 2]
     assert "val_acc" in epochs.Tags()["scalars"]  # the logger's own scalars, in the same run
     assert [event.step for event in epochs.Images("gradient_flow")] == [1, 2]
-    assert isinstance(json.loads((run / "diagnosis.json").read_text()), list)
+    assert isinstance(json.loads((run / "diagnosis.json").read_text())["findings"], list)
     assert len(callback.state_dict()["history"]) == 2
 
 
@@ -105,7 +105,9 @@ def test_with_gradient_clip_val_the_norm_before_clipping_is_logged_and_diagnosed
         assert after[step] == pytest.approx(min(norm, 0.05), rel=1e-3)
     assert [event.value for event in load_events(run).Scalars("clip/clipped_share")] == [1.0, 1.0]
     # the diagnosis reads the clipping: mostly_clipped stays silent only while the loss falls
-    told = "mostly_clipped" in [finding["rule"] for finding in json.loads((run / "diagnosis.json").read_text())]
+    told = "mostly_clipped" in [
+        finding["rule"] for finding in json.loads((run / "diagnosis.json").read_text())["findings"]
+    ]
     losses = list(scalars(steps, "loss").values())
     assert told or losses[-1] < losses[0]
 
@@ -153,7 +155,7 @@ def test_the_readme_snippet_runs_as_printed(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
     assert [event.step for event in load_events(run).Histograms("net.1.weight_grad")] == [1, 2, 3]
-    assert json.loads((run / "diagnosis.json").read_text()) == []
+    assert json.loads((run / "diagnosis.json").read_text())["findings"] == []
 
 
 LIGHTNING_FSDP_SCRIPT = """

@@ -2,6 +2,7 @@
 what it is; the same run without the bug, and the recipes that look like it (frozen layers, gradient accumulation,
 a scheduler stepped per batch on purpose, softmax then NLL), get no such finding."""
 
+import json
 import math
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from test_diagnosis import CLASSES, make_data
 
 from gradwatch import Thresholds, TrainingMonitor, diagnose
-from gradwatch.summary import EpochSummary
+from gradwatch.summary import SUMMARIES, EpochSummary
 
 LOOP_RULES = {
     "not_in_optimizer",
@@ -126,6 +127,15 @@ def test_softmax_before_cross_entropy_is_named_and_softmax_then_nll_is_not(tmp_p
     findings = run(tmp_path / "softmax", nn.Sequential(mlp(), nn.Softmax(-1)), lr=0.5, epochs=3)
     finding = first(findings)
     assert finding.rule == "softmax_before_loss" and "log-softmax" in finding.suggestion
+    # the loss's graph shows it at the first step, with the module that applies it and the line of the loss
+    assert finding.step == 1 and finding.evidence["module"] == "1" and finding.evidence["squash"] == "softmax"
+    assert "in module `1`, called at tests/test_loop.py:" in finding.message
+    # without the graph (logs read by diagnose), the outputs and the loss tell it
+    lines = (tmp_path / "softmax" / SUMMARIES).read_text().splitlines()
+    history = [json.loads(line)["summary"] for line in lines]
+    for summary in history:
+        summary["loop"].pop("graph")
+    finding = next(f for f in diagnose(history) if f.rule == "softmax_before_loss")
     floor = math.log(math.e + len(CLASSES) - 1) - 1  # the lowest cross-entropy of a one-hot probability row
     assert finding.evidence["loss_floor"] >= floor - 1e-6
 

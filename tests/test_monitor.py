@@ -96,7 +96,7 @@ def test_update_ratio_is_the_steps_change_over_the_weight(tmp_path):
                     expected = (p.detach() - before[name]).norm() / p.detach().norm()
                     logged = monitor.diagnosis.records[-1][name]["update_ratio"]
                     assert logged == pytest.approx(expected.item(), rel=1e-5)
-        assert len(monitor.diagnosis.records) == 3
+        assert len(monitor.diagnosis.records) == 4  # steps 1 and 2 (the first after watch()), 4 and 6
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
@@ -247,7 +247,8 @@ def test_the_state_is_the_union_of_the_parts_and_a_loaded_one_sets_where_each_ax
         with pytest.raises(RuntimeError, match="before the first step"):
             resumed.load_state_dict(state)  # too late: the event files are open
     assert [e.step for e in load_events(tmp_path).Scalars("train/loss")] == [1, 2, 3]
-    assert [e.step for e in load_events(tmp_path / "steps").Scalars("loss")] == [2, 4, 6, 8, 10, 12]
+    # every 2 steps, and the first two after each watch(): 1 and 2, 9 and 10
+    assert [e.step for e in load_events(tmp_path / "steps").Scalars("loss")] == [1, 2, 4, 6, 8, 9, 10, 12]
     starts = [event.step for event in raw_events(tmp_path / "steps") if event.HasField("session_log")]
     assert starts == [9]  # the resumed writer's purge, which TensorBoard's loaders honour
 

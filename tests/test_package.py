@@ -38,7 +38,7 @@ def test_pip_installs_the_package_with_its_dependencies_and_the_readme_snippet_r
     run_dir = project / "Result" / "my-loop"
     tags = set(load_events(run_dir).Tags()["histograms"])
     assert {"0.weight_data", "0.weight_grad", "2.bias_data", "2.bias_grad"} <= tags
-    assert isinstance(json.loads((run_dir / "diagnosis.json").read_text()), list)
+    assert isinstance(json.loads((run_dir / "diagnosis.json").read_text())["findings"], list)
 
     result = run(str(diagnose), "Result")  # the console script, reading the log with the installed tensorboard
     assert result.returncode == 0, result.stderr

@@ -83,7 +83,7 @@ def test_a_declaration_is_all_a_new_rule_needs(tmp_path, monkeypatch):
     huge = [f for f in monitor.findings if f.rule == "huge_weights"]
     assert huge and all(f.id == f"huge_weights:{f.parameters[0]}" for f in huge)  # one per parameter
     assert all(f.cause == "diverging" and f.suggestion is None for f in huge)
-    saved = json.loads((tmp_path / "diagnosis.json").read_text())
+    saved = json.loads((tmp_path / "diagnosis.json").read_text())["findings"]
     assert {item["rule"] for item in saved} >= {"diverging", "huge_weights"}
     assert "huge_weights" in monitor.story()
     alone = rules_module.RULES["huge_weights"]([EpochSummary(0, 5, {"w": {"max_abs_weight": 1e3}})], Thresholds())

@@ -92,7 +92,7 @@ def test_a_healthy_run_counted_in_steps_gets_no_finding(tmp_path, settings):
     monitor = run(tmp_path, 3000, **settings)
     assert len(monitor.diagnosis.history) >= 4  # it was diagnosed, window after window
     assert monitor.findings == []
-    assert json.loads((tmp_path / "diagnosis.json").read_text()) == []
+    assert json.loads((tmp_path / "diagnosis.json").read_text())["findings"] == []
 
 
 def test_a_divergence_is_found_while_the_loop_runs(tmp_path):
@@ -103,7 +103,7 @@ def test_a_divergence_is_found_while_the_loop_runs(tmp_path):
     def during(monitor, step, states):
         if "diverging" in rules(monitor.findings) and not seen:
             seen["step"] = step
-            seen["saved"] = json.loads((tmp_path / "diagnosis.json").read_text())
+            seen["saved"] = json.loads((tmp_path / "diagnosis.json").read_text())["findings"]
 
     monitor = run(tmp_path, 1200, optimizer="sgd", lr=0.05, boost_at=[600], boost=300.0, during=during)
     assert 600 <= seen["step"] <= 620  # found at the first reading after the loss rose

@@ -245,9 +245,9 @@ def test_interrupted_mid_epoch_then_resumed_logs_every_step_exactly_once(data_di
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "u", *options, epochs=4)) == 0
     unbroken = torch.load(tmp_path / "u" / "last.pt", weights_only=True)
     assert all(torch.equal(resumed["model"][name], value) for name, value in unbroken["model"].items())
-    diagnosis = json.loads((tmp_path / "u" / "diagnosis.json").read_text())
+    diagnosis = json.loads((tmp_path / "u" / "diagnosis.json").read_text())["findings"]
     assert "weights_growing" in {f["rule"] for f in diagnosis if f["epoch"] == 4}
-    assert json.loads((tmp_path / "r" / "diagnosis.json").read_text()) == diagnosis
+    assert json.loads((tmp_path / "r" / "diagnosis.json").read_text())["findings"] == diagnosis
 
 
 def test_ctrl_c_then_resume_gives_each_epoch_exactly_once(data_dir, tmp_path):
@@ -385,12 +385,13 @@ def test_the_sample_data_trains_without_findings(tmp_path, capsys):
     )
     assert "TensorBoard's Text tab):\n  No findings.\n" in capsys.readouterr().out
     run = tmp_path / "r"
-    assert json.loads((run / "diagnosis.json").read_text()) == []
+    assert json.loads((run / "diagnosis.json").read_text())["findings"] == []
     assert (run / "gradient_flow.png").is_file()
     events = load_events(run)
     assert [e.step for e in events.Images("gradient_flow")] == [1, 2, 3, 4]
     steps = load_events(run / "steps")
-    assert [e.step for e in steps.Scalars("grad_norm/total")] == list(range(50, 361, 50))  # 90-step epochs
+    # the first two steps, then every 50 (90-step epochs)
+    assert [e.step for e in steps.Scalars("grad_norm/total")] == [1, 2, *range(50, 361, 50)]
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     assert [e.step for e in events.Scalars("hparam/best_valid_accuracy")] == [4]
 
@@ -399,7 +400,8 @@ def test_statistics_come_16_times_a_long_epoch_after_the_first(tmp_path):
     args = ["--log-dir", tmp_path, "--run-name", "r", "--epochs", "2", "--batch-size", "1", "--data", ROOT / "Data"]
     assert train.main([str(arg) for arg in args]) == 0  # 1,438 steps an epoch: then every 1438 // 16 = 89 steps
     steps = load_events(tmp_path / "r" / "steps")
-    assert [e.step for e in steps.Scalars("grad_norm/total")] == [*range(50, 1438, 50), *range(1513, 2877, 89)]
+    expected = [1, 2, *range(50, 1438, 50), *range(1513, 2877, 89)]  # and the first two steps, which read the loop
+    assert [e.step for e in steps.Scalars("grad_norm/total")] == expected
 
 
 def test_resume_with_a_new_learning_rate_uses_it(data_dir, tmp_path, capsys):
@@ -521,7 +523,7 @@ def test_clip_grad_norm_logs_the_norm_before_clipping_and_the_share_of_clipped_s
             assert a.value == pytest.approx(min(b.value, float(max_norm)), rel=1e-4)
             assert clipped.value == float(b.value > float(max_norm))
         share = [e.value for e in epochs.Scalars("clip/clipped_share")]
-        findings = [f["rule"] for f in json.loads((tmp_path / run / "diagnosis.json").read_text())]
+        findings = [f["rule"] for f in json.loads((tmp_path / run / "diagnosis.json").read_text())["findings"]]
         if run == "tight":
             assert share == [1.0, 1.0] and "mostly_clipped" in findings
         else:
@@ -559,7 +561,7 @@ def test_a_failing_rule_or_statistic_never_ends_the_run(data_dir, tmp_path, caps
         f"goes on; see {log}"
     ]
     assert log.read_text().count("Traceback") == 2  # each epoch's failure
-    assert json.loads((tmp_path / "rule" / "diagnosis.json").read_text()) == []  # the other rules ran
+    assert json.loads((tmp_path / "rule" / "diagnosis.json").read_text())["findings"] == []  # the other rules ran
 
     monkeypatch.setattr(gradwatch.monitor, "parameter_statistics", broken_statistics)
     assert train.main(train_args(data_dir, tmp_path, "--run-name", "statistics", "--stats-every", "2")) == 0
@@ -661,7 +663,9 @@ def test_one_epoch_numbering_from_the_console_to_tensorboard_and_diagnosis_json(
     out = capsys.readouterr().out
     assert "Epoch[001/003]" in out and "Epoch[003/003]" in out and "Problem, epoch 1-3," in out
     run = tmp_path / "r"
-    finding = next(f for f in json.loads((run / "diagnosis.json").read_text()) if f["rule"] == "moving_too_fast")
+    finding = next(
+        f for f in json.loads((run / "diagnosis.json").read_text())["findings"] if f["rule"] == "moving_too_fast"
+    )
     assert (finding["epoch"], finding["last_epoch"]) == (1, 3)
     events = load_events(run)
     texts = events.Tensors("diagnosis/text_summary")

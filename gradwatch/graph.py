@@ -1,0 +1,392 @@
+"""The loss's own graph, read at the first step: which loss function made the loss, what was applied
+between the model's output and it, which watched parameters it reaches, and the lines of code that
+did it.
+
+After loss.backward() the graph keeps its nodes and their edges (only the tensors they saved are
+freed), so walking back from `loss.grad_fn` costs no device work and no synchronisation. The lines,
+and what the loss function was given, come from `CallLog`: a TorchFunctionMode active from the
+model's first training forward pass to the optimizer step after it, which notes where each softmax,
+sigmoid, log-softmax and loss function was called, by which module, and with which targets.
+
+The facts are plain values (they go into diagnosis.json); the rules in diagnosis.py read
+`problems`, each a bug the graph shows exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .stats import NamedParameters
+
+# Nodes that move, select, reshape or cast values without changing what they mean (a log-probability
+# stays one): the walk from a loss to what fed it passes through them
+KEEPS_MEANING = {
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
+    "TransposeBackward1", "TBackward0", "PermuteBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward2", "UnsqueezeBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
+    "IndexSelectBackward0", "GatherBackward0", "MaskedSelectBackward0", "CloneBackward0",
+    "ToCopyBackward0", "AliasBackward0", "SplitBackward0", "SplitWithSizesBackward0",
+    "UnbindBackward0", "NarrowBackward0", "AsStridedBackward0", "CatBackward0", "StackBackward0",
+}  # fmt: skip
+SQUASH = {"SoftmaxBackward0": "softmax", "SigmoidBackward0": "sigmoid"}
+LOG_PROBABILITIES = {"LogSoftmaxBackward0", "LogBackward0", "LogSigmoidBackward0"}
+# What makes raw scores: a layer's product or sum, an activation, a normalisation
+RAW_SCORES = {
+    "AddmmBackward0", "MmBackward0", "BmmBackward0", "ConvolutionBackward0", "AddBackward0",
+    "ReluBackward0", "GeluBackward0", "NativeLayerNormBackward0", "NativeBatchNormBackward0",
+    "EmbeddingBackward0", "TanhBackward0", "LinearBackward0",
+}  # fmt: skip
+# The losses the graph names by their node, and the loss function behind each
+LOSS_NODES = {
+    "NllLossBackward0": "nll_loss", "NllLoss2DBackward0": "nll_loss",
+    "MseLossBackward0": "mse_loss", "L1LossBackward0": "l1_loss",
+    "SmoothL1LossBackward0": "smooth_l1_loss",
+    "HuberLossBackward0": "huber_loss", "BinaryCrossEntropyBackward0": "binary_cross_entropy",
+    "BinaryCrossEntropyWithLogitsBackward0": "binary_cross_entropy_with_logits",
+    "KlDivBackward0": "kl_div",
+}  # fmt: skip
+# The functions CallLog notes: the losses (by the name torch gives them) and what squashes scores
+LOSS_FUNCTIONS = {
+    "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
+    "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div",
+}  # fmt: skip
+NOTED = LOSS_FUNCTIONS | {"softmax", "sigmoid", "log_softmax", "log"}
+ELEMENTWISE = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+               "binary_cross_entropy_with_logits"}  # fmt: skip
+MAX_NODES = 200_000  # a walk stops there: larger graphs are told as not fully read
+MAX_CALLS = 100_000  # torch calls CallLog looks at before it stops looking
+HERE = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+
+
+def user_frame(frame: Any) -> Any:
+    """The innermost frame of `frame`'s stack that is not inside torch or this package: the user's
+    line of code."""
+    while frame is not None and frame.f_code.co_filename.startswith(HERE):
+        frame = frame.f_back
+    return frame
+
+
+def where(frame: Any) -> str | None:
+    """'file:line' of a frame, the file relative to the working folder where it lies under it."""
+    if frame is None:
+        return None
+    path = frame.f_code.co_filename
+    relative = os.path.relpath(path) if not path.startswith("<") else path
+    return f"{path if relative.startswith('..') else relative}:{frame.f_lineno}"
+
+
+def _module(frame: Any, modules: dict[int, str]) -> str | None:
+    """The name of the innermost watched module whose forward() is on `frame`'s stack."""
+    while frame is not None:
+        if frame.f_code.co_name in ("forward", "_call_impl"):
+            owner = frame.f_locals.get("self")
+            if id(owner) in modules:
+                return modules[id(owner)]
+        frame = frame.f_back
+    return None
+
+
+def _tensor_facts(value: Any) -> dict[str, Any]:
+    """Shape and dtype of a tensor, and for a target its range (one synchronisation, once)."""
+    if not isinstance(value, torch.Tensor):
+        return {}
+    facts = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if value.numel() and not value.is_complex() and not value.is_sparse:
+        low, high = torch.aminmax(value.detach().float())  # note: a CPU-GPU sync point, once
+        facts.update(min=low.item(), max=high.item())
+    return facts
+
+
+class CallLog(TorchFunctionMode):
+    """Where the functions of NOTED are called during the first training step: {id of the node their
+    result's grad_fn is: {"function", "line", "module"}}, and for a loss function also the shapes of
+    its input and target and the target's range. Every torch call goes through it while it is
+    active, so it is active for one step only, and stops looking after MAX_CALLS calls."""
+
+    def __init__(self, modules: dict[int, str]):
+        super().__init__()
+        self.modules = modules  # {id(module): name} of the watched model
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.nodes: list[Any] = []  # the grad_fn nodes noted, kept alive until the walk
+        self.seen = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.seen += 1
+        name = getattr(func, "__name__", "")
+        if name in NOTED and self.seen <= MAX_CALLS:
+            try:
+                self._note(name, result, args, kwargs or {})
+            except Exception:  # a fact not noted; the user's call has its result
+                pass
+        return result
+
+    def _note(self, name: str, result: Any, args: tuple, kwargs: dict) -> None:
+        node = getattr(result, "grad_fn", None)
+        if node is None:
+            return
+        frame = sys._getframe(2)
+        call = {"function": name, "line": where(user_frame(frame))}
+        call["module"] = _module(frame, self.modules)
+        if name in LOSS_FUNCTIONS:
+            given = [*args, *kwargs.values()]
+            call["input"] = _tensor_facts(given[0] if given else None)
+            target = kwargs.get("target", args[1] if len(args) > 1 else None)
+            call["target"] = _tensor_facts(target)
+            call["reduction"] = kwargs.get("reduction", "mean")
+        self.calls.setdefault(id(node), call)
+        self.nodes.append(node)
+
+
+def _walk(root: Any) -> tuple[list[Any], set[int], bool]:
+    """Every node below `root`, the ids of the leaf tensors it reaches, and whether it was read
+    whole (MAX_NODES)."""
+    seen = {id(root)}
+    order = [root]
+    leaves = set()
+    i = 0
+    while i < len(order) and len(order) < MAX_NODES:
+        node = order[i]
+        i += 1
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                order.append(child)
+    return order, leaves, i == len(order)
+
+
+def made_of_losses(root: Any, outputs: set[int]) -> bool | None:
+    """Whether every way from the loss back to the model's outputs passes a loss function the graph
+    names (LOSS_NODES): a loss such as a policy gradient's (-log p x advantage) does not; terms on
+    the parameters alone (an L2 penalty) do not count. None without the outputs."""
+    if not outputs:
+        return None
+    seen = {id(root)}
+    todo = [root]
+    while todo and len(seen) < MAX_NODES:
+        node = todo.pop()
+        if id(node) in outputs:
+            return False
+        if node.name() in LOSS_NODES:
+            continue
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                todo.append(child)
+    return True
+
+
+def _fed_by(node: Any, outputs: set[int]) -> list[Any]:
+    """The chain below a loss node along its first input: the nodes that keep meaning, then the
+    first that does not (or a model output); the walk goes on through a log-softmax."""
+    chain = []
+    node = node.next_functions[0][0] if node.next_functions else None
+    while node is not None and len(chain) < 64:
+        chain.append(node)
+        keeps = node.name() in KEEPS_MEANING or node.name() == "LogSoftmaxBackward0"
+        if id(node) in outputs or not keeps or not node.next_functions:
+            break
+        node = node.next_functions[0][0]
+    return chain
+
+
+def _problem(kind: str, loss: dict[str, Any], node: Any, calls: dict, **facts: Any) -> dict:
+    """A problem the graph shows, with the line and module of the call that made `node`."""
+    call = calls.get(id(node), {})
+    found = {"kind": kind, "loss": loss["function"], "loss_line": loss.get("line")}
+    return {**found, "line": call.get("line"), "module": call.get("module"), **facts}
+
+
+def _squashed(loss: dict, chain: list[Any], calls: dict) -> list[dict]:
+    """A softmax or sigmoid before a loss that applies log-softmax or log-sigmoid itself."""
+    names = [n.name() for n in chain]
+    applies = "LogSoftmaxBackward0" if loss["node"].startswith("NllLoss") else None
+    if loss["node"] == "BinaryCrossEntropyWithLogitsBackward0":
+        applies = "itself"
+    if applies is None or applies != "itself" and applies not in names:
+        return []
+    after = chain[names.index(applies) + 1 :] if applies != "itself" else chain
+    squash = next((n for n in after if n.name() in SQUASH), None)
+    if squash is None or any(n.name() not in KEEPS_MEANING for n in after[: after.index(squash)]):
+        return []
+    return [_problem("squashed", loss, squash, calls, squash=SQUASH[squash.name()])]
+
+
+def _not_log_probabilities(loss: dict, chain: list[Any], calls: dict) -> list[dict]:
+    """nll_loss fed raw scores or probabilities, not log-probabilities: it then only pushes the
+    target's value up, without bound."""
+    fed = next((n for n in chain if n.name() not in KEEPS_MEANING), None)
+    if loss["function"] != "nll_loss" or fed is None:
+        return []
+    if fed.name() in LOG_PROBABILITIES or fed.name() not in RAW_SCORES | set(SQUASH):
+        return []
+    what = SQUASH.get(fed.name(), "raw scores")
+    return [_problem("not_log_probabilities", loss, fed, calls, fed=what, made_by=fed.name())]
+
+
+def _broadcast(loss: dict) -> list[dict]:
+    """An elementwise loss given an input and a target of different shapes, which it broadcast:
+    every output compared with every target."""
+    shapes = [loss.get(key, {}).get("shape") for key in ("input", "target")]
+    if loss["function"] not in ELEMENTWISE or None in shapes or shapes[0] == shapes[1]:
+        return []
+    try:
+        both = list(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        return []
+    found = {"kind": "broadcast", "loss": loss["function"], "line": loss.get("line")}
+    return [{**found, "loss_line": loss.get("line"), "module": None, "input_shape": shapes[0],
+             "target_shape": shapes[1], "broadcast_shape": both}]  # fmt: skip
+
+
+def _target_range(loss: dict) -> list[dict]:
+    """A binary cross-entropy given targets outside [0, 1]: its loss then has no lower bound."""
+    target = loss.get("target", {})
+    if not loss["function"].startswith("binary_cross_entropy") or "min" not in target:
+        return []
+    if 0 <= target["min"] and target["max"] <= 1:
+        return []
+    found = {"kind": "target_range", "loss": loss["function"], "line": loss.get("line")}
+    return [{**found, "loss_line": loss.get("line"), "module": None, "min": target["min"],
+             "max": target["max"]}]  # fmt: skip
+
+
+def _losses(nodes: list[Any], calls: dict) -> list[dict[str, Any]]:
+    """The loss functions in the graph, topmost first: by their node, with what CallLog saw of
+    their call (cross_entropy is log-softmax then nll_loss: its call names it)."""
+    found = []
+    for node in nodes:
+        name = node.name()
+        if name in LOSS_NODES:
+            call = calls.get(id(node), {})
+            loss = {"function": call.get("function", LOSS_NODES[name]), "node": name}
+            loss.update({key: call[key] for key in ("line", "input", "target") if key in call})
+            found.append((node, loss))
+    return found
+
+
+def _read_losses(nodes: list[Any], outputs: set[int], calls: dict) -> tuple[list, list]:
+    """The loss functions among `nodes`, each with the functions the user called between it and the
+    model's output ("between") and whether it reaches that output; and the problems they show."""
+    losses = []
+    problems = []
+    for node, found in _losses(nodes, calls):
+        chain = _fed_by(node, outputs)
+        between = [calls[id(n)]["function"] for n in chain if id(n) in calls]  # called by the user
+        from_output = bool(chain) and id(chain[-1]) in outputs
+        losses.append({**found, "between": between, "from_output": from_output})
+        for check in (_squashed, _not_log_probabilities):
+            problems += check(found, chain, calls)
+        problems += _broadcast(found) + _target_range(found)
+    return losses, problems
+
+
+def loss_graph(
+    loss: torch.Tensor,
+    parameters: NamedParameters,
+    outputs: Iterable[Any] = (),
+    calls: dict[int, dict] | None = None,
+    others: dict[str, set[int]] | None = None,
+) -> dict[str, Any]:
+    """What the loss's graph shows, as plain values: {"losses": the loss functions in it, each with
+    its line, input and target where CallLog saw them, and the ops between it and the model's
+    output; "reached": how many of `parameters` it reaches; "unreached": the trainable ones it does
+    not; "whole": whether the walk read it all; "made_of_losses": whether the loss is made by the
+    loss functions alone (made_of_losses); "problems": the bugs it shows}. `outputs` are the
+    grad_fn nodes of the model's outputs in that step; `others`, {name: ids of its parameters} of
+    the other models of the loop, whose names go into "reaches_parts" where the loss reaches them
+    (a GAN's generator loss, through the discriminator); {} for a loss without a graph."""
+    root = getattr(loss, "grad_fn", None)
+    if root is None:
+        return {}
+    nodes, leaves, whole = _walk(root)
+    outputs = {id(node) for node in outputs if node is not None}
+    losses, problems = _read_losses(nodes, outputs, calls or {})
+    reached = [name for name, p in parameters if id(p) in leaves]
+    unreached = [name for name, p in parameters if p.requires_grad and id(p) not in leaves]
+    return {
+        "losses": losses,
+        "made_of_losses": made_of_losses(root, outputs),
+        "reaches_parts": [name for name, ids in (others or {}).items() if ids & leaves],
+        "reached": len(reached),
+        "unreached": unreached if whole else [],
+        "whole": whole,
+        "nodes": len(nodes),
+        "problems": problems,
+    }
+
+
+def output_nodes(output: Any) -> list[Any]:
+    """The grad_fn nodes of the tensors in a model's output (a tensor, a tuple, list or dict of
+    them, or a Hugging Face ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output.grad_fn] if output.grad_fn is not None else []
+    if isinstance(output, dict) or hasattr(output, "values") and callable(output.values):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [node for item in output[:16] for node in output_nodes(item)]
+    return []
+
+
+class FirstStep:
+    """The graph of the loss of the first training step after watch(): `CallLog` active from the
+    model's first training forward pass to the optimizer step after it (not in a compiled model,
+    whose graph would be traced with it), and the grad_fn nodes of the model's outputs meanwhile,
+    where the walk from the loss stops."""
+
+    def __init__(self):
+        self.armed = False
+        self.log: CallLog | None = None  # while it is on torch's stack
+        self.calls: dict[int, dict] = {}
+        self.outputs: list[Any] = []
+        self.others: dict[str, set[int]] = {}  # the other models of the loop: their parameters
+
+    def arm(self) -> None:
+        """Read the next training step."""
+        self.armed = True
+        self.calls = {}
+        self.outputs = []
+
+    def begin(self, model: torch.nn.Module) -> None:
+        """At a forward pass: start noting calls, if armed and not begun, in training mode."""
+        if self.armed and self.log is None and not self.calls and model.training:
+            self.log = CallLog({id(m): name for name, m in model.named_modules()})
+            self.calls = self.log.calls
+            self.log.__enter__()
+
+    def output(self, output: Any) -> None:
+        if self.armed:
+            self.outputs += output_nodes(output)
+
+    def end(self) -> None:
+        """Stop noting calls: the mode leaves torch's stack where it is on top (in the thread that
+        began it); elsewhere it stops looking, and leaves at a later end()."""
+        log = self.log
+        if log is None:
+            return
+        log.seen = MAX_CALLS
+        stack = torch._C._len_torch_function_stack()
+        if stack and torch._C._get_function_stack_at(stack - 1) is log:
+            log.__exit__(None, None, None)
+            self.log = None
+
+    def take(self, loss: Any, parameters: NamedParameters) -> dict[str, Any]:
+        """The loss graph's facts (loss_graph), with the calls noted; the step is then read."""
+        self.end()
+        graph = (loss, parameters, self.outputs, self.calls, self.others)
+        facts = loss_graph(*graph) if self.armed else {}
+        self.armed = False
+        self.calls = {}
+        self.outputs = []
+        if self.log is not None:  # still on the stack: let go of what it noted
+            self.log.nodes = []
+        return facts
