@@ -1518,6 +1518,11 @@ class RunDiagnosis:
         loops = [record["loop"] for record in self.records]
         return sum(loop["step"] > since and not loop.get("first") for loop in loops)
 
+    def undiagnosed(self) -> bool:
+        """Whether readings wait for a diagnosis: taken since the last window of steps, or, in a run
+        not diagnosed yet, the first steps' (a run that stops early has their facts)."""
+        return bool(self.readings() or not self.history and self.records)
+
     def keep(self, record: dict, limit: int) -> None:
         """Add a statistics record; past `limit` records, the older half thins out. Whether its
         layers jumped against the last summary is kept apart, for the first JUMP_READINGS."""

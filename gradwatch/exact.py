@@ -51,6 +51,30 @@ def _graph_step(now: EpochSummary, history: list[EpochSummary]) -> int:
 
 
 @rule(
+    "compute the loss from the output of the model given to watch(), without .detach(); or watch "
+    "the model that the loss trains.",
+    exact=True,
+    root=True,
+)
+def loss_misses_model(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The loss passed to step() reaches none of the watched model's parameters (its graph was read
+    whole), and none of them had a gradient at any statistics step: the watched model is not the
+    one the loss trains."""
+    now = history[-1]
+    graph = now.loop.get("graph") or {}
+    missing = now.loop.get("no_gradient", [])
+    if not graph.get("whole") or graph.get("reached") != 0 or not missing:
+        return []
+    if len(missing) < now.loop.get("trainable", 0):
+        return []
+    message = "the loss passed to monitor.step() reaches none of the watched model's parameters, "
+    message += "and none of them had a gradient: the loss is computed from another model (or from "
+    message += "a detached output)."
+    evidence = {"reached": 0, "losses": [loss["function"] for loss in graph.get("losses", [])]}
+    return [_found(now, [], evidence, message, _graph_step(now, history))]
+
+
+@rule(
     "build the optimizer from the parameters meant to train (torch.optim.SGD(p for p in "
     "model.parameters() if p.requires_grad)), after setting requires_grad on them.",
     exact=True,
@@ -75,7 +99,7 @@ def optimizer_frozen(history: list[EpochSummary], t: Thresholds) -> list[Finding
 @rule(
     "pass every trainable parameter to the optimizer (torch.optim.SGD(model.parameters(), ...)), "
     "or set requires_grad=False on those meant to stay frozen.",
-    follows=("optimizer_frozen",),
+    follows=("optimizer_frozen", "loss_misses_model"),
     exact=True,
 )
 def not_in_optimizer(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
@@ -93,22 +117,11 @@ def not_in_optimizer(history: list[EpochSummary], t: Thresholds) -> list[Finding
     return [_found(now, left_out, evidence, message, step=_loop_start(history))]
 
 
-def _reaches_none(now: EpochSummary, history: list[EpochSummary]) -> list[Finding]:
-    """The loss passed to step() reaches none of the watched parameters, which have no gradient."""
-    graph = now.loop["graph"]
-    message = "the loss passed to monitor.step() reaches none of the watched model's parameters, "
-    message += "and none of them had a gradient: the loss is computed from another model (or from "
-    message += "a detached output)."
-    suggestion = "compute the loss from the output of the model given to watch(), without "
-    suggestion += ".detach(); or watch the model that the loss trains."
-    evidence = {"reached": 0, "losses": [loss["function"] for loss in graph.get("losses", [])]}
-    return [_found(now, [], evidence, message, _graph_step(now, history), suggestion)]
-
-
 @rule(
     "find where the forward pass cuts the graph before these layers (.detach(), torch.no_grad(), "
     ".data, a value rebuilt from .item() or numpy) and remove it; if they are unused, set "
     "requires_grad=False on them.",
+    follows=("loss_misses_model",),
     exact=True,
 )
 def no_gradient(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
@@ -125,7 +138,7 @@ def no_gradient(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     evidence = {"no_gradient": missing, "trainable": now.loop["trainable"]}
     if len(missing) == now.loop["trainable"]:
         if graph.get("whole") and graph.get("reached") == 0:
-            return _reaches_none(now, history)
+            return []  # loss_misses_model
         message = "no parameter had a gradient when monitor.step() was called."
         suggestion = "call monitor.step() after optimizer.step() and before optimizer.zero_grad()."
         return [_found(now, [], evidence, message, _loop_start(history), suggestion)]
@@ -327,8 +340,9 @@ def target_range(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """At every reading of the epoch past the first steps (two at least), at least half of a
     parameter's values had a gradient other than zero and did not change at the optimizer step
-    (the optimizer holding it at a learning rate above 0): each update was smaller than half the
-    spacing of the parameter's dtype at those values, and rounding took it away (bfloat16 keeps 8
+    (the optimizer holding it at a learning rate above 0), and a typical step of its optimizer
+    (the learning rate, times the gradient's RMS for SGD) is below half the spacing of the
+    parameter's dtype at the RMS of its values: rounding took the updates away (bfloat16 keeps 8
     bits of mantissa: a step below 0.4% of a weight is lost; float32, 24 bits). Not once the
     schedule has brought the learning rate below a tenth of its peak."""
     now = history[-1]

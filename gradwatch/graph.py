@@ -42,6 +42,9 @@ RAW_SCORES = {
     "ReluBackward0", "GeluBackward0", "NativeLayerNormBackward0", "NativeBatchNormBackward0",
     "EmbeddingBackward0", "TanhBackward0", "LinearBackward0",
 }  # fmt: skip
+# A layer's product of its input and its weights: where, without the model's outputs, a way from
+# the loss enters the model
+LAYER_PRODUCTS = {"AddmmBackward0", "MmBackward0", "BmmBackward0", "ConvolutionBackward0"}
 # The losses the graph names by their node, and the loss function behind each
 LOSS_NODES = {
     "NllLossBackward0": "nll_loss", "NllLoss2DBackward0": "nll_loss",
@@ -93,7 +96,7 @@ def _module(frame: Any, modules: dict[int, str]) -> str | None:
 
 
 def _tensor_facts(value: Any) -> dict[str, Any]:
-    """Shape and dtype of a tensor, and for a target its range (one synchronisation, once)."""
+    """Shape and dtype of a tensor, and its range (one synchronisation, once)."""
     if not isinstance(value, torch.Tensor):
         return {}
     facts = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
@@ -164,17 +167,16 @@ def _walk(root: Any) -> tuple[list[Any], set[int], bool]:
     return order, leaves, i == len(order)
 
 
-def made_of_losses(root: Any, outputs: set[int]) -> bool | None:
-    """Whether every way from the loss back to the model's outputs passes a loss function the graph
-    names (LOSS_NODES): a loss such as a policy gradient's (-log p x advantage) does not; terms on
-    the parameters alone (an L2 penalty) do not count. None without the outputs."""
-    if not outputs:
-        return None
+def made_of_losses(root: Any, outputs: set[int]) -> bool:
+    """Whether every way from the loss back to the model's outputs (or, where they are not known, to
+    a layer's product) passes a loss function the graph names (LOSS_NODES): a loss such as a policy
+    gradient's (-log p x advantage) does not; terms on the parameters alone (an L2 penalty) do not
+    count."""
     seen = {id(root)}
     todo = [root]
     while todo and len(seen) < MAX_NODES:
         node = todo.pop()
-        if id(node) in outputs:
+        if id(node) in outputs or not outputs and node.name() in LAYER_PRODUCTS:
             return False
         if node.name() in LOSS_NODES:
             continue
@@ -349,15 +351,20 @@ class FirstStep:
         self.calls: dict[int, dict] = {}
         self.outputs: list[Any] = []
         self.others: dict[str, set[int]] = {}  # the other models of the loop: their parameters
+        self.inputs: list[dict[str, Any]] = []  # the first training batch as the model took it
 
     def arm(self) -> None:
         """Read the next training step."""
         self.armed = True
         self.calls = {}
         self.outputs = []
+        self.inputs = []
 
-    def begin(self, model: torch.nn.Module) -> None:
-        """At a forward pass: start noting calls, if armed and not begun, in training mode."""
+    def begin(self, model: torch.nn.Module, inputs: tuple = ()) -> None:
+        """At a forward pass: note the batch, and start noting calls, if armed and not begun, in
+        training mode."""
+        if self.armed and not self.inputs and model.training:
+            self.inputs = [_tensor_facts(x) for x in inputs[:4] if isinstance(x, torch.Tensor)]
         if self.armed and self.log is None and not self.calls and model.training:
             self.log = CallLog({id(m): name for name, m in model.named_modules()})
             self.calls = self.log.calls
@@ -384,6 +391,8 @@ class FirstStep:
         self.end()
         graph = (loss, parameters, self.outputs, self.calls, self.others)
         facts = loss_graph(*graph) if self.armed else {}
+        if facts:
+            facts["inputs"] = self.inputs
         self.armed = False
         self.calls = {}
         self.outputs = []

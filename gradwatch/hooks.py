@@ -165,9 +165,7 @@ class Hooks:
         """Forward hooks that measure the activations of the next training forward pass; `first`:
         and that read the graph of its loss (graph.FirstStep)."""
         if first and self.model is not None and not self.stay:  # a compiled graph: not its loss
-            self.first.arm()
-            begin = Hook(lambda module, args: self.first.begin(module))
-            self.handles["first"] = self.model.register_forward_pre_hook(begin)
+            self._arm_first(self.model)
         if self.stay and any(key.startswith("forward ") for key in self.handles):
             return
         self._drop_forward()  # placed for a step whose statistics were not taken
@@ -183,6 +181,15 @@ class Hooks:
         if self.model is not None:
             output = Hook(self._read_output)
             self.handles["forward output"] = self.model.register_forward_hook(output)
+
+    def _arm_first(self, model: torch.nn.Module) -> None:
+        """Forward pre-hooks that begin graph.FirstStep at the first training forward pass: on the
+        model, or on the first of its modules the loop calls (a ModuleDict's, whose own forward is
+        never called)."""
+        self.first.arm()
+        begin = Hook(lambda module, args: self.first.begin(module, args))
+        for i, module in enumerate(model.modules()):
+            self.handles[f"first {i}"] = module.register_forward_pre_hook(begin)
 
     def _read_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if module.training and not self.stay:
@@ -270,7 +277,8 @@ class Hooks:
 
     def take_graph(self, loss: Any, parameters: NamedParameters) -> dict[str, Any]:
         """What the graph of the first step's loss shows (graph.loss_graph); {} if not read."""
-        self._drop("first")
+        for key in [key for key in self.handles if key.startswith("first ")]:
+            self._drop(key)
         return self.first.take(loss, parameters)
 
     def take_weights(self) -> dict[str, torch.Tensor] | None:

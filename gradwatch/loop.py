@@ -95,24 +95,48 @@ def not_updated(
     return found
 
 
+def _groups(optimizer: torch.optim.Optimizer | None) -> dict[int, dict]:
+    """{id(parameter): its parameter group} of every parameter the optimizer holds."""
+    groups = optimizer.param_groups if optimizer is not None else ()
+    return {id(p): group for group in groups for p in group["params"]}
+
+
+def typical_step(group: dict, grad_rms: float) -> float:
+    """About how far an optimizer step moves a value: the learning rate for optimizers whose steps
+    are normalised by the gradient's size (Adam, RMSprop, Adagrad, Adadelta), else the learning
+    rate times the gradient, times 1 / (1 - momentum) as momentum builds up."""
+    lr = float(group.get("lr", 0.0))
+    if any(key in group for key in ("betas", "alpha", "lr_decay", "rho")):
+        return lr
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    return lr * grad_rms / (1 - momentum) if momentum < 1 else math.inf
+
+
 def rounded_away(
     stats: dict[str, dict], parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, dict]:
     """The parameters the optimizer holds at a learning rate above 0, at least half of whose values
-    had a gradient other than zero and did not change at the optimizer step: the update was smaller
-    than half the spacing of the parameter's dtype at those values, and rounding took it away.
-    {name: {"dtype", "unchanged_share", "grad_zero_share"}}."""
-    rates = held(optimizer)
+    had a gradient other than zero and did not change at the optimizer step, while a typical step
+    (typical_step) is below half the spacing of the parameter's dtype at the size of its values (its
+    RMS): rounding took the updates away. {name: {"dtype", "unchanged_share", "grad_zero_share",
+    "step", "spacing"}}."""
+    groups = _groups(optimizer)
     found = {}
     for name, p in parameters:
-        values = stats.get(name, {}) if rates.get(id(p), 0) > 0 else {}
+        values = stats.get(name, {})
+        group = groups.get(id(p))
         unchanged = values.get("unchanged_share")
         zero = values.get("grad_zero_share")
-        if unchanged is None or zero is None or values.get("grad_norm", 0.0) == 0:
+        if not group or not group.get("lr") or unchanged is None or zero is None:
             continue
-        if math.isfinite(values["grad_norm"]) and unchanged - zero >= 0.5:
+        if unchanged - zero < 0.5 or not 0 < values.get("grad_norm", 0.0) < math.inf:
+            continue
+        spacing = values["weight_norm"] / math.sqrt(max(p.numel(), 1)) * torch.finfo(p.dtype).eps
+        step = typical_step(group, values["grad_rms"])
+        if step < spacing / 2:
             dtype = str(p.dtype).removeprefix("torch.")
             found[name] = {"dtype": dtype, "unchanged_share": unchanged, "grad_zero_share": zero}
+            found[name].update(step=step, spacing=spacing)
     return found
 
 

@@ -278,6 +278,14 @@ def statistics_scalars(stats: Mapping[str, dict]) -> dict[str, float]:
     return scalars
 
 
+def settle(records: list[dict], replicas: Replicas) -> None:
+    """At an epoch's end or at close(), where every rank meets: the comparisons of the replicas
+    begun at earlier readings, waited for, go into the latest record."""
+    if records:
+        loop = records[-1]["loop"]
+        loop["replicas"] = [*loop.get("replicas", ()), *replicas.settle()]
+
+
 def window_due(cadence: Cadence, diagnosis: RunDiagnosis, step: int, urgent: list[Finding]) -> bool:
     """Whether a loop without epochs (none summarised yet) is diagnosed at `step`: every
     `diagnose_every` readings and MIN_WINDOW_STEPS steps, and at once when a reading holds an
@@ -533,7 +541,7 @@ class TrainingMonitor:
         facts["graph"] = graph
         window = self.losses.windows[-1] if self.losses.windows else {}
         nonfinite = window.get("step") == self.steps and window["nonfinite_step"] is not None
-        self.replicas.compare(self._parameters, self.steps, nonfinite, self.hooks.wrapper.take())
+        self.replicas.compare(stats, self.steps, nonfinite, self.hooks.wrapper.take())
         facts["replicas"] = self.replicas.take()  # those of earlier readings, ended meanwhile
         return facts
 
@@ -604,9 +612,8 @@ class TrainingMonitor:
         history = self.diagnosis.history
         since = history[-1].step if unit == "steps" and history else -1
         records = [r for r in self.diagnosis.records if r.get("loop", {}).get("step", 0) > since]
-        if unit == "epoch" and records:  # every rank is here: the comparisons begun end now
-            loop = records[-1]["loop"]
-            loop["replicas"] = [*loop.get("replicas", ()), *self.replicas.settle()]
+        if unit == "epoch":
+            settle(records, self.replicas)
         if not records:  # statistics once per epoch (stats_every=0), or an epoch without steps
             records.append(
                 {**parameter_statistics(self._parameters), "activations": self.hooks.collect()}
@@ -742,10 +749,11 @@ class TrainingMonitor:
         """Diagnose the last window of steps of a loop without epochs (the readings since the last
         window); remove the hooks and close the event files. Safe to call twice."""
         if self.parts is not None:
-            self.parts.close()  # each part diagnoses its last window
-            self._diagnose(None, max(self.sink.next_epoch - 1, 0))
-        elif self.cadence.diagnose_every and self.diagnosis.readings():
+            if self.parts.close():  # each part diagnoses its last window
+                self._diagnose(None, max(self.sink.next_epoch - 1, 0))
+        elif self.cadence.diagnose_every and self.diagnosis.undiagnosed():
             with self.guard("the last window's diagnosis"):
+                settle(self.diagnosis.records, self.replicas)
                 self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
         self.unwatch()
         self.sink.close()

@@ -46,6 +46,7 @@ class Parts:
 
     def __init__(self, monitors: Mapping[str, Any]):
         self.monitors = dict(monitors)
+        self.closed = False
         for part, monitor in self.monitors.items():
             monitor.hooks.first.others = {
                 other: {id(p) for _, p in watched._parameters}
@@ -101,6 +102,10 @@ class Parts:
         for part, monitor in self.monitors.items():
             monitor.load_state_dict(saved[part])
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Close each part's monitor; whether they were open (close() is safe twice)."""
+        was_open = not self.closed
+        self.closed = True
         for monitor in self.monitors.values():
             monitor.close()
+        return was_open

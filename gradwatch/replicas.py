@@ -5,11 +5,11 @@ directly, `no_sync()` left on, the model moved to another dtype or device after 
 which loses the wrapper's gradient hooks), or the weights are changed on some ranks only, the
 copies drift apart in silence: each rank trains its own model.
 
-At each statistics reading every rank sends, per parameter, the sum and the sum of squares of its
-weights and of its gradient (float64), its step count, and whether its loss was NaN or Inf since the
-reading before; one all_reduce(MAX) of those numbers and of their negatives gives every rank the
-largest and smallest of each over the replicas. Equal replicas give equal numbers; the numbers
-travel, never the values.
+At each statistics reading every rank sends, per parameter, the norm of its weights and of its
+gradient (those the reading's statistics computed already), its step counts, and whether its loss
+was NaN or Inf since the reading before; one all_reduce(MAX) of those numbers and of their negatives
+gives every rank the largest and smallest of each over the replicas. Equal replicas give equal
+numbers, bit for bit; the numbers travel, never the values.
 
 The collective runs in a gloo group of the monitor's own, and asynchronously: each reading starts
 one and reads the ones that have ended, so that it never waits on a rank that is behind, and a rank
@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from .histograms import to_host
 from .hooks import COUNTS
-from .shards import is_sharded, local
+from .shards import is_sharded
 from .stats import NamedParameters
 
 # replicas differ where the largest and smallest of a number over the ranks are further apart than
@@ -39,6 +38,7 @@ from .stats import NamedParameters
 # whose order differs between devices
 TOLERANCE = 1e-6
 SHOWN = 8  # the parameters a reading names, most different first
+NORMS = ("weight_norm", "grad_norm")  # what is compared of each parameter, in this order
 
 
 def data_parallel_group(wrapper: torch.nn.Module | None, parameters: NamedParameters) -> Any:
@@ -73,19 +73,6 @@ def moved_after_wrapping(wrapper: torch.nn.Module | None) -> bool | None:
         return False
     except Exception:  # not a DDP module, or a torch whose reducer says nothing of its buckets
         return None
-
-
-def _sums(tensors: list[torch.Tensor | None]) -> list[float]:
-    """[sum, sum of squares] of each tensor, computed in float64 on its device and read in one
-    transfer per device (a synchronisation); NaN for a missing one."""
-    rows = {}
-    for i, t in enumerate(tensors):
-        if t is not None and not t.is_sparse:
-            wide = local(t).detach().double().reshape(-1)
-            rows[2 * i] = wide.sum()
-            rows[2 * i + 1] = wide.dot(wide)
-    host = to_host(rows)  # note: a CPU-GPU sync point, at statistics readings only
-    return [host.get(i, math.nan) for i in range(2 * len(tensors))]
 
 
 JOIN_SECONDS = 60  # how long watch() waits for every rank to watch too
@@ -140,17 +127,19 @@ class Replicas:
         self.pending: list[tuple] = []  # (work, numbers, step, names and sizes): collectives begun
 
     def compare(
-        self, parameters: NamedParameters, step: int, nonfinite: bool, calls: dict[str, int]
+        self, stats: dict[str, dict], step: int, nonfinite: bool, calls: dict[str, int]
     ) -> None:
-        """Begin this reading's collective (take() reads it once it has ended). Every rank of the
-        group must make the same readings, as with any collective. `calls`: the loop's calls
+        """Begin this reading's collective (take() reads it once it has ended), from its statistics
+        (stats.parameter_statistics; a missing gradient's norm is NaN). Every rank of the group
+        must make the same readings, as with any collective. `calls`: the loop's calls
         (hooks.WrapperCalls)."""
         if self.channel is None:
             return
         world = torch.distributed.get_world_size(self.channel)
         rank = torch.distributed.get_rank(self.channel)
-        sums = _sums([p for _, p in parameters] + [p.grad for _, p in parameters])
-        values = torch.tensor(sums, dtype=torch.float64)
+        names = [name for name in stats if name not in ("total", "activations", "loop")]
+        norms = [stats[name].get(key, math.nan) for key in NORMS for name in names]
+        values = torch.tensor(norms, dtype=torch.float64)
         values = values.nan_to_num(math.inf, math.inf, -math.inf)  # a NaN differs from any number
         counts = torch.tensor([step] + [calls[key] for key in COUNTS], dtype=torch.float64)
         flags = torch.zeros(world, dtype=torch.float64)
@@ -159,8 +148,7 @@ class Replicas:
         work = torch.distributed.all_reduce(
             both, torch.distributed.ReduceOp.MAX, group=self.channel, async_op=True
         )
-        shapes = [(name, max(p.numel(), 1)) for name, p in parameters]
-        self.pending.append((work, both, step, shapes))
+        self.pending.append((work, both, step, names))
         if len(self.pending) > MAX_PENDING:  # a rank far behind, or gone: stop comparing
             print(
                 "gradwatch: the replicas are no longer compared: a rank is far behind",
@@ -174,7 +162,7 @@ class Replicas:
         each), oldest first; the others stay pending."""
         found = []
         while self.pending:
-            work, both, step, shapes = self.pending[0]
+            work, both, step, names = self.pending[0]
             if not work.is_completed():
                 if not seconds:
                     break
@@ -183,8 +171,9 @@ class Replicas:
                 except Exception:
                     break
             self.pending.pop(0)
-            found.append({**facts(shapes, both.tolist()), "step": step})
-        moved = moved_after_wrapping(self.wrapper) if found else None
+            found.append({**facts(names, both.tolist()), "step": step})
+        differ = any(f["gradients_differ"] for f in found)  # the check allocates every bucket
+        moved = moved_after_wrapping(self.wrapper) if differ else None
         return [{**f, "moved": moved} for f in found]
 
     def settle(self) -> list[dict[str, Any]]:
@@ -203,15 +192,15 @@ def _apart(high: float, low: float, size: float) -> float:
     return abs(high - low) / size if size > 0 else math.inf
 
 
-def facts(shapes: list[tuple[str, int]], reduced: list[float]) -> dict[str, Any]:
+def facts(names: list[str], reduced: list[float]) -> dict[str, Any]:
     """The comparison as plain values, from the reduced numbers of a reading (the largest of each,
-    then the negated smallest, then the counts and the ranks' flags) and the parameters' names and
-    sizes: the parameters whose weights and whose gradients differ over the replicas, with how far
-    apart (the larger of the relative differences of their sum of squares and of their sum against
-    its largest possible size), the range of the ranks' optimizer step counts, the ranks whose loss
-    was NaN or Inf, and the largest over the ranks of the training forward passes, of those that
-    skipped the wrapper and of the optimizer steps made under no_sync() alone."""
-    n = 4 * len(shapes)
+    then the negated smallest, then the counts and the ranks' flags) and the parameters' names:
+    the parameters whose weights and whose gradients differ over the replicas, with how far apart
+    (the difference of their norms over the larger), the range of the ranks' optimizer step counts,
+    the ranks whose loss was NaN or Inf, and the largest over the ranks of the training forward
+    passes, of those that skipped the wrapper and of the optimizer steps made under no_sync()
+    alone."""
+    n = len(NORMS) * len(names)
     k = 1 + len(COUNTS)
     high = reduced[:n]
     low = [-v for v in reduced[n : 2 * n]]
@@ -219,16 +208,10 @@ def facts(shapes: list[tuple[str, int]], reduced: list[float]) -> dict[str, Any]
     lows = dict(zip(("step", *COUNTS), (-v for v in reduced[2 * n + k : 2 * n + 2 * k])))
     flags = reduced[2 * n + 2 * k :]
     apart = {"weights": {}, "gradients": {}}
-    for part, offset in (("weights", 0), ("gradients", 2 * len(shapes))):
-        for i, (name, size) in enumerate(shapes):
-            j = offset + 2 * i
-            squares = max(abs(high[j + 1]), abs(low[j + 1]))
-            both = max(
-                _apart(high[j + 1], low[j + 1], squares),
-                _apart(high[j], low[j], math.sqrt(size * squares)),
-            )
-            if both > TOLERANCE:
-                apart[part][name] = both
+    for j, (part, name) in enumerate((part, name) for part in apart for name in names):
+        far = _apart(high[j], low[j], max(abs(high[j]), abs(low[j])))
+        if far > TOLERANCE:
+            apart[part][name] = far
     ranks = [r for r, flag in enumerate(flags) if flag > 0]
     shown = {part: dict(sorted(found.items(), key=lambda kv: -kv[1])[:SHOWN])
              for part, found in apart.items()}  # fmt: skip

@@ -150,7 +150,7 @@ def test_under_ddp_only_rank_zero_writes(tmp_path):
 
 
 def test_the_readme_snippet_runs_as_printed(tmp_path):
-    (tmp_path / "snippet.py").write_text(readme_python("### Lightning"))
+    (tmp_path / "snippet.py").write_text(readme_python("#### A Lightning example"))
     result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"

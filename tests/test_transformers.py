@@ -62,7 +62,7 @@ def test_a_learning_rate_far_too_high_is_named_first(tmp_path, capsys):
 
 
 def test_the_readme_snippet_runs_as_printed(tmp_path):
-    (tmp_path / "snippet.py").write_text(readme_python("### Hugging Face"))
+    (tmp_path / "snippet.py").write_text(readme_python("#### A Hugging Face example"))
     result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "hf-out" / "runs" / "tiny-bert"
