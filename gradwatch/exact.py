@@ -31,8 +31,10 @@ def _place(problem: dict) -> str:
     return text
 
 
-def _problems(now: EpochSummary, kind: str) -> list[dict]:
-    return [p for p in now.loop.get("graph", {}).get("problems", []) if p["kind"] == kind]
+def _problem(now: EpochSummary, kind: str) -> dict | None:
+    """The first problem of `kind` the loss's graph shows (graph.py), or None."""
+    problems = now.loop.get("graph", {}).get("problems", [])
+    return next((p for p in problems if p["kind"] == kind), None)
 
 
 def _annealed(history: list[EpochSummary]) -> bool:
@@ -204,10 +206,9 @@ def _in_band(reading: dict) -> bool:
 
 def _squashed_in_graph(now: EpochSummary, history: list[EpochSummary]) -> list[Finding]:
     """The graph's version of softmax_before_loss: exact, and with the line."""
-    found = _problems(now, "squashed")
-    if not found:
+    problem = _problem(now, "squashed")
+    if problem is None:
         return []
-    problem = found[0]
     squash = problem["squash"]
     message = f"the loss's graph shows a {squash} applied to the scores{_place(problem)}, before "
     message += f"{problem['loss']}, which applies {SQUASHED_BY[squash]} itself: it learns from "
@@ -267,10 +268,9 @@ def not_log_probabilities(history: list[EpochSummary], t: Thresholds) -> list[Fi
     log-probabilities: nll_loss only takes the target's value with a minus sign, so it pushes that
     value up without bound and the loss falls below zero."""
     now = history[-1]
-    found = _problems(now, "not_log_probabilities")
-    if not found:
+    problem = _problem(now, "not_log_probabilities")
+    if problem is None:
         return []
-    problem = found[0]
     line = f" at {problem['loss_line']}" if problem.get("loss_line") else ""
     message = f"the loss's graph shows nll_loss{line} fed {problem['fed']} (made by "
     message += f"{problem['made_by']}), not log-probabilities: nll_loss only takes minus the "
@@ -292,10 +292,9 @@ def loss_broadcast(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     target of different shapes at the first step, and broadcast them: it compares every output
     with every target."""
     now = history[-1]
-    found = _problems(now, "broadcast")
-    if not found:
+    p = _problem(now, "broadcast")
+    if p is None:
         return []
-    p = found[0]
     shapes = [tuple(p[key]) for key in ("input_shape", "target_shape", "broadcast_shape")]
     line = f" at {p['line']}" if p.get("line") else ""
     message = f"{p['loss']}{line} was given an input of shape {shapes[0]} and a target of shape "
@@ -317,10 +316,9 @@ def target_range(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A binary cross-entropy was given targets outside [0, 1] at the first step: its loss has no
     lower bound there, and the scores are pushed without end."""
     now = history[-1]
-    found = _problems(now, "target_range")
-    if not found:
+    p = _problem(now, "target_range")
+    if p is None:
         return []
-    p = found[0]
     line = f" at {p['line']}" if p.get("line") else ""
     message = f"{p['loss']}{line} was given targets from {p['min']:g} to {p['max']:g}, outside "
     message += "[0, 1]: its loss has no lower bound there, and the scores are pushed without end."

@@ -352,6 +352,8 @@ class FirstStep:
         self.outputs: list[Any] = []
         self.others: dict[str, set[int]] = {}  # the other models of the loop: their parameters
         self.inputs: list[dict[str, Any]] = []  # the first training batch as the model took it
+        # the loss with its graph, where step() is given it detached (by the framework callbacks)
+        self.given: Any = None
 
     def arm(self) -> None:
         """Read the next training step."""
@@ -387,8 +389,12 @@ class FirstStep:
             self.log = None
 
     def take(self, loss: Any, parameters: NamedParameters) -> dict[str, Any]:
-        """The loss graph's facts (loss_graph), with the calls noted; the step is then read."""
+        """The loss graph's facts (loss_graph), with the calls noted; the step is then read. A loss
+        without a graph is read from `given`, where a callback gave it."""
         self.end()
+        if getattr(loss, "grad_fn", None) is None:
+            loss = self.given
+        self.given = None
         graph = (loss, parameters, self.outputs, self.calls, self.others)
         facts = loss_graph(*graph) if self.armed else {}
         if facts:

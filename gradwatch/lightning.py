@@ -73,6 +73,14 @@ class MonitorCallback(Callback):
             self.monitor.load_state_dict(self._state)
         self._global_step = trainer.global_step
 
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
+    ) -> None:
+        """The loss with its graph (Lightning hands on_train_batch_end the loss detached), for the
+        monitor's reading of the loss's graph at the first step."""
+        if self.monitor is not None and self.monitor.hooks.first.armed:
+            self.monitor.hooks.first.given = loss
+
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from numbers import Real
 from typing import Any
 
 import torch
@@ -157,12 +158,14 @@ def _check_step(model: Any, loss: Any, grad_norm: Any, max_norm: Any) -> None:
             "pass grad_norm and max_norm together: the norm before clipping and the threshold"
         )
     one = isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex()
-    number = isinstance(loss, (int, float)) and not isinstance(loss, bool)
+    number = isinstance(loss, Real) and not isinstance(loss, bool)  # numpy's too
     if loss is not None and not (one or number):
-        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else None
+        what = type(loss).__name__
+        if isinstance(loss, torch.Tensor):
+            what = f"a tensor of shape {tuple(loss.shape)}; pass loss.mean() for a loss per sample"
         raise TypeError(
             f"step() takes the step's loss as one number (a tensor of one element, or a float), "
-            f"got {what or type(loss).__name__}; pass loss.mean() for a loss per sample"
+            f"got {what}"
         )
 
 

@@ -125,8 +125,8 @@ class LossWindows:
         self.last: tuple[int, float] | None = None  # (step, loss) of the latest step taken
 
     def add(self, step: int, loss: torch.Tensor | float) -> None:
-        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)
-        self.pending.append((step, loss))
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self.pending.append((step, loss.reshape(())))  # a loss of shape (1,) is one number too
 
     def latest(self, step: int) -> float | None:
         """The loss of optimizer step `step`, if it was the last one the latest take() read."""

@@ -91,6 +91,8 @@ class MonitorCallback(TrainerCallback):
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if module.training and isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._losses.append(loss.detach())
+            if self.monitor.hooks.first.armed:  # with its graph, which the first step reads
+                self.monitor.hooks.first.given = loss
 
     def on_epoch_begin(self, args, state, control, **kwargs) -> None:
         self._epoch = int(state.epoch or 0)

@@ -15,21 +15,36 @@ from torch import nn
 from gradwatch import TrainingMonitor
 
 BUGS = ("healthy", "unwrapped", "moved", "no_sync", "loaded_on_one_rank", "nan_on_one_rank", "extra_step")
+# FSDP2 with a replicate dimension (HSDP): a mesh of 2 replicas of 1 shard each
+HSDP = ("hsdp_healthy", "hsdp_loaded_on_one_rank")
+
+
+def wrapped(bug, net):
+    """The model as the loop trains it: DistributedDataParallel, or FSDP2 over a (replicate, shard) mesh."""
+    if bug not in HSDP:
+        return nn.parallel.DistributedDataParallel(net)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    for module in (net[0], net[2], net):
+        fully_shard(module, mesh=mesh)
+    return net
 
 
 def run(bug, out):
     rank = dist.get_rank()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    model = nn.parallel.DistributedDataParallel(net)
+    model = wrapped(bug, net)
     if bug == "moved":  # moved after wrapping: DDP's gradient hooks stay on the float32 tensors
         model = model.double()
     dtype = next(net.parameters()).dtype
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    if bug == "loaded_on_one_rank" and rank == 0:  # a checkpoint loaded by the main process only, after wrapping
+    if bug.endswith("loaded_on_one_rank") and rank == 0:  # a checkpoint loaded by rank 0 alone, after wrapping
         with torch.no_grad():
             for p in net.parameters():
-                p.mul_(0.5)
+                (p.to_local() if hasattr(p, "to_local") else p).mul_(0.5)
     generator = torch.Generator().manual_seed(rank)  # each rank its own shard of the data
     monitor = TrainingMonitor(os.path.join(out, bug), stats_every=5).watch(model, optimizer)
     for step in range(1, 21):
@@ -59,7 +74,7 @@ def run(bug, out):
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    for bug in sys.argv[2:] or BUGS:
+    for bug in sys.argv[2:] or BUGS + HSDP:
         run(bug, sys.argv[1])
         gc.collect()
     dist.destroy_process_group()

@@ -200,3 +200,14 @@ def test_a_loss_of_another_kind_than_known_losses_is_judged_by_its_facts_alone(t
     saved = json.loads((tmp_path / "diagnosis.json").read_text())
     assert saved["facts"]["objective"] == "other" and saved["facts"]["loss"]["made_of_losses"] is False
     assert monitor.findings == []
+
+
+def test_step_says_at_once_what_it_takes(tmp_path):
+    model = mlp()
+    with TrainingMonitor(tmp_path).watch(model) as monitor:
+        with pytest.raises(TypeError, match=r"one number .* got a tensor of shape \(32,\); pass loss.mean\(\)"):
+            monitor.step(F.cross_entropy(model(data()[0][:32]), data()[1][:32], reduction="none"))
+        with pytest.raises(TypeError, match="got str"):
+            monitor.step("0.5")
+        monitor.step(torch.tensor([0.5]))  # one element, and a NumPy number: taken
+        monitor.step(__import__("numpy").float32(0.5))

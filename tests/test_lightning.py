@@ -227,3 +227,22 @@ def test_a_max_steps_run_is_diagnosed_in_windows_of_steps_while_it_trains(tmp_pa
     summaries = [json.loads(line)["summary"] for line in lines]
     assert [(s["unit"], s["step"]) for s in summaries][:2] == [("steps", 260), ("steps", 520)]
     assert summaries[-1]["step"] == 600  # the rest: at the epoch's end, or at close()
+
+
+class SoftmaxTwice(Recorder):
+    """README's bug in a LightningModule: probabilities handed to cross-entropy."""
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self.net(inputs).softmax(1), labels)
+
+
+def test_the_loss_graph_is_read_from_the_loss_lightning_backpropagates(tmp_path):
+    """Lightning hands on_train_batch_end the loss detached: the callback reads the graph from on_before_backward,
+    and the line that applies the softmax is named at the first step."""
+    run = tmp_path / "run"
+    fit(tmp_path, SoftmaxTwice(), MonitorCallback(log_dir=run), max_epochs=1)
+    saved = json.loads((run / "diagnosis.json").read_text())
+    first = saved["findings"][0]
+    assert first["rule"] == "softmax_before_loss" and first["step"] == 1
+    assert "tests/test_lightning.py:" in first["message"] and saved["facts"]["loss"]["reached"] == 4

@@ -25,7 +25,7 @@ def first(findings):
 
 
 def test_the_healthy_twin_draws_nothing_and_states_its_facts(told):
-    assert told["healthy"]["findings"] == []
+    assert told["healthy"]["findings"] == [] and told["hsdp_healthy"]["findings"] == []
     assert told["healthy"]["facts"]["model"]["optimizer"]["class"] == "SGD"
 
 
@@ -36,6 +36,7 @@ def test_the_healthy_twin_draws_nothing_and_states_its_facts(told):
         ("moved", "gradients", "moved to another dtype or device after DistributedDataParallel wrapped it"),
         ("no_sync", "gradients", "ran every forward pass under no_sync()"),
         ("loaded_on_one_rank", "weights", "while their gradients agree"),
+        ("hsdp_loaded_on_one_rank", "weights", "while their gradients agree"),  # FSDP2's replicate dimension
     ],
 )
 def test_replicas_that_differ_are_named_with_the_cause_the_loop_shows(told, bug, part, cause):

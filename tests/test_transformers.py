@@ -38,7 +38,7 @@ def train(folder, callback, **options):
 def test_gradients_once_per_optimizer_step_beside_the_trainers_own_logs(tmp_path, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(run))  # the Trainer's TensorBoard folder: one run
-    train(tmp_path / "out", MonitorCallback(stats_every=1, classes=["a", "b", "c"]), max_grad_norm=1e6)
+    trainer = train(tmp_path / "out", MonitorCallback(stats_every=1, classes=["a", "b", "c"]), max_grad_norm=1e6)
 
     trainers = {event.step: event.value for event in load_events(run).Scalars("train/grad_norm")}
     ours = {event.step: event.value for event in load_events(run / "steps").Scalars("grad_norm/total")}
@@ -51,7 +51,12 @@ def test_gradients_once_per_optimizer_step_beside_the_trainers_own_logs(tmp_path
         assert [event.step for event in epochs.Histograms(tag)] == [1, 2]
     assert not [tag for tag in epochs.Tags()["histograms"] if tag.startswith(("module.", "_orig_mod."))]
     assert "eval/loss" in epochs.Tags()["scalars"]
-    assert json.loads((run / "diagnosis.json").read_text())["findings"] == []
+    saved = json.loads((run / "diagnosis.json").read_text())
+    assert saved["findings"] == []
+    # the loss's graph, from the loss the model returned (the Trainer hands the callback none), where it is made
+    [loss] = saved["facts"]["loss"]["losses"]
+    assert loss["function"] == "cross_entropy" and "modeling_bert.py:" in loss["line"]
+    assert loss["target"]["max"] <= 2 and saved["facts"]["loss"]["reached"] == len(list(trainer.model.parameters()))
 
 
 def test_a_learning_rate_far_too_high_is_named_first(tmp_path, capsys):
