@@ -1499,6 +1499,7 @@ class RunDiagnosis:
         self.facts: dict[str, Any] = {}
         self.told: set[tuple] = set()  # the keys of the findings an epoch_end has returned
         self.objective = ""  # given to watch(); "" to recognise it from the loss's graph
+        self.part = ""  # the name of the model diagnosed, where one monitor watches several
 
     def next_epoch(self) -> int:
         """The epoch (window) after the last one summarised: where a resumed run begins again."""
@@ -1546,7 +1547,7 @@ class RunDiagnosis:
         found = [*nonfinite_gradients([now], self.thresholds), *diverging([now], self.thresholds)]
         for declaration in (d for d in RULES.values() if d.exact):
             found += declaration([*self.history[-1:], now], self.thresholds)
-        return found
+        return self._named(found)
 
     def _with_graph(self, loop: dict[str, Any]) -> dict[str, Any]:
         """The loop facts of a summary, with the loss's graph as last read where none of its
@@ -1559,6 +1560,12 @@ class RunDiagnosis:
         loop["objective"] = self.objective or ("other" if made_of_losses is False else "")
         self.facts["objective"] = loop["objective"] or "a loss to minimise"
         return loop
+
+    def _named(self, findings: list[Finding]) -> list[Finding]:
+        """`findings`, each named by the part diagnosed (if any)."""
+        for finding in findings:
+            finding.part = self.part
+        return findings
 
     def untold(self) -> list[Finding]:
         """The findings no epoch_end has returned yet (also those a window of steps inside the
@@ -1585,7 +1592,7 @@ class RunDiagnosis:
         for declaration in RULES.values():
             with guard(f"the {declaration.name} rule"):
                 found += declaration(self.history, self.thresholds)
-        self.findings, begun = record(self.findings, found, summary.epoch)
+        self.findings, begun = record(self.findings, self._named(found), summary.epoch)
         return begun
 
     def state_dict(self) -> dict[str, Any]:

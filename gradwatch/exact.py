@@ -37,14 +37,15 @@ def _problem(now: EpochSummary, kind: str) -> dict | None:
     return next((p for p in problems if p["kind"] == kind), None)
 
 
-def _annealed(history: list[EpochSummary]) -> bool:
-    """Whether the schedule has brought the learning rate below a tenth of its peak so far: small
-    steps are then what it asks for."""
+def _scheduled_low(history: list[EpochSummary]) -> bool:
+    """Whether the learning rate is below half the rate set (a warmup's target, the `initial_lr` a
+    scheduler records) or half its peak so far: a warmup or an annealed schedule asks for small
+    steps, and the steps at the rate set are what the rules about steps judge."""
     loop = history[-1].loop
-    rates = [s.loop.get(key) for s in history for key in ("lr_first", "lr_peak")]
+    rates = [s.loop.get(key) for s in history for key in ("lr_first", "lr_peak", "lr_set")]
     peak = max((r for r in rates if finite(r)), default=None)
     now = loop["lrs"][-1][1] if loop.get("lrs") else None
-    return finite(peak) and finite(now) and now < 0.1 * peak
+    return finite(peak) and finite(now) and now < 0.5 * peak
 
 
 def _graph_step(now: EpochSummary, history: list[EpochSummary]) -> int:
@@ -179,8 +180,8 @@ def eval_mode(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     root=True,
 )
 def gradients_not_cleared(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The first backward pass after an optimizer step found the previous step's gradients still
-    there (neither None nor zero), at most of the epoch's checks: each step adds to the gradients of
+    """At most of the epoch's checks, no backward pass between two optimizer steps found the
+    gradients cleared (None or zero) since the first of them: each step adds to the gradients of
     all the steps before. The check reads a parameter the optimizer holds, which its zero_grad()
     clears."""
     now = history[-1]
@@ -188,11 +189,9 @@ def gradients_not_cleared(history: list[EpochSummary], t: Thresholds) -> list[Fi
     found = loop.get("not_cleared", 0)
     if not found or found * 2 < loop["clearing_checks"]:
         return []
-    message = (
-        f"at {found} of {loop['clearing_checks']} checks the backward pass after an optimizer "
-    )
-    message += "step added to the gradients of the step before: they are never cleared, so every "
-    message += "step applies the sum of all gradients so far."
+    message = f"at {found} of {loop['clearing_checks']} checks no backward pass between two "
+    message += "optimizer steps found the gradients cleared: they are never cleared, so every step "
+    message += "applies the sum of all gradients so far."
     evidence = {"not_cleared": found, "checks": loop["clearing_checks"]}
     return [_found(now, [], evidence, message, step=_loop_start(history))]
 
@@ -341,11 +340,11 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     (the optimizer holding it at a learning rate above 0), and a typical step of its optimizer
     (the learning rate, times the gradient's RMS for SGD) is below half the spacing of the
     parameter's dtype at the RMS of its values: rounding took the updates away (bfloat16 keeps 8
-    bits of mantissa: a step below 0.4% of a weight is lost; float32, 24 bits). Not once the
-    schedule has brought the learning rate below a tenth of its peak."""
+    bits of mantissa: a step below 0.4% of a weight is lost; float32, 24 bits). Not while the
+    learning rate is below half the rate set or its peak (a warmup, an annealed schedule)."""
     now = history[-1]
     rounded = now.loop.get("rounded", {})
-    if not rounded or _annealed(history):
+    if not rounded or _scheduled_low(history):
         return []
     dtypes = sorted({found["dtype"] for found in rounded.values()})
     shares = [found["unchanged_share"] - found["grad_zero_share"] for found in rounded.values()]
@@ -373,11 +372,11 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
 def not_updated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Parameters the optimizer holds at a learning rate above 0 had a gradient other than zero and
     did not change at all at the optimizer step, at every statistics reading of the epoch past the
-    first steps (two at least; steps GradScaler skipped are not read). Not once the schedule has
-    brought the learning rate below a tenth of its peak."""
+    first steps (two at least; steps GradScaler skipped are not read). Not while the learning rate
+    is below half the rate set or its peak (a warmup, an annealed schedule)."""
     now = history[-1]
     still = now.loop.get("not_updated", [])
-    if not still or _annealed(history):
+    if not still or _scheduled_low(history):
         return []
     message = f"{names(still)} had gradients and a learning rate above 0 in the optimizer, and "
     message += f"did not change at all at the optimizer steps read in {_period(now)}."

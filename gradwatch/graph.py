@@ -176,10 +176,10 @@ def made_of_losses(root: Any, outputs: set[int]) -> bool:
     todo = [root]
     while todo and len(seen) < MAX_NODES:
         node = todo.pop()
+        if node.name() in LOSS_NODES:  # also where the model returns its loss (Hugging Face's)
+            continue
         if id(node) in outputs or not outputs and node.name() in LAYER_PRODUCTS:
             return False
-        if node.name() in LOSS_NODES:
-            continue
         for child, _ in node.next_functions:
             if child is not None and id(child) not in seen:
                 seen.add(id(child))

@@ -9,10 +9,11 @@
 - a forward hook on the model itself, placed the same way, which reads its output (see
   loop.output_facts);
 - after a statistics step, a hook on one gradient of a parameter the optimizer holds, which looks,
-  at the next backward pass, whether the gradients were cleared since the optimizer step;
-- before the first step after watch(), a forward pre-hook on the model that notes, from its first
-  training forward pass to the optimizer step, where the loss and what fed it were computed
-  (graph.FirstStep);
+  at each backward pass until the next optimizer step, whether the gradients were cleared since
+  the last one;
+- before the first step after watch(), forward pre-hooks on the model and its modules that begin,
+  at the first training forward pass, to note where the loss and what fed it are computed, until
+  the optimizer step (graph.FirstStep);
 - on a model wrapped by DistributedDataParallel, a forward pre-hook on the wrapper and one on the
   model inside it, which count the training forward passes that skip the wrapper (whose gradients
   are then never averaged over the replicas);
@@ -159,6 +160,7 @@ class Hooks:
         an optimizer to tell."""
         skipped = "before_step" in self.handles and not self.stepped
         self.stepped = False
+        self.first.end()  # the first step's calls are noted: never past it, skipped or not
         return skipped
 
     def arm(self, first: bool = False) -> None:
@@ -287,10 +289,14 @@ class Hooks:
         self.before_update = None
         return weights
 
-    def collect(self) -> dict[str, dict]:
+    def collect(self, afresh: bool = False) -> dict[str, dict]:
         """The activations measured since the hooks were placed, as {name: {"kind", "layer",
         "share"}}, and for a ReLU "never_fired", the share of its units silent at every statistics
-        step of the epoch so far (one transfer); the hooks are removed, unless placed for good."""
+        step of the epoch so far (one transfer); the hooks are removed, unless placed for good.
+        `afresh`: the epoch's silent units are counted from this reading on (the first reading
+        after the first steps, which are no baseline: units alive at step 1 may die at once)."""
+        if afresh:
+            self.fired.clear()
         if not self.stay:
             self._drop_forward()
         values = dict(self.values)

@@ -36,6 +36,14 @@ def held(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:
     return {id(p): float(group.get("lr", 0.0)) for group in groups for p in group["params"]}
 
 
+def rate_set(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The largest learning rate the user set for a group: what a scheduler scales (the
+    `initial_lr` it records, its warmup's target) where there is one, else the group's rate."""
+    groups = optimizer.param_groups if optimizer is not None else ()
+    rates = [float(group.get("initial_lr", group.get("lr", 0.0))) for group in groups]
+    return max(rates, default=None)
+
+
 def optimizer_facts(
     parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
@@ -69,6 +77,7 @@ def loop_facts(
         "no_gradient": [name for name, p in trainable if p.grad is None],
         "not_in_optimizer": [],
         "lr": learning_rate(optimizer),
+        "lr_set": rate_set(optimizer),
         "weight_decay": weight_decay(optimizer),
         **optimizer_facts(parameters, optimizer),
     }

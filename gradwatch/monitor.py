@@ -281,6 +281,22 @@ def statistics_scalars(stats: Mapping[str, dict]) -> dict[str, float]:
     return scalars
 
 
+def read_graph(
+    hooks: Hooks, diagnosis: RunDiagnosis, loss: Any, parameters: NamedParameters, step: int
+) -> dict[str, Any]:
+    """The facts of the loss's graph where a reading reads it: at the first step (with the calls
+    the hooks noted), and again when the loss's kind or shape changes; kept in the diagnosis's
+    facts. {} where it is not read."""
+    graph = hooks.take_graph(loss, parameters)
+    known = diagnosis.facts.get("loss", {})
+    if not graph and graph_key(loss) not in (None, tuple(known.get("key", ()))):
+        graph = loss_graph(loss, parameters)  # a loss of another kind or shape
+    if graph:
+        graph.update(step=step, key=list(graph_key(loss) or ()))
+        diagnosis.facts["loss"] = graph
+    return graph
+
+
 def settle(records: list[dict], replicas: Replicas) -> None:
     """At an epoch's end or at close(), where every rank meets: the comparisons of the replicas
     begun at earlier readings, waited for, go into the latest record."""
@@ -503,17 +519,22 @@ class TrainingMonitor:
             self.skipped_steps += 1
             self.hooks.take_weights()  # of no use: the weights did not change
             self.sink.scalars({"amp/skipped_steps": self.skipped_steps}, self.steps, per_step=True)
-            if reading:  # a collective: every rank reads the replicas at the same steps
-                self.replicas.compare(
-                    self._parameters, self.steps, False, self.hooks.wrapper.take()
-                )
+            read_graph(self.hooks, self.diagnosis, loss, self._parameters, self.steps)
+            if reading and self.replicas.channel is not None:  # a collective: every rank reads
+                # the replicas at the same steps
+                stats = parameter_statistics(self._parameters)  # the weights and gradients alone
+                self.replicas.compare(stats, self.steps, False, self.hooks.wrapper.take())
             return []
         if self.cadence.hist_due(self.steps):
             self.log_parameters(self._parameters, self.steps, per_step=True)
         if not reading:
             return []
         stats = parameter_statistics(self._parameters, self.hooks.take_weights())
-        stats["activations"] = self.hooks.collect()
+        records = self.diagnosis.records
+        after_first = (
+            bool(records) and records[-1]["loop"].get("first") and not self.cadence.first()
+        )
+        stats["activations"] = self.hooks.collect(afresh=after_first)
         scalars = {**self.losses.take(), **self.clipping.take()}
         stats["loop"] = self._loop_facts(stats, loss)
         self.diagnosis.keep(stats, max(MAX_RECORDS, 2 * self.cadence.diagnose_every))
@@ -534,14 +555,7 @@ class TrainingMonitor:
         facts["loss"] = self.losses.latest(self.steps)
         facts["not_updated"] = not_updated(stats, self._parameters, optimizer)
         facts["rounded"] = rounded_away(stats, self._parameters, optimizer)
-        graph = self.hooks.take_graph(loss, self._parameters)
-        known = self.diagnosis.facts.get("loss", {})
-        if not graph and graph_key(loss) not in (None, tuple(known.get("key", ()))):
-            graph = loss_graph(loss, self._parameters)  # a loss of another kind or shape
-        if graph:
-            graph.update(step=self.steps, key=list(graph_key(loss) or ()))
-            self.diagnosis.facts["loss"] = graph
-        facts["graph"] = graph
+        facts["graph"] = read_graph(self.hooks, self.diagnosis, loss, self._parameters, self.steps)
         window = self.losses.windows[-1] if self.losses.windows else {}
         nonfinite = window.get("step") == self.steps and window["nonfinite_step"] is not None
         self.replicas.compare(stats, self.steps, nonfinite, self.hooks.wrapper.take())

@@ -12,7 +12,6 @@ finding named by its part.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from .diagnosis import Finding
@@ -33,11 +32,6 @@ def checked_parts(models: Mapping, optimizers: Any) -> dict[str, tuple]:
     return {name: (models[name], optimizers[name]) for name in models}
 
 
-def named(finding: Finding, part: str) -> Finding:
-    """A part's finding as the run tells it: named by its part, its cause too."""
-    return replace(finding, part=part, cause=f"{part}:{finding.cause}" if finding.cause else None)
-
-
 class Parts:
     """The monitors of the parts of one run, by name. Parts whose losses reach each other's
     parameters (a GAN's generator loss reaches the discriminator's) play against each other, or
@@ -48,6 +42,7 @@ class Parts:
         self.monitors = dict(monitors)
         self.closed = False
         for part, monitor in self.monitors.items():
+            monitor.diagnosis.part = part  # its findings are named by it
             monitor.hooks.first.others = {
                 other: {id(p) for _, p in watched._parameters}
                 for other, watched in self.monitors.items()
@@ -73,8 +68,8 @@ class Parts:
 
     @property
     def findings(self) -> list[Finding]:
-        """Every part's findings, named by their part, each part's in the order they began."""
-        return [named(f, part) for part, monitor in self.monitors.items() for f in monitor.findings]
+        """Every part's findings (each named by its part), each part's in the order they began."""
+        return [f for monitor in self.monitors.values() for f in monitor.findings]
 
     def epoch_end(
         self, epoch: int, scalars: Mapping[str, float], classes: list[str] | None, recall: Any

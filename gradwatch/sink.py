@@ -40,9 +40,10 @@ def axis_step(step: int, per_step: bool) -> int:
     return step if per_step else step + 1
 
 
-# scalars charted only from their first reading that is not zero: a share of non-finite values is 0
-# for the whole of a healthy run, and ten flat charts of it would bury the ones that move
-HIDDEN_WHILE_ZERO = ("nonfinite_share/",)
+# scalars charted only from their first reading that is not zero: a share of non-finite values, or
+# of values an optimizer step left as they were, is 0 for the whole of most healthy runs, and ten
+# flat charts of it would bury the ones that move
+HIDDEN_WHILE_ZERO = ("nonfinite_share/", "unchanged_share/")
 STUCK_SECONDS = 10  # how long the event writer's full queue may take to drain, before it is stuck
 
 

@@ -172,6 +172,7 @@ def _exact(seen: list[dict]) -> dict[str, Any]:
     graph = next((f["graph"] for f in reversed(seen) if f.get("graph")), {})
     return {
         "held": latest.get("held"),
+        "lr_set": latest.get("lr_set"),
         "held_frozen": latest.get("held_frozen"),
         "zero_lr": latest.get("zero_lr", []),
         "not_updated": _at_every(seen, "not_updated", least=2),

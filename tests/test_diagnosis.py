@@ -273,6 +273,7 @@ def test_statistics_are_logged_per_step(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"weight_norm/0.weight", "max_abs_weight/2.bias", "grad_norm/total", "update_ratio/max"} <= tags
     assert not any(tag.startswith("nonfinite_share/") for tag in tags)  # all finite: not charted
+    assert not any(tag.startswith("unchanged_share/") for tag in tags)  # every value moved: not charted
 
 
 def test_watch_validates_and_unwatch_removes_its_hook(tmp_path):

@@ -211,3 +211,22 @@ def test_step_says_at_once_what_it_takes(tmp_path):
             monitor.step("0.5")
         monitor.step(torch.tensor([0.5]))  # one element, and a NumPy number: taken
         monitor.step(__import__("numpy").float32(0.5))
+
+
+def test_a_first_step_that_gradscaler_skips_is_read_and_leaves_no_mode_behind(tmp_path):
+    """Under fp16 autocast the first steps often overflow and GradScaler skips optimizer.step(): the monitor's
+    TorchFunctionMode, which notes the first step's calls, must not outlive that step (every torch call of the
+    run would pass through Python), and the graph is read all the same."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = data()
+    with TrainingMonitor(tmp_path).watch(model, optimizer) as monitor:
+        for step in range(3):
+            optimizer.zero_grad()
+            loss = LOSSES["softmax_in_the_call"](model(x[:32]), y[:32])
+            loss.backward()
+            if step:  # the first step skipped, as GradScaler skips one whose gradients overflowed
+                optimizer.step()
+            monitor.step(loss)
+            assert torch._C._len_torch_function_stack() == 0
+    assert monitor.skipped_steps == 1 and monitor.findings[0].rule == "softmax_before_loss"

@@ -356,6 +356,7 @@ def test_parameters_that_cannot_be_measured_are_named_once_and_the_others_diagno
         "codes (torch.int8), mask (torch.bool), phase (torch.complex64), lazy (torch.float32, on the meta device)"
         in err
     )
+    assert "the other 4 parameters are measured.\n" in err  # the line said whole
     assert set(monitor.diagnosis.history[-1].layers) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert "0.weight_grad" in load_events(tmp_path).Tags()["histograms"]
 

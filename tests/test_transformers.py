@@ -56,6 +56,7 @@ def test_gradients_once_per_optimizer_step_beside_the_trainers_own_logs(tmp_path
     # the loss's graph, from the loss the model returned (the Trainer hands the callback none), where it is made
     [loss] = saved["facts"]["loss"]["losses"]
     assert loss["function"] == "cross_entropy" and "modeling_bert.py:" in loss["line"]
+    assert saved["facts"]["objective"] == "a loss to minimise"  # the loss the model returns is among its outputs
     assert loss["target"]["max"] <= 2 and saved["facts"]["loss"]["reached"] == len(list(trainer.model.parameters()))
 
 
