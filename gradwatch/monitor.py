@@ -772,6 +772,8 @@ class TrainingMonitor:
             with self.guard("the last window's diagnosis"):
                 settle(self.diagnosis.records, self.replicas)
                 self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
+        with self.guard("the last comparison of the replicas"):
+            self.replicas.settle()  # none of the monitor's collectives left under way
         self.unwatch()
         self.sink.close()
 

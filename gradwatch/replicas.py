@@ -76,7 +76,7 @@ def moved_after_wrapping(wrapper: torch.nn.Module | None) -> bool | None:
 
 
 JOIN_SECONDS = 60  # how long watch() waits for every rank to watch too
-SETTLE_SECONDS = 30  # how long an epoch's end waits for a reading's collective to end
+SETTLE_SECONDS = 30  # how long an epoch's end waits for the readings' collectives to end
 MAX_PENDING = 64  # readings whose collective has not ended, before the check gives up
 _watches = 0  # the watch() calls of this process that compare replicas: the same on every rank
 
@@ -158,17 +158,19 @@ class Replicas:
             self.pending = []
 
     def take(self, seconds: float = 0.0) -> list[dict[str, Any]]:
-        """The facts of the readings whose collectives have ended (waiting up to `seconds` for
-        each), oldest first; the others stay pending."""
+        """The facts of the readings whose collectives have ended (waiting up to `seconds` in all),
+        oldest first; the others stay pending."""
         found = []
+        deadline = time.monotonic() + seconds
         while self.pending:
             work, both, step, names = self.pending[0]
+            left = deadline - time.monotonic()
             if not work.is_completed():
-                if not seconds:
+                if left <= 0:
                     break
                 try:
-                    work.wait(timedelta(seconds=seconds))
-                except Exception:
+                    work.wait(timedelta(seconds=left))
+                except Exception:  # a rank that never came: the check gives up its wait
                     break
             self.pending.pop(0)
             found.append({**facts(names, both.tolist()), "step": step})
@@ -177,8 +179,8 @@ class Replicas:
         return [{**f, "moved": moved} for f in found]
 
     def settle(self) -> list[dict[str, Any]]:
-        """At an epoch's end, where every rank meets: the facts of every reading begun, waiting for
-        their collectives (SETTLE_SECONDS at most each)."""
+        """At an epoch's end or at close(), where every rank meets: the facts of every reading
+        begun, waiting for their collectives (SETTLE_SECONDS at most in all)."""
         return self.take(SETTLE_SECONDS)
 
 
