@@ -36,7 +36,7 @@ from .diagnosis import (
     story,
     threshold_override,
 )
-from .summary import SUMMARIES, EpochSummary, summarize
+from .summary import SUMMARIES, EpochSummary, summarize, summary_lines
 
 WEIGHT_PREFIXES = ("weights/", "weight/", "parameters/", "params/", "param/")
 GRADIENT_PREFIXES = ("gradients/", "gradient/", "grads/", "grad/")
@@ -181,22 +181,15 @@ def _load(folder):
     return events
 
 
-def _lines(path):
-    """The JSON lines of a summaries file that hold a summary (a line cut short by a kill is
-    left out)."""
-    lines = []
-    with open(path) as fh:
-        for line in fh:
-            with contextlib.suppress(ValueError):
-                lines.append(json.loads(line))
-    return [line for line in lines if isinstance(line, dict) and "summary" in line]
-
-
 def replay(path, overrides=()):
     """(findings, message) of the live monitor again: the summaries it wrote (summary.SUMMARIES)
     given to the same RunDiagnosis in the same order, under the thresholds it ran with (and
-    `overrides`); None if the file holds none."""
-    lines = _lines(path)
+    `overrides`); None if the file holds none. Damaged lines are left out, with one warning; the
+    last line, cut short by a kill, silently."""
+    lines, bad = summary_lines(path)
+    if bad and bad != [len(lines) + len(bad)]:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        print(f"warning: {path}: line {shown} not a summary (damaged); left out", file=sys.stderr)
     if not lines:
         return None
     known = set(Thresholds.names())
@@ -224,7 +217,15 @@ def diagnose_run(run_dir, thresholds, classes=None, overrides=()):
     findings merged as the monitor merges them. findings is None when nothing could be examined,
     and the message says why."""
     if (run_dir / SUMMARIES).is_file():
-        replayed = replay(run_dir / SUMMARIES, overrides)
+        replayed = None
+        try:
+            replayed = replay(run_dir / SUMMARIES, overrides)
+        except Exception as err:  # summaries of another shape: the event files tell the run
+            why = f"{type(err).__name__}: {err}"
+            print(
+                f"warning: {run_dir / SUMMARIES}: not read ({why}); read the event files",
+                file=sys.stderr,
+            )
         if replayed is not None:
             return replayed
     events = _load(run_dir)

@@ -353,11 +353,18 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     message += f"step: updates smaller than half the spacing of {' and '.join(dtypes)} numbers at "
     message += "those values are rounded away."
     suggestion = None  # the declaration's: a larger learning rate
+    evidence = {"rounded": dict(rounded), "dtypes": dtypes}
     low = [dtype for dtype in dtypes if dtype in ("bfloat16", "float16")]
+    others = [n for n, v in now.layers.items() if n not in rounded and v.get("grad_norm", 0) > 0]
     if low:
         suggestion = f"keep the weights in float32 (torch.autocast computes in {low[0]} from "
         suggestion += "float32 weights), or an optimizer that keeps a float32 copy of them."
-    evidence = {"rounded": dict(rounded), "dtypes": dtypes}
+    elif others:  # a learning rate too low would round the others' steps away too
+        message += f" The other {len(others)} parameters with gradients do change."
+        suggestion = "compare these parameters' gradients with the others' (the Gradients charts: "
+        suggestion += "gradients that vanish before reaching them make their steps too small) "
+        suggestion += "before raising the learning rate, which would move the others too."
+        evidence["weights_move"] = others  # no claim on the learning rate
     return [_found(now, list(rounded), evidence, message, _loop_start(history), suggestion)]
 
 

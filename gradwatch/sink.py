@@ -31,6 +31,7 @@ from tensorboardX.summary import hparams as hparams_summaries
 
 from .histograms import Histogram
 from .layout import custom_scalars
+from .summary import summary_lines
 
 ERRORS = "gradwatch-errors.log"
 
@@ -81,13 +82,13 @@ def drained(writer: SummaryWriter, seconds: float = STUCK_SECONDS) -> None:
 
 def kept_lines(path: str, before_step: int) -> list[str]:
     """The lines of a summaries file whose summary ends before `before_step`: what a run resumed
-    from there keeps (a line cut short by a kill is dropped)."""
+    from there keeps (a line cut short by a kill, or damaged, is dropped)."""
+    lines, _ = summary_lines(path)
     kept = []
-    with contextlib.suppress(FileNotFoundError), open(path) as fh:
-        for line in fh:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                if json.loads(line)["summary"]["step"] < before_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
+    for line in lines:
+        step = line["summary"].get("step")
+        if isinstance(step, (int, float)) and step < before_step:
+            kept.append(json.dumps(line) + "\n")
     return kept
 
 

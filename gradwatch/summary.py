@@ -7,7 +7,10 @@ Every number in it can be NaN or missing, and a rule skips what it cannot see.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -16,6 +19,25 @@ from typing import Any
 # the file of a run folder that holds the summaries the rules read, one JSON line each, which
 # `diagnose` replays to tell the live story
 SUMMARIES = "gradwatch-summaries.jsonl"
+
+
+def summary_lines(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]]:
+    """The lines of a summaries file that hold a summary (JSON objects with a "summary" object),
+    and the numbers of the others: a line cut short by a kill, a byte that is not UTF-8, a line of
+    another shape. ([], []) where there is no such file."""
+    found = []
+    bad = []
+    with contextlib.suppress(FileNotFoundError), open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = json.loads(raw.decode("utf-8"))
+                if not isinstance(line, dict) or not isinstance(line.get("summary"), dict):
+                    raise ValueError(line)
+                found.append(line)
+            except ValueError:  # UnicodeDecodeError and json's JSONDecodeError among them
+                bad.append(number)
+    return found, bad
+
 
 # The per-parameter keys of a statistics record (see stats.parameter_statistics) that an epoch
 # summary keeps
@@ -42,15 +64,12 @@ class EpochSummary:
 
     epoch: int  # from 0; in a loop without epochs, the window's number
     step: int  # optimizer steps done at the epoch's (the window's) end
-    # {parameter: {key of STAT_KEYS: value}}: medians over the epoch's statistics logs; weight_norm
-    # and
-    # max_abs_weight as at the latest one
+    # {parameter: {key of STAT_KEYS: value}}: medians over the epoch's statistics logs;
+    # weight_norm and max_abs_weight as at the latest one
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
     # {module: {"kind": "relu" | "sigmoid" | "tanh", "layer": str, "share": float}}: the median
-    # share of a
-    # ReLU's units with no positive output for a whole batch, or of a sigmoid's or tanh's outputs
-    # within 1%
-    # of their limits; "layer" is the layer that feeds it
+    # share of a ReLU's units with no positive output for a whole batch, or of a sigmoid's or
+    # tanh's outputs within 1% of their limits; "layer" is the layer that feeds it
     activations: dict[str, dict[str, Any]] = field(default_factory=dict)
     total_grad_norm_max: float = math.nan
     total_grad_norm_median: float = math.nan

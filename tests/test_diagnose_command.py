@@ -268,3 +268,16 @@ def test_ctrl_c_stops_the_diagnose_command_quietly_while_it_starts_or_reads(tmp_
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_summaries_that_cannot_be_replayed_leave_the_event_files_to_tell_the_run(tmp_path, capsys):
+    torch.manual_seed(0)
+    train(deep_sigmoid(), tmp_path / "run", lr=0.05, epochs=2)
+    capsys.readouterr()  # what the live monitor printed
+    summaries = tmp_path / "run" / "gradwatch-summaries.jsonl"
+    lines = len(summaries.read_text().splitlines())
+    summaries.write_bytes(b'{"summary": {"unit": 7}}\n' * lines)  # every line JSON of the right shape, no summary
+    assert diagnose.main([str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"warning: {summaries}: not read (TypeError: ") and captured.err.count("\n") == 1
+    assert captured.out.startswith("run: 2 epochs, 32 steps, 18 parameters; 1 problem\n  Problem, epoch 1-2")

@@ -157,6 +157,17 @@ def test_a_learning_rate_far_too_small_is_not_learning(tmp_path):
     assert {f.rule for f in findings if f.cause} == {"not_updated", "not_learning"}
 
 
+def test_steps_rounded_away_in_some_layers_only_point_at_their_gradients(tmp_path):
+    """Gradients that vanish before the first layers of a deep sigmoid network round their steps
+    away in float32 while the last layers learn: a larger learning rate is not what the facts show."""
+    torch.manual_seed(0)
+    findings, _ = train(deep_sigmoid(), tmp_path, lr=0.05, epochs=2)
+    rounded = next(f for f in findings if f.rule == "updates_rounded_away")
+    assert "0.weight" in rounded.parameters and "16.weight" not in rounded.parameters
+    assert "larger learning rate" not in rounded.suggestion and "Gradients charts" in rounded.suggestion
+    assert "vanishing_gradients" in rules(findings)
+
+
 def test_findings_go_to_json_text_tab_and_console_once(tmp_path):
     model = deep_sigmoid(depth=6)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -5,6 +5,7 @@ summaries the monitor logged."""
 import json
 import math
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -256,3 +257,42 @@ def test_the_readme_snippet_runs_as_printed(tmp_path):
     lines = (tmp_path / "Result" / "my-steps" / SUMMARIES).read_text().splitlines()
     assert [json.loads(line)["summary"]["step"] for line in lines] == [800, 1600, 2000]
     assert result.stdout.strip() == "No findings." or result.stdout.startswith(("Problem", "Note"))
+
+
+def damaged(path, number, raw):
+    """The file at `path` with its line `number` (from 1) replaced by the bytes `raw`."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[number - 1] = raw + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
+def test_a_damaged_summary_line_is_left_out_with_one_warning(spiked, tmp_path, capsys):
+    """A byte that is not UTF-8, or a line of another shape: the other lines tell the story, and
+    one warning names the file and the lines (not the last line, which a kill cuts short)."""
+    monitor, folder, _ = spiked
+    copy = tmp_path / "run"
+    shutil.copytree(folder, copy)
+    last = len((copy / SUMMARIES).read_bytes().splitlines())
+    damaged(copy / SUMMARIES, 2, b'{"summary": {"step": 5\xff}}')
+    damaged(copy / SUMMARIES, 3, b"[1, 2]")
+    assert diagnose_main([str(copy), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"warning: {copy / SUMMARIES}: line 2, 3 not a summary (damaged); left out\n"
+    assert "loss_spikes" in [f["rule"] for f in json.loads(captured.out)["run"]]
+    damaged(copy / SUMMARIES, last, b'{"summary": {"step": 3000')  # cut short by a kill: silently
+    assert diagnose_main([str(copy)]) == 0
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_run_resumed_over_a_damaged_summary_line_keeps_writing_summaries(tmp_path):
+    saved = {}
+
+    def during(monitor, step, states):
+        if step == 600:
+            saved.update(pickle.loads(pickle.dumps(states())))
+
+    run(tmp_path, 900, during=during)
+    damaged(tmp_path / SUMMARIES, 1, b"\xff\xfe not a summary")
+    run(tmp_path, 1500, resume=saved, monitor=TrainingMonitor(tmp_path, stats_every=10))
+    steps = [json.loads(line)["summary"]["step"] for line in (tmp_path / SUMMARIES).read_text().splitlines()]
+    assert steps == [520, 780, 1040, 1300, 1500]  # 260, damaged, dropped; the resumed run's own after 600
