@@ -211,23 +211,27 @@ def _plural(count, word):
     return f"{count} {word}{'s' * (count != 1)}"
 
 
+def _replayed(path, overrides):
+    """replay() of the summaries file at `path`, or None where there is none or it cannot be
+    replayed (then said in one warning): the event files tell the run instead."""
+    if not path.is_file():
+        return None
+    try:
+        return replay(path, overrides)
+    except Exception as err:  # summaries of another shape
+        why = f"{type(err).__name__}: {err}"
+        print(f"warning: {path}: not read ({why}); read the event files", file=sys.stderr)
+        return None
+
+
 def diagnose_run(run_dir, thresholds, classes=None, overrides=()):
     """(findings, message) of one run folder: for a run this monitor wrote, its live diagnosis
     replayed from the summaries it logged; otherwise the rules applied at every logged step, the
     findings merged as the monitor merges them. findings is None when nothing could be examined,
     and the message says why."""
-    if (run_dir / SUMMARIES).is_file():
-        replayed = None
-        try:
-            replayed = replay(run_dir / SUMMARIES, overrides)
-        except Exception as err:  # summaries of another shape: the event files tell the run
-            why = f"{type(err).__name__}: {err}"
-            print(
-                f"warning: {run_dir / SUMMARIES}: not read ({why}); read the event files",
-                file=sys.stderr,
-            )
-        if replayed is not None:
-            return replayed
+    replayed = _replayed(run_dir / SUMMARIES, overrides)
+    if replayed is not None:
+        return replayed
     events = _load(run_dir)
     try:
         events.FirstEventTimestamp()

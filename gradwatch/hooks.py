@@ -27,6 +27,7 @@ torch.optim.swa_utils.AveragedModel, pickle for torch.save(model) or a DataLoade
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -98,6 +99,32 @@ class Hook:
         return ignored, ()
 
 
+class OptimizerSteps:
+    """What the optimizer's step pre-hook notes: whether it stepped since the last step() call, and
+    in which thread it stepped last."""
+
+    def __init__(self):
+        self.ran = False
+        self.thread: threading.Thread | None = None
+
+    def note(self) -> None:
+        self.ran = True
+        self.thread = threading.current_thread()
+
+    def check_thread(self, call: str) -> None:
+        """Refuse `call` from another thread than the one that stepped last: that thread's backward
+        pass writes the gradients without holding the GIL, and reading them meanwhile can crash the
+        process."""
+        here = threading.current_thread()
+        if self.thread is not None and self.thread is not here:
+            raise RuntimeError(
+                f"gradwatch: {call} was called in thread {here.name!r} while optimizer.step() runs "
+                f"in thread {self.thread.name!r}; reading the gradients while that thread's "
+                f"backward pass writes them can crash the process. Call {call} in the thread "
+                "that trains, after optimizer.step() (one monitor per model and thread)."
+            )
+
+
 class Hooks:
     """The monitor's hooks on one model and optimizer; `remove()` takes them all off."""
 
@@ -115,7 +142,7 @@ class Hooks:
         self.output: dict[str, torch.Tensor] = {}  # loop.output_facts of the latest training output
         self.cleared: torch.Tensor | None = None  # 1 if the gradients were cleared, 0 if not
         self.stay = False  # placed for good: the model runs compiled
-        self.stepped = False
+        self.stepped = OptimizerSteps()
         self.before_update: dict[str, torch.Tensor] | None = None
         self.first = FirstStep()
         self.wrapper = WrapperCalls()
@@ -151,15 +178,19 @@ class Hooks:
             self.arm()
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self.stepped = True
+        self.stepped.note()
         self.wrapper.stepped()
         self.first.end()  # the loss of the first step is computed: CallLog stops
+
+    def check_thread(self, call: str) -> None:
+        """Refuse `call` from a thread other than the one whose optimizer stepped last."""
+        self.stepped.check_thread(call)
 
     def skipped(self) -> bool:
         """Whether the optimizer step since the last call was skipped (by GradScaler); False without
         an optimizer to tell."""
-        skipped = "before_step" in self.handles and not self.stepped
-        self.stepped = False
+        skipped = "before_step" in self.handles and not self.stepped.ran
+        self.stepped.ran = False
         self.first.end()  # the first step's calls are noted: never past it, skipped or not
         return skipped
 
