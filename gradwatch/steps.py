@@ -32,6 +32,8 @@ MIN_WINDOW_STEPS = 256  # and of at least this many steps, so that its mean loss
 FIRST_READINGS = 2
 # What an epoch keeps, however long it is: loss windows and clipping norms beyond these thin out
 MAX_LOSS_WINDOWS = 512
+# the most losses held on their device between windows (a window closes early at this many)
+MAX_PENDING = MAX_STATS_EVERY
 MAX_NORMS = 4096
 
 
@@ -84,7 +86,10 @@ class Cadence:
         return self.first(ahead) or self.stats_due(step, ahead)
 
     def stats_due(self, step: int, ahead: int = 0) -> bool:
-        return bool(self.stats_every) and (step + ahead) % self.stats_every == 0
+        """Every `stats_every` steps; with 0 (once per epoch, at epoch_end), every MAX_STATS_EVERY
+        steps until an epoch ends, so that a loop without epochs is read and diagnosed too."""
+        every = self.stats_every or (MAX_STATS_EVERY if self.logged_epoch is None else 0)
+        return bool(every) and (step + ahead) % every == 0
 
     def hist_due(self, step: int) -> bool:
         return bool(self.hist_every) and step % self.hist_every == 0
@@ -127,6 +132,8 @@ class LossWindows:
     def add(self, step: int, loss: torch.Tensor | float) -> None:
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self.pending.append((step, loss.reshape(())))  # a loss of shape (1,) is one number too
+        if len(self.pending) >= MAX_PENDING:  # statistics seldom: the losses so far make a window
+            self.take()
 
     def latest(self, step: int) -> float | None:
         """The loss of optimizer step `step`, if it was the last one the latest take() read."""

@@ -15,6 +15,7 @@ from torch import nn
 from gradwatch import TrainingMonitor, diagnosis
 from gradwatch.cli import main as diagnose_main
 from gradwatch.diagnosis import MAX_HISTORY, thinned
+from gradwatch.steps import MAX_PENDING
 from gradwatch.summary import SUMMARIES
 
 
@@ -296,3 +297,25 @@ def test_a_run_resumed_over_a_damaged_summary_line_keeps_writing_summaries(tmp_p
     run(tmp_path, 1500, resume=saved, monitor=TrainingMonitor(tmp_path, stats_every=10))
     steps = [json.loads(line)["summary"]["step"] for line in (tmp_path / SUMMARIES).read_text().splitlines()]
     assert steps == [520, 780, 1040, 1300, 1500]  # 260, damaged, dropped; the resumed run's own after 600
+
+
+def test_statistics_once_per_epoch_in_a_loop_without_epochs_is_read_and_holds_few_losses(tmp_path):
+    """stats_every=0 reads at each epoch_end; a loop that never calls it is read every 1,000 steps
+    instead (and diagnosed in windows of those readings), and never holds more than MAX_PENDING
+    losses on their device (it held every step's loss: 38 MB at 50,000 steps)."""
+    held = []
+
+    def during(monitor, step, states):
+        held.append(len(monitor.losses.pending))
+
+    monitor = run(tmp_path / "a", 4000, stats_every=0, during=during,
+                  monitor=TrainingMonitor(tmp_path / "a", stats_every=0, diagnose_every=2))  # fmt: skip
+    assert max(held) < MAX_PENDING <= 1000 and held[998] == 997  # (steps 1 and 2 were read)
+    assert [s.step for s in monitor.diagnosis.history] == [2000, 4000]
+    far = run(tmp_path / "b", 2500, stats_every=100_000, during=during)
+    assert max(held) < MAX_PENDING and len(far.losses.end_epoch()) >= 2  # windows closed early
+
+    cadence = TrainingMonitor(tmp_path / "c", stats_every=0).cadence
+    assert cadence.stats_due(1000) and not cadence.stats_due(999)
+    cadence.logged_epoch = 0  # an epoch ended: statistics at epoch_end alone
+    assert not cadence.stats_due(1000)
