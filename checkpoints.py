@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from gradwatch.states import kind, state_problem
+
 
 class RunError(Exception):
     """A run folder that cannot be used as asked; the message says what to do instead."""
@@ -205,16 +207,60 @@ def _check(run, checkpoint):
         raise RunError(f"{run.run_dir}: its optimizer has other parameter groups; {own}")
 
 
-def _load_weights(run, checkpoint):
-    if run.args.fsdp:  # every rank takes its shards of the whole state
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def _check_values(run, path, checkpoint):
+    """Refuse a checkpoint that loads but holds values of other kinds than train.py saves (edited by
+    hand, written by other code): each would fail later, inside the loop."""
+    like = {**asdict(Progress()), "model": {}, "optimizer": {}, "args": {}, "classes": [], "rng": {}}
+    like.update(scheduler=run.scheduler.state_dict(), optimizer=run.optimizer.state_dict())
+    problem = state_problem(checkpoint, like, "checkpoint")
+    group = like["optimizer"]["param_groups"][0]
+    for i, saved in enumerate([] if problem else checkpoint["optimizer"].get("param_groups", [])):
+        problem = problem or state_problem(saved, group, f"checkpoint['optimizer']['param_groups'][{i}]", ["params"])
+    rng = checkpoint.get("rng", {}).get("cpu", torch.get_rng_state())
+    if not problem and (kind(rng) != "a tensor" or rng.shape != torch.get_rng_state().shape):
+        shape = tuple(getattr(rng, "shape", ()))
+        problem = f"checkpoint['rng']['cpu'] is {kind(rng)} of shape {shape}, not the random generator's state"
+    if problem:
+        fix = "copy best.pt over it to resume from the best epoch, or start a new run"
+        raise RunError(f"{path}: {problem}; {fix}")
 
-        options = StateDictOptions(full_state_dict=True)
-        model, optimizer = checkpoint["model"], checkpoint["optimizer"]
-        set_state_dict(run.net, run.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
-    else:
-        run.net.load_state_dict(checkpoint["model"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
+
+def _mismatch(model, optimizer):
+    """The first tensor of the optimizer's state whose shape is not its parameter's, in words."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                return f"its {key} of {names.get(id(p), '?')} has shape {tuple(value.shape)}, not {tuple(p.shape)}"
+    return None
+
+
+def _load_weights(run, checkpoint, path):
+    """The model and optimizer state, or a RunError that says which does not fit the run as built."""
+    try:
+        if run.args.fsdp:  # every rank takes its shards of the whole state
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            model, optimizer = checkpoint["model"], checkpoint["optimizer"]
+            set_state_dict(run.net, run.optimizer, model_state_dict=model, optim_state_dict=optimizer, options=options)
+        else:
+            run.net.load_state_dict(checkpoint["model"])
+            run.optimizer.load_state_dict(checkpoint["optimizer"])
+        wrong = _mismatch(run.net, run.optimizer)
+    except Exception as err:  # another Net (its layers edited), an optimizer state of another shape
+        wrong = one_detail(err)
+    if wrong:
+        fix = "resume with the code the run was trained with (utils.Net, train.py's optimizer), or start a new run"
+        raise RunError(f"{path}: its model or optimizer state does not fit the run as built ({wrong}); {fix}")
+
+
+def one_detail(err):
+    """An exception in one line: its first line that names something (torch's load_state_dict puts
+    the details after a header line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines[1:] if not line.endswith(":")), lines[0] if lines else "")
+    return f"{type(err).__name__}: {detail}"
 
 
 def _rescale_lr(run, saved_lr):
@@ -238,9 +284,11 @@ def resume(run):
     """Load the run's last checkpoint into `run`; returns the monitor's saved state, if the
     checkpoint has one (a checkpoint of an earlier version may not)."""
     device = run.dist.device
-    checkpoint = read_checkpoint(run.run_dir / "last.pt", device)
+    path = run.run_dir / "last.pt"
+    checkpoint = read_checkpoint(path, device)
+    _check_values(run, path, checkpoint)
     _check(run, checkpoint)
-    _load_weights(run, checkpoint)
+    _load_weights(run, checkpoint, path)
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     if run.args.lr != checkpoint["args"]["lr"]:
         _rescale_lr(run, checkpoint["args"]["lr"])

@@ -148,7 +148,13 @@ def open_monitor(run, monitor_state):
     monitor = TrainingMonitor(run.run_dir, **options)  # stats_every None: the monitor's default
     monitor.watch(run.model, run.optimizer)  # the model as trained: compiled, it keeps its activation hooks
     if monitor_state:
-        monitor.load_state_dict(monitor_state)
+        try:
+            monitor.load_state_dict(monitor_state)
+        except ValueError as err:  # edited, or written by other code: the diagnosis starts again
+            monitor.close()
+            afresh = f"its diagnosis starts afresh at epoch {progress.epoch + 1}"
+            warn(f"warning: {run.run_dir / 'last.pt'}: the monitor's saved state is damaged ({err}); {afresh}")
+            return open_monitor(run, None)
     steps = max(args.epochs, len(run.loaders[0]) * args.epochs // args.hist_every if args.hist_every else 0)
     if steps > TENSORBOARD_HISTOGRAM_STEPS:
         everything = f"tensorboard --logdir {args.log_dir} --samples_per_plugin histograms=0"

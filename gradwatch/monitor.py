@@ -39,6 +39,7 @@ from .pictures import gradient_flow_image
 from .replicas import Replicas, data_parallel_group
 from .shards import is_sharded
 from .sink import EventSink, Guard, NullSink
+from .states import items_problem, state_problem
 from .stats import (
     NamedParameters,
     gradient_flow,
@@ -53,6 +54,32 @@ from .summary import SUMMARIES, EpochSummary, summarize
 # the parts that each own some keys of state_dict() (the sink: where each step axis stands)
 STATE_PARTS = ("losses", "clipping", "cadence", "diagnosis", "sink")
 STATE_KEYS = {"steps", "skipped_steps", "history", "records", "findings"}  # what a state must hold
+# the lists of dicts a state holds: the keys their items must hold, and an item like theirs
+STATE_LISTS = {
+    "history": (("epoch", "step"), EpochSummary(epoch=0, step=0).to_dict()),
+    "records": ((), {}),
+    "findings": (("rule",), {"rule": "", "message": "", "parameters": []}),
+    "windows": (("first", "step", "mean", "max"), {"first": 0, "step": 0, "mean": 0.0, "max": 0.0}),
+    "jumps": ((), {}),
+}
+
+
+def own_state(monitor: TrainingMonitor) -> dict[str, Any]:
+    """The state of `monitor` (one model's), as state_dict() returns it."""
+    state = {"steps": monitor.steps, "skipped_steps": monitor.skipped_steps}
+    for part in STATE_PARTS:
+        state.update(getattr(monitor, part).state_dict())
+    return state
+
+
+def load_own_state(monitor: TrainingMonitor, state: Mapping[str, Any]) -> None:
+    """Load `state` into `monitor`, but for the sink's axes (TrainingMonitor.load_state_dict)."""
+    for part in STATE_PARTS[:-1]:  # the sink last
+        getattr(monitor, part).load_state_dict(state)
+    monitor.steps = state["steps"]
+    monitor.skipped_steps = state["skipped_steps"]
+
+
 MAX_RECORDS = 32  # statistics records an epoch keeps for its summary; beyond, the older ones thin
 
 
@@ -722,10 +749,7 @@ class TrainingMonitor:
         if self.parts is not None:
             return {**self.parts.state_dict(), **self.sink.state_dict()}
         self.sink.scalars({**self.losses.take(), **self.clipping.take()}, self.steps, per_step=True)
-        state = {"steps": self.steps, "skipped_steps": self.skipped_steps}
-        for part in STATE_PARTS:
-            state.update(getattr(self, part).state_dict())
-        return state
+        return own_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> TrainingMonitor:
         """Continue from a state_dict() saved with a checkpoint; call it before the first step() of
@@ -735,13 +759,17 @@ class TrainingMonitor:
             self.parts.load_state_dict(state)
             self.sink.resume_at(state.get("next_epoch", 0), None)
             return self
-        missing = STATE_KEYS - set(state)
-        if missing:
-            raise ValueError(f"not a TrainingMonitor state: it lacks {', '.join(sorted(missing))}")
-        self.steps = state["steps"]
-        self.skipped_steps = state["skipped_steps"]
-        for part in STATE_PARTS:
-            getattr(self, part).load_state_dict(state)
+        before = own_state(self)
+        problem = state_problem(state, before, "the state", sorted(STATE_KEYS))
+        problem = problem or items_problem(state, STATE_LISTS, "the state")
+        if problem:
+            raise ValueError(f"not a TrainingMonitor state: {problem}")
+        try:
+            load_own_state(self, state)
+        except Exception as err:  # an item of another shape within: what it was before stays
+            load_own_state(self, before)
+            raise ValueError(f"not a TrainingMonitor state ({type(err).__name__}: {err})") from None
+        self.sink.load_state_dict(state)
         if self.model is not None and self.cadence.reads(self.steps, ahead=1):
             self.hooks.prepare(self._parameters, first=self.cadence.first(ahead=1))
         return self

@@ -91,7 +91,7 @@ class Parts:
         return {"parts": {part: monitor.state_dict() for part, monitor in self.monitors.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = state.get("parts")
+        saved = state.get("parts") if isinstance(state, Mapping) else None
         if not isinstance(saved, Mapping) or set(saved) != set(self.monitors):
             raise ValueError(f"not the state of a monitor of the parts {', '.join(self.monitors)}")
         for part, monitor in self.monitors.items():

@@ -370,3 +370,33 @@ def test_shares_of_non_finite_values_are_charted_from_their_first_reading_that_i
     assert "nonfinite_share/b" not in events.Tags()["scalars"]  # zero all along: never charted
     assert [(e.step, e.value) for e in events.Scalars("nonfinite_share/a")] == [(2, 0.5), (3, 0.0)]  # then kept
     assert [e.step for e in events.Scalars("grad_norm/a")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda s: "garbage", "the state is a str, not a dict"),
+        (lambda s: {**s, "steps": "7"}, "the state['steps'] is a str where an int belongs"),
+        (lambda s: {**s, "steps": -3}, "the state['steps'] is -3, below 0"),
+        (lambda s: {**s, "history": [{"epoch": 0}]}, "the state['history'][0] lacks 'step'"),
+        (lambda s: {**s, "history": [{"epoch": 0, "step": "x"}]}, "the state['history'][0]['step'] is a str where"),
+        (lambda s: {**s, "windows": [{}]}, "the state['windows'][0] lacks 'first', 'step', 'mean', 'max'"),
+        (lambda s: {**s, "findings": [{"rule": "x"}]}, "not a TrainingMonitor state (KeyError: "),
+        (lambda s: {**s, "facts": {"model": "x"}}, "the state['facts']['model'] is a str where a dict belongs"),
+    ],
+)
+def test_a_state_of_other_values_is_refused_by_name_and_the_monitor_stays_as_it_was(tmp_path, change, words):
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path / "a").watch(model, optimizer) as monitor:
+        for _ in range(3):
+            model(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+            monitor.step(torch.tensor(1.0))
+        saved = monitor.state_dict()
+    with TrainingMonitor(tmp_path / "b").watch(model, optimizer) as fresh:
+        with pytest.raises(ValueError, match="not a TrainingMonitor state") as raised:
+            fresh.load_state_dict(change(saved))
+        assert words in str(raised.value)
+        assert fresh.steps == 0 and fresh.diagnosis.history == []  # nothing of it was loaded
+        assert fresh.load_state_dict(saved).steps == 3  # the monitor's own state loads as before

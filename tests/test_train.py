@@ -625,6 +625,67 @@ def test_a_damaged_last_pt_gets_one_line_and_nothing_is_lost(form, finished_run,
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == kept
 
 
+def edited(change):
+    """A form of last.pt that loads but holds values train.py does not save: `change(checkpoint)`."""
+
+    def damage(path):
+        checkpoint = torch.load(path, weights_only=True)
+        change(checkpoint)
+        torch.save(checkpoint, path)
+
+    return damage
+
+
+def another_net(checkpoint):  # Net edited after the run: a layer of another width
+    checkpoint["model"]["fc1.weight"] = torch.zeros(100, 400)
+
+
+def momentum_of_another_shape(checkpoint):
+    state = checkpoint["optimizer"]["state"]
+    state[0]["momentum_buffer"] = torch.zeros(3)
+
+
+WRONG_VALUES = {
+    "another Net": (another_net, "its model or optimizer state does not fit the run as built (RuntimeError: "),
+    "garbage optimizer": (
+        lambda c: c.update(optimizer={"state": {}, "param_groups": "x"}),
+        "checkpoint['optimizer']['param_groups'] is a str where a list belongs",
+    ),
+    "momentum of another shape": (momentum_of_another_shape, "its momentum_buffer of conv1.weight has shape (3,)"),
+    "negative epoch": (lambda c: c.update(epoch=-5), "checkpoint['epoch'] is -5, below 0"),
+    "string epoch": (lambda c: c.update(epoch="5"), "checkpoint['epoch'] is a str where an int belongs"),
+    "rng of another size": (lambda c: c["rng"].update(cpu=torch.zeros(10, dtype=torch.uint8)), "checkpoint['rng']"),
+    "scheduler of strings": (lambda c: c["scheduler"].update(last_epoch="1"), "checkpoint['scheduler']['last_epoch']"),
+    "classes not a list": (lambda c: c.update(classes=3), "checkpoint['classes'] is an int where a list belongs"),
+}
+
+
+@pytest.mark.parametrize("form", WRONG_VALUES)
+def test_a_last_pt_of_wrong_values_gets_one_line_and_nothing_is_lost(form, finished_run, tmp_path, capsys):
+    change, words = WRONG_VALUES[form]
+    run = damaged_copy(finished_run, tmp_path)
+    edited(change)(run / "last.pt")
+    kept = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {run / 'last.pt'}: ") and words in err, err
+    assert "start a new run" in err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == kept
+
+
+@pytest.mark.parametrize("monitor", ["garbage", {"steps": "7"}, {"history": [{"epoch": "x"}]}])
+def test_a_damaged_monitor_state_restarts_the_diagnosis_and_the_run_goes_on(monitor, finished_run, tmp_path, capsys):
+    run = damaged_copy(finished_run, tmp_path)
+    edited(lambda c: c.update(monitor=monitor if isinstance(monitor, str) else {**c["monitor"], **monitor}))(
+        run / "last.pt"
+    )
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {run / 'last.pt'}: the monitor's saved state is damaged (not a TrainingMonitor")
+    assert err.count("\n") == 1 and "its diagnosis starts afresh at epoch 2" in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
 def test_a_run_folder_that_cannot_be_made_gets_one_line(data_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     assert train.main(train_args(data_dir, tmp_path / "file", "--run-name", "r", epochs=1)) == 1
