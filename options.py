@@ -11,8 +11,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from gradwatch import Thresholds
 from gradwatch.diagnosis import threshold_override
 
@@ -37,11 +35,15 @@ positive_int = checked(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = checked(int, lambda v: v >= 0, "0 or more")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
 non_negative_float = checked(float, lambda v: 0 <= v < math.inf, "0 or more")
+seed = checked(int, lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1 (what torch.manual_seed takes)")
+NAME_MAX = 255  # bytes in one file name, on the usual file systems
 
 
 def device_name(text):
     if text == "auto":
         return text
+    import torch  # here, so that --help answers before torch loads (seconds)
+
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -65,6 +67,10 @@ def run_name(text):
     if text in ("", ".", "..") or any(sep in text for sep in separators) or Path(text).is_absolute():
         raise argparse.ArgumentTypeError(
             f"must be one folder name, which goes under --log-dir (no '/', '.' or '..'), got '{text}'"
+        )
+    if len(os.fsencode(text)) > NAME_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {NAME_MAX} bytes, the longest file name a file system takes; got {len(os.fsencode(text))}"
         )
     return text
 
@@ -115,7 +121,7 @@ OPTIONS = {  # group: [(option, keyword arguments of add_argument)]; README's ta
         ("--weight-decay", dict(type=non_negative_float, default=0.0, help="L2 penalty for every layer")),
         ("--step-size", dict(type=positive_int, default=15, help="StepLR: epochs between decays")),
         ("--gamma", dict(type=positive_float, default=0.1, help="StepLR: decay factor")),
-        ("--seed", dict(type=int, default=0, help="seeds the weights and the shuffling")),
+        ("--seed", dict(type=seed, default=0, help="seeds the weights and the shuffling")),
         ("--device", dict(type=device_name, default="auto", help="auto picks CUDA when available")),
         ("--amp", dict(choices=("off", "bf16", "fp16"), default="off")),
         ("--compile", dict(nargs="?", const="inductor", type=compile_backend, metavar="BACKEND")),
@@ -186,6 +192,28 @@ def saved_options(path, parser):
     return saved
 
 
+def saved_value_problem(action, value):
+    """What is wrong with an option's value as args.json holds it (edited by hand: "batch_size": "sixteen"),
+    checked as the parser checks it from the command line; None if nothing."""
+    if value is None or isinstance(value, Path):
+        return None
+    if action.const in (True, False) and not action.type:  # --fsdp and the like
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if action.choices and value not in action.choices:
+        return f"must be one of {', '.join(action.choices)}, got {value!r}"
+    if not action.type:
+        return None
+    items = value if isinstance(action, argparse._AppendAction) else [value]
+    try:
+        for item in items if isinstance(items, list) else [None]:
+            text = f"{item[0]}={item[1]}" if isinstance(item, (list, tuple)) and len(item) == 2 else str(item)
+            if action.type(text) != (tuple(item) if isinstance(item, list) else item):
+                raise argparse.ArgumentTypeError(f"must be {action.type.__name__}, got {item!r}")
+    except (argparse.ArgumentTypeError, TypeError) as err:
+        return str(err)
+    return None
+
+
 def parse_args(argv=None):
     """Parse the command line; with --resume, the run's saved arguments are the defaults."""
     parser = build_parser()
@@ -194,6 +222,12 @@ def parse_args(argv=None):
         run_dir = args.resume
         saved = saved_options(run_dir / "args.json", parser)
         args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
+        for action in parser._actions:  # the saved values the command line kept
+            if action.dest in saved and getattr(args, action.dest) is saved[action.dest]:
+                problem = saved_value_problem(action, saved[action.dest])
+                if problem:
+                    damaged = f"{run_dir / 'args.json'} is damaged ({action.option_strings[-1]} {problem})"
+                    parser.error(f"{damaged}; restore it, or start a new run")
         args.log_dir, args.run_name, args.resume = run_dir.parent, run_dir.name, run_dir
     args.thresholds = Thresholds().replace(dict(args.threshold))  # names and values checked by the parser
     if args.fsdp and "LOCAL_RANK" not in os.environ:

@@ -24,6 +24,10 @@ from typing import Any
 if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds) ends quietly; main() restores KeyboardInterrupt
     # os._exit, not an exception: one raised inside torch's import can surface in its C++ code and abort
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    if {"-h", "--help"} & set(sys.argv[1:]):  # answered before torch loads (seconds, more under load)
+        from options import parse_args
+
+        parse_args()
 
 import numpy as np
 import torch

@@ -145,11 +145,16 @@ def threshold_override(text: str) -> tuple[str, float]:
     try:
         if not sep:
             raise ValueError
-        return name, float(value)
+        number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected NAME=VALUE with a number, got '{text}'"
         ) from None
+    whole = isinstance(getattr(Thresholds(), name), int)
+    if not 0 <= number < math.inf or (whole and not number.is_integer()):
+        what = "a whole number, 0 or more" if whole else "a finite number, 0 or more"
+        raise argparse.ArgumentTypeError(f"{name} must be {what}, got '{value}'")
+    return name, number
 
 
 @dataclass

@@ -93,7 +93,15 @@ def test_a_truncated_event_file_is_read_up_to_where_it_breaks(tmp_path, capsys):
 
 
 def test_diagnose_checks_thresholds_as_train_does(tmp_path, capsys):
-    for bad, message in (("bias", "unknown threshold 'bias'"), ("bias_z", "expected NAME=VALUE with a number")):
+    refused = (
+        ("bias", "unknown threshold 'bias'"),
+        ("bias_z", "expected NAME=VALUE with a number"),
+        ("bias_z=nan", "bias_z must be a finite number, 0 or more, got 'nan'"),
+        ("bias_z=inf", "bias_z must be a finite number, 0 or more, got 'inf'"),
+        ("bias_z=-1", "bias_z must be a finite number, 0 or more, got '-1'"),
+        ("stuck_epochs=2.5", "stuck_epochs must be a whole number, 0 or more, got '2.5'"),
+    )
+    for bad, message in refused:
         with pytest.raises(SystemExit) as exit_info:
             diagnose.main([str(tmp_path), "--threshold", bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
