@@ -201,13 +201,12 @@ def saved_value_problem(action, value):
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
     if action.choices and value not in action.choices:
         return f"must be one of {', '.join(action.choices)}, got {value!r}"
-    if not action.type:
-        return None
-    items = value if isinstance(action, argparse._AppendAction) else [value]
+    appended = isinstance(action, argparse._AppendAction)
+    items = value if appended and isinstance(value, list) else [value]
     try:
-        for item in items if isinstance(items, list) else [None]:
-            text = f"{item[0]}={item[1]}" if isinstance(item, (list, tuple)) and len(item) == 2 else str(item)
-            if action.type(text) != (tuple(item) if isinstance(item, list) else item):
+        for item in items if action.type else ():
+            pair = isinstance(item, (list, tuple)) and len(item) == 2
+            if action.type(f"{item[0]}={item[1]}" if pair else str(item)) != (tuple(item) if pair else item):
                 raise argparse.ArgumentTypeError(f"must be {action.type.__name__}, got {item!r}")
     except (argparse.ArgumentTypeError, TypeError) as err:
         return str(err)

@@ -55,6 +55,59 @@ def _thread_and_queue(writer: SummaryWriter) -> tuple[Any, Any]:
     return getattr(events, "_worker", None), getattr(events, "_event_queue", None)
 
 
+class SafeRecords:
+    """tensorboardX's record writer (the event file) with its failures kept rather than raised: on a
+    full disk its thread lives on, dropping events, and its atexit flush prints no traceback; the
+    sink reads `error` and says it once."""
+
+    def __init__(self, records: Any):
+        self.records = records
+        self.path = getattr(records, "path", None)
+        self.error: OSError | None = None
+
+    def _do(self, name: str, *args: Any) -> None:
+        if self.error is None:
+            try:
+                getattr(self.records, name)(*args)
+            except OSError as err:
+                self.error = err
+
+    def write(self, data: bytes) -> None:
+        self._do("write", data)
+
+    def flush(self) -> None:
+        self._do("flush")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.records.close()
+
+
+def guarded(writer: SummaryWriter) -> SafeRecords | None:
+    """Put SafeRecords under `writer`'s event file (None where a version of tensorboardX has other
+    names)."""
+    events = getattr(writer.file_writer.event_writer, "_ev_writer", None)
+    records = getattr(events, "_py_recordio_writer", None)
+    if records is None:
+        return None
+    events._py_recordio_writer = SafeRecords(records)
+    return events._py_recordio_writer
+
+
+def open_writer(
+    folder: str, purge_step: int | None, flush_secs: int, layout: bool
+) -> SummaryWriter:
+    """A writer of one axis; `layout`: with the Custom Scalars layout (the epoch axis's)."""
+    # Event file names hold the time in whole seconds; a nanosecond suffix keeps a run resumed
+    # within the same second from overwriting the file it continues, and sorts it after it.
+    writer = SummaryWriter(
+        folder, purge_step=purge_step, flush_secs=flush_secs, filename_suffix=f".{time.time_ns()}"
+    )
+    if layout:
+        writer.add_custom_scalars(custom_scalars())
+    return writer
+
+
 def stopped_writer(writer: SummaryWriter) -> str | None:
     """Why `writer` can take no more events, or None while it works: its thread died (an error
     writing the event file, such as a full disk; tensorboardX's queue would then block the next
@@ -100,6 +153,49 @@ def _histogram_value(tag: str, h: Histogram) -> Summary.Value:
     limits = h.bucket_limits.tolist()
     counts = h.bucket_counts.tolist()
     return histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts).value[0]
+
+
+class RunFiles:
+    """The run folder's own files (diagnosis.json, the pictures, the summaries, the error log):
+    each written to a temporary name and renamed over the old one, or appended to and cut back
+    where the append fails, so that a kill or a full disk midway leaves every file as it was. The
+    first failure is given to `on_failure(path, error)`, and nothing more is written."""
+
+    def __init__(self, log_dir: str, on_failure: Any):
+        self.log_dir = log_dir
+        self.on_failure = on_failure
+        self.failed: str | None = None  # the file that could not be written
+
+    def replaced(self, name: str, write: Any) -> None:
+        """`write(path)` of the run folder's file `name` to a temporary name, then renamed over it:
+        a kill or a full disk midway leaves the file as it was."""
+        if self.failed:
+            return
+        path = os.path.join(self.log_dir, name)
+        try:
+            write(path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            self.failed = path
+            self.on_failure(path, err)
+
+    def appended(self, name: str, text: str) -> None:
+        """`text` at the end of the run folder's file `name`; where that fails midway, the file is
+        cut back to where it was."""
+        if self.failed:
+            return
+        path = os.path.join(self.log_dir, name)
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        try:
+            with open(path, "a") as fh:
+                fh.write(text)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            self.failed = path
+            self.on_failure(path, err)
 
 
 class NullSink:
@@ -181,6 +277,8 @@ class EventSink(NullSink):
         self.writers: dict[bool, SummaryWriter] = {}
         self.appended: set[str] = set()  # the files append_line has begun
         self.stopped: str | None = None  # why no more events are written: closed, or a writer broke
+        self.files = RunFiles(log_dir, self.cannot_write)
+        self.records: dict[bool, SafeRecords | None] = {}  # under each writer's event file
         self.charted: set[str] = set()  # the HIDDEN_WHILE_ZERO tags that have been non-zero
         os.makedirs(log_dir, exist_ok=True)
 
@@ -214,30 +312,42 @@ class EventSink(NullSink):
             self.next_epoch = max(self.next_epoch, step + 1)
         if per_step not in self.writers:
             folder = os.path.join(self.log_dir, "steps") if per_step else self.log_dir
-            # Event file names hold the time in whole seconds; a nanosecond suffix keeps a run
-            # resumed
-            # within the same second from overwriting the file it continues, and sorts it after that
-            # file.
             purge = self.purge[per_step]
-            self.writers[per_step] = SummaryWriter(
-                folder,
-                purge_step=None if purge is None else axis_step(purge, per_step),
-                flush_secs=self.flush_secs,
-                filename_suffix=f".{time.time_ns()}",
-            )
-            if not per_step:
-                self.writers[per_step].add_custom_scalars(custom_scalars())
+            purge = None if purge is None else axis_step(purge, per_step)
+            try:
+                self.writers[per_step] = open_writer(folder, purge, self.flush_secs, not per_step)
+                self.records[per_step] = guarded(self.writers[per_step])
+            except OSError as err:  # a full disk, a folder made read-only
+                self.cannot_write(folder, err)
+                return None
+        return None if self._broken(per_step) else self.writers[per_step]
+
+    def _broken(self, per_step: bool) -> bool:
+        """Whether the writer of the axis can take no more events (then said in one line)."""
+        records = self.records.get(per_step)
+        if records is not None and records.error is not None:
+            self.cannot_write(records.path, records.error)
+            return True
         why = stopped_writer(self.writers[per_step])
         if why:
             after = "Nothing more goes to TensorBoard and training goes on; free space, then "
             self.stop(f"the event writer stopped: {why}. {after}resume from the last checkpoint")
-            return None
-        return self.writers[per_step]
+        return bool(why)
 
     def stop(self, why: str) -> None:
         """Write no more events, and say why in one line."""
         self.stopped = why
         print(f"gradwatch: {why}", file=sys.stderr)
+
+    def cannot_write(self, path: str, err: OSError) -> None:
+        """A file of the run folder could not be written (a full disk, a folder made read-only):
+        nothing more is written there, said in one line."""
+        reason = err.strerror or str(err)
+        rest = f"nothing more is written to {self.log_dir} and training goes on; free space on its "
+        rest += "disk (or make it writable), then resume from the last checkpoint"
+        if self.stopped not in (None, "closed"):
+            return
+        self.stop(f"{path}: cannot be written ({reason}); {rest}")
 
     def open(self) -> None:
         self.writer()
@@ -288,30 +398,35 @@ class EventSink(NullSink):
         self.scalars(metrics, step)
 
     def save_json(self, name: str, value: Any) -> None:
-        """Written whole, then renamed over the old file: a kill or a full disk midway leaves the
-        old one."""
-        path = os.path.join(self.log_dir, name)
-        with open(path + ".tmp", "w") as fh:
-            json.dump(value, fh, indent=2)
-        os.replace(path + ".tmp", path)
+        text = json.dumps(
+            value, indent=2
+        )  # a value JSON cannot hold raises before anything is written
+
+        def write(path: str) -> None:
+            with open(path, "w") as fh:
+                fh.write(text)
+
+        self.files.replaced(name, write)
 
     def save_image(self, name: str, image: Image.Image) -> None:
-        image.save(os.path.join(self.log_dir, name))
+        kind = os.path.splitext(name)[1].lstrip(".").upper()
+        self.files.replaced(name, lambda path: image.save(path, format=kind))
 
     def append_line(self, name: str, value: Any) -> None:
-        path = os.path.join(self.log_dir, name)
         if name not in self.appended:
             self.appended.add(name)
             step = self.purge[True]
-            with open(path + ".tmp", "w") as fh:
-                fh.writelines(kept_lines(path, step) if step is not None else [])
-            os.replace(path + ".tmp", path)
-        with open(path, "a") as fh:
-            fh.write(json.dumps(value) + "\n")
+            kept = kept_lines(os.path.join(self.log_dir, name), step) if step is not None else []
+
+            def write(path: str) -> None:
+                with open(path, "w") as fh:
+                    fh.writelines(kept)
+
+            self.files.replaced(name, write)
+        self.files.appended(name, json.dumps(value) + "\n")
 
     def error(self, text: str) -> None:
-        with open(os.path.join(self.log_dir, ERRORS), "a") as fh:
-            fh.write(text)
+        self.files.appended(ERRORS, text)
 
     def flush(self) -> None:
         """The queued events written (tensorboardX's flush writes out only what its thread has

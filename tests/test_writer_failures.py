@@ -2,6 +2,7 @@
 used after close(). Training goes on and ends; nothing hangs; one line says what happened. And train.py's
 checkpoints on a disk that fills up."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -79,7 +80,62 @@ def test_a_full_disk_neither_hangs_nor_ends_the_run(tmp_path):
         result = run_loop(tmp_path, disk / "run", break_at=-1)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trained 300 steps" in result.stdout
-    assert result.stderr.count("gradwatch: the event writer stopped") == 1, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gradwatch: {disk / 'run'}"), result.stderr[-3000:]
+    assert "cannot be written (No space left on device); nothing more is written to" in lines[0]
+
+
+FILLS_UP = """
+import sys, json, torch
+sys.path.insert(0, {root!r})
+from gradwatch import TrainingMonitor
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))
+monitor = TrainingMonitor(sys.argv[1], stats_every=10).watch(model, optimizer)
+for epoch in range(3):
+    for i in range(40):
+        rows = slice(i % 8 * 32, i % 8 * 32 + 32)
+        loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+    monitor.epoch_end(epoch, {{"train/loss": loss.item()}})
+    if epoch == 0:  # another program fills the disk
+        monitor.flush()
+        try:
+            with open(sys.argv[2], "wb") as filler:
+                while True:
+                    filler.write(bytes(4096))
+                    filler.flush()
+        except OSError:
+            pass
+monitor.close()
+print("trained", monitor.steps, "steps")
+"""
+
+
+@pytest.mark.monitor_failures
+def test_a_disk_that_fills_up_leaves_every_file_as_it_was(tmp_path):
+    """Epoch 1's files are written; then the disk fills up: one line says so, no traceback (tensorboardX's thread
+    and its exit hook print none), and gradient_flow.png, diagnosis.json and the summaries are epoch 1's, whole,
+    with no temporary file left (the picture was rewritten in place and left empty)."""
+    script = tmp_path / "fills.py"
+    script.write_text(FILLS_UP.format(root=str(ROOT)))
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        run = disk / "run"
+        result = subprocess.run([sys.executable, str(script), str(run), str(disk / "filler")], capture_output=True,
+                                text=True, timeout=240)  # fmt: skip
+        kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert result.returncode == 0 and "trained 120 steps" in result.stdout, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "cannot be written (No space left on device)" in lines[0], result.stderr[-3000:]
+    assert not [name for name in kept if name.endswith(".tmp")]
+    assert kept["gradient_flow.png"].startswith(b"\x89PNG") and len(kept["gradient_flow.png"]) > 1000
+    assert json.loads(kept["diagnosis.json"])["facts"]
+    assert [json.loads(line)["summary"]["epoch"] for line in kept["gradwatch-summaries.jsonl"].splitlines()] == [0]
 
 
 def test_what_is_logged_after_close_is_not_written(tmp_path, capsys):
