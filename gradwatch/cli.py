@@ -285,15 +285,28 @@ def _counted(history, events, step_events):
 def run_folders(path):
     """Every folder under path (path included) that holds event files, except the monitor's
     step-axis folders: `<run>/steps` belongs to the run `<run>`, whose epoch histograms are the ones
-    diagnosed."""
+    diagnosed. Returns (folders, unreadable): [(folder or event file, why)] of what could not be
+    read (permission denied), so that no run is left out unsaid."""
     folders = set()
+    unreadable = []
     seen = set()  # real paths walked: a symlinked folder is followed once, a link loop ends
-    for top, dirs, files in os.walk(path, followlinks=True):
+
+    def refused(err):
+        unreadable.append((Path(err.filename), err.strerror or type(err).__name__))
+
+    for top, dirs, files in os.walk(path, followlinks=True, onerror=refused):
         seen.add(os.path.realpath(top))
         dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(top, d)) not in seen]
-        if any("tfevents" in name and os.path.isfile(os.path.join(top, name)) for name in files):
+        events = [os.path.join(top, name) for name in files if "tfevents" in name]
+        events = [event for event in events if os.path.isfile(event)]
+        denied = [event for event in events if not os.access(event, os.R_OK)]
+        if events:
             folders.add(Path(top))
-    return sorted(f for f in folders if not (f.name == "steps" and f.parent in folders))
+        if denied:  # its run cannot be read whole
+            unreadable.append((Path(top), f"Permission denied: {os.path.basename(denied[0])}"))
+    left_out = {where for where, _ in unreadable}
+    runs = [f for f in folders if not (f.name == "steps" and f.parent in folders)]
+    return sorted(f for f in runs if f not in left_out and f.parent not in left_out), unreadable
 
 
 def build_parser():
@@ -332,8 +345,9 @@ def main(argv=None):
 
 
 def _folders(path):
-    """The run folders under `path` (an event file stands for its folder), or the line that says why
-    there are none."""
+    """(run folders, problem): the run folders under `path` (an event file stands for its folder),
+    and the line that says why there are none, or True where something could not be read (said in
+    a warning each)."""
     if importlib.util.find_spec("tensorboard") is None:
         return (
             [],
@@ -343,10 +357,14 @@ def _folders(path):
         return [], f"error: {path}: not found; pass a run folder or a folder of runs"
     if path.is_file() and "tfevents" in path.name:
         return [path.parent], None
-    folders = run_folders(path)
+    folders, unreadable = run_folders(path)
+    for where, why in unreadable:
+        print(f"warning: {where}: cannot be read ({why}); left out", file=sys.stderr)
+    if unreadable and not folders:
+        return [], f"error: {path}: nothing in it could be read; read access to it is needed"
     if not folders:
         return [], f"error: {path}: no event files (events.out.tfevents.*) in it or below it"
-    return folders, None
+    return folders, bool(unreadable)
 
 
 def _diagnosed(folder, thresholds, classes, overrides):
@@ -372,7 +390,7 @@ def _main(argv):
     # names and values checked by the parser
     thresholds = Thresholds().replace(dict(args.threshold))
     folders, error = _folders(args.path)
-    if error:
+    if isinstance(error, str):
         print(error, file=sys.stderr)
         return 1
     report = {}
@@ -390,7 +408,7 @@ def _main(argv):
     if args.json:
         runs = {name: [f.to_json() for f in findings] for name, findings in report.items()}
         print(json.dumps(runs, indent=2))
-    return 1 if unread else 0
+    return 1 if unread or error else 0
 
 
 def _name(folder: Path, path: Path) -> str:

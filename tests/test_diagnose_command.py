@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,3 +290,39 @@ def test_summaries_that_cannot_be_replayed_leave_the_event_files_to_tell_the_run
     captured = capsys.readouterr()
     assert captured.err.startswith(f"warning: {summaries}: not read (TypeError: ") and captured.err.count("\n") == 1
     assert captured.out.startswith("run: 2 epochs, 32 steps, 18 parameters; 1 problem\n  Problem, epoch 1-2")
+
+
+def without_root_powers():
+    """The command prefix under which this process's permissions are checked as any user's: root's
+    powers to read anything dropped (setpriv), or none for another user; skips where neither holds."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and no setpriv to drop the power to read anything")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+
+def test_a_run_that_cannot_be_read_is_said_and_fails_the_command(tmp_path):
+    torch.manual_seed(0)
+    for run in ("a", "b", "c"):
+        train(mlp(), tmp_path / "runs" / run, lr=0.02, epochs=2)
+    (tmp_path / "runs" / "b").chmod(0)
+    for event_file in (tmp_path / "runs" / "c").glob("events.out.tfevents.*"):
+        event_file.chmod(0)
+    prefix = without_root_powers()
+    try:
+        every = subprocess.run([*prefix, sys.executable, "diagnose.py", str(tmp_path / "runs")], cwd=ROOT,
+                               capture_output=True, text=True)  # fmt: skip
+        one = subprocess.run([*prefix, sys.executable, "diagnose.py", str(tmp_path / "runs" / "b")], cwd=ROOT,
+                             capture_output=True, text=True)  # fmt: skip
+    finally:
+        (tmp_path / "runs" / "b").chmod(0o755)
+    assert every.returncode == 1 and every.stdout.startswith("a: 2 epochs") and "\nb" not in every.stdout
+    warnings = every.stderr.splitlines()
+    assert warnings[0] == f"warning: {tmp_path / 'runs' / 'b'}: cannot be read (Permission denied); left out"
+    assert warnings[1].startswith(f"warning: {tmp_path / 'runs' / 'c'}: cannot be read (Permission denied: events.")
+    assert len(warnings) == 2 and "Traceback" not in every.stderr
+    assert one.returncode == 1 and one.stderr.splitlines() == [
+        f"warning: {tmp_path / 'runs' / 'b'}: cannot be read (Permission denied); left out",
+        f"error: {tmp_path / 'runs' / 'b'}: nothing in it could be read; read access to it is needed",
+    ]
