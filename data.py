@@ -185,6 +185,24 @@ def load_normalisation(data_dir):
     return mean, std, str(path)
 
 
+def warn_empty_classes(data_dir, lists, count):
+    """Without classes.txt the labels name the classes 0..max: a typo in one label (12 in a list of
+    10 classes) makes classes without an image. Say which, and the line of the highest label."""
+    used = {label for samples in lists for _, label, _ in samples}
+    empty = [label for label in range(count) if label not in used]
+    if not empty:
+        return
+    highest = max((sample for samples in lists for sample in samples), key=lambda sample: sample[1])
+    shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+    check = f"the highest label, {highest[1]}, is at {highest[2]} (a typo?)"
+    print(
+        f"warning: {data_dir}: no classes.txt, so the labels name {count} classes (0 to {count - 1}), and "
+        f"{len(empty)} of them have no image ({shown}); {check}; write classes.txt, one name per line, "
+        "to have the labels checked",
+        file=sys.stderr,
+    )
+
+
 def build_loaders(data_dir, batch_size, seed, device, workers, cache, mean, std, rank=0, world_size=1):
     """Check data_dir's lists and every image, then return (train batches, valid batches, classes, cached).
 
@@ -198,7 +216,9 @@ def build_loaders(data_dir, batch_size, seed, device, workers, cache, mean, std,
     classes = read_classes(data_dir / "classes.txt") if (data_dir / "classes.txt").is_file() else None
     num_classes = len(classes) if classes else None
     lists = [read_image_list(data_dir / f"{split}.txt", num_classes) for split in ("train", "valid")]
-    classes = classes or [str(i) for i in range(1 + max(label for samples in lists for _, label, _ in samples))]
+    if classes is None:
+        classes = [str(i) for i in range(1 + max(label for samples in lists for _, label, _ in samples))]
+        warn_empty_classes(data_dir, lists, len(classes))
     train_sampler = EpochBatchSampler(len(lists[0]), batch_size, seed, rank=rank, world_size=world_size)
     valid_sampler = EpochBatchSampler(len(lists[1]), batch_size * 4, shuffle=False)
     cached = cache == "yes" or (cache == "auto" and cache_fits(sum(map(len, lists))))

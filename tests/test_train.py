@@ -120,6 +120,23 @@ BAD_INPUTS = {
 }
 
 
+def test_without_classes_txt_a_label_that_names_empty_classes_is_said_with_its_line(data_dir, tmp_path, capsys):
+    """Labels 0-3, and one typo: 6 names classes 4 and 5, which have no image; the run goes on (data sets with
+    classes left out exist) and the line of the label is named."""
+    (data_dir / "classes.txt").unlink()
+    rewrite_line(data_dir / "train.txt", 20, "train/bird/img 1.png 6")
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "r", epochs=1)) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        f"warning: {data_dir}: no classes.txt, so the labels name 7 classes (0 to 6), and 2 of them have no image (4, "
+        f"5); the highest label, 6, is at {data_dir / 'train.txt'}:20 (a typo?); write classes.txt, one name per "
+        "line, to have the labels checked"
+    )
+    rewrite_line(data_dir / "train.txt", 20, "train/bird/img 1.png 2")
+    assert train.main(train_args(data_dir, tmp_path, "--run-name", "s", epochs=1)) == 0
+    assert "warning" not in capsys.readouterr().err  # every class has images
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gets_one_clear_line_and_nothing_is_written(case, data_dir, tmp_path, capsys):
     damage, expected = BAD_INPUTS[case]
