@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .monitor import TrainingMonitor, numbers
+from .monitor import TrainingMonitor, numbers, told
 
 
 class MonitorCallback(Callback):
@@ -132,7 +132,7 @@ class MonitorCallback(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor is not None:
-            rank_zero_info(self.monitor.story())
+            rank_zero_info(told(self.monitor))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.monitor is not None:

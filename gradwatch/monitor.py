@@ -27,6 +27,7 @@ from .diagnosis import (
     Finding,
     RunDiagnosis,
     Thresholds,
+    indented,
     saved_findings,
     story,
 )
@@ -81,6 +82,13 @@ def load_own_state(monitor: TrainingMonitor, state: Mapping[str, Any]) -> None:
 
 
 MAX_RECORDS = 32  # statistics records an epoch keeps for its summary; beyond, the older ones thin
+
+
+def told(monitor: TrainingMonitor) -> str:
+    """The end-of-run story for a console that a progress bar shares: on a line of its own, named
+    as gradwatch's, with where the whole of it is."""
+    where = os.path.join(monitor.log_dir, "diagnosis.json")
+    return f"\ngradwatch: the diagnosis (in full in {where}):\n{indented(monitor.story())}"
 
 
 def is_main_process() -> bool:

@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.integrations.integration_utils import default_logdir
 from transformers.utils import logging
 
-from .monitor import TrainingMonitor, numbers
+from .monitor import TrainingMonitor, numbers, told
 
 logger = logging.get_logger(__name__)
 
@@ -140,7 +140,7 @@ class MonitorCallback(TrainerCallback):
         if self._pending is not None:
             self._epoch_end(self._pending)
         if self.monitor.is_writer:
-            print(self.monitor.story())
+            print(told(self.monitor), flush=True)
         self._hook.remove()
         self.monitor.close()
         self.monitor = None

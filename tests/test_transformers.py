@@ -64,7 +64,9 @@ def test_a_learning_rate_far_too_high_is_named_first(tmp_path, capsys):
     train(tmp_path, MonitorCallback(log_dir=tmp_path / "run", stats_every=1), learning_rate=30.0, max_grad_norm=0)
     findings = json.loads((tmp_path / "run" / "diagnosis.json").read_text())["findings"]
     assert findings[0]["rule"] == "diverging"
-    assert "the learning rate is too high" in capsys.readouterr().out  # the story, printed at the end
+    out = capsys.readouterr().out  # the story, printed at the end on a line of its own (not after tqdm's bar)
+    told = f"\ngradwatch: the diagnosis (in full in {tmp_path / 'run' / 'diagnosis.json'}):\n  Problem, epoch 1-2"
+    assert told in out and "the learning rate is too" in out, out[-1500:]
 
 
 def test_the_readme_snippet_runs_as_printed(tmp_path):
