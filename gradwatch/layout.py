@@ -41,8 +41,10 @@ def custom_scalars() -> dict:
     }
     return {
         "Curves, by epoch": {
-            "loss": ["Multiline", [exactly(tags["loss"])]],
-            "accuracy": ["Multiline", [exactly(tags["accuracy"])]],
+            # one colour per run in this tab: the titles say which lines a chart holds, and its
+            # "Matches" list gives each one's symbol and tag
+            "loss: train and valid": ["Multiline", [exactly(tags["loss"])]],
+            "accuracy: train and valid": ["Multiline", [exactly(tags["accuracy"])]],
             "learning rate": ["Multiline", [exactly(LR_TAGS, also="lr-.*")]],
         },
         "Gradients, by optimizer step": {

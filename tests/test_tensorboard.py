@@ -156,7 +156,9 @@ def test_the_first_view_opens_on_the_curves_and_custom_scalars_charts_them(serve
     step_tags = set(listing["scalars"]["runTagInfo"]["r/steps"])
     matched = {title: {t for t in tags | step_tags for pattern in patterns if re.match(pattern, t)}
                for title, patterns in charts.items()}  # fmt: skip
-    assert matched["loss"] == {"Loss/train", "Loss/valid"} and matched["accuracy"] == {
+    assert matched["loss: train and valid"] == {"Loss/train", "Loss/valid"} and matched[
+        "accuracy: train and valid"
+    ] == {
         "Accuracy/train",
         "Accuracy/valid",
     }
