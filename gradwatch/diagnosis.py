@@ -150,9 +150,9 @@ def threshold_override(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(
             f"expected NAME=VALUE with a number, got '{text}'"
         ) from None
-    whole = isinstance(getattr(Thresholds(), name), int)
-    if not 0 <= number < math.inf or (whole and not number.is_integer()):
-        what = "a whole number, 0 or more" if whole else "a finite number, 0 or more"
+    whole = isinstance(getattr(Thresholds(), name), int)  # a count of epochs or readings
+    if not math.isfinite(number) or (whole and not (number.is_integer() and number >= 0)):
+        what = "a whole number, 0 or more" if whole else "a finite number"
         raise argparse.ArgumentTypeError(f"{name} must be {what}, got '{value}'")
     return name, number
 
@@ -225,7 +225,7 @@ class Rule:
 
     name: str
     check: Check  # the findings about the latest summary, their rule and suggestion still unset
-    suggestion: str  # what to try; {lr} and {lr_up} are filled with a tenth and ten times the lr
+    suggestion: str  # what to try; {lr} and {lr_up}: a tenth and ten times the rate set
     thresholds: tuple[str, ...] = ()  # the fields of Thresholds it reads
     follows: tuple[str, ...] = ()  # the rules whose earlier findings can explain its findings
     lr: int = 0  # LOWER or RAISE: what its suggestion does to the learning rate, or 0
@@ -259,13 +259,15 @@ class Rule:
         for finding in findings:
             finding.rule = self.name
             if finding.suggestion is None:
-                finding.suggestion = self.suggest(finding.parameters, history[-1].lr)
+                finding.suggestion = self.suggest(finding.parameters, _peak_lr(history))
         return findings
 
     def suggest(self, parameters: list, lr: float | None) -> str:
+        """The suggestion, its rates relative to `lr`, the rate the user set (a schedule's peak,
+        not the rate it has decayed to)."""
         fill = {
-            "lr": f" (to {lr / 10:g} or less)" if lr else "",
-            "lr_up": f" (e.g. {lr * 10:g})" if lr else "",
+            "lr": f" (to {lr / 10:g} or less, a tenth of the {lr:g} set)" if lr else "",
+            "lr_up": f" (e.g. {lr * 10:g}, ten times the {lr:g} set)" if lr else "",
         }
         return self.suggestion.format(name=parameters[0] if parameters else "", **fill)
 
@@ -880,9 +882,9 @@ def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
 
 
 def _peak_lr(history: list[EpochSummary]) -> float | None:
-    """The highest learning rate of the run so far: at watch(), at a statistics step, or at an
-    epoch's end."""
-    rates = [s.loop.get(key) for s in history for key in ("lr_first", "lr_peak")]
+    """The highest learning rate of the run so far: the rate set (a scheduler's `initial_lr`, a
+    warmup's target), at watch(), at a statistics step, or at an epoch's end."""
+    rates = [s.loop.get(key) for s in history for key in ("lr_first", "lr_peak", "lr_set")]
     rates = [r for r in [*rates, *(s.lr for s in history)] if finite(r)]
     return max(rates, default=None)
 

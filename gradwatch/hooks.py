@@ -105,21 +105,21 @@ class OptimizerSteps:
 
     def __init__(self):
         self.ran = False
-        self.thread: threading.Thread | None = None
+        self.thread: tuple[int, str] | None = None  # its ident and name (a copy holds no Thread)
 
     def note(self) -> None:
         self.ran = True
-        self.thread = threading.current_thread()
+        self.thread = (threading.get_ident(), threading.current_thread().name)
 
     def check_thread(self, call: str) -> None:
         """Refuse `call` from another thread than the one that stepped last: that thread's backward
         pass writes the gradients without holding the GIL, and reading them meanwhile can crash the
         process."""
-        here = threading.current_thread()
-        if self.thread is not None and self.thread is not here:
+        if self.thread is not None and self.thread[0] != threading.get_ident():
+            here = threading.current_thread().name
             raise RuntimeError(
-                f"gradwatch: {call} was called in thread {here.name!r} while optimizer.step() runs "
-                f"in thread {self.thread.name!r}; reading the gradients while that thread's "
+                f"gradwatch: {call} was called in thread {here!r} while optimizer.step() runs "
+                f"in thread {self.thread[1]!r}; reading the gradients while that thread's "
                 f"backward pass writes them can crash the process. Call {call} in the thread "
                 "that trains, after optimizer.step() (one monitor per model and thread)."
             )

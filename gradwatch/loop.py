@@ -16,7 +16,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .stats import NamedParameters, learning_rate, weight_decay
+from .stats import NamedParameters, learning_rate, rate_set, weight_decay
 
 MAX_ROWS = 1024  # the output rows read at a statistics step (images of a batch, or tokens)
 
@@ -34,14 +34,6 @@ def held(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:
     """{id(parameter): its group's learning rate} of every parameter the optimizer holds."""
     groups = optimizer.param_groups if optimizer is not None else ()
     return {id(p): float(group.get("lr", 0.0)) for group in groups for p in group["params"]}
-
-
-def rate_set(optimizer: torch.optim.Optimizer | None) -> float | None:
-    """The largest learning rate the user set for a group: what a scheduler scales (the
-    `initial_lr` it records, its warmup's target) where there is one, else the group's rate."""
-    groups = optimizer.param_groups if optimizer is not None else ()
-    rates = [float(group.get("initial_lr", group.get("lr", 0.0))) for group in groups]
-    return max(rates, default=None)
 
 
 def optimizer_facts(

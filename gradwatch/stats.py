@@ -183,12 +183,12 @@ def gradient_flow(
     return [name for name, _ in named], means, values["max_abs_grad"]
 
 
-def _most_values(optimizer: torch.optim.Optimizer | None, key: str) -> float | None:
-    """The setting `key` of the parameter groups that hold most of the parameter values; None
-    without an optimizer. A group without the key counts as 0."""
+def _most_values(optimizer: torch.optim.Optimizer | None, *keys: str) -> float | None:
+    """The setting under the first of `keys` a group has, of the parameter groups that hold most of
+    the parameter values; None without an optimizer. A group with none of the keys counts as 0."""
     values: dict[float, int] = {}
     for group in optimizer.param_groups if optimizer is not None else ():
-        setting = float(group.get(key, 0.0))
+        setting = float(next((group[key] for key in keys if key in group), 0.0))
         values[setting] = values.get(setting, 0) + sum(p.numel() for p in group["params"])
     return max(values, key=values.get) if values else None
 
@@ -198,6 +198,13 @@ def learning_rate(optimizer: torch.optim.Optimizer | None) -> float | None:
     also where a few layers have rates of their own (train.py --layer-lr). None without an
     optimizer."""
     return _most_values(optimizer, "lr")
+
+
+def rate_set(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The learning rate the user set for the groups that hold most of the parameter values: what a
+    scheduler scales (the `initial_lr` it records, its warmup's target) where there is one, else
+    the group's rate. None without an optimizer."""
+    return _most_values(optimizer, "initial_lr", "lr")
 
 
 def weight_decay(optimizer: torch.optim.Optimizer | None) -> float | None:

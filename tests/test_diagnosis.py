@@ -244,7 +244,7 @@ def test_a_resumed_monitor_diagnoses_as_if_the_run_had_never_stopped(tmp_path):
     assert [Finding.from_json(item) for item in saved] == unbroken
     forgetful = run(tmp_path / "forgetful", stop_at=stop_at, state={})  # resumed without the state
     assert "weights_growing" not in rules(forgetful)
-    with pytest.raises(ValueError, match="lacks findings, history"):
+    with pytest.raises(ValueError, match="lacks 'findings', 'history'"):
         TrainingMonitor(tmp_path / "bad").load_state_dict({"steps": 1, "skipped_steps": 0, "records": []})
 
 
@@ -469,7 +469,7 @@ def test_a_diverging_run_tells_one_story_that_lowers_the_learning_rate(tmp_path)
     first = first_problem(findings)
     assert first.rule == "diverging" and first.epoch == 0 and first.step < 16
     assert first.evidence["peak"] > Thresholds().diverging_factor * first.evidence["first_loss"]
-    assert "lower the learning rate at least ten times (to 0.5 or less)" in first.suggestion
+    assert "lower the learning rate at least ten times (to 0.5 or less, a tenth of the 5 set)" in first.suggestion
     consequences = [f for f in findings if f.cause]
     assert consequences and all(f.suggestion is None for f in consequences)
     assert {"exploding_gradients", "moving_too_fast"} <= rules(consequences)

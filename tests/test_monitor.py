@@ -280,9 +280,9 @@ def test_the_guard_never_raises_whatever_its_error_log_can_do(tmp_path, capsys, 
     assert err.count("gradwatch-errors.log (OSError: [Errno 28] No space left on device); tracebacks are not") == 1
 
 
-def test_diagnosis_json_is_replaced_whole(tmp_path, monkeypatch):
+def test_diagnosis_json_is_replaced_whole(tmp_path, monkeypatch, capsys):
     """The findings file is written beside the old one and renamed over it: a write that fails midway leaves the
-    old file as it was, and no temporary file behind a finished write."""
+    old file as it was, and no temporary file behind."""
     with TrainingMonitor(tmp_path) as monitor:
         monitor.sink.save_json("diagnosis.json", [{"rule": "old"}])
         assert json.loads((tmp_path / "diagnosis.json").read_text()) == [{"rule": "old"}]
@@ -292,11 +292,22 @@ def test_diagnosis_json_is_replaced_whole(tmp_path, monkeypatch):
             fh.write('[{"rule": "ne')
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(json, "dump", fails_midway)
-        with pytest.raises(OSError):
-            monitor.sink.save_json("diagnosis.json", [{"rule": "new"}])
+        real_open = open
+
+        def fills_up(path, mode="r", *args, **kwargs):  # the disk fills up midway through the write
+            fh = real_open(path, mode, *args, **kwargs)
+            if str(path).endswith(".tmp"):
+                fh.write('[{"rule": "ne')
+                fh.close()
+                raise OSError(28, "No space left on device")
+            return fh
+
+        monkeypatch.setattr("builtins.open", fills_up)
+        monitor.sink.save_json("diagnosis.json", [{"rule": "new"}])  # said in one line, not raised
         monkeypatch.undo()
     assert json.loads((tmp_path / "diagnosis.json").read_text()) == [{"rule": "old"}]
+    assert not (tmp_path / "diagnosis.json.tmp").exists()
+    assert capsys.readouterr().err.count("diagnosis.json: cannot be written (No space left on device)") == 1
 
 
 def raw_events(folder):

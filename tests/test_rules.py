@@ -115,7 +115,7 @@ def test_the_suggestions_start_from_the_rate_most_parameters_train_with(tmp_path
             monitor.step(loss)
         monitor.epoch_end(0, {}, classes=list("abcd"))
     diverging = next(f for f in monitor.findings if f.rule == "diverging")
-    assert "lower the learning rate at least ten times (to 0.5 or less)" in diverging.suggestion
+    assert "lower the learning rate at least ten times (to 0.5 or less, a tenth of the 5 set)" in diverging.suggestion
 
 
 def test_a_rule_reads_summaries_and_the_dicts_of_earlier_states():

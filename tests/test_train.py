@@ -178,7 +178,7 @@ def test_bad_input_from_the_command_line_has_no_traceback(data_dir, tmp_path):
         (["--seed", str(2**64)], "--seed: must be an integer from 0 to 2**64 - 1"),
         (["--seed", "-1"], "--seed: must be an integer from 0 to 2**64 - 1"),
         (["--threshold", "stuck_epochs=nan"], "--threshold: stuck_epochs must be a whole number, 0 or more"),
-        (["--threshold", "update_fast=inf"], "--threshold: update_fast must be a finite number, 0 or more"),
+        (["--threshold", "update_fast=inf"], "--threshold: update_fast must be a finite number, got 'inf'"),
     ],
 )
 def test_parser_refuses_nonsense(args, message, capsys):
