@@ -64,6 +64,8 @@ def test_a_learning_rate_far_too_high_is_named_first(tmp_path, capsys):
     train(tmp_path, MonitorCallback(log_dir=tmp_path / "run", stats_every=1), learning_rate=30.0, max_grad_norm=0)
     findings = json.loads((tmp_path / "run" / "diagnosis.json").read_text())["findings"]
     assert findings[0]["rule"] == "diverging"
+    # a tenth of the rate set, not of the rate the Trainer's linear schedule had decayed to (27.5 read "2.75")
+    assert "(to 3 or less, a tenth of the 30 set)" in findings[0]["suggestion"]
     out = capsys.readouterr().out  # the story, printed at the end on a line of its own (not after tqdm's bar)
     told = f"\ngradwatch: the diagnosis (in full in {tmp_path / 'run' / 'diagnosis.json'}):\n  Problem, epoch 1-2"
     assert told in out and "the learning rate is too" in out, out[-1500:]
