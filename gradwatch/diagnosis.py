@@ -480,6 +480,68 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
     return [_found(now, [], {"first_loss": first, "expected": expected}, message, step=1)]
 
 
+LEVEL_STEPS = 8  # the fewest steps a level of the loss is read over: never one batch's loss
+# A batch's cross-entropy this many times an untrained model's (ln C) is no chance of sampling: the
+# logits have blown up (a batch of a model that learns stays within a few times ln C)
+EXPLODED = 10
+# A level of the loss this many times both an untrained model's and its own first level: the model
+# has become worse than one that guesses (its units dead, its logits wrecked)
+WORSE = 1.1
+
+
+def _levels(windows: list[dict]) -> list[dict]:
+    """The training loss's level in spans of consecutive windows of LEVEL_STEPS steps or more: the
+    median of their medians (a window's mean where an older state holds no median), with the
+    span's first and last step and the step of its highest loss."""
+    levels = []
+    span: list[dict] = []
+    for window in windows:
+        span.append(window)
+        first = span[0].get("first", span[0]["step"])
+        if window["step"] - first + 1 < LEVEL_STEPS:
+            continue
+        values = [w.get("median", w["mean"]) for w in span]
+        values = [v for v in values if finite(v)]
+        top = max(span, key=lambda w: w["max"] if finite(w["max"]) else -math.inf)
+        if values:
+            level = statistics.median(values)
+            levels.append({"first": first, "step": window["step"], "level": level})
+            levels[-1]["peak_step"] = top["max_step"] or window["step"]
+        span = []
+    return levels
+
+
+def _untrained_loss(summary: EpochSummary) -> float | None:
+    """The loss of an untrained model, where the objective tells it: ln C for a cross-entropy over
+    C classes (the classes given, or the class dimension of the one cross-entropy the loss's graph
+    is made of)."""
+    classes = _classes(summary)
+    losses = summary.loop.get("graph", {}).get("losses", [])
+    if not classes and len(losses) == 1 and losses[0].get("function") == "cross_entropy":
+        shape = losses[0].get("input", {}).get("shape", [])
+        classes = shape[1] if len(shape) >= 2 and shape[1] >= 2 else None
+    return math.log(classes) if classes else None
+
+
+def _exploded(now: EpochSummary, untrained: float | None) -> dict | None:
+    """The first window with a batch's loss EXPLODED x an untrained model's (logits blown up)."""
+    exploded = [w for w in now.losses if untrained and w["max"] > EXPLODED * untrained]
+    return {"peak_step": exploded[0]["max_step"]} if exploded else None
+
+
+def _first_level(history: list[EpochSummary]) -> float | None:
+    """The training loss's first level (LEVEL_STEPS steps or more) in the run."""
+    firsts = next((_levels(s.losses) for s in history if _levels(s.losses)), [])
+    return firsts[0]["level"] if firsts else None
+
+
+def _start_level(history: list[EpochSummary]) -> float | None:
+    """Where the training loss started: the lower of an untrained model's loss (_untrained_loss)
+    and the loss's first level; None while neither is known."""
+    starts = [_untrained_loss(history[-1]), _first_level(history)]
+    return min((start for start in starts if start is not None), default=None)
+
+
 SPIKE_BASELINE = 8  # the loss windows before a spike that give its level
 SHOWN = 5  # the spikes a finding's evidence lists
 
@@ -602,22 +664,37 @@ def loss_spikes(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     diverged=True,
 )
 def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The training loss rises above `diverging_factor` x its first value, or becomes NaN or Inf
-    (then, without rising first, it points at the data)."""
+    """The training loss's level (the median of its values over LEVEL_STEPS steps or more, never
+    one batch's) rises above `diverging_factor` x where it started (the lower of an untrained
+    model's loss, ln C for a cross-entropy over C classes, and its first level) or, with ln C
+    known, above WORSE x both ln C and its first level (worse than a model that guesses), or a
+    batch's cross-entropy reaches EXPLODED x ln C; or the loss becomes NaN or Inf (then, without
+    rising first, it points at the data)."""
     now = history[-1]
-    first = history[0].first_loss
-    limit = t.diverging_factor * first if finite(first) and first > 0 else math.inf
+    start = _start_level(history)
+    untrained = _untrained_loss(now) if _judged(history) else None
+    limit = t.diverging_factor * start if finite(start) and start > 0 else math.inf
+    if untrained and finite(start):  # worse than an untrained model, and risen from its start
+        limit = min(limit, WORSE * max(untrained, _first_level(history) or 0.0))
     limit = limit if _judged(history) else math.inf  # a loss that rises by design: only NaN
-    high = next((w for w in now.losses if w["max"] > limit), None)  # NaN compares False
+    high = next((span for span in _levels(now.losses) if span["level"] > limit), None)
+    high = high or _exploded(now, untrained)
     if high is not None:
         peak = max((w for w in now.losses if finite(w["max"])), key=lambda w: w["max"])
         steps = peak["max_step"]
         when = f"in the first {steps} steps" if now.epoch == 0 else f"by step {steps}"
-        message = f"the training loss rose from {first:.3g} to {peak['max']:.3g} {when}: "
+        message = f"the training loss rose from {start:.3g} to {peak['max']:.3g} {when}: "
         message += "the learning rate is too high."
-        evidence = {"first_loss": first, "peak": peak["max"], "peak_step": steps}
-        evidence["threshold"] = t.diverging_factor
-        return [_found(now, [], evidence, message, high["max_step"])]
+        evidence = {"first_loss": start, "peak": peak["max"], "peak_step": steps}
+        evidence.update(level=high.get("level"), threshold=t.diverging_factor)
+        above = (
+            w["max_step"]
+            for w in now.losses
+            if w["max"] > limit and w["step"] >= high.get("first", 0)
+        )
+        return [
+            _found(now, [], evidence, message, next(above, None) or high["peak_step"])
+        ]  # when it began
     bad = next((w for w in now.losses if w.get("nonfinite_step") is not None), None)
     if bad is None:
         return []
@@ -1551,7 +1628,8 @@ class RunDiagnosis:
         now = EpochSummary(self.next_epoch(), step, layers=layers, losses=losses)
         now.first_loss = first_loss
         now.loop = self._with_graph(loop_summary(records))
-        found = [*nonfinite_gradients([now], self.thresholds), *diverging([now], self.thresholds)]
+        found = nonfinite_gradients([now], self.thresholds)
+        found += diverging([*self.history, now], self.thresholds)  # from where the run started
         for declaration in (d for d in RULES.values() if d.exact):
             found += declaration([*self.history[-1:], now], self.thresholds)
         return self._named(found)

@@ -157,7 +157,8 @@ class LossWindows:
         )
         peak, peak_step = max(finite, default=(math.nan, None))
         mean = statistics.fmean(v for v, _ in finite) if finite else math.nan
-        window = {"first": steps[0], "step": steps[-1], "mean": mean, "max": peak}
+        median = statistics.median(v for v, _ in finite) if finite else math.nan
+        window = {"first": steps[0], "step": steps[-1], "mean": mean, "median": median, "max": peak}
         window["max_step"] = peak_step
         self.windows.append({**window, "nonfinite_step": nonfinite})
         if len(self.windows) > MAX_LOSS_WINDOWS:  # a long epoch: its older half in pairs
@@ -184,6 +185,8 @@ class LossWindows:
 def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two consecutive loss windows as one (the mean of their means, as if of equal length)."""
     means = [w["mean"] for w in (a, b) if math.isfinite(w["mean"])]
+    medians = [w.get("median", w["mean"]) for w in (a, b)]
+    medians = [m for m in medians if math.isfinite(m)]
     peak = max((w for w in (a, b) if math.isfinite(w["max"])), key=lambda w: w["max"], default=b)
     nonfinite = a["nonfinite_step"] if a["nonfinite_step"] is not None else b["nonfinite_step"]
     mean = statistics.fmean(means) if means else math.nan
@@ -191,6 +194,7 @@ def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "first": a.get("first", a["step"]),
         "step": b["step"],
         "mean": mean,
+        "median": statistics.fmean(medians) if medians else math.nan,
         "max": peak["max"],
         "max_step": peak["max_step"],
         "nonfinite_step": nonfinite,

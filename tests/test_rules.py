@@ -119,9 +119,8 @@ def test_the_suggestions_start_from_the_rate_most_parameters_train_with(tmp_path
 
 
 def test_a_rule_reads_summaries_and_the_dicts_of_earlier_states():
-    summary = EpochSummary(
-        0, 10, losses=[{"step": 10, "mean": 9.0, "max": 9.0, "max_step": 10, "nonfinite_step": None}]
-    )
+    window = {"first": 1, "step": 10, "mean": 9.0, "max": 9.0, "max_step": 10, "nonfinite_step": None}  # no median
+    summary = EpochSummary(0, 10, losses=[window], num_classes=4)  # an untrained model's loss: ln 4
     summary.first_loss = math.log(4)
     as_dict = {key: value for key, value in summary.to_dict().items() if key != "output_bias"}  # an older state
     assert [f.rule for f in diagnose([summary])] == [f.rule for f in diagnose([as_dict])] == ["diverging"]

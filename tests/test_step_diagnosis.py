@@ -240,7 +240,8 @@ def test_a_long_first_epoch_is_diagnosed_in_windows_then_by_its_epochs(tmp_path)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            monitor.step(loss * (1000 if epoch == 0 and i == 8 * 300 else 1))  # one spiked loss
+            risen = epoch == 0 and 300 <= i // 8 < 340  # a loss 1000x higher for 40 steps (one batch's is not)
+            monitor.step(loss * (1000 if risen else 1))
             units.append([s.unit for s in monitor.diagnosis.history])
         monitor.epoch_end(epoch, {"train/loss": loss.item()})
     monitor.close()
@@ -319,3 +320,24 @@ def test_statistics_once_per_epoch_in_a_loop_without_epochs_is_read_and_holds_fe
     assert cadence.stats_due(1000) and not cadence.stats_due(999)
     cadence.logged_epoch = 0  # an epoch ended: statistics at epoch_end alone
     assert not cadence.stats_due(1000)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_healthy_regression_on_batches_of_four_is_not_told_as_diverging(tmp_path, seed):
+    """The MSE of 4 samples swings well above the first batch's by chance: the level of the loss over 8 steps or
+    more is what rises or not (both seeds were told "the training loss rose ... the learning rate is too high")."""
+    torch.manual_seed(seed)
+    x = torch.randn(2000, 8)
+    y = x @ torch.randn(8, 1) + 0.5 * torch.randn(2000, 1)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with TrainingMonitor(tmp_path, stats_every=10).watch(model, opt) as monitor:
+        for epoch in range(3):
+            for i in range(0, 2000, 4):
+                loss = nn.functional.mse_loss(model(x[i : i + 4]), y[i : i + 4])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                monitor.step(loss)
+            monitor.epoch_end(epoch, {"train/loss": loss.item()})
+    assert monitor.findings == []
