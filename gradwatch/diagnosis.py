@@ -1531,6 +1531,8 @@ def _when(finding: Finding) -> str:
     epochs = f"epoch {finding.epoch + 1}"
     if finding.last_epoch > finding.epoch:
         epochs += f"-{finding.last_epoch + 1}"
+    if finding.last_step > finding.step:  # the steps, named as a window of steps names them
+        return f"{part}{epochs}, steps {finding.step}-{finding.last_step}"
     return f"{part}{epochs}, step {finding.step}"
 
 

@@ -135,7 +135,7 @@ def test_loss_and_accuracy_scalars_under_common_tags_tell_the_story(tmp_path, ca
     assert diagnose.main([str(tmp_path / "diverged"), "--classes", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(
-        "diverged: 4 logged steps, 0 parameters; 1 problem\n  Problem, epoch 1-4, step 10: the training"
+        "diverged: 4 logged steps, 0 parameters; 1 problem\n  Problem, epoch 1-4, steps 10-40: the training"
     )
 
 
