@@ -210,14 +210,15 @@ def _check(run, checkpoint):
 def _check_values(run, path, checkpoint):
     """Refuse a checkpoint that loads but holds values of other kinds than train.py saves (edited by
     hand, written by other code): each would fail later, inside the loop."""
-    like = {**asdict(Progress()), "model": {}, "optimizer": {}, "args": {}, "classes": [], "rng": {}}
+    like = {**asdict(Progress()), "model": {}, "args": {}, "classes": [], "rng": {}}
     like.update(scheduler=run.scheduler.state_dict(), optimizer=run.optimizer.state_dict())
     problem = state_problem(checkpoint, like, "checkpoint")
     group = like["optimizer"]["param_groups"][0]
     for i, saved in enumerate([] if problem else checkpoint["optimizer"].get("param_groups", [])):
         problem = problem or state_problem(saved, group, f"checkpoint['optimizer']['param_groups'][{i}]", ["params"])
-    rng = checkpoint.get("rng", {}).get("cpu", torch.get_rng_state())
-    if not problem and (kind(rng) != "a tensor" or rng.shape != torch.get_rng_state().shape):
+    ours = torch.get_rng_state()
+    rng = checkpoint.get("rng", {}).get("cpu", ours)
+    if not problem and (kind(rng) != "a tensor" or rng.shape != ours.shape):
         shape = tuple(getattr(rng, "shape", ()))
         problem = f"checkpoint['rng']['cpu'] is {kind(rng)} of shape {shape}, not the random generator's state"
     if problem:

@@ -68,9 +68,10 @@ def run_name(text):
         raise argparse.ArgumentTypeError(
             f"must be one folder name, which goes under --log-dir (no '/', '.' or '..'), got '{text}'"
         )
-    if len(os.fsencode(text)) > NAME_MAX:
+    size = len(os.fsencode(text))
+    if size > NAME_MAX:
         raise argparse.ArgumentTypeError(
-            f"must be at most {NAME_MAX} bytes, the longest file name a file system takes; got {len(os.fsencode(text))}"
+            f"must be at most {NAME_MAX} bytes, the longest file name a file system takes; got {size}"
         )
     return text
 

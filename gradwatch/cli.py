@@ -345,26 +345,26 @@ def main(argv=None):
 
 
 def _folders(path):
-    """(run folders, problem): the run folders under `path` (an event file stands for its folder),
-    and the line that says why there are none, or True where something could not be read (said in
-    a warning each)."""
+    """(run folders, error, unreadable): the run folders under `path` (an event file stands for its
+    folder), the line that says why there are none (or None), and whether something could not be
+    read (said in a warning each)."""
     if importlib.util.find_spec("tensorboard") is None:
-        return (
-            [],
-            "error: diagnose reads event files with TensorBoard's reader: pip install tensorboard",
-        )
+        why = "error: diagnose reads event files with TensorBoard's reader: pip install tensorboard"
+        return [], why, False
     if not path.exists():
-        return [], f"error: {path}: not found; pass a run folder or a folder of runs"
+        return [], f"error: {path}: not found; pass a run folder or a folder of runs", False
     if path.is_file() and "tfevents" in path.name:
-        return [path.parent], None
+        return [path.parent], None, False
     folders, unreadable = run_folders(path)
     for where, why in unreadable:
         print(f"warning: {where}: cannot be read ({why}); left out", file=sys.stderr)
     if unreadable and not folders:
-        return [], f"error: {path}: nothing in it could be read; read access to it is needed"
+        why = f"error: {path}: nothing in it could be read; read access to it is needed"
+        return [], why, True
     if not folders:
-        return [], f"error: {path}: no event files (events.out.tfevents.*) in it or below it"
-    return folders, bool(unreadable)
+        why = f"error: {path}: no event files (events.out.tfevents.*) in it or below it"
+        return [], why, False
+    return folders, None, bool(unreadable)
 
 
 def _diagnosed(folder, thresholds, classes, overrides):
@@ -389,8 +389,8 @@ def _main(argv):
     args = build_parser().parse_args(argv)
     # names and values checked by the parser
     thresholds = Thresholds().replace(dict(args.threshold))
-    folders, error = _folders(args.path)
-    if isinstance(error, str):
+    folders, error, unreadable = _folders(args.path)
+    if error:
         print(error, file=sys.stderr)
         return 1
     report = {}
@@ -408,7 +408,7 @@ def _main(argv):
     if args.json:
         runs = {name: [f.to_json() for f in findings] for name, findings in report.items()}
         print(json.dumps(runs, indent=2))
-    return 1 if unread or error else 0
+    return 1 if unread or unreadable else 0
 
 
 def _name(folder: Path, path: Path) -> str:

@@ -531,15 +531,11 @@ def _exploded(now: EpochSummary, untrained: float | None) -> dict | None:
 
 def _first_level(history: list[EpochSummary]) -> float | None:
     """The training loss's first level (LEVEL_STEPS steps or more) in the run."""
-    firsts = next((_levels(s.losses) for s in history if _levels(s.losses)), [])
-    return firsts[0]["level"] if firsts else None
-
-
-def _start_level(history: list[EpochSummary]) -> float | None:
-    """Where the training loss started: the lower of an untrained model's loss (_untrained_loss)
-    and the loss's first level; None while neither is known."""
-    starts = [_untrained_loss(history[-1]), _first_level(history)]
-    return min((start for start in starts if start is not None), default=None)
+    for summary in history:
+        levels = _levels(summary.losses)
+        if levels:
+            return levels[0]["level"]
+    return None
 
 
 SPIKE_BASELINE = 8  # the loss windows before a spike that give its level
@@ -671,12 +667,13 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     batch's cross-entropy reaches EXPLODED x ln C; or the loss becomes NaN or Inf (then, without
     rising first, it points at the data)."""
     now = history[-1]
-    start = _start_level(history)
-    untrained = _untrained_loss(now) if _judged(history) else None
-    limit = t.diverging_factor * start if finite(start) and start > 0 else math.inf
+    judged = _judged(history)  # not: a loss that rises by design, of which only NaN is told
+    untrained = _untrained_loss(now) if judged else None
+    first = _first_level(history)
+    start = min((level for level in (untrained, first) if level is not None), default=None)
+    limit = t.diverging_factor * start if judged and finite(start) and start > 0 else math.inf
     if untrained and finite(start):  # worse than an untrained model, and risen from its start
-        limit = min(limit, WORSE * max(untrained, _first_level(history) or 0.0))
-    limit = limit if _judged(history) else math.inf  # a loss that rises by design: only NaN
+        limit = min(limit, WORSE * max(untrained, first or 0.0))
     high = next((span for span in _levels(now.losses) if span["level"] > limit), None)
     high = high or _exploded(now, untrained)
     if high is not None:
@@ -687,14 +684,9 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         message += "the learning rate is too high."
         evidence = {"first_loss": start, "peak": peak["max"], "peak_step": steps}
         evidence.update(level=high.get("level"), threshold=t.diverging_factor)
-        above = (
-            w["max_step"]
-            for w in now.losses
-            if w["max"] > limit and w["step"] >= high.get("first", 0)
-        )
-        return [
-            _found(now, [], evidence, message, next(above, None) or high["peak_step"])
-        ]  # when it began
+        began = [w for w in now.losses if w["max"] > limit and w["step"] >= high.get("first", 0)]
+        step = began[0]["max_step"] if began else high["peak_step"]  # when it began
+        return [_found(now, [], evidence, message, step)]
     bad = next((w for w in now.losses if w.get("nonfinite_step") is not None), None)
     if bad is None:
         return []

@@ -182,10 +182,6 @@ class Hooks:
         self.wrapper.stepped()
         self.first.end()  # the loss of the first step is computed: CallLog stops
 
-    def check_thread(self, call: str) -> None:
-        """Refuse `call` from a thread other than the one whose optimizer stepped last."""
-        self.stepped.check_thread(call)
-
     def skipped(self) -> bool:
         """Whether the optimizer step since the last call was skipped (by GradScaler); False without
         an optimizer to tell."""

@@ -530,7 +530,7 @@ class TrainingMonitor:
         if self.parts is not None:
             return self.parts.step(part, loss, grad_norm, max_norm)
         _check_step(self.model, loss, grad_norm, max_norm)
-        self.hooks.check_thread("step()")
+        self.hooks.stepped.check_thread("step()")
         self.sink.open()
         self.steps += 1
         self.cadence.tick()
@@ -627,7 +627,7 @@ class TrainingMonitor:
         reads the scalars tagged `<part>/<tag>` as `<tag>`."""
         if self.model is None and self.parts is None:
             raise RuntimeError("call watch(model) before epoch_end()")
-        self.hooks.check_thread("epoch_end()")
+        self.hooks.stepped.check_thread("epoch_end()")
         if self.cadence.logged_epoch != epoch:
             self.log_epoch_parameters(epoch)
         scalars = _numbers(scalars, self.guard)

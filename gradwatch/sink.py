@@ -181,6 +181,15 @@ class RunFiles:
             self.failed = path
             self.on_failure(path, err)
 
+    def written(self, name: str, text: str) -> None:
+        """`text` as the whole of the run folder's file `name` (see replaced)."""
+
+        def write(path: str) -> None:
+            with open(path, "w") as fh:
+                fh.write(text)
+
+        self.replaced(name, write)
+
     def appended(self, name: str, text: str) -> None:
         """`text` at the end of the run folder's file `name`; where that fails midway, the file is
         cut back to where it was."""
@@ -342,11 +351,11 @@ class EventSink(NullSink):
     def cannot_write(self, path: str, err: OSError) -> None:
         """A file of the run folder could not be written (a full disk, a folder made read-only):
         nothing more is written there, said in one line."""
+        if self.stopped not in (None, "closed"):  # said already
+            return
         reason = err.strerror or str(err)
         rest = f"nothing more is written to {self.log_dir} and training goes on; free space on its "
         rest += "disk (or make it writable), then resume from the last checkpoint"
-        if self.stopped not in (None, "closed"):
-            return
         self.stop(f"{path}: cannot be written ({reason}); {rest}")
 
     def open(self) -> None:
@@ -398,15 +407,8 @@ class EventSink(NullSink):
         self.scalars(metrics, step)
 
     def save_json(self, name: str, value: Any) -> None:
-        text = json.dumps(
-            value, indent=2
-        )  # a value JSON cannot hold raises before anything is written
-
-        def write(path: str) -> None:
-            with open(path, "w") as fh:
-                fh.write(text)
-
-        self.files.replaced(name, write)
+        # a value JSON cannot hold raises here, before anything is written
+        self.files.written(name, json.dumps(value, indent=2))
 
     def save_image(self, name: str, image: Image.Image) -> None:
         kind = os.path.splitext(name)[1].lstrip(".").upper()
@@ -417,12 +419,7 @@ class EventSink(NullSink):
             self.appended.add(name)
             step = self.purge[True]
             kept = kept_lines(os.path.join(self.log_dir, name), step) if step is not None else []
-
-            def write(path: str) -> None:
-                with open(path, "w") as fh:
-                    fh.writelines(kept)
-
-            self.files.replaced(name, write)
+            self.files.written(name, "".join(kept))
         self.files.appended(name, json.dumps(value) + "\n")
 
     def error(self, text: str) -> None:

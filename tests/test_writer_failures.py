@@ -15,7 +15,8 @@ from conftest import ROOT, run_script
 
 from gradwatch import TrainingMonitor
 
-LOOP = """
+# the model, optimizer and data of the scripts below, which run in a process of their own
+SETUP = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from gradwatch import TrainingMonitor
@@ -23,7 +24,11 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))
-monitor = TrainingMonitor(sys.argv[1], stats_every=1, hist_every=1, flush_secs=1).watch(model, optimizer)
+"""
+
+LOOP = (
+    SETUP
+    + """monitor = TrainingMonitor(sys.argv[1], stats_every=1, hist_every=1, flush_secs=1).watch(model, optimizer)
 for epoch in range(3):
     for i in range(100):
         if {break_at} == monitor.steps:  # the writer thread's next write fails, as on a full disk
@@ -41,6 +46,7 @@ for epoch in range(3):
 monitor.close()
 print("trained", monitor.steps, "steps")
 """
+)
 
 
 def run_loop(tmp_path, log_dir, break_at):
@@ -85,15 +91,9 @@ def test_a_full_disk_neither_hangs_nor_ends_the_run(tmp_path):
     assert "cannot be written (No space left on device); nothing more is written to" in lines[0]
 
 
-FILLS_UP = """
-import sys, json, torch
-sys.path.insert(0, {root!r})
-from gradwatch import TrainingMonitor
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))
-monitor = TrainingMonitor(sys.argv[1], stats_every=10).watch(model, optimizer)
+FILLS_UP = (
+    SETUP
+    + """monitor = TrainingMonitor(sys.argv[1], stats_every=10).watch(model, optimizer)
 for epoch in range(3):
     for i in range(40):
         rows = slice(i % 8 * 32, i % 8 * 32 + 32)
@@ -115,6 +115,7 @@ for epoch in range(3):
 monitor.close()
 print("trained", monitor.steps, "steps")
 """
+)
 
 
 @pytest.mark.monitor_failures
