@@ -1,0 +1,204 @@
+"""Faults made by applying mutation operators to the healthy programs of programs.py.
+
+The operators are DeepCrime's (Humbatova, Jahangirova and Tonella, "DeepCrime: Mutation Testing of Deep Learning
+Systems Based on Real Faults", ISSTA 2021), derived from a taxonomy of real faults: each is named by its DeepCrime
+id (TCL change labels, TRD delete training data, TUD unbalance training data, TAN add noise to training data, HBS
+change batch size, HLR change learning rate, ACH change activation function, ARM remove activation function, AAL
+add activation function, RAW add weights regularisation, RCD change dropout rate, WCI change weights
+initialisation, LCH change loss function, OCH change optimiser, OCG change gradient clipping) and applied with a
+magnitude that harms the run (a mutant that did not harm its program was replaced before anything was diagnosed:
+AdamW's steps do not care for a clipping threshold, nor a triplet embedding of easy data for Adam at 1.0). Each
+fault lists the rules whose finding names its cause and whose suggestion would fix it; a finding whose rule only
+states a symptom (SYMPTOMS) is neither right nor wrong.
+
+HELD_OUT was written and committed before any of its runs was diagnosed, and is scored once.
+"""
+
+import torch
+from programs import Change
+from torch import nn
+
+# ---- the operators: each returns the Change that applies it ----
+
+
+def labels_changed(share):
+    """TCL: `share` of the training labels replaced by random ones (targets of a language model: random
+    tokens)."""
+
+    def apply(x, y):
+        generator = torch.Generator().manual_seed(7)
+        y = y.clone()
+        hit = torch.rand(y.shape, generator=generator) < share
+        y[hit] = torch.randint(int(y.max()) + 1, (int(hit.sum()),), generator=generator, dtype=y.dtype)
+        return x, y
+
+    return Change(data=apply)
+
+
+def data_deleted(kept):
+    """TRD: only the first `kept` share of the training data is kept."""
+    return Change(data=lambda x, y: (x[: max(2, int(len(x) * kept))], y[: max(2, int(len(y) * kept))]))
+
+
+def unbalanced(kept):
+    """TUD: class 0 kept whole, `kept` of every other class."""
+
+    def apply(x, y):
+        generator = torch.Generator().manual_seed(7)
+        keep = (y == 0) | (torch.rand(y.shape, generator=generator) < kept)
+        return x[keep], y[keep]
+
+    return Change(data=apply)
+
+
+def noise_added(std):
+    """TAN: Gaussian noise of `std` times the inputs' spread added to the training inputs."""
+    return Change(data=lambda x, y: (x + std * x.std() * torch.randn(x.shape, generator=_seeded()), y))
+
+
+def _seeded():
+    return torch.Generator().manual_seed(7)
+
+
+def activation_changed(to):
+    """ACH: every activation module (ReLU, Tanh, Sigmoid, GELU) becomes `to`."""
+    return Change(model=lambda model: _swap_activations(model, to))
+
+
+def activation_removed():
+    """ARM: every activation module becomes the identity."""
+    return Change(model=lambda model: _swap_activations(model, nn.Identity))
+
+
+ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU)
+
+
+def _swap_activations(model, to):
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, ACTIVATIONS):
+                setattr(module, child_name, to())
+
+
+def softmax_at_output():
+    """AAL: a softmax after the last layer of a classifier that is trained with cross-entropy."""
+
+    def apply(model):
+        net = model.net
+        net.append(nn.Softmax(dim=1))
+
+    return Change(model=apply)
+
+
+def initialisation(kind):
+    """WCI: every weight of two or more dimensions re-initialised: "zeros", or "large" (normal, std 1)."""
+
+    def apply(model):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() >= 2:
+                    parameter.zero_() if kind == "zeros" else parameter.normal_(0, 1)
+
+    return Change(model=apply)
+
+
+def dropout(p):
+    """RCD: every dropout at rate `p`."""
+
+    def apply(model):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+        if isinstance(getattr(model, "model", None), nn.Module):  # Lightning's LSTM: dropout between layers
+            for rnn in model.modules():
+                if isinstance(rnn, nn.LSTM):
+                    rnn.dropout = p
+
+    return Change(model=apply)
+
+
+# ---- the faults: name -> (program, operator id, change, the rules that name its cause) ----
+
+LR_HIGH = ("diverging", "loss_spikes", "exploding_gradients", "nonfinite_gradients", "oscillating",
+           "moving_too_fast", "mostly_clipped")  # fmt: skip
+LR_LOW = ("stuck", "not_learning", "updates_rounded_away")
+SATURATING = ("saturated", "vanishing_gradients")
+LABELS = ("noisy_labels", "no_generalisation")
+# rules whose finding states a symptom and what to check, naming no cause
+SYMPTOMS = ("not_updated", "replicas_differ", "nonfinite_on_some_ranks")
+
+
+def lr(factor):
+    return Change(lr=factor)
+
+
+FAULTS = {
+    # the CNN (d2l's LeNet: sigmoid, SGD 0.9, epochs)
+    "lenet_TCL_60": ("d2l_lenet", "TCL", labels_changed(0.6), LABELS),
+    "lenet_HLR_x30": ("d2l_lenet", "HLR", lr(30), LR_HIGH),
+    "lenet_HLR_d1000": ("d2l_lenet", "HLR", lr(1e-3), LR_LOW),
+    "lenet_LCH_mse": ("d2l_lenet", "LCH", Change(loss="mse"), ("not_cross_entropy",)),
+    "lenet_RAW_1": ("d2l_lenet", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
+    "lenet_WCI_large": ("d2l_lenet", "WCI", initialisation("large"), ("high_initial_loss", "saturated")),
+    # the BatchNorm ResNet (d2l's Residual blocks, SGD 0.01, epochs)
+    "resnet_TUD_5": ("d2l_resnet", "TUD", unbalanced(0.05), ("output_bias_skew",)),
+    "resnet_OCH_adam": ("d2l_resnet", "OCH", Change(optimizer="adam", lr=10), LR_HIGH),  # Adam at 0.1
+    "resnet_AAL_softmax": ("d2l_resnet", "AAL", softmax_at_output(), ("softmax_before_loss",)),
+    "resnet_TRD_3": ("d2l_resnet", "TRD", data_deleted(0.03), ("overfitting",)),
+    "resnet_HLR_d1000": ("d2l_resnet", "HLR", lr(1e-3), LR_LOW),
+    # softmax regression and linear regression (d2l, epochs)
+    "softmax_HLR_x100": ("d2l_softmax", "HLR", lr(100), LR_HIGH),
+    "softmax_TCL_100": ("d2l_softmax", "TCL", labels_changed(1.0), LABELS),
+    "linreg_HLR_x100": ("d2l_linear_regression", "HLR", lr(100), LR_HIGH),
+    "linreg_TAN_3": ("d2l_linear_regression", "TAN", noise_added(3.0), ()),
+    # RL policies (Stable-Baselines3 on CartPole, counted in steps)
+    "ppo_HLR_x100": ("sb3_ppo", "HLR", lr(100), LR_HIGH),
+    "ppo_HLR_d1000": ("sb3_ppo", "HLR", lr(1e-3), LR_LOW),
+    "ppo_ACH_sigmoid": ("sb3_ppo", "ACH", Change(settings={"policy": {"activation_fn": nn.Sigmoid}}), SATURATING),
+    "a2c_OCH_sgd": ("sb3_a2c", "OCH", Change(optimizer="sgd"), LR_LOW),
+    "a2c_RAW_1": ("sb3_a2c", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
+    # transformer and LSTM language models (Lightning's demos, counted in steps)
+    "transformer_HLR_x30": ("lightning_transformer", "HLR", lr(30), LR_HIGH),
+    "transformer_RCD_95": ("lightning_transformer", "RCD", dropout(0.95), ()),
+    "transformer_OCG_1e-4": ("lightning_transformer", "OCG", Change(clip=1e-4), ("mostly_clipped",)),
+    "lstm_HLR_d1000": ("lightning_lstm", "HLR", lr(1e-3), LR_LOW),
+    "lstm_WCI_large": ("lightning_lstm", "WCI", initialisation("large"), ("high_initial_loss", "saturated")),
+}
+
+HELD_OUT = {
+    # the CNN
+    "lenet_TUD_5": ("d2l_lenet", "TUD", unbalanced(0.05), ("output_bias_skew",)),
+    "lenet_HBS_1": ("d2l_lenet", "HBS", Change(batch=1), LR_HIGH),
+    "lenet_ARM": ("d2l_lenet", "ARM", activation_removed(), ()),
+    # the BatchNorm ResNet
+    "resnet_TCL_50": ("d2l_resnet", "TCL", labels_changed(0.5), LABELS),
+    "resnet_RAW_1": ("d2l_resnet", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
+    "resnet_LCH_l1": ("d2l_resnet", "LCH", Change(loss="l1"), ("not_cross_entropy",)),
+    # RNN language models (d2l's RNN and GRU, epochs)
+    "rnn_HLR_x30": ("d2l_rnn_lm", "HLR", lr(30), LR_HIGH),
+    "rnn_HLR_d1000": ("d2l_rnn_lm", "HLR", lr(1e-3), LR_LOW),
+    "gru_TCL_60": ("d2l_gru_lm", "TCL", labels_changed(0.6), LABELS),
+    "gru_WCI_large": ("d2l_gru_lm", "WCI", initialisation("large"), ("high_initial_loss", "saturated")),
+    # the GAN (d2l's, two models, epochs)
+    "gan_HLR_x100": ("d2l_gan", "HLR", lr(100), LR_HIGH),
+    "gan_OCH_sgd": ("d2l_gan", "OCH", Change(optimizer="sgd", lr=0.01), LR_LOW),
+    # RL (SB3's DQN)
+    "dqn_HLR_x100": ("sb3_dqn", "HLR", lr(100), LR_HIGH),
+    "dqn_ACH_sigmoid": ("sb3_dqn", "ACH", Change(settings={"policy": {"activation_fn": nn.Sigmoid}}), SATURATING),
+    # the transformer language model (GPT-2, Hugging Face, counted in steps)
+    "gpt2_HLR_x100": ("hf_gpt2", "HLR", lr(100), LR_HIGH),
+    "gpt2_OCH_sgd": ("hf_gpt2", "OCH", Change(optimizer="sgd"), LR_LOW),
+    "gpt2_TCL_100": ("hf_gpt2", "TCL", labels_changed(1.0), LABELS),
+    # BERT classification (Hugging Face, epochs)
+    "bert_TCL_100": ("hf_bert", "TCL", labels_changed(1.0), LABELS),
+    "bert_RAW_100": ("hf_bert", "RAW", Change(decay=100.0), ("strong_weight_decay",)),
+    # the regression (skorch) and the triplet embedding (pytorch-metric-learning)
+    "regressor_HLR_x100": ("skorch_regressor", "HLR", lr(100), LR_HIGH),
+    "regressor_WCI_zeros": ("skorch_regressor", "WCI", initialisation("zeros"), ("dead_units",)),
+    "triplet_WCI_zeros": ("pml_triplet", "WCI", initialisation("zeros"), ("dead_units",)),
+}
+
+HEALTHY = ["d2l_lenet", "d2l_resnet", "d2l_softmax", "d2l_linear_regression", "sb3_ppo", "sb3_a2c",
+           "lightning_transformer", "lightning_lstm"]  # fmt: skip
+HELD_OUT_HEALTHY = ["sb3_dqn", "hf_gpt2", "hf_bert", "pml_triplet", "skorch_regressor", "d2l_rnn_lm",
+                    "d2l_gru_lm", "d2l_gan"]  # fmt: skip

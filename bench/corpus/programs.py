@@ -1,0 +1,574 @@
+"""Healthy programs that other people wrote, run here with generated data and the fewest changes.
+
+Each program's model, loss and training loop are the code of a published package, imported as it is installed (see
+bench/corpus/requirements.txt): the book Dive into Deep Learning (the `d2l` package: its Trainer, LeNet, ResNet
+blocks, RNN and GRU language models, linear regression, its GAN's update functions), Stable-Baselines3 (PPO, A2C,
+DQN on CartPole), PyTorch Lightning's demos (a transformer and an LSTM language model), Hugging Face transformers
+(GPT-2 and BERT from configs, its Trainer), pytorch-metric-learning (a triplet loss and its trainer) and skorch (a
+regressor). What this file adds is marked CHANGE: the data (generated or read from Python's own help topics, since
+nothing is downloaded), the number of steps, the monitor's attachment (bench/corpus/attach.py, or the gradwatch
+callbacks a user of Lightning and Hugging Face would add), and the fault's changes (`Change`), which are empty for a
+healthy run. Every program is a function `(log_dir, change) -> outcome`: the monitor writes its findings to
+`log_dir/diagnosis.json`, and the outcome says in a few words how well the program did (that a healthy run learnt).
+"""
+
+import pydoc_data.topics
+import random
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from attach import Attached
+from torch import nn
+
+from gradwatch import TrainingMonitor
+
+TEXT = "\n".join(pydoc_data.topics.topics.values())
+
+
+@dataclass
+class Change:
+    """A fault's changes to a program (the mutation operators of faults.py act through these); the defaults
+    change nothing. Programs apply those they can take and refuse the others (`applies`)."""
+
+    lr: float = 1.0  # a factor on the program's learning rate
+    model: Callable | None = None  # applied to the built model: activations, initialisation, dropout, bias
+    data: Callable | None = None  # applied to the training tensors (x, y) -> (x, y): labels, deletion, noise
+    batch: int | None = None  # the batch size
+    loss: str | None = None  # a replacement loss, by name (LOSSES)
+    optimizer: str | None = None  # another optimizer at the program's learning rate: "sgd", "adam"
+    decay: float | None = None  # weight decay (L2 regularisation) in the optimizer
+    clip: float | None = None  # clip gradients' norm at this value
+    settings: dict = field(default_factory=dict)  # a program's own settings (a config's activation, say)
+
+
+def seeded(seed=0):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- generated data (CHANGE: in place of Fashion-MNIST, The Time Machine, WikiText-2, and the like) ----
+
+
+def images(n, classes=10, size=28, noise=2.0, seed=0):
+    """`n` images of `classes` classes: each class a smooth random pattern, each image its class's pattern plus
+    Gaussian noise (a task a small CNN learns to over 90% in a few hundred steps, softmax regression to about 80%)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(classes, 1, size // 4, size // 4, generator=torch.Generator().manual_seed(1234))
+    patterns = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+    labels = torch.randint(classes, (n,), generator=generator)
+    return patterns[labels] + noise * torch.randn(n, 1, size, size, generator=generator), labels
+
+
+def optimizer_for(change, parameters, lr, default="sgd"):
+    """The program's optimizer with the fault's changes (another kind, weight decay)."""
+    kind = change.optimizer or default
+    decay = change.decay or 0.0
+    if kind == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=decay)
+    return torch.optim.SGD(parameters, lr=lr, weight_decay=decay)
+
+
+LOSSES = {
+    # classification losses a fault puts in place of cross-entropy (DeepCrime's "change loss function")
+    "mse": lambda scores, labels: F.mse_loss(scores, F.one_hot(labels, scores.shape[-1]).float()),
+    "l1": lambda scores, labels: F.l1_loss(scores, F.one_hot(labels, scores.shape[-1]).float()),
+    "hinge": lambda scores, labels: F.multi_margin_loss(scores, labels),
+}
+
+
+# ---- Dive into Deep Learning (d2l): its Trainer.fit loop, its models ----
+
+
+def d2l():
+    import d2l.torch as book
+
+    book.ProgressBoard.draw = lambda *args, **kwargs: None  # CHANGE: no animated plots (no notebook here)
+    return book
+
+
+def d2l_images(change, n=6400, batch=64):
+    """A d2l DataModule of generated images (CHANGE: in place of d2l.FashionMNIST)."""
+    book = d2l()
+
+    class Images(book.DataModule):
+        def __init__(self):
+            super().__init__()
+            self.batch_size = change.batch or batch
+            self.train = images(n, seed=0)
+            self.val = images(n // 4, seed=1)
+            if change.data:
+                self.train = change.data(*self.train)
+
+        def get_dataloader(self, train):
+            return self.get_tensorloader(self.train if train else self.val, train)
+
+    return Images()
+
+
+def fit_d2l(log_dir, model, data, change, epochs, clip=0, classes=None, objective=None):
+    """d2l's Trainer.fit with the monitor attached; each epoch ends with the validation loss (and accuracy) that
+    d2l plots, given to the monitor instead (CHANGE)."""
+    book = d2l()
+    if change.model:
+        change.model(model)
+    model.lr *= change.lr
+    if change.loss:
+        model.loss = LOSSES[change.loss]
+    if change.optimizer or change.decay:
+        model.configure_optimizers = lambda: optimizer_for(change, model.parameters(), model.lr)
+    trainer = book.Trainer(max_epochs=epochs, gradient_clip_val=change.clip or clip)
+    monitor = TrainingMonitor(log_dir)
+    fit_epoch = trainer.fit_epoch
+
+    def fit_epoch_then_report():
+        fit_epoch()
+        monitor.epoch_end(trainer.epoch, validation(model, trainer.val_dataloader, classes), classes=classes)
+
+    trainer.fit_epoch = fit_epoch_then_report
+    with Attached(monitor, model, objective=objective):
+        trainer.fit(model, data)
+    scalars = validation(model, trainer.val_dataloader, classes)
+    return ", ".join(f"{tag} {value:.3g}" for tag, value in scalars.items())
+
+
+def validation(model, batches, classes):
+    model.eval()
+    losses = []
+    right = count = 0
+    with torch.no_grad():
+        for *inputs, labels in batches:
+            scores = model(*inputs)
+            losses.append(float(type(model).loss(model, scores, labels)))
+            if classes:
+                right += int((scores.reshape(-1, scores.shape[-1]).argmax(1) == labels.reshape(-1)).sum())
+                count += labels.numel()
+    scalars = {"valid/loss": sum(losses) / len(losses)}
+    return {**scalars, "valid/accuracy": right / count} if classes else scalars
+
+
+CLASSES = [str(c) for c in range(10)]
+
+
+def d2l_lenet(log_dir, change):
+    """d2l's LeNet-5 (sigmoid activations, average pooling), SGD at the book's lr 0.9 with its init_cnn."""
+    book = d2l()
+    seeded()
+    data = d2l_images(change, batch=128)
+    model = book.LeNet(lr=0.9)  # the book's sec_lenet: lr=0.1 and 10 epochs of 60,000 images
+    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
+    return fit_d2l(log_dir, model, data, change, epochs=6, classes=CLASSES, objective="classification")
+
+
+def d2l_resnet(log_dir, change):
+    """A small ResNet of d2l's Residual blocks (BatchNorm), in the layout of the book's ResNet class, SGD 0.01."""
+    book = d2l()
+    seeded()
+    data = d2l_images(change, n=3200)
+    model = book.Classifier()
+    model.lr = 0.01  # the book's sec_resnet
+    model.net = nn.Sequential(
+        nn.LazyConv2d(16, kernel_size=3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(),
+        book.Residual(16), book.Residual(32, use_1x1conv=True, strides=2),
+        book.Residual(64, use_1x1conv=True, strides=2),
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.LazyLinear(10),
+    )  # fmt: skip
+    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
+    return fit_d2l(log_dir, model, data, change, epochs=5, classes=CLASSES, objective="classification")
+
+
+def d2l_softmax(log_dir, change):
+    """d2l's softmax regression, SGD at the book's lr 0.1."""
+    book = d2l()
+    seeded()
+    data = d2l_images(change, batch=256)
+    model = book.SoftmaxRegression(num_outputs=10, lr=0.1)
+    model.apply_init([next(iter(data.get_dataloader(True)))[0]])
+    return fit_d2l(log_dir, model, data, change, epochs=6, classes=CLASSES, objective="classification")
+
+
+def d2l_linear_regression(log_dir, change):
+    """d2l's concise linear regression on its own synthetic data, SGD at the book's lr 0.03."""
+    book = d2l()
+    seeded()
+    data = book.SyntheticRegressionData(w=torch.tensor([2, -3.4]), b=4.2)
+    if change.data:
+        data.X[: data.num_train], data.y[: data.num_train] = change.data(
+            data.X[: data.num_train], data.y[: data.num_train]
+        )
+    data.batch_size = change.batch or data.batch_size
+    model = book.LinearRegression(lr=0.03)
+    model.apply_init([data.X[:2]])
+    return fit_d2l(log_dir, model, data, change, epochs=3, objective="regression")
+
+
+def d2l_text(change, steps=32):
+    """d2l's TimeMachine data module over Python's help topics (CHANGE: in place of the downloaded book)."""
+    book = d2l()
+
+    class Topics(book.TimeMachine):
+        def _download(self):
+            return TEXT[:60_000]
+
+    data = Topics(batch_size=change.batch or 1024, num_steps=steps, num_train=10_000, num_val=5_000)
+    if change.data:
+        data.X[: data.num_train], data.Y[: data.num_train] = change.data(
+            data.X[: data.num_train], data.Y[: data.num_train]
+        )
+    return data
+
+
+def d2l_rnn_lm(log_dir, change):
+    """d2l's concise RNN language model (nn.RNN, 32 hidden units), SGD lr 1, clipping at 1 (sec_rnn-concise)."""
+    book = d2l()
+    seeded()
+    data = d2l_text(change)
+    rnn = book.RNN(num_inputs=len(data.vocab), num_hiddens=32)
+    model = book.RNNLM(rnn, vocab_size=len(data.vocab), lr=1)
+    model.apply_init([data.X[:2]])
+    return fit_d2l(log_dir, model, data, change, epochs=12, clip=1, objective="language_model")
+
+
+def d2l_gru_lm(log_dir, change):
+    """d2l's two-layer GRU language model, SGD lr 2, clipping at 1 (sec_deep_rnn)."""
+    book = d2l()
+    seeded()
+    data = d2l_text(change)
+    gru = book.GRU(num_inputs=len(data.vocab), num_hiddens=32, num_layers=2)
+    model = book.RNNLM(gru, vocab_size=len(data.vocab), lr=2)
+    model.apply_init([data.X[:2]])
+    return fit_d2l(log_dir, model, data, change, epochs=12, clip=1, objective="language_model")
+
+
+def d2l_gan(log_dir, change):
+    """d2l's GAN of a Gaussian (sec_basic_gan): its generator, discriminator, update_D and update_G, Adam at
+    0.05 and 0.005, 20 epochs of batches of 8; the loop is the book's, with the monitor's epoch_end."""
+    book = d2l()
+    seeded()
+    x = torch.normal(0.0, 1, (1000, 2))
+    data = torch.matmul(x, torch.tensor([[1, 2], [-0.1, 0.5]])) + torch.tensor([1, 2])
+    batches = torch.utils.data.DataLoader(data, batch_size=change.batch or 8, shuffle=True)
+    generator = nn.Sequential(nn.Linear(2, 2))
+    discriminator = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+    for model in (generator, discriminator):
+        for weight in model.parameters():
+            nn.init.normal_(weight, 0, 0.02)
+        if change.model:
+            change.model(model)
+    loss = nn.BCEWithLogitsLoss(reduction="sum") if change.loss is None else nn.MSELoss(reduction="sum")
+    trainer_d = optimizer_for(change, discriminator.parameters(), 0.05 * change.lr, "adam")
+    trainer_g = optimizer_for(change, generator.parameters(), 0.005 * change.lr, "adam")
+    monitor = TrainingMonitor(log_dir)
+    parts = {"generator": (generator, trainer_g), "discriminator": (discriminator, trainer_d)}
+    with Attached(monitor, parts=parts, objective="gan"):
+        for epoch in range(20):
+            for x in batches:
+                z = torch.normal(0, 1, size=(x.shape[0], 2))
+                book.update_D(x, z, discriminator, generator, loss, trainer_d)
+                book.update_G(z, discriminator, generator, loss, trainer_g)
+            monitor.epoch_end(epoch, {})
+    fake = generator(torch.normal(0, 1, size=(1000, 2)))
+    return f"generated mean {fake.mean(0).tolist()} (data {data.mean(0).tolist()})".replace(".0000", "")
+
+
+# ---- Stable-Baselines3: PPO, A2C and DQN on CartPole, their own train() loops, counted in steps ----
+
+
+def sb3(log_dir, change, algorithm, timesteps, **options):
+    """An SB3 agent at its defaults on CartPole-v1 (as in SB3's README), with the fault's changes through SB3's
+    own arguments; the monitor sees every gradient step (CHANGE), and diagnoses in windows of steps."""
+    import stable_baselines3
+
+    seeded()
+    policy = dict(change.settings.get("policy", {}))
+    if change.optimizer == "sgd":
+        policy["optimizer_class"] = torch.optim.SGD
+    if change.decay:
+        policy["optimizer_kwargs"] = {"weight_decay": change.decay}
+        if algorithm == "A2C":  # A2C's RMSprop, which it builds only where no optimizer is given
+            policy["optimizer_class"] = torch.optim.RMSprop
+            policy["optimizer_kwargs"].update(alpha=0.99, eps=1e-5)
+    if change.batch:
+        options["batch_size"] = change.batch
+    if change.clip:
+        options["max_grad_norm"] = change.clip
+    agent_class = getattr(stable_baselines3, algorithm)
+    lr = options.pop("learning_rate", agent_class.__init__.__defaults__ and _default_lr(agent_class))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        agent = agent_class("MlpPolicy", "CartPole-v1", learning_rate=lr * change.lr, seed=0, device="cpu",
+                            policy_kwargs=policy, **options)  # fmt: skip
+    if change.model:
+        change.model(agent.policy)
+    monitor = TrainingMonitor(log_dir)
+    with Attached(monitor, agent.policy, objective="rl"):
+        agent.learn(total_timesteps=timesteps)
+    returns = [episode["r"] for episode in agent.ep_info_buffer]
+    return f"mean return of the last {len(returns)} episodes {np.mean(returns):.0f} (500 at most)"
+
+
+def _default_lr(agent_class):
+    import inspect
+
+    return inspect.signature(agent_class.__init__).parameters["learning_rate"].default
+
+
+def sb3_ppo(log_dir, change):
+    """SB3's PPO: rollouts of 2,048 steps, 10 epochs of minibatches of 64, Adam 3e-4, clipping at 0.5."""
+    return sb3(log_dir, change, "PPO", 16_384)
+
+
+def sb3_a2c(log_dir, change):
+    """SB3's A2C: a step every 5 environment steps, RMSprop 7e-4, clipping at 0.5."""
+    return sb3(log_dir, change, "A2C", 20_000)
+
+
+def sb3_dqn(log_dir, change):
+    """SB3's DQN with the hyperparameters of rl-baselines3-zoo for CartPole-v1 (its hyperparams/dqn.yml)."""
+    zoo = dict(learning_rate=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1000, gamma=0.99,
+               target_update_interval=10, train_freq=256, gradient_steps=128, exploration_fraction=0.16,
+               exploration_final_eps=0.04)  # fmt: skip
+    zoo["policy_kwargs"] = {"net_arch": [256, 256]}
+    change.settings.setdefault("policy", {}).update(zoo.pop("policy_kwargs"))
+    return sb3(log_dir, change, "DQN", 20_000, **zoo)
+
+
+# ---- PyTorch Lightning's demos: a transformer and an LSTM language model, Lightning's Trainer ----
+
+
+def lightning_lm(log_dir, change, module_name):
+    """A Lightning demo module on Python's help topics (CHANGE: written as the demo's WikiText2 file, which it
+    tokenises by words), with gradwatch's Lightning callback, 300 steps (150 of the larger LSTM)."""
+    import lightning as L
+    from lightning.pytorch.demos import lstm, transformer
+
+    from gradwatch.lightning import MonitorCallback
+
+    seeded()
+    folder = Path(tempfile.mkdtemp())
+    (folder / "wikitext-2.txt").write_text(TEXT[:200_000])
+    dataset = transformer.WikiText2(folder, download=False)
+    module_class = transformer.LightningTransformer if module_name == "transformer" else lstm.LightningLSTM
+    module = module_class(vocab_size=dataset.vocab_size)
+    module.prepare_data = lambda: None  # CHANGE: nothing to download
+    module.train_dataloader = _lightning_batches(module_name, dataset, change, lstm)
+    lr = 0.1 if module_name == "transformer" else 20  # the demos' SGD rates
+    module.configure_optimizers = lambda: optimizer_for(change, module.parameters(), lr * change.lr)
+    if change.model:
+        change.model(module)
+    callback = MonitorCallback(log_dir)
+    trainer = L.Trainer(max_steps=300 if module_name == "transformer" else 150, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback],
+                        gradient_clip_val=change.clip or (0.25 if module_name == "lstm" else None))  # fmt: skip
+    trainer.fit(module)
+    return lm_outcome(module, dataset)
+
+
+def lm_outcome(module, dataset):
+    module.eval()
+    with torch.no_grad():
+        pairs = [dataset[i] for i in range(0, len(dataset), len(dataset) // 50)]
+        if hasattr(module.model, "init_hidden"):  # the LSTM
+            losses = [F.nll_loss(module.model(x[None], module.model.init_hidden(1))[0], y) for x, y in pairs]
+        else:
+            losses = [F.nll_loss(module(x[None], y[None]), y) for x, y in pairs]
+    return f"loss {float(sum(losses) / len(losses)):.2f} (ln of the vocabulary: {np.log(dataset.vocab_size):.2f})"
+
+
+def _lightning_batches(module_name, dataset, change, lstm):
+    if module_name == "transformer":  # the demo's DataLoader(dataset): batches of one sequence
+        return lambda: torch.utils.data.DataLoader(dataset, batch_size=change.batch or 1)
+    return lambda: torch.utils.data.DataLoader(dataset, batch_sampler=lstm.SequenceSampler(dataset, change.batch or 20))
+
+
+def lightning_transformer(log_dir, change):
+    """Lightning's demo transformer (nn.Transformer, 2+2 layers of 200), SGD 0.1, batches of one sequence."""
+    return lightning_lm(log_dir, change, "transformer")
+
+
+def lightning_lstm(log_dir, change):
+    """Lightning's demo LSTM (4 layers of 512, dropout 0.2), SGD 20, clipping at 0.25."""
+    return lightning_lm(log_dir, change, "lstm")
+
+
+# ---- Hugging Face transformers: GPT-2 and BERT built from configs, its Trainer and AdamW ----
+
+TOPICS = ["compound", "formatstrings", "string-methods", "debugger"]  # four help topics: the BERT program's classes
+
+
+def byte_blocks(text, length):
+    ids = torch.tensor(list(text.encode()[: len(text) // length * length]))
+    return ids.view(-1, length)
+
+
+def hf_train(log_dir, change, model, train, evaluation=None, **arguments):
+    """Hugging Face's Trainer with gradwatch's callback (as a user adds it) and the fault's changes through
+    TrainingArguments."""
+    import transformers
+
+    from gradwatch.transformers import MonitorCallback
+
+    settings = dict(output_dir=tempfile.mkdtemp(), report_to=[], save_strategy="no", disable_tqdm=True,
+                    use_cpu=True, seed=0, logging_steps=25, per_device_eval_batch_size=64, **arguments)  # fmt: skip
+    settings["learning_rate"] *= change.lr
+    settings.update(
+        {"per_device_train_batch_size": change.batch} if change.batch else {},
+        **({"weight_decay": change.decay} if change.decay else {}),
+        **({"max_grad_norm": change.clip} if change.clip else {}),
+        **({"optim": "sgd"} if change.optimizer == "sgd" else {}),
+    )
+    if change.model:
+        change.model(model)
+    trainer = transformers.Trainer(
+        model=model, args=transformers.TrainingArguments(**settings), train_dataset=train,
+        eval_dataset=evaluation, compute_metrics=accuracy if evaluation is not None else None,
+        callbacks=[MonitorCallback(log_dir)],
+    )  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def accuracy(prediction):
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+class Examples(torch.utils.data.Dataset):
+    def __init__(self, **columns):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i):
+        return {name: column[i] for name, column in self.columns.items()}
+
+
+def hf_gpt2(log_dir, change):
+    """A 2-layer GPT-2 (64 wide) from its config, on the help topics' bytes, counted in steps: 300 steps of
+    AdamW 1e-3 with a linear schedule after 30 warmup steps (the settings of Hugging Face's from-scratch
+    language-model recipes, on a smaller model)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    seeded()
+    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2, **change.settings)
+    model = GPT2LMHeadModel(config)
+    blocks = byte_blocks(TEXT[:400_000], 64)
+    inputs, labels = change.data(blocks, blocks.clone()) if change.data else (blocks, blocks)
+    train = Examples(input_ids=inputs, labels=labels)
+    trainer = hf_train(log_dir, change, model, train, learning_rate=1e-3, warmup_steps=30, max_steps=300,
+                       per_device_train_batch_size=16)  # fmt: skip
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return f"training loss {losses[0]:.2f} at first, {losses[-1]:.2f} at the end (ln 256 = 5.55)"
+
+
+def hf_bert(log_dir, change):
+    """A 2-layer BERT (128 wide) from its config, classifying 64-byte pieces of four help topics, 6 epochs of
+    AdamW 1e-3 with a linear schedule, evaluated each epoch."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    seeded()
+    config = BertConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=128, num_labels=len(TOPICS),
+                        **change.settings)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    pieces = [byte_blocks(pydoc_data.topics.topics[topic][:20_000], 64) for topic in TOPICS]
+    inputs = torch.cat(pieces)
+    labels = torch.cat([torch.full((len(piece),), i) for i, piece in enumerate(pieces)])
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    inputs, labels = inputs[order], labels[order]
+    cut = len(labels) * 4 // 5
+    x, y = (inputs[:cut], labels[:cut]) if change.data is None else change.data(inputs[:cut], labels[:cut])
+    trainer = hf_train(log_dir, change, model, Examples(input_ids=x, labels=y),
+                       Examples(input_ids=inputs[cut:], labels=labels[cut:]), learning_rate=1e-3,
+                       num_train_epochs=6, per_device_train_batch_size=16, eval_strategy="epoch")  # fmt: skip
+    scores = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    return f"validation accuracy {scores[-1]:.3f} ({len(TOPICS)} classes)"
+
+
+# ---- pytorch-metric-learning: a triplet loss with a miner, its MetricLossOnly trainer ----
+
+
+def pml_triplet(log_dir, change):
+    """An MLP embedding of 10 classes of 64-dimensional points, TripletMarginLoss with a TripletMarginMiner,
+    MPerClassSampler (m=4), Adam 1e-3 (the library's example notebook's settings), 5 epochs; the monitor's
+    epoch_end is the trainer's end_of_epoch_hook (CHANGE)."""
+    from pytorch_metric_learning import losses, miners, samplers, trainers
+
+    seeded()
+    centres = torch.randn(10, 64) * 1.5
+    labels = torch.randint(10, (4000,))
+    points = centres[labels] + torch.randn(4000, 64)
+    if change.data:
+        points, labels = change.data(points, labels)
+    trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
+    if change.model:
+        change.model(trunk)
+    optimizer = optimizer_for(change, trunk.parameters(), 1e-3 * change.lr, "adam")
+    monitor = TrainingMonitor(log_dir)
+
+    def epoch_end(trainer):
+        monitor.epoch_end(trainer.epoch - 1, {})
+
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": trunk, "embedder": nn.Identity()}, optimizers={"trunk_optimizer": optimizer},
+        batch_size=change.batch or 64, loss_funcs={"metric_loss": losses.TripletMarginLoss(margin=0.1)},
+        mining_funcs={"tuple_miner": miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")},
+        dataset=torch.utils.data.TensorDataset(points, labels), dataset_labels=labels.numpy(),
+        sampler=samplers.MPerClassSampler(labels, m=4, length_before_new_iter=len(labels)),
+        dataloader_num_workers=0, end_of_epoch_hook=epoch_end,
+    )  # fmt: skip
+    with Attached(monitor, trunk, objective="contrastive"):
+        trainer.train(num_epochs=5)
+    return f"nearest-centre accuracy of the embeddings {nearest_centre(trunk, centres):.3f}"
+
+
+def nearest_centre(trunk, centres):
+    labels = torch.randint(10, (1000,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        embedded = F.normalize(trunk(centres[labels] + torch.randn(1000, 64)), dim=1)
+        anchors = F.normalize(trunk(centres), dim=1)
+    return float(((embedded @ anchors.T).argmax(1) == labels).float().mean())
+
+
+# ---- skorch: a regressor, its fit loop ----
+
+
+def skorch_regressor(log_dir, change):
+    """skorch's NeuralNetRegressor on scikit-learn's make_regression (1,000 samples, 20 features, the target
+    divided by 100), an MLP of two hidden layers of 10, SGD 0.1, 20 epochs: skorch's README regression example;
+    the monitor's epoch_end is a skorch callback (CHANGE)."""
+    from sklearn.datasets import make_regression
+    from skorch import NeuralNetRegressor
+    from skorch.callbacks import Callback
+
+    seeded()
+    x, y = make_regression(1000, 20, n_informative=10, random_state=0)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y / 100, dtype=torch.float32)[:, None]
+    if change.data:
+        x, y = change.data(x, y)
+    module = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
+    if change.model:
+        change.model(module)
+    monitor = TrainingMonitor(log_dir)
+
+    class Report(Callback):
+        def on_epoch_end(self, net, **kwargs):
+            last = net.history[-1]
+            scalars = {"train/loss": last["train_loss"], "valid/loss": last["valid_loss"]}
+            monitor.epoch_end(len(net.history) - 1, scalars)
+
+    optimizer = torch.optim.Adam if change.optimizer == "adam" else torch.optim.SGD
+    net = NeuralNetRegressor(module, max_epochs=20, lr=0.1 * change.lr, batch_size=change.batch or 128,
+                             optimizer=optimizer, optimizer__weight_decay=change.decay or 0.0,
+                             callbacks=[Report()], verbose=0)  # fmt: skip
+    net.initialize()
+    with Attached(monitor, net.module_, objective="regression"):
+        net.partial_fit(x.numpy(), y.numpy())
+    return f"validation loss {net.history[-1]['valid_loss']:.3f} (the target's variance {float(y.var()):.3f})"
