@@ -220,6 +220,19 @@ Check = Callable[[list[EpochSummary], Thresholds], list[Finding]]
 
 
 @dataclass(frozen=True)
+class Cause:
+    """A candidate cause of a symptom: `check` returns its evidence in the run, or None where it
+    does not hold. A symptom's finding names the cause whose check alone holds, with its
+    `suggestion`; where none or several hold, it names none and says what to `look` at, in order."""
+
+    name: str
+    check: Callable[[list[EpochSummary], Finding, Thresholds], dict | None]
+    suggestion: str
+    look: str  # what to check for it, where no check decides
+    lr: int = 0  # LOWER or RAISE: what its suggestion does to the learning rate, or 0
+
+
+@dataclass(frozen=True)
 class Rule:
     """A rule's declaration: everything the story needs to know about its findings."""
 
@@ -238,6 +251,9 @@ class Rule:
     # for a rule whose findings repeat (loss_spikes): the message told from the evidence, whose
     # "count" merged findings add up and whose "spikes" they join
     retell: Callable[[dict], str] | None = None
+    # the candidate causes of the symptom it finds, in the order to check them: its suggestion then
+    # comes from the one whose check alone holds (Cause), and `suggestion` is unused
+    causes: tuple[Cause, ...] = ()
 
     def __post_init__(self):
         unknown = set(self.thresholds) - set(Thresholds.names())
@@ -258,18 +274,49 @@ class Rule:
         findings = self.check(history, thresholds)
         for finding in findings:
             finding.rule = self.name
-            if finding.suggestion is None:
+            if finding.suggestion is None and self.causes:
+                self.attribute(finding, history, thresholds)
+            elif finding.suggestion is None:
                 finding.suggestion = self.suggest(finding.parameters, _peak_lr(history))
         return findings
 
-    def suggest(self, parameters: list, lr: float | None) -> str:
-        """The suggestion, its rates relative to `lr`, the rate the user set (a schedule's peak,
-        not the rate it has decayed to)."""
+    def attribute(self, finding: Finding, history: list, thresholds: Thresholds) -> None:
+        """Name the cause of a symptom's finding whose check alone holds, with its evidence and
+        suggestion; else no cause ("cause": None), and what to check, in order, those that
+        hold first."""
+        held = {}
+        for cause in self.causes:
+            evidence = cause.check(history, finding, thresholds)
+            if evidence is not None:
+                held[cause.name] = evidence
+        if len(held) == 1:
+            cause = next(c for c in self.causes if c.name in held)
+            finding.evidence.update(cause=cause.name, cause_evidence=held[cause.name])
+            lr = _peak_lr(history)
+            finding.suggestion = self.suggest(finding.parameters, lr, cause.suggestion)
+            return
+        ordered = sorted(self.causes, key=lambda c: c.name not in held)
+        finding.evidence.update(cause=None, causes_held=list(held))
+        finding.suggestion = "check, in this order: " + "; ".join(c.look for c in ordered) + "."
+
+    def way(self, finding: Finding) -> int:
+        """What the finding's suggestion does to the learning rate: LOWER, RAISE or 0."""
+        if finding.evidence.get("weights_move"):
+            return 0  # it makes no claim on the learning rate
+        named = finding.evidence.get("cause")
+        if self.causes:
+            return next((c.lr for c in self.causes if c.name == named), 0)
+        return 0 if "cause" in finding.evidence else self.lr  # a cause of its own, or none
+
+    def suggest(self, parameters: list, lr: float | None, template: str | None = None) -> str:
+        """The suggestion (or `template`), its rates relative to `lr`, the rate the user set (a
+        schedule's peak, not the rate it has decayed to)."""
         fill = {
             "lr": f" (to {lr / 10:g} or less, a tenth of the {lr:g} set)" if lr else "",
             "lr_up": f" (e.g. {lr * 10:g}, ten times the {lr:g} set)" if lr else "",
         }
-        return self.suggestion.format(name=parameters[0] if parameters else "", **fill)
+        template = self.suggestion if template is None else template
+        return template.format(name=parameters[0] if parameters else "", **fill)
 
 
 RULES: dict[str, Rule] = {}  # by name, in the order findings that begin at one step are told
@@ -371,12 +418,21 @@ from . import exact  # noqa: E402, F401  (registers them here, between the helpe
     thresholds=("ce_bound",),
 )
 def not_cross_entropy(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The epoch's training loss is below `ce_bound` x (1 - training accuracy) x ln 2: cross-entropy
-    on class labels costs at least ln 2 for every wrong answer (its class then has a probability of
-    1/2 at most), so the loss is not cross-entropy (MSE on one-hot targets, most often)."""
+    """The loss's graph shows MSE or L1 between the scores and one-hot targets; or the epoch's
+    training loss is below `ce_bound` x (1 - training accuracy) x ln 2: cross-entropy on class
+    labels costs at least ln 2 for every wrong answer (its class then has a probability of 1/2 at
+    most), so the loss is not cross-entropy (MSE on one-hot targets, most often)."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
+    one_hot = next((p for p in now.loop.get("graph", {}).get("problems", [])
+                    if p["kind"] == "one_hot_targets"), None)  # fmt: skip
+    if one_hot:  # the loss's graph shows it: no need to wait for the accuracy
+        message = f"the loss is {one_hot['loss']} between the model's scores and one-hot class "
+        message += f"labels ({one_hot['classes']} classes, at {one_hot['line']}): a square or "
+        message += "absolute loss on class labels learns classes slowly, or not at all."
+        step = now.loop.get("graph", {}).get("step") or _loop_start(history)
+        return [_found(now, [], {"graph": one_hot}, message, step=step)]
     loss = now.metrics.get("train_loss")
     accuracy = now.metrics.get("train_accuracy")
     if not (finite(loss) and finite(accuracy)) or not 0 <= accuracy <= 1:
@@ -423,6 +479,7 @@ def lr_collapsed(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 @rule(
     "shuffle the training data (DataLoader(..., shuffle=True), or a sampler that shuffles).",
     thresholds=("uniform_batch",),
+    follows=("not_cross_entropy",),  # a square loss on one-hot labels collapses to one class too
 )
 def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """At three quarters of the statistics steps so far (four at least) the model gave one top
@@ -463,20 +520,19 @@ def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 )
 def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The first training loss is above `initial_loss_factor` x ln C, the loss of an untrained
-    model."""
+    model (C: the classes given, or those of the one cross-entropy the loss's graph shows)."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[0]
-    classes = _classes(now)
+    expected = _untrained_loss(now)
     first = now.first_loss
-    if len(history) > 1 or not classes or not finite(first):
+    if len(history) > 1 or not expected or not finite(first):
         return []
-    expected = math.log(classes)
     if first <= t.initial_loss_factor * expected:
         return []
     message = f"the first training loss was {first:.3g}, {first / expected:.0f}x the "
-    message += f"{expected:.2f} (ln {classes}) of an untrained model: the initial weights or the "
-    message += "inputs are far too large."
+    message += f"{expected:.2f} (ln {round(math.exp(expected))}) of an untrained model: the "
+    message += "initial weights or the inputs are far too large."
     return [_found(now, [], {"first_loss": first, "expected": expected}, message, step=1)]
 
 
@@ -511,13 +567,18 @@ def _levels(windows: list[dict]) -> list[dict]:
     return levels
 
 
+# Losses over classes whose input's second dimension counts them: cross-entropy of scores, and
+# nll_loss of log-probabilities (a loss given anything else is told by not_log_probabilities)
+CLASS_LOSSES = ("cross_entropy", "nll_loss")
+
+
 def _untrained_loss(summary: EpochSummary) -> float | None:
     """The loss of an untrained model, where the objective tells it: ln C for a cross-entropy over
     C classes (the classes given, or the class dimension of the one cross-entropy the loss's graph
     is made of)."""
     classes = _classes(summary)
     losses = summary.loop.get("graph", {}).get("losses", [])
-    if not classes and len(losses) == 1 and losses[0].get("function") == "cross_entropy":
+    if not classes and len(losses) == 1 and losses[0].get("function") in CLASS_LOSSES:
         shape = losses[0].get("input", {}).get("shape", [])
         classes = shape[1] if len(shape) >= 2 and shape[1] >= 2 else None
     return math.log(classes) if classes else None
@@ -874,14 +935,46 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     return [finding]
 
 
+def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """Weights that move by more than `update_fast` of their size per step: steps that large
+    push a unit's inputs far out, where sigmoid and tanh flatten."""
+    fast = {n: r for n, r in _update_ratios(history[-1]).items() if r > t.update_fast}
+    return {"update_ratio": fast} if fast else None
+
+
+def _squashing(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict:
+    """Sigmoid and tanh flatten away from 0: the activation is a cause wherever they saturate."""
+    return {"activations": finding.parameters}
+
+
 @rule(
-    "ReLU instead of sigmoid or tanh in hidden layers, normalisation layers, or smaller initial "
-    "weights.",
-    thresholds=("saturated_share",),
+    "",
+    causes=(
+        Cause(
+            "learning_rate",
+            _fast_steps,
+            "a lower learning rate{lr}.",
+            "the learning rate: "
+            "steps of more than a tenth of the weights push the units into saturation",
+            LOWER,
+        ),
+        Cause(
+            "activation",
+            _squashing,
+            "ReLU instead of sigmoid or tanh in hidden layers, "
+            "normalisation layers, or smaller initial weights.",
+            "the activation: ReLU or GELU "
+            "do not saturate, and normalisation layers before a sigmoid or tanh keep its inputs "
+            "small",
+        ),
+    ),  # fmt: skip
+    thresholds=("saturated_share", "update_fast"),
     follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
 )
 def saturated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """`saturated_share` of a sigmoid's or tanh's outputs are within 1% of their limits."""
+    """`saturated_share` of a sigmoid's or tanh's outputs are within 1% of their limits. A symptom
+    of the activation, or of steps too large for it (weights moving by more than `update_fast` of
+    their size per step): the activation is named where the steps are not that large."""
     now = history[-1]
     found = {a["layer"]: a for a in now.activations.values() if a["kind"] in ("sigmoid", "tanh")}
     found = {layer: a for layer, a in found.items() if a["share"] >= t.saturated_share}
@@ -896,18 +989,83 @@ def saturated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 
 
 def _weight_rms(summary: EpochSummary) -> dict[str, float]:
-    """Each weight tensor's gradient RMS, in model order (biases and norms' gains tell less)."""
+    """Each weight tensor's gradient RMS, in model order (biases and norms' gains tell less), but
+    those the loss's graph shows are read by a lookup (an embedding: its gradient is zero at every
+    row a batch did not look up, so its RMS says how many rows were, not how deep it lies)."""
+    lookups = set(summary.loop.get("graph", {}).get("lookups", []))
     return {
         name: s["grad_rms"]
         for name, s in summary.layers.items()
-        if name.endswith("weight") and finite(s.get("grad_rms"))
+        if name.endswith("weight") and finite(s.get("grad_rms")) and name not in lookups
     }
 
 
+def _ends(summary: EpochSummary, rms: dict[str, float]) -> tuple[str, str]:
+    """The weight layers a vanishing gradient is measured between: the deepest below the loss and
+    the last, by the loss's graph (depths); by model order without it. Of several last layers (the
+    heads of an actor and a critic, whose losses have scales of their own), the one of the smallest
+    gradient: a head's gradient is not what another head's layers should have."""
+    depths = summary.loop.get("graph", {}).get("depths", {})
+    known = {name: depths[name] for name in rms if name in depths}
+    if len(known) < 2 or min(known.values()) != 0:
+        return next(iter(rms)), list(rms)[-1]
+    deepest = max(known.values())
+    heads = [name for name, depth in known.items() if depth == 0]
+    return next(n for n, depth in known.items() if depth == deepest), min(heads, key=rms.get)
+
+
+def _vanishes(now: EpochSummary, rms: dict, first: str, last: str, t: Thresholds) -> bool:
+    """Whether the gradient vanishes from the last layer down to the first: its RMS there is below
+    `vanishing_ratio` of the last's, and so are that layer's steps where they were measured (an
+    optimizer that rescales each step, as Adam does, moves a layer of small gradients at the pace
+    of the others: no harm)."""
+    if first == last or rms[last] <= 0 or rms[first] >= t.vanishing_ratio * rms[last]:
+        return False
+    steps = _update_ratios(now)
+    if first not in steps or last not in steps:
+        return True
+    return steps[first] < t.vanishing_ratio * steps[last]
+
+
+DEEP = 6  # weight layers between a layer and the loss, on its shortest way, that make a plain stack
+
+
+def _saturation(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """Sigmoid or tanh units near their limits in the latest summary: their gradient is nearly 0."""
+    shares = {a["layer"]: a["share"] for a in history[-1].activations.values()
+              if a["kind"] in ("sigmoid", "tanh") and a["share"] >= t.saturated_share}  # fmt: skip
+    return {"saturated_share": shares} if shares else None
+
+
+def _deep_stack(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """A layer DEEP or more weight layers below the loss on its shortest way: no residual
+    connection carries its gradient past the others."""
+    depths = history[-1].loop.get("graph", {}).get("depths", {})
+    deepest = max((depths[n] for n in finding.parameters if n in depths), default=0)
+    return {"depth": deepest} if deepest >= DEEP else None
+
+
+def _never(history: list[EpochSummary], finding: Finding, t: Thresholds) -> None:
+    """A cause no statistic of the monitor shows: only to be looked at."""
+    return None
+
+
+VANISHING_CAUSES = (
+    Cause("saturation", _saturation, "ReLU or GELU instead of sigmoid or tanh in the hidden "
+          "layers, or normalisation layers before them.", "saturated sigmoid or tanh units below "
+          "the output (diagnosis.json's activations)"),
+    Cause("depth", _deep_stack, "residual connections or normalisation layers, or an auxiliary "
+          "loss near the early layers.", "how many weight layers lie between these and the output "
+          "without a residual connection"),
+    Cause("small_output", _never, "", "the scale of the layers after them: a small initial gain "
+          "(as policy heads use) or weights decayed towards zero shrink every gradient below"),
+)  # fmt: skip
+
+
 @rule(
-    "residual connections or normalisation layers, an auxiliary loss near the early layers, or a "
-    "larger learning rate for them (--layer-lr NAME=FACTOR).",
-    thresholds=("vanishing_ratio", "vanishing_floor"),
+    "",
+    causes=VANISHING_CAUSES,
+    thresholds=("vanishing_ratio", "vanishing_floor", "saturated_share"),
     follows=(
         "softmax_before_loss",
         "dead_units",
@@ -916,22 +1074,22 @@ def _weight_rms(summary: EpochSummary) -> dict[str, float]:
         "exploding_gradients",
         "high_initial_loss",
     ),
-    lr=RAISE,
-    instead="residual connections or normalisation layers, or an auxiliary loss.",
     ended="a slow start",
 )
 def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The first weight layer's gradient RMS is below `vanishing_ratio` of the last weight layer's,
-    or any weight layer's is below `vanishing_floor`."""
+    """The deepest weight layer's gradient RMS is below `vanishing_ratio` of the last weight
+    layer's (depths by the loss's graph; of several output heads, the smallest), or any weight
+    layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms). A symptom: its
+    causes are saturated units (above `saturated_share`), a deep stack without shortcuts, or a
+    small scale of the layers after them."""
     now = history[-1]
     rms = _weight_rms(now)
     if len(rms) < 2:
         return []
-    first = next(iter(rms))
-    last = list(rms)[-1]
+    first, last = _ends(now, rms)
     findings = []
-    if rms[last] > 0 and rms[first] < t.vanishing_ratio * rms[last]:
-        early = [n for n in list(rms)[:-1] if rms[n] < t.vanishing_ratio * rms[last]]
+    if _vanishes(now, rms, first, last, t):
+        early = [n for n in rms if n != last and rms[n] < t.vanishing_ratio * rms[last]]
         evidence = {"grad_rms": {n: rms[n] for n in [*early, last]}}
         evidence.update(ratio_first_to_last=rms[first] / rms[last], threshold=t.vanishing_ratio)
         smaller = "zero, against"
@@ -999,18 +1157,60 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
 def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio ||dw|| / ||w|| over the epoch is below
     `update_slow`; frozen ones (requires_grad=False) are meant not to move, and neither are any
-    once the schedule has brought the learning rate below a tenth of its peak."""
+    once the schedule has brought the learning rate below a tenth of its peak, or once a loss to
+    be minimised is down to LEARNT x where it started."""
     frozen = set(history[-1].loop.get("frozen", ()))
     peak = _peak_lr(history)
     if peak and finite(history[-1].lr) and history[-1].lr < 0.1 * peak:
         return []  # the schedule has annealed the learning rate: slow steps are what it asks for
+    if _judged(history) and _fell(history, LEARNT):
+        return []  # the loss is near nothing: the gradients, and so the steps, are too
     ratios = _update_ratios(history[-1]).items()
     found = {n: r for n, r in ratios if r < t.update_slow and n not in frozen}
     return _update_finding(history[-1], found, t.update_slow, "less") if found else []
 
 
+FELL = 0.75  # a loss at this share of where it started, or below, has come down: the run learns
+LEARNT = 0.01  # and at this share, there is little left to learn
+
+
+def _latest_level(summary: EpochSummary) -> float | None:
+    """The training loss's latest level in `summary`: its last window of LEVEL_STEPS steps or more
+    (its median), else its last level, else the epoch's loss."""
+    long = LEVEL_STEPS - 1
+    windows = [w for w in summary.losses if w["step"] - w.get("first", w["step"]) >= long]
+    if windows and finite(windows[-1].get("median")):
+        return windows[-1]["median"]
+    levels = _levels(summary.losses)
+    return levels[-1]["level"] if levels else _loss(summary)
+
+
+def _starts(history: list[EpochSummary]) -> list[float]:
+    """Where the loss started: an untrained model's loss (ln C) and the run's first level, those
+    known."""
+    known = [_untrained_loss(history[-1]), _first_level(history) or _loss(history[0])]
+    return [value for value in known if finite(value)]
+
+
+def _fell(history: list[EpochSummary], share: float = FELL) -> bool:
+    """Whether the loss has come down to `share` x where it started (the lower start) or below."""
+    starts = _starts(history)
+    latest = _latest_level(history[-1])
+    return bool(starts) and finite(latest) and latest <= share * min(starts)
+
+
+def _rose(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """A loss to be minimised that is now above where it started (the higher start): the steps
+    overshoot."""
+    starts = _starts(history)
+    latest = _latest_level(history[-1])
+    if not _judged(history) or not starts or not finite(latest) or latest <= max(starts):
+        return None
+    return {"started": max(starts), "loss": latest}
+
+
 @rule(
-    "a lower learning rate for these layers (--layer-lr NAME=0.1) or for the whole model.",
+    "",
     thresholds=("update_fast",),
     follows=(
         "gradients_not_cleared",
@@ -1020,12 +1220,37 @@ def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         "strong_weight_decay",
         "high_initial_loss",
     ),
-    lr=LOWER,
-    instead="clip gradients (torch.nn.utils.clip_grad_norm_), or warm the learning rate up.",
+    causes=(
+        Cause(
+            "learning_rate",
+            _rose,
+            "a lower learning rate for these layers (--layer-lr NAME=0.1) or for the whole model.",
+            "the learning rate: whether the loss falls at a tenth of it",
+            lr=LOWER,
+        ),
+        Cause(
+            "small_weights",
+            _never,
+            "",
+            "weight decay or an initialisation that keeps these "
+            "weights near zero (the ratio is to their size)",
+        ),
+        Cause(
+            "data",
+            _never,
+            "",
+            "the labels and inputs: weights that move fast while the loss "
+            "does not fall find nothing to learn in them",
+        ),
+    ),  # fmt: skip
 )
 def moving_too_fast(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio is above `update_fast` (about 1e-3 is typical
-    of healthy training)."""
+    of healthy training), while a loss to be minimised does not fall below FELL x its first level
+    (large steps that bring the loss down are learning: weights that start near zero move by much
+    of their size). A symptom: the learning rate is its cause where the loss rose meanwhile."""
+    if _judged(history) and _fell(history):
+        return []
     found = {n: r for n, r in _update_ratios(history[-1]).items() if r > t.update_fast}
     return _update_finding(history[-1], found, t.update_fast, "more") if found else []
 
@@ -1083,7 +1308,8 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """For `stuck_epochs` epochs the training loss stays above `stuck_loss` x ln C and the accuracy
     within `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any
     loss function); if the weights move meanwhile (median update ratio above `stuck_moving_ratio`),
-    the labels and inputs are the suspects, not the learning rate."""
+    the labels and inputs are the suspects, not the learning rate; in fewer than FEW_STEPS
+    optimizer steps in all, the run is too short to blame either."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
@@ -1102,9 +1328,14 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     message += f"({said}; {loss:.3g} now)"
     if classes:
         message += f" and the accuracy near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
-    ratios = [s["update_ratio"] for s in now.layers.values() if finite(s.get("update_ratio"))]
-    moving = statistics.median(ratios) if ratios else None  # if they move, the data are suspect
+    moving = _moving(recent)  # if the weights move, the data are suspect
     evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0].epoch}
+    if now.step < FEW_STEPS:
+        message += f", in {now.step} optimizer steps in all: too few to tell."
+        suggestion = "let it take more steps (more data, or more epochs) before judging the "
+        suggestion += "learning rate or the data: a model learns little in so few."
+        evidence.update(cause="few_steps", steps=now.step)  # no claim on the learning rate
+        return [_found(now, [], evidence, message, suggestion=suggestion)]
     if moving is None or moving < t.stuck_moving_ratio:
         return [_found(now, [], evidence, f"{message}: the model is not learning.")]
     message += f", although the weights move (median ||dw||/||w|| {moving:.2g}): the labels or the "
@@ -1113,6 +1344,21 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     suggestion += "the inputs vary and are normalised; a larger learning rate will not help."
     evidence.update(update_ratio=moving, weights_move=True)
     return [_found(now, [], evidence, message, suggestion=suggestion)]
+
+
+# optimizer steps in all below which a loss that has not moved says nothing yet: 4 levels of it
+FEW_STEPS = 4 * LEVEL_STEPS
+
+
+def _moving(recent: list[EpochSummary]) -> float | None:
+    """The median update ratio of the weights at the latest of `recent` that read one (an epoch
+    shorter than the statistics' cadence may read none)."""
+    for summary in reversed(recent):
+        ratios = [s.get("update_ratio") for s in summary.layers.values()]
+        ratios = [ratio for ratio in ratios if finite(ratio)]
+        if ratios:
+            return statistics.median(ratios)
+    return None
 
 
 @rule(
@@ -1449,7 +1695,7 @@ def _link(findings: list[Finding], epoch: int, rose: bool = False) -> None:
         if finding.cause:
             finding.suggestion = None
             continue
-        way = 0 if finding.evidence.get("weights_move") else rule_.lr  # it makes no claim on the lr
+        way = rule_.way(finding)
         if way and (way == -direction or (way == RAISE and diverged)):
             finding.suggestion = rule_.instead
         elif way and not direction:

@@ -356,7 +356,12 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     evidence = {"rounded": dict(rounded), "dtypes": dtypes}
     low = [dtype for dtype in dtypes if dtype in ("bfloat16", "float16")]
     others = [n for n, v in now.layers.items() if n not in rounded and v.get("grad_norm", 0) > 0]
-    if low:
+    clipped = _clipped(now, t)
+    if clipped:
+        message += clipped[0]
+        suggestion = clipped[1]
+        evidence.update(clipping=dict(now.clipping), cause="clipping")  # no claim on the lr
+    elif low:
         suggestion = f"keep the weights in float32 (torch.autocast computes in {low[0]} from "
         suggestion += "float32 weights), or an optimizer that keeps a float32 copy of them."
     elif others:  # a learning rate too low would round the others' steps away too
@@ -364,8 +369,23 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
         suggestion = "compare these parameters' gradients with the others' (the Gradients charts: "
         suggestion += "gradients that vanish before reaching them make their steps too small) "
         suggestion += "before raising the learning rate, which would move the others too."
-        evidence["weights_move"] = others  # no claim on the learning rate
+        evidence.update(weights_move=others, cause=None)  # a symptom: no claim on the lr
     return [_found(now, list(rounded), evidence, message, _loop_start(history), suggestion)]
+
+
+def _clipped(now: EpochSummary, t: Thresholds) -> tuple[str, str] | None:
+    """Where clipping scaled down more than `clipped_share` of the steps: what to add to the
+    message, and the suggestion (the steps are small because the clipping makes them so)."""
+    clip = now.clipping
+    share = clip.get("clipped_share")
+    if not clip.get("max_norm") or not finite(share) or share <= t.clipped_share:
+        return None
+    message = f" Clipping at {clip['max_norm']:g} scaled down {share:.0%} of the steps (norms "
+    message += f"before clipping: median {clip['grad_norm_median']:.3g})."
+    suggestion = f"raise the clipping threshold to about {clip['grad_norm_p90']:.3g}, the 90th "
+    suggestion += f"percentile of the norms before clipping: clipping at {clip['max_norm']:g} "
+    suggestion += "makes every step too small to change the weights."
+    return message, suggestion
 
 
 @rule(

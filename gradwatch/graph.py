@@ -14,6 +14,8 @@ The facts are plain values (they go into diagnosis.json); the rules in diagnosis
 
 from __future__ import annotations
 
+import collections
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -106,6 +108,18 @@ def _tensor_facts(value: Any) -> dict[str, Any]:
     return facts
 
 
+def _one_hot(target: Any) -> bool:
+    """Whether `target` is rows of one-hot vectors: class labels written as a regression's target
+    (one synchronisation, once)."""
+    if not isinstance(target, torch.Tensor) or target.dim() != 2 or target.shape[1] < 2:
+        return False
+    if not target.is_floating_point() or not target.numel():
+        return False
+    values = target.detach()
+    binary = ((values == 0) | (values == 1)).all() & (values.sum(1) == 1).all()
+    return bool(binary)
+
+
 class CallLog(TorchFunctionMode):
     """Where the functions of NOTED are called during the first training step: {id of the node their
     result's grad_fn is: {"function", "line", "module"}}, and for a loss function also the shapes of
@@ -142,6 +156,8 @@ class CallLog(TorchFunctionMode):
             call["input"] = _tensor_facts(given[0] if given else None)
             target = kwargs.get("target", args[1] if len(args) > 1 else None)
             call["target"] = _tensor_facts(target)
+            if name in ELEMENTWISE and _one_hot(target):
+                call["target"]["one_hot"] = True
             call["reduction"] = kwargs.get("reduction", "mean")
         self.calls.setdefault(id(node), call)
         self.nodes.append(node)
@@ -165,6 +181,64 @@ def _walk(root: Any) -> tuple[list[Any], set[int], bool]:
                 seen.add(id(child))
                 order.append(child)
     return order, leaves, i == len(order)
+
+
+# Nodes that hand a parameter to the op above them unchanged: a Linear's weight reaches its product
+# through TBackward0, so the product is the weight's layer
+HANDS_ON = {
+    "TBackward0", "TransposeBackward0", "ViewBackward0", "PermuteBackward0", "ExpandBackward0",
+    "UnsqueezeBackward0", "ToCopyBackward0", "AliasBackward0",
+}  # fmt: skip
+LOOKUPS = {"EmbeddingBackward0", "EmbeddingBagBackward0", "IndexSelectBackward0", "IndexBackward0"}
+
+
+def _held(node: Any) -> Any:
+    """The parameter (leaf tensor) `node` is, or hands on unchanged; None for any other node."""
+    while node is not None:
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            return variable
+        if node.name() not in HANDS_ON or len(node.next_functions) != 1:
+            return None
+        node = node.next_functions[0][0]
+    return None
+
+
+def _note_layer(node: Any, depth: int, held: Iterable, depths: dict, lookups: set) -> int:
+    """Note the depth of the parameters `node` takes (`held`), and whether it looks them up; return
+    the depth of what feeds it: one more where it is a layer, an op that takes weights (a bias's
+    addition, a norm's gain are part of one)."""
+    held = [parameter for parameter in held if parameter is not None]
+    for parameter in held:
+        depths[id(parameter)] = min(depths.get(id(parameter), depth), depth)
+        if node.name() in LOOKUPS:
+            lookups.add(id(parameter))
+    return depth + any(parameter.dim() > 1 for parameter in held)
+
+
+def layer_depths(root: Any) -> tuple[dict[int, int], set[int]]:
+    """How deep below the loss each parameter's layer lies, {id(parameter): layers}: 0 for the
+    layers nearest the loss (an output head; a model of two heads has two), 1 for the layers that
+    feed them, and so on, the fewest on any way from the loss; and the ids of the parameters read
+    by a lookup (an embedding), whose gradient is zero at the rows a batch did not look up. An op
+    that takes weights is a layer: what feeds it lies one layer deeper."""
+    depths: dict[int, int] = {}
+    lookups: set[int] = set()
+    best = {id(root): 0}
+    queue = collections.deque([(root, 0)])
+    while queue and len(best) < MAX_NODES:
+        node, depth = queue.popleft()
+        if best[id(node)] < depth:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        held = {child: _held(child) for child in children}
+        below = _note_layer(node, depth, held.values(), depths, lookups)
+        for child in children:
+            if held[child] is None and best.get(id(child), math.inf) > below:
+                best[id(child)] = below
+                # 0-1 breadth-first: a way that crosses no layer is read first
+                queue.appendleft((child, below)) if below == depth else queue.append((child, below))
+    return depths, lookups
 
 
 def made_of_losses(root: Any, outputs: set[int]) -> bool:
@@ -250,6 +324,15 @@ def _broadcast(loss: dict) -> list[dict]:
              "target_shape": shapes[1], "broadcast_shape": both}]  # fmt: skip
 
 
+def _one_hot_targets(loss: dict) -> list[dict]:
+    """A regression loss (MSE, L1) between the model's scores and one-hot class labels."""
+    if not loss.get("target", {}).get("one_hot"):
+        return []
+    found = {"kind": "one_hot_targets", "loss": loss["function"], "line": loss.get("line")}
+    return [{**found, "loss_line": loss.get("line"), "module": None,
+             "classes": loss["target"]["shape"][1]}]  # fmt: skip
+
+
 def _target_range(loss: dict) -> list[dict]:
     """A binary cross-entropy given targets outside [0, 1]: its loss then has no lower bound."""
     target = loss.get("target", {})
@@ -288,7 +371,7 @@ def _read_losses(nodes: list[Any], outputs: set[int], calls: dict) -> tuple[list
         losses.append({**found, "between": between, "from_output": from_output})
         for check in (_squashed, _not_log_probabilities):
             problems += check(found, chain, calls)
-        problems += _broadcast(found) + _target_range(found)
+        problems += _broadcast(found) + _target_range(found) + _one_hot_targets(found)
     return losses, problems
 
 
@@ -315,6 +398,7 @@ def loss_graph(
     losses, problems = _read_losses(nodes, outputs, calls or {})
     reached = [name for name, p in parameters if id(p) in leaves]
     unreached = [name for name, p in parameters if p.requires_grad and id(p) not in leaves]
+    depths, lookups = layer_depths(root)
     return {
         "losses": losses,
         "made_of_losses": made_of_losses(root, outputs),
@@ -324,6 +408,9 @@ def loss_graph(
         "whole": whole,
         "nodes": len(nodes),
         "problems": problems,
+        # each weight's layers below the loss (0: nearest it), and the weights read by a lookup
+        "depths": {n: depths[id(p)] for n, p in parameters if id(p) in depths and p.dim() > 1},
+        "lookups": [name for name, p in parameters if id(p) in lookups],
     }
 
 

@@ -246,7 +246,7 @@ def test_an_empty_batch_and_a_sparse_gradient_leave_the_loop_checks_quiet(tmp_pa
     assert monitor.diagnosis.history[0].loop["clearing_checks"] >= 1  # the dense Linear was the probe
 
 
-def ten_classes(log_dir, loss_fn, epochs=2, accumulate=1):
+def ten_classes(log_dir, loss_fn, epochs=2, accumulate=1, objective=None):
     """A 10-class problem (a linear rule on 20 features) trained with `loss_fn`; returns the findings."""
     torch.manual_seed(0)
     x = torch.randn(640, 20)
@@ -254,7 +254,7 @@ def ten_classes(log_dir, loss_fn, epochs=2, accumulate=1):
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     names = [str(i) for i in range(10)]
-    with TrainingMonitor(log_dir, stats_every=4).watch(model, optimizer) as monitor:
+    with TrainingMonitor(log_dir, stats_every=4).watch(model, optimizer, objective=objective) as monitor:
         for epoch in range(epochs):
             losses, hits = [], 0
             for i in range(0, len(x), 16):
@@ -273,17 +273,28 @@ def ten_classes(log_dir, loss_fn, epochs=2, accumulate=1):
 
 
 def test_a_square_loss_on_one_hot_targets_is_named_and_cross_entropy_is_not(tmp_path):
-    """Cross-entropy costs at least ln 2 per wrong answer: a loss far below that at the run's accuracy is not
-    cross-entropy. Label smoothing and a loss divided over 4 accumulation steps stay clean."""
+    """F.mse_loss given one-hot class labels: the loss's graph shows it at the first step, with its line. Written
+    out by hand, where the graph cannot name it: cross-entropy costs at least ln 2 per wrong answer, so a loss far
+    below that at the run's accuracy is not cross-entropy. Label smoothing and a loss divided over 4 accumulation
+    steps stay clean."""
 
     def mse_one_hot(outputs, targets):
         return F.mse_loss(outputs, F.one_hot(targets, 10).float())
+
+    def square_by_hand(outputs, targets):
+        return ((outputs - F.one_hot(targets, 10).float()) ** 2).mean()
 
     def smoothed(outputs, targets):
         return F.cross_entropy(outputs, targets, label_smoothing=0.1)
 
     finding = first(ten_classes(tmp_path / "mse", mse_one_hot))
-    assert finding.rule == "not_cross_entropy" and finding.epoch == 0
+    assert finding.rule == "not_cross_entropy" and finding.step == 1
+    assert finding.evidence["graph"]["kind"] == "one_hot_targets" and finding.evidence["graph"]["classes"] == 10
+    assert "mse_loss between the model's scores and one-hot class labels" in finding.message
+    assert "test_loop.py" in finding.message
+    # a loss written out is no known loss function: the objective is said, as watch() asks then
+    finding = first(ten_classes(tmp_path / "by_hand", square_by_hand, objective="classification"))
+    assert finding.rule == "not_cross_entropy" and finding.epoch == 0 and "graph" not in finding.evidence
     loss, accuracy = finding.evidence["train_loss"], finding.evidence["train_accuracy"]
     assert loss < 0.25 * (1 - accuracy) * math.log(2) and "nn.CrossEntropyLoss" in finding.suggestion
     for i, (loss_fn, accumulate) in enumerate([(F.cross_entropy, 1), (smoothed, 1), (F.cross_entropy, 4)]):

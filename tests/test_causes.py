@@ -1,0 +1,125 @@
+"""Symptoms and their causes: a finding names a cause only where a check of it holds, and the facts those checks
+read (each weight's depth below the loss, read from the loss's graph)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradwatch import Thresholds, TrainingMonitor
+from gradwatch.graph import loss_graph
+
+
+def depths_of(loss, named):
+    loss.backward()
+    graph = loss_graph(loss, named)
+    return graph["depths"], graph["lookups"]
+
+
+def test_each_weight_is_as_deep_below_the_loss_as_its_fewest_layers_on_any_way():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    loss = F.cross_entropy(mlp(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1]))
+    assert depths_of(loss, list(mlp.named_parameters())) == ({"0.weight": 2, "2.weight": 1, "4.weight": 0}, [])
+
+    # two heads on one trunk (an actor and a critic): both are nearest the loss
+    trunk, actor, critic = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 1)
+    hidden = torch.tanh(trunk(torch.randn(6, 4)))
+    loss = F.cross_entropy(actor(hidden), torch.zeros(6, dtype=torch.long)) + critic(hidden).pow(2).mean()
+    named = [("trunk", trunk.weight), ("actor", actor.weight), ("critic", critic.weight)]
+    assert depths_of(loss, named) == ({"trunk": 1, "actor": 0, "critic": 0}, [])
+
+    # an embedding is read by a lookup; a Linear on a sequence adds its bias apart, which makes no layer of it
+    embedding, lstm, decoder = nn.Embedding(50, 8), nn.LSTM(8, 16, 2, batch_first=True), nn.Linear(16, 50)
+    tokens = torch.randint(50, (2, 7))
+    loss = F.cross_entropy(decoder(lstm(embedding(tokens))[0]).reshape(-1, 50), tokens.reshape(-1))
+    named = [("embedding", embedding.weight), ("ih0", lstm.weight_ih_l0), ("ih1", lstm.weight_ih_l1)]
+    named += [("decoder", decoder.weight), ("decoder.bias", decoder.bias)]
+    assert depths_of(loss, named) == ({"embedding": 3, "ih0": 2, "ih1": 1, "decoder": 0}, ["embedding"])
+
+
+def actor_critic(log_dir, steps=120):
+    """Two towers trained by one loss: the actor's cross-entropy, and the critic's squared error on returns near
+    1,000 (as a policy-gradient loss adds them). Returns the findings and the gradient RMS of the actor's first layer
+    over the critic's head at the end."""
+    torch.manual_seed(0)
+    actor = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    critic = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    model = nn.ModuleDict({"actor": actor, "critic": critic})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    with TrainingMonitor(log_dir, stats_every=10).watch(model, optimizer) as monitor:
+        for _ in range(steps):
+            states = torch.randn(64, 4)
+            actions = (states[:, 0] > 0).long()
+            returns = 1000 + 100 * states[:, 1:2]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(actor(states), actions) + F.mse_loss(critic(states), returns)
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    rms = actor[0].weight.grad.pow(2).mean().sqrt() / critic[4].weight.grad.pow(2).mean().sqrt()
+    return monitor.findings, float(rms)
+
+
+def test_a_head_of_large_loss_is_not_what_another_heads_layers_are_measured_against(tmp_path):
+    """The actor's first layer gets gradients over a hundred times smaller than the critic's head (a vanishing
+    gradient by model order, the critic's head being the last layer), but it is measured against its own head,
+    the actor's: no finding."""
+    findings, ratio = actor_critic(tmp_path)
+    assert ratio < Thresholds().vanishing_ratio
+    assert "vanishing_gradients" not in {f.rule for f in findings}
+
+
+def regression(log_dir, targets, steps=96):
+    """A linear regression from weights near zero (as d2l's: normal with std 0.01), SGD at 0.03, batches of 32."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    nn.init.normal_(model.weight, 0, 0.01)
+    nn.init.zeros_(model.bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03)
+    with TrainingMonitor(log_dir, stats_every=8).watch(model, optimizer, objective="regression") as monitor:
+        for step in range(steps):
+            x = torch.randn(32, 2)
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), targets(x))
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+            if step % 32 == 31:
+                monitor.epoch_end(step // 32, {})
+    return monitor.findings
+
+
+def test_large_steps_that_bring_the_loss_down_are_learning_and_without_a_check_of_a_cause_a_symptom(tmp_path):
+    """Weights that start near zero move by much of their size while the loss falls: no finding. Targets of noise
+    alone: the weights move as fast and the loss does not fall, but it does not rise either, so no check of the
+    learning rate holds: the finding names no cause and says what to check, the learning rate among them."""
+    findings = regression(tmp_path / "learns", lambda x: x @ torch.tensor([[2.0], [-3.4]]) + 4.2)
+    assert "moving_too_fast" not in {f.rule for f in findings}
+    findings = regression(tmp_path / "noise", lambda x: 5 * torch.randn(len(x), 1))
+    fast = next(f for f in findings if f.rule == "moving_too_fast")
+    assert fast.evidence["cause"] is None and fast.evidence["update_ratio"]["weight"] > Thresholds().update_fast
+    assert fast.suggestion.startswith("check, in this order: the learning rate")
+
+
+def test_a_loss_that_stays_at_the_start_in_a_few_steps_blames_neither_the_rate_nor_the_data(tmp_path):
+    """Three epochs of four steps on random labels: the loss stays at ln C while the weights move, which after
+    more steps points at the labels; twelve steps say nothing yet of the data or the learning rate: the finding
+    says so, and makes no claim on either."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    thresholds = Thresholds(stuck_epochs=3, chance_margin=0.2)
+    with TrainingMonitor(tmp_path, stats_every=2, thresholds=thresholds).watch(model, optimizer) as monitor:
+        for epoch in range(3):
+            for _ in range(4):
+                x = torch.randn(32, 20)
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), torch.randint(4, (32,)))
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss)
+            monitor.epoch_end(epoch, {"train/accuracy": 0.25}, classes=list("abcd"))
+    stuck = next(f for f in monitor.findings if f.rule == "stuck")
+    assert stuck.evidence["cause"] == "few_steps" and stuck.evidence["steps"] == 12
+    assert stuck.cause is None and "more steps" in stuck.suggestion
+    assert "larger learning rate" not in stuck.suggestion and "labels match" not in stuck.suggestion
