@@ -9,8 +9,9 @@
 Per run: the program, the operator, the first warning the diagnosis gave (its first finding that is not a
 consequence of another, notes left aside), and the verdict: for a healthy program "ok" (no warning) or "FALSE
 ALARM"; for a fault "right" (a rule that names the fault's cause, with a suggestion that would fix it), "symptom"
-(a rule that states a symptom and what to check), "silent" (no warning), or "WRONG" (a cause that is not the
-fault's: misleading); then the program's outcome (how well it learnt) and the seconds it took. The totals follow.
+(a finding that states a symptom and what to check, naming no cause), "silent" (no warning), or "WRONG" (a
+cause that is not the fault's: misleading); then the program's outcome (how well it learnt) and the seconds it
+took. The totals follow.
 """
 
 import argparse
@@ -49,9 +50,12 @@ def verdict(name, first):
         return "ok" if first is None else "FALSE ALARM"
     if first is None:
         return "silent"
-    if first.rule in entry[3]:
-        return "right"
-    return "symptom" if first.rule in faults.SYMPTOMS else "WRONG"
+    if first.rule in faults.SYMPTOMS or first.evidence.get("cause", "") is None:
+        return "symptom"  # a symptom, and what to check: no cause named
+    named = first.rule + "".join(f":{flag}" for flag in faults.CAUSE_FLAGS if first.evidence.get(flag))
+    if isinstance(first.evidence.get("cause"), str):  # the cause a finding names among its rule's
+        named += f":{first.evidence['cause']}"
+    return "right" if named in entry[3] else "WRONG"
 
 
 def smoke(names):

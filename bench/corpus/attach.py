@@ -1,7 +1,8 @@
 """Watching a loop that is not ours, without editing it: the step's loss is the last one-element tensor that
-`.backward()` was called on, each `optimizer.step()` is a monitor step (a global post-hook of torch.optim), and the
-model is watched with the first optimizer that steps (a global pre-hook, so the monitor's own hooks see that step).
-Programs whose optimizers are known watch them themselves (`parts`)."""
+`.backward()` was called on, and each `optimizer.step()` is a monitor step (a global post-hook of torch.optim). The
+model is watched with its optimizer as soon as it exists (`optimizer`, or `watch(optimizer)` where the program makes
+it), before the first forward pass, as a user would; else with the first optimizer that steps (a global pre-hook,
+too late for what the monitor reads of the first forward pass)."""
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -11,7 +12,7 @@ class Attached:
     """`with Attached(monitor, model):` around a program's training; `parts` ({name: (model, optimizer)}) for
     programs of several models, each stepped by its own optimizer."""
 
-    def __init__(self, monitor, model=None, parts=None, objective=None):
+    def __init__(self, monitor, model=None, optimizer=None, parts=None, objective=None):
         self.monitor = monitor
         self.model = model
         self.objective = objective
@@ -23,6 +24,12 @@ class Attached:
             optimizers = {name: optimizer for name, (_, optimizer) in parts.items()}
             monitor.watch(models, optimizers, objective=objective)
             self.part_of = {id(optimizer): name for name, optimizer in optimizers.items()}
+        if optimizer is not None:
+            self.watch(optimizer)
+
+    def watch(self, optimizer):
+        self.monitor.watch(self.model, optimizer, objective=self.objective)
+        self.part_of = {id(optimizer): None}
 
     def __enter__(self):
         original = torch.Tensor.backward
@@ -46,8 +53,7 @@ class Attached:
 
     def before(self, optimizer, args, kwargs):
         if not self.part_of and self.model is not None:
-            self.monitor.watch(self.model, optimizer, objective=self.objective)
-            self.part_of = {id(optimizer): None}
+            self.watch(optimizer)
 
     def after(self, optimizer, args, kwargs):
         if id(optimizer) not in self.part_of:

@@ -132,7 +132,15 @@ def fit_d2l(log_dir, model, data, change, epochs, clip=0, classes=None, objectiv
         monitor.epoch_end(trainer.epoch, validation(model, trainer.val_dataloader, classes), classes=classes)
 
     trainer.fit_epoch = fit_epoch_then_report
-    with Attached(monitor, model, objective=objective):
+    with Attached(monitor, model, objective=objective) as attached:
+        configure = model.configure_optimizers
+
+        def configured():  # CHANGE: the monitor watches the optimizer as Trainer.fit makes it
+            optimizer = configure()
+            attached.watch(optimizer)
+            return optimizer
+
+        model.configure_optimizers = configured
         trainer.fit(model, data)
     scalars = validation(model, trainer.val_dataloader, classes)
     return ", ".join(f"{tag} {value:.3g}" for tag, value in scalars.items())
@@ -307,7 +315,7 @@ def sb3(log_dir, change, algorithm, timesteps, **options):
     if change.model:
         change.model(agent.policy)
     monitor = TrainingMonitor(log_dir)
-    with Attached(monitor, agent.policy, objective="rl"):
+    with Attached(monitor, agent.policy, agent.policy.optimizer, objective="rl"):
         agent.learn(total_timesteps=timesteps)
     returns = [episode["r"] for episode in agent.ep_info_buffer]
     return f"mean return of the last {len(returns)} episodes {np.mean(returns):.0f} (500 at most)"
@@ -524,7 +532,7 @@ def pml_triplet(log_dir, change):
         sampler=samplers.MPerClassSampler(labels, m=4, length_before_new_iter=len(labels)),
         dataloader_num_workers=0, end_of_epoch_hook=epoch_end,
     )  # fmt: skip
-    with Attached(monitor, trunk, objective="contrastive"):
+    with Attached(monitor, trunk, optimizer, objective="contrastive"):
         trainer.train(num_epochs=5)
     return f"nearest-centre accuracy of the embeddings {nearest_centre(trunk, centres):.3f}"
 
@@ -569,6 +577,6 @@ def skorch_regressor(log_dir, change):
                              optimizer=optimizer, optimizer__weight_decay=change.decay or 0.0,
                              callbacks=[Report()], verbose=0)  # fmt: skip
     net.initialize()
-    with Attached(monitor, net.module_, objective="regression"):
+    with Attached(monitor, net.module_, net.optimizer_, objective="regression"):
         net.partial_fit(x.numpy(), y.numpy())
     return f"validation loss {net.history[-1]['valid_loss']:.3f} (the target's variance {float(y.var()):.3f})"
