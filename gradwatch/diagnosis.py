@@ -402,6 +402,14 @@ def _judged(history: list[EpochSummary]) -> bool:
     return history[-1].loop.get("objective", "") not in NOT_MINIMISED
 
 
+def _kept_apart(now: EpochSummary) -> set[str]:
+    """Parameters that require gradients but are in no parameter group of the optimizer and get no
+    gradient either (the loss does not reach them): a copy kept apart, as a DQN's target network or
+    an EMA is, neither trained nor meant to be."""
+    unreached = {*now.loop.get("no_gradient", []), *now.loop.get("graph", {}).get("unreached", [])}
+    return set(now.loop.get("not_in_optimizer", [])) & unreached
+
+
 def _loop_start(history: list[EpochSummary]) -> int:
     """The first step of the latest epoch: where a fact about the loop's code holds from."""
     return history[-2].step + 1 if len(history) > 1 else 1
@@ -1156,10 +1164,11 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
 )
 def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio ||dw|| / ||w|| over the epoch is below
-    `update_slow`; frozen ones (requires_grad=False) are meant not to move, and neither are any
+    `update_slow`; frozen ones (requires_grad=False) and copies kept apart (a target network) are
+    meant not to move, and neither are any
     once the schedule has brought the learning rate below a tenth of its peak, or once a loss to
     be minimised is down to LEARNT x where it started."""
-    frozen = set(history[-1].loop.get("frozen", ()))
+    frozen = set(history[-1].loop.get("frozen", ())) | _kept_apart(history[-1])
     peak = _peak_lr(history)
     if peak and finite(history[-1].lr) and history[-1].lr < 0.1 * peak:
         return []  # the schedule has annealed the learning rate: slow steps are what it asks for

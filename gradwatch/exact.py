@@ -15,7 +15,17 @@ from __future__ import annotations
 
 import statistics
 
-from .diagnosis import RAISE, Finding, Thresholds, _found, _loop_start, _period, names, rule
+from .diagnosis import (
+    RAISE,
+    Finding,
+    Thresholds,
+    _found,
+    _kept_apart,
+    _loop_start,
+    _period,
+    names,
+    rule,
+)
 from .summary import EpochSummary, finite
 
 SQUASHED_BY = {"softmax": "log-softmax", "sigmoid": "a log-sigmoid"}
@@ -107,9 +117,10 @@ def optimizer_frozen(history: list[EpochSummary], t: Thresholds) -> list[Finding
 )
 def not_in_optimizer(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Parameters that require gradients are in no parameter group of the watched optimizer: they
-    get gradients and never change."""
+    get gradients and never change (not those the loss does not reach either: _kept_apart)."""
     now = history[-1]
-    left_out = now.loop.get("not_in_optimizer", [])
+    kept = _kept_apart(now)
+    left_out = [name for name in now.loop.get("not_in_optimizer", []) if name not in kept]
     if not left_out:
         return []
     message = (
@@ -132,14 +143,16 @@ def no_gradient(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     had stepped, zero_grad() not yet called), while others had one: the backward pass never reaches
     them (where the loss's graph was read, it shows that it does not). Without any gradient, either
     the loss reaches none of them (its graph says so) or monitor.step() comes after zero_grad().
-    Frozen parameters (requires_grad=False) are never a problem."""
+    Frozen parameters (requires_grad=False) are never a problem, nor a copy kept apart
+    (_kept_apart)."""
     now = history[-1]
-    missing = now.loop.get("no_gradient", [])
+    every = now.loop.get("no_gradient", [])
+    missing = [name for name in every if name not in _kept_apart(now)]
     graph = now.loop.get("graph") or {}
     if not missing:
         return []
     evidence = {"no_gradient": missing, "trainable": now.loop["trainable"]}
-    if len(missing) == now.loop["trainable"]:
+    if len(every) == now.loop["trainable"]:
         if graph.get("whole") and graph.get("reached") == 0:
             return []  # loss_misses_model
         message = "no parameter had a gradient when monitor.step() was called."

@@ -123,3 +123,37 @@ def test_a_loss_that_stays_at_the_start_in_a_few_steps_blames_neither_the_rate_n
     assert stuck.evidence["cause"] == "few_steps" and stuck.evidence["steps"] == 12
     assert stuck.cause is None and "more steps" in stuck.suggestion
     assert "larger learning rate" not in stuck.suggestion and "labels match" not in stuck.suggestion
+
+
+def test_a_target_network_kept_apart_is_neither_left_out_of_the_optimizer_nor_cut_from_the_graph(tmp_path):
+    """A DQN's loop: the online network trains, its target copy (which requires gradients, as a deepcopy does)
+    gives the targets under no_grad and is copied over now and then. The copy is in no optimizer and the loss does
+    not reach it, by design: no finding. A layer the loss does reach but the optimizer left out still is one."""
+    import copy
+
+    torch.manual_seed(0)
+
+    def run(log_dir, leave_out_head):
+        online = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
+        model = nn.ModuleDict({"online": online, "target": copy.deepcopy(online)})
+        trained = online[0].parameters() if leave_out_head else online.parameters()
+        optimizer = torch.optim.Adam(trained, lr=1e-3)
+        with TrainingMonitor(log_dir, stats_every=5).watch(model, optimizer, objective="rl") as monitor:
+            for step in range(40):
+                states, following = torch.randn(32, 4), torch.randn(32, 4)
+                with torch.no_grad():
+                    targets = 1 + 0.9 * model["target"](following).max(1).values
+                optimizer.zero_grad()
+                loss = F.smooth_l1_loss(online(states).gather(1, torch.zeros(32, 1, dtype=torch.long)).squeeze(1),
+                                        targets)  # fmt: skip
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss)
+                if step % 10 == 9:
+                    model["target"].load_state_dict(online.state_dict())
+        return {f.rule: f for f in monitor.findings}
+
+    found = run(tmp_path / "dqn", leave_out_head=False)
+    assert "not_in_optimizer" not in found and "no_gradient" not in found and "not_learning" not in found
+    found = run(tmp_path / "head_left_out", leave_out_head=True)
+    assert found["not_in_optimizer"].parameters == ["online.2.weight", "online.2.bias"]
