@@ -1087,13 +1087,14 @@ VANISHING_CAUSES = (
 def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The deepest weight layer's gradient RMS is below `vanishing_ratio` of the last weight
     layer's (depths by the loss's graph; of several output heads, the smallest), or any weight
-    layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms). A symptom: its
+    layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms), and nothing is
+    while a loss to be minimised is down to LEARNT x where it started. A symptom: its
     causes are saturated units (above `saturated_share`), a deep stack without shortcuts, or a
     small scale of the layers after them."""
     now = history[-1]
     rms = _weight_rms(now)
-    if len(rms) < 2:
-        return []
+    if len(rms) < 2 or _judged(history) and _fell(history, LEARNT):
+        return []  # a loss near nothing (a margin every triplet meets) has no gradient to pass on
     first, last = _ends(now, rms)
     findings = []
     if _vanishes(now, rms, first, last, t):
@@ -1385,8 +1386,9 @@ def _moving(recent: list[EpochSummary]) -> float | None:
 )
 def oscillating(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Over the last `oscillation_epochs` epochs the training loss turned up and down nearly every
-    epoch, by `oscillation_amplitude` of its level, without falling."""
-    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+    epoch, by `oscillation_amplitude` of its level, without falling; not once it is down to LEARNT x
+    where it started (batches then bounce it around its floor: a converged regression's)."""
+    if not _judged(history) or _fell(history, LEARNT):  # not minimised by design (RL, GAN, other)
         return []
     losses = [_loss(s) for s in history[-t.oscillation_epochs :]]
     if len(losses) < t.oscillation_epochs or not all(map(finite, losses)):

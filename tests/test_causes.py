@@ -157,3 +157,22 @@ def test_a_target_network_kept_apart_is_neither_left_out_of_the_optimizer_nor_cu
     assert "not_in_optimizer" not in found and "no_gradient" not in found and "not_learning" not in found
     found = run(tmp_path / "head_left_out", leave_out_head=True)
     assert found["not_in_optimizer"].parameters == ["online.2.weight", "online.2.bias"]
+
+
+def test_a_loss_down_to_a_hundredth_of_its_start_is_neither_oscillating_nor_vanishing():
+    """A regression whose loss fell from 9 to about 0.03 and bounces there by a third of that, epoch to epoch,
+    with gradients below the floor: batches bouncing a converged loss around its floor, and no gradient due. The
+    same bounce at a level a tenth of the start is an oscillation."""
+    from gradwatch.diagnosis import RULES
+    from gradwatch.summary import EpochSummary
+
+    def history(scale):
+        losses = [9.0, *(scale * level for level in (0.05, 0.03, 0.045, 0.028, 0.044, 0.03, 0.046))]
+        layers = {"0.weight": {"grad_rms": 1e-8}, "2.weight": {"grad_rms": 1e-8}}
+        return [EpochSummary(epoch, 10 * (epoch + 1), first_loss=9.0, layers=layers, metrics={"train_loss": loss})
+                for epoch, loss in enumerate(losses)]  # fmt: skip
+
+    for rule in ("oscillating", "vanishing_gradients"):
+        assert RULES[rule](history(1.0), Thresholds()) == []
+    assert [f.rule for f in RULES["oscillating"](history(10.0), Thresholds())] == ["oscillating"]
+    assert [f.rule for f in RULES["vanishing_gradients"](history(10.0), Thresholds())] == ["vanishing_gradients"]
