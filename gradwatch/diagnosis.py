@@ -415,6 +415,17 @@ def _loop_start(history: list[EpochSummary]) -> int:
     return history[-2].step + 1 if len(history) > 1 else 1
 
 
+def _problem(now: EpochSummary, kind: str) -> dict | None:
+    """The first problem of `kind` the loss's graph shows (graph.py), or None."""
+    problems = now.loop.get("graph", {}).get("problems", [])
+    return next((p for p in problems if p["kind"] == kind), None)
+
+
+def _graph_step(now: EpochSummary, history: list[EpochSummary]) -> int:
+    """The step at which the loss's graph was read (its facts hold from there)."""
+    return now.loop.get("graph", {}).get("step") or _loop_start(history)
+
+
 # The rules that read exact facts of the loop come first in the order of telling: a fact of the
 # loop is a cause, and the statistics it disturbs follow from it
 from . import exact  # noqa: E402, F401  (registers them here, between the helpers they use and the rest)
@@ -433,14 +444,12 @@ def not_cross_entropy(history: list[EpochSummary], t: Thresholds) -> list[Findin
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
-    one_hot = next((p for p in now.loop.get("graph", {}).get("problems", [])
-                    if p["kind"] == "one_hot_targets"), None)  # fmt: skip
+    one_hot = _problem(now, "one_hot_targets")
     if one_hot:  # the loss's graph shows it: no need to wait for the accuracy
         message = f"the loss is {one_hot['loss']} between the model's scores and one-hot class "
         message += f"labels ({one_hot['classes']} classes, at {one_hot['line']}): a square or "
         message += "absolute loss on class labels learns classes slowly, or not at all."
-        step = now.loop.get("graph", {}).get("step") or _loop_start(history)
-        return [_found(now, [], {"graph": one_hot}, message, step=step)]
+        return [_found(now, [], {"graph": one_hot}, message, _graph_step(now, history))]
     loss = now.metrics.get("train_loss")
     accuracy = now.metrics.get("train_accuracy")
     if not (finite(loss) and finite(accuracy)) or not 0 <= accuracy <= 1:
@@ -943,10 +952,22 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     return [finding]
 
 
+def _saturated(summary: EpochSummary, t: Thresholds) -> dict[str, dict]:
+    """The sigmoid and tanh activations of `summary` with `saturated_share` of their outputs or
+    more within 1% of their limits, by layer."""
+    squashing = [a for a in summary.activations.values() if a["kind"] in ("sigmoid", "tanh")]
+    return {a["layer"]: a for a in squashing if a["share"] >= t.saturated_share}
+
+
+def _fast(summary: EpochSummary, t: Thresholds) -> dict[str, float]:
+    """The weights of `summary` whose median update ratio is above `update_fast`, by name."""
+    return {n: r for n, r in _update_ratios(summary).items() if r > t.update_fast}
+
+
 def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
     """Weights that move by more than `update_fast` of their size per step: steps that large
     push a unit's inputs far out, where sigmoid and tanh flatten."""
-    fast = {n: r for n, r in _update_ratios(history[-1]).items() if r > t.update_fast}
+    fast = _fast(history[-1], t)
     return {"update_ratio": fast} if fast else None
 
 
@@ -984,8 +1005,7 @@ def saturated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     of the activation, or of steps too large for it (weights moving by more than `update_fast` of
     their size per step): the activation is named where the steps are not that large."""
     now = history[-1]
-    found = {a["layer"]: a for a in now.activations.values() if a["kind"] in ("sigmoid", "tanh")}
-    found = {layer: a for layer, a in found.items() if a["share"] >= t.saturated_share}
+    found = _saturated(now, t)
     if not found:
         return []
     parts = ", ".join(f"{a['share']:.0%} of {layer}'s {a['kind']}" for layer, a in found.items())
@@ -1040,8 +1060,7 @@ DEEP = 6  # weight layers between a layer and the loss, on its shortest way, tha
 
 def _saturation(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
     """Sigmoid or tanh units near their limits in the latest summary: their gradient is nearly 0."""
-    shares = {a["layer"]: a["share"] for a in history[-1].activations.values()
-              if a["kind"] in ("sigmoid", "tanh") and a["share"] >= t.saturated_share}  # fmt: skip
+    shares = {layer: a["share"] for layer, a in _saturated(history[-1], t).items()}
     return {"saturated_share": shares} if shares else None
 
 
@@ -1166,9 +1185,8 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
 def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio ||dw|| / ||w|| over the epoch is below
     `update_slow`; frozen ones (requires_grad=False) and copies kept apart (a target network) are
-    meant not to move, and neither are any
-    once the schedule has brought the learning rate below a tenth of its peak, or once a loss to
-    be minimised is down to LEARNT x where it started."""
+    meant not to move, and neither are any once the schedule has brought the learning rate below a
+    tenth of its peak, or once a loss to be minimised is down to LEARNT x where it started."""
     frozen = set(history[-1].loop.get("frozen", ())) | _kept_apart(history[-1])
     peak = _peak_lr(history)
     if peak and finite(history[-1].lr) and history[-1].lr < 0.1 * peak:
@@ -1261,7 +1279,7 @@ def moving_too_fast(history: list[EpochSummary], t: Thresholds) -> list[Finding]
     of their size). A symptom: the learning rate is its cause where the loss rose meanwhile."""
     if _judged(history) and _fell(history):
         return []
-    found = {n: r for n, r in _update_ratios(history[-1]).items() if r > t.update_fast}
+    found = _fast(history[-1], t)
     return _update_finding(history[-1], found, t.update_fast, "more") if found else []
 
 
@@ -1338,7 +1356,6 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     message += f"({said}; {loss:.3g} now)"
     if classes:
         message += f" and the accuracy near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
-    moving = _moving(recent)  # if the weights move, the data are suspect
     evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0].epoch}
     if now.step < FEW_STEPS:
         message += f", in {now.step} optimizer steps in all: too few to tell."
@@ -1346,6 +1363,7 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         suggestion += "learning rate or the data: a model learns little in so few."
         evidence.update(cause="few_steps", steps=now.step)  # no claim on the learning rate
         return [_found(now, [], evidence, message, suggestion=suggestion)]
+    moving = _moving(recent)  # if the weights move, the data are suspect
     if moving is None or moving < t.stuck_moving_ratio:
         return [_found(now, [], evidence, f"{message}: the model is not learning.")]
     message += f", although the weights move (median ||dw||/||w|| {moving:.2g}): the labels or the "

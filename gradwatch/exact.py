@@ -20,9 +20,11 @@ from .diagnosis import (
     Finding,
     Thresholds,
     _found,
+    _graph_step,
     _kept_apart,
     _loop_start,
     _period,
+    _problem,
     names,
     rule,
 )
@@ -41,12 +43,6 @@ def _place(problem: dict) -> str:
     return text
 
 
-def _problem(now: EpochSummary, kind: str) -> dict | None:
-    """The first problem of `kind` the loss's graph shows (graph.py), or None."""
-    problems = now.loop.get("graph", {}).get("problems", [])
-    return next((p for p in problems if p["kind"] == kind), None)
-
-
 def _scheduled_low(history: list[EpochSummary]) -> bool:
     """Whether the learning rate is below half the rate set (a warmup's target, the `initial_lr` a
     scheduler records) or half its peak so far: a warmup or an annealed schedule asks for small
@@ -56,11 +52,6 @@ def _scheduled_low(history: list[EpochSummary]) -> bool:
     peak = max((r for r in rates if finite(r)), default=None)
     now = loop["lrs"][-1][1] if loop.get("lrs") else None
     return finite(peak) and finite(now) and now < 0.5 * peak
-
-
-def _graph_step(now: EpochSummary, history: list[EpochSummary]) -> int:
-    """The step at which the loss's graph was read (its facts hold from there)."""
-    return now.loop.get("graph", {}).get("step") or _loop_start(history)
 
 
 @rule(
