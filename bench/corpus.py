@@ -32,12 +32,14 @@ from diagnosis_suite import first_problem  # noqa: E402
 from gradwatch.diagnosis import saved_findings  # noqa: E402
 
 
+def fault(name):
+    """The fault `name` (program, operator, change, rules that name it) of either part; None for a program."""
+    return faults.FAULTS.get(name) or faults.HELD_OUT.get(name)
+
+
 def run(name, log_dir):
     """Run one healthy program or fault; returns (its findings, its outcome)."""
-    if name in faults.FAULTS or name in faults.HELD_OUT:
-        program, _, change, _ = {**faults.FAULTS, **faults.HELD_OUT}[name]
-    else:
-        program, change = name, programs.Change()
+    program, _, change, _ = fault(name) or (name, "-", programs.Change(), ())
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
         outcome = getattr(programs, program)(log_dir, change)
     return saved_findings(os.path.join(log_dir, "diagnosis.json"), 10**9), outcome
@@ -45,7 +47,7 @@ def run(name, log_dir):
 
 def verdict(name, first):
     """How the first warning `first` (or None) answers run `name`."""
-    entry = faults.FAULTS.get(name) or faults.HELD_OUT.get(name)
+    entry = fault(name)
     if entry is None:  # a healthy program
         return "ok" if first is None else "FALSE ALARM"
     if first is None:
@@ -76,7 +78,7 @@ def score(names, story=False):
     print(f"{'run':24}{'program':24}{'op':5}{'first warning':22}{'verdict':13}{'s':>5}  outcome")
     started = time.perf_counter()
     for name in names:
-        entry = faults.FAULTS.get(name) or faults.HELD_OUT.get(name) or (name, "-")
+        entry = fault(name) or (name, "-")
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as log_dir:
             try:

@@ -288,13 +288,14 @@ def d2l_gan(log_dir, change):
 # ---- Stable-Baselines3: PPO, A2C and DQN on CartPole, their own train() loops, counted in steps ----
 
 
-def sb3(log_dir, change, algorithm, timesteps, **options):
-    """An SB3 agent at its defaults on CartPole-v1 (as in SB3's README), with the fault's changes through SB3's
-    own arguments; the monitor sees every gradient step (CHANGE), and diagnoses in windows of steps."""
+def sb3(log_dir, change, algorithm, timesteps, policy=(), **options):
+    """An SB3 agent at its defaults on CartPole-v1 (as in SB3's README), or at `policy` and `options`, with the
+    fault's changes through SB3's own arguments; the monitor sees every gradient step (CHANGE), and diagnoses in
+    windows of steps."""
     import stable_baselines3
 
     seeded()
-    policy = dict(change.settings.get("policy", {}))
+    policy = {**dict(policy), **change.settings.get("policy", {})}
     if change.optimizer == "sgd":
         policy["optimizer_class"] = torch.optim.SGD
     if change.decay:
@@ -307,7 +308,7 @@ def sb3(log_dir, change, algorithm, timesteps, **options):
     if change.clip:
         options["max_grad_norm"] = change.clip
     agent_class = getattr(stable_baselines3, algorithm)
-    lr = options.pop("learning_rate", agent_class.__init__.__defaults__ and _default_lr(agent_class))
+    lr = options.pop("learning_rate", None) or _default_lr(agent_class)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         agent = agent_class("MlpPolicy", "CartPole-v1", learning_rate=lr * change.lr, seed=0, device="cpu",
@@ -342,9 +343,7 @@ def sb3_dqn(log_dir, change):
     zoo = dict(learning_rate=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1000, gamma=0.99,
                target_update_interval=10, train_freq=256, gradient_steps=128, exploration_fraction=0.16,
                exploration_final_eps=0.04)  # fmt: skip
-    zoo["policy_kwargs"] = {"net_arch": [256, 256]}
-    change.settings.setdefault("policy", {}).update(zoo.pop("policy_kwargs"))
-    return sb3(log_dir, change, "DQN", 20_000, **zoo)
+    return sb3(log_dir, change, "DQN", 20_000, policy={"net_arch": [256, 256]}, **zoo)
 
 
 # ---- PyTorch Lightning's demos: a transformer and an LSTM language model, Lightning's Trainer ----
@@ -426,12 +425,14 @@ def hf_train(log_dir, change, model, train, evaluation=None, **arguments):
     settings = dict(output_dir=tempfile.mkdtemp(), report_to=[], save_strategy="no", disable_tqdm=True,
                     use_cpu=True, seed=0, logging_steps=25, per_device_eval_batch_size=64, **arguments)  # fmt: skip
     settings["learning_rate"] *= change.lr
-    settings.update(
-        {"per_device_train_batch_size": change.batch} if change.batch else {},
-        **({"weight_decay": change.decay} if change.decay else {}),
-        **({"max_grad_norm": change.clip} if change.clip else {}),
-        **({"optim": "sgd"} if change.optimizer == "sgd" else {}),
-    )
+    if change.batch:
+        settings["per_device_train_batch_size"] = change.batch
+    if change.decay:
+        settings["weight_decay"] = change.decay
+    if change.clip:
+        settings["max_grad_norm"] = change.clip
+    if change.optimizer == "sgd":
+        settings["optim"] = "sgd"
     if change.model:
         change.model(model)
     trainer = transformers.Trainer(
