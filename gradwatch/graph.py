@@ -8,7 +8,7 @@ and what the loss function was given, come from `CallLog`: a TorchFunctionMode a
 model's first training forward pass to the optimizer step after it, which notes where each softmax,
 sigmoid, log-softmax and loss function was called, by which module, and with which targets.
 
-The facts are plain values (they go into diagnosis.json); the rules in diagnosis.py read
+The facts are plain values (they go into diagnosis.json); the rules in diagnosis/ read
 `problems`, each a bug the graph shows exactly.
 """
 

@@ -1,7 +1,7 @@
 """Exact facts about the training loop, read on statistics steps: what is in the optimizer, what got
 a gradient, whether the model is in training mode, what the learning rate and weight decay are, and
-what the model's output looks like. The loop rules of diagnosis.py read them before any threshold
-on a statistic.
+what the model's output looks like. The rules of diagnosis/loop.py read them before any
+threshold on a statistic.
 
 Pure functions of the model, its parameters, its optimizer and one output; the hooks that catch the
 output and the gradients at the next backward pass are in hooks.py.

@@ -55,10 +55,18 @@ def test_every_declaration_is_whole():
         Rule("typo", lambda history, t: [], "try", thresholds=("stuck_epoch",))
 
 
-def test_a_declaration_is_all_a_new_rule_needs(tmp_path, monkeypatch):
+@pytest.fixture
+def rules_kept():
+    """RULES as they were, after a test that declares a rule."""
+    kept = dict(RULES)
+    yield
+    RULES.clear()
+    RULES.update(kept)
+
+
+def test_a_declaration_is_all_a_new_rule_needs(tmp_path, rules_kept):
     """A rule declared in a few lines runs live, goes into diagnosis.json and the story with its suggestion,
     is told as the consequence of the divergence it follows from, and is judged parameter by parameter."""
-    monkeypatch.setattr(rules_module, "RULES", dict(RULES))
 
     @rule("scale the inputs down.", thresholds=("weight_max_abs",), follows=("diverging",), per_parameter=True)
     def huge_weights(history, t):

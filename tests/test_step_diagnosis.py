@@ -12,9 +12,10 @@ import torch
 from conftest import load_events, readme_python, run_script
 from torch import nn
 
-from gradwatch import TrainingMonitor, diagnosis
+from gradwatch import TrainingMonitor
 from gradwatch.cli import main as diagnose_main
-from gradwatch.diagnosis import MAX_HISTORY, thinned
+from gradwatch.diagnosis import MAX_HISTORY, indented, thinned
+from gradwatch.diagnosis import run as diagnosis_run
 from gradwatch.steps import MAX_PENDING
 from gradwatch.summary import SUMMARIES
 
@@ -152,8 +153,8 @@ def test_loss_spikes_are_one_finding_with_their_count_and_the_layers_that_jumped
 def test_memory_and_state_stay_flat_as_the_steps_grow(tmp_path, monkeypatch):
     """With the history held to 4 summaries (128 by default, which takes 32,000 steps to reach:
     bench/memory.py measures a million), its state is as large at step 4,000 as at 2,000."""
-    monkeypatch.setattr(diagnosis, "MAX_HISTORY", 4)
-    monkeypatch.setattr(diagnosis, "RECENT", 2)
+    monkeypatch.setattr(diagnosis_run, "MAX_HISTORY", 4)
+    monkeypatch.setattr(diagnosis_run, "RECENT", 2)
     sizes = {}
     windows = []
 
@@ -197,7 +198,7 @@ def test_diagnose_tells_the_live_story_of_a_step_run(spiked, capsys):
     assert diagnose_main([str(folder)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("run: 3000 steps, 6 parameters, diagnosed as the monitor did; 1 problem")
-    assert diagnosis.indented(monitor.story()) in out
+    assert indented(monitor.story()) in out
 
 
 def test_a_resumed_step_run_keeps_the_summaries_up_to_its_state(tmp_path):

@@ -792,4 +792,4 @@ def test_help_answers_before_torch_loads():
                             text=True)  # fmt: skip
     assert result.returncode == 0 and "--stats-every" in result.stdout and "--threshold NAME=VALUE" in result.stdout
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
-    assert "options" in imported and "gradwatch.exact" in imported and "torch" not in imported
+    assert "options" in imported and "gradwatch.diagnosis.loop" in imported and "torch" not in imported

@@ -18,14 +18,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = sorted((ROOT / "gradwatch").glob("*.py"))
+PACKAGE = sorted((ROOT / "gradwatch").rglob("*.py"))
 SCRIPT = [ROOT / name for name in ("train.py", "options.py", "checkpoints.py", "distributed.py")]
 SOURCE = sorted({*PACKAGE, *ROOT.glob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "tools").glob("*.py")})
 MAX_LINES, MAX_METHODS, MAX_ATTRIBUTES = 40, 20, 15
 MAX_COMPLEXITY, COMPLEX, MAX_COMPLEX = 8, 7, 5
 # A flat record of settings, one field per threshold of the diagnosis rules, which users set by name
 # (--threshold NAME=VALUE): its size is the number of thresholds, not of jobs the class does.
-SETTINGS = {"gradwatch/diagnosis.py:Thresholds"}
+SETTINGS = {"gradwatch/diagnosis/thresholds.py:Thresholds"}
 WIDE, MAX_WIDE_SHARE = 100, 0.08
 
 

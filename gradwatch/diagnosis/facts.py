@@ -1,0 +1,220 @@
+"""The readings of a run that several rules share: the loss at a level (a median over windows, never
+one batch), the loss an untrained model has for the objective, whether the loss came down, the
+learning rate set, each layer's update ratios, saturated layers, and the facts of the loop's code
+that the loss's graph shows. Pure functions of the epoch summaries (summary.py).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from ..summary import EpochSummary, finite
+from .thresholds import Thresholds
+
+METRIC_TAGS = {  # the scalar tags under which training loops commonly log these, preferred first
+    "train_loss": "train/loss train_loss loss/train Loss/train training_loss train/loss_epoch "
+    "train_loss_epoch loss",
+    "train_accuracy": "train/accuracy train_acc train/acc accuracy/train Accuracy/train acc",
+    "valid_loss": "valid/loss val_loss val/loss validation/loss loss/val Loss/val Loss/valid "
+    "eval/loss eval_loss",
+    "valid_accuracy": "valid/accuracy val_acc val/acc val/accuracy val_accuracy "
+    "validation/accuracy accuracy/val Accuracy/val Accuracy/valid eval/accuracy eval_accuracy",
+}
+METRIC_TAGS = {key: tuple(tags.split()) for key, tags in METRIC_TAGS.items()}
+
+
+def _classes(summary: EpochSummary) -> int | None:
+    classes = summary.num_classes
+    return classes if classes and classes >= 2 else None
+
+
+def _loss(summary: EpochSummary) -> float | None:
+    """The epoch's training loss: as the training loop reported it, else its windows' median."""
+    windows = [w["mean"] for w in summary.losses if finite(w["mean"])]
+    return summary.metrics.get("train_loss", statistics.median(windows) if windows else None)
+
+
+def _accuracy(summary: EpochSummary) -> float | None:
+    """The validation accuracy, else the training accuracy."""
+    return summary.metrics.get("valid_accuracy", summary.metrics.get("train_accuracy"))
+
+
+def _period(summary: EpochSummary) -> str:
+    """What a summary covers, for a message: "the epoch", or "steps 257-512" for a window of steps
+    (which stays true once a long first epoch has ended)."""
+    if summary.unit == "epoch":
+        return "the epoch"
+    losses = summary.losses
+    start = losses[0].get("first", losses[0]["step"]) if losses else summary.step
+    return f"steps {start}-{summary.step}" if start < summary.step else f"step {start}"
+
+
+# The objectives whose loss is not minimised step by step: a policy gradient's, a GAN's, or one
+# the monitor does not know (see watch(objective=...)); their loss rules say nothing
+NOT_MINIMISED = ("rl", "gan", "other")
+OBJECTIVES = ("classification", "regression", "language_model", "contrastive", *NOT_MINIMISED)
+
+
+def _judged(history: list[EpochSummary]) -> bool:
+    """Whether the run's loss is one to be minimised, which the loss rules judge: not where its
+    objective is one of NOT_MINIMISED (given to watch(), or "other" for a loss the graph shows is
+    not made by known loss functions alone)."""
+    return history[-1].loop.get("objective", "") not in NOT_MINIMISED
+
+
+def _kept_apart(now: EpochSummary) -> set[str]:
+    """Parameters that require gradients but are in no parameter group of the optimizer and get no
+    gradient either (the loss does not reach them): a copy kept apart, as a DQN's target network or
+    an EMA is, neither trained nor meant to be."""
+    unreached = {*now.loop.get("no_gradient", []), *now.loop.get("graph", {}).get("unreached", [])}
+    return set(now.loop.get("not_in_optimizer", [])) & unreached
+
+
+def _loop_start(history: list[EpochSummary]) -> int:
+    """The first step of the latest epoch: where a fact about the loop's code holds from."""
+    return history[-2].step + 1 if len(history) > 1 else 1
+
+
+def _problem(now: EpochSummary, kind: str) -> dict | None:
+    """The first problem of `kind` the loss's graph shows (graph.py), or None."""
+    problems = now.loop.get("graph", {}).get("problems", [])
+    return next((p for p in problems if p["kind"] == kind), None)
+
+
+def _graph_step(now: EpochSummary, history: list[EpochSummary]) -> int:
+    """The step at which the loss's graph was read (its facts hold from there)."""
+    return now.loop.get("graph", {}).get("step") or _loop_start(history)
+
+
+LEVEL_STEPS = 8  # the fewest steps a level of the loss is read over: never one batch's loss
+
+
+def _levels(windows: list[dict]) -> list[dict]:
+    """The training loss's level in spans of consecutive windows of LEVEL_STEPS steps or more: the
+    median of their medians (a window's mean where an older state holds no median), with the
+    span's first and last step and the step of its highest loss."""
+    levels = []
+    span: list[dict] = []
+    for window in windows:
+        span.append(window)
+        first = span[0].get("first", span[0]["step"])
+        if window["step"] - first + 1 < LEVEL_STEPS:
+            continue
+        values = [w.get("median", w["mean"]) for w in span]
+        values = [v for v in values if finite(v)]
+        top = max(span, key=lambda w: w["max"] if finite(w["max"]) else -math.inf)
+        if values:
+            level = statistics.median(values)
+            levels.append({"first": first, "step": window["step"], "level": level})
+            levels[-1]["peak_step"] = top["max_step"] or window["step"]
+        span = []
+    return levels
+
+
+# Losses over classes whose input's second dimension counts them: cross-entropy of scores, and
+# nll_loss of log-probabilities (a loss given anything else is told by not_log_probabilities)
+CLASS_LOSSES = ("cross_entropy", "nll_loss")
+
+
+def _untrained_loss(summary: EpochSummary) -> float | None:
+    """The loss of an untrained model, where the objective tells it: ln C for a cross-entropy over
+    C classes (the classes given, or the class dimension of the one cross-entropy the loss's graph
+    is made of)."""
+    classes = _classes(summary)
+    losses = summary.loop.get("graph", {}).get("losses", [])
+    if not classes and len(losses) == 1 and losses[0].get("function") in CLASS_LOSSES:
+        shape = losses[0].get("input", {}).get("shape", [])
+        classes = shape[1] if len(shape) >= 2 and shape[1] >= 2 else None
+    return math.log(classes) if classes else None
+
+
+def _first_level(history: list[EpochSummary]) -> float | None:
+    """The training loss's first level (LEVEL_STEPS steps or more) in the run."""
+    for summary in history:
+        levels = _levels(summary.losses)
+        if levels:
+            return levels[0]["level"]
+    return None
+
+
+def _saturated(summary: EpochSummary, t: Thresholds) -> dict[str, dict]:
+    """The sigmoid and tanh activations of `summary` with `saturated_share` of their outputs or
+    more within 1% of their limits, by layer."""
+    squashing = [a for a in summary.activations.values() if a["kind"] in ("sigmoid", "tanh")]
+    return {a["layer"]: a for a in squashing if a["share"] >= t.saturated_share}
+
+
+def _fast(summary: EpochSummary, t: Thresholds) -> dict[str, float]:
+    """The weights of `summary` whose median update ratio is above `update_fast`, by name."""
+    return {n: r for n, r in _update_ratios(summary).items() if r > t.update_fast}
+
+
+def _peak_lr(history: list[EpochSummary]) -> float | None:
+    """The highest learning rate of the run so far: the rate set (a scheduler's `initial_lr`, a
+    warmup's target), at watch(), at a statistics step, or at an epoch's end."""
+    rates = [s.loop.get(key) for s in history for key in ("lr_first", "lr_peak", "lr_set")]
+    rates = [r for r in [*rates, *(s.lr for s in history)] if finite(r)]
+    return max(rates, default=None)
+
+
+def _update_ratios(summary: EpochSummary) -> dict[str, float]:
+    """The median update-to-weight ratio of each weight tensor, by name: weights only, since a bias
+    that starts at zero moves by a large fraction of its size early on, harmlessly."""
+    return {
+        name: s["update_ratio"]
+        for name, s in sorted(summary.layers.items())
+        if name.endswith("weight") and finite(s.get("update_ratio")) and s.get("weight_norm", 0) > 0
+    }
+
+
+FELL = 0.75  # a loss at this share of where it started, or below, has come down: the run learns
+LEARNT = 0.01  # and at this share, there is little left to learn
+
+
+def _latest_level(summary: EpochSummary) -> float | None:
+    """The training loss's latest level in `summary`: its last window of LEVEL_STEPS steps or more
+    (its median), else its last level, else the epoch's loss."""
+    long = LEVEL_STEPS - 1
+    windows = [w for w in summary.losses if w["step"] - w.get("first", w["step"]) >= long]
+    if windows and finite(windows[-1].get("median")):
+        return windows[-1]["median"]
+    levels = _levels(summary.losses)
+    return levels[-1]["level"] if levels else _loss(summary)
+
+
+def _starts(history: list[EpochSummary]) -> list[float]:
+    """Where the loss started: an untrained model's loss (ln C) and the run's first level, those
+    known."""
+    known = [_untrained_loss(history[-1]), _first_level(history) or _loss(history[0])]
+    return [value for value in known if finite(value)]
+
+
+def _fell(history: list[EpochSummary], share: float = FELL) -> bool:
+    """Whether the loss has come down to `share` x where it started (the lower start) or below."""
+    starts = _starts(history)
+    latest = _latest_level(history[-1])
+    return bool(starts) and finite(latest) and latest <= share * min(starts)
+
+
+def _start_loss(history: list[EpochSummary]) -> tuple[float | None, str]:
+    """What the loss of a model that has learnt nothing is, and how to say it: ln C for C classes,
+    else the run's own first loss (any loss function)."""
+    classes = _classes(history[-1])
+    if classes:
+        return math.log(classes), f"ln {classes}, an untrained model's"
+    first = history[0].first_loss
+    return (first, "its first value") if finite(first) and first > 0 else (None, "")
+
+
+def _near_start(summary: EpochSummary, start: float, t: Thresholds) -> bool:
+    """Whether the epoch's training loss is still near `start`, and with classes, the accuracy near
+    chance."""
+    loss = _loss(summary)
+    classes = _classes(summary)
+    if not finite(loss) or loss < t.stuck_loss * start:
+        return False
+    if not classes:
+        return True
+    accuracy = _accuracy(summary)
+    return finite(accuracy) and accuracy <= 1 / classes + t.chance_margin

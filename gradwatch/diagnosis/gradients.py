@@ -1,0 +1,147 @@
+"""The rules about the gradients as a whole: non-finite, exploding against their own history,
+clipped on most steps, and a weight decay that pulls harder than the gradients push."""
+
+from __future__ import annotations
+
+import statistics
+
+from ..summary import EpochSummary, finite
+from .facts import _judged, _loss, _period, _start_loss
+from .findings import LOWER, Finding, _found, names, rule
+from .thresholds import Thresholds
+
+
+@rule(
+    "lower the learning rate{lr}, clip gradients (torch.nn.utils.clip_grad_norm_), check the data "
+    "and the loss for invalid values; --stop-on-nonfinite stops at the first one.",
+    follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
+    lr=LOWER,
+    instead="check the data and the loss for invalid values, clip gradients.",
+)
+def nonfinite_gradients(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """A logged gradient holds NaN or Inf (steps GradScaler skipped are not counted)."""
+    now = history[-1]
+    bad = {
+        n: s["nonfinite_share"] for n, s in now.layers.items() if s.get("nonfinite_share", 0) > 0
+    }
+    if not bad:
+        return []
+    message = f"NaN or Inf values in the gradients of {names(sorted(bad))} (up to "
+    message += f"{max(bad.values()):.1%} of a tensor)."
+    return [_found(now, sorted(bad), {"nonfinite_share": bad}, message)]
+
+
+@rule(
+    "lower the learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
+    thresholds=("exploding_factor",),
+    follows=("gradients_not_cleared", "loss_spikes", "diverging", "high_initial_loss"),
+    lr=LOWER,
+    instead="clip gradients (torch.nn.utils.clip_grad_norm_).",
+    diverged=True,
+)
+def exploding_gradients(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The epoch's largest total gradient norm exceeds `exploding_factor` x its median over the
+    epochs before."""
+    now = history[-1]
+    before = [h.total_grad_norm_median for h in history[:-1] if finite(h.total_grad_norm_median)]
+    peak = now.total_grad_norm_max
+    if not before or not finite(peak):
+        return []
+    baseline = statistics.median(before)
+    if baseline <= 0 or peak < t.exploding_factor * baseline:
+        return []
+    evidence = {"total_grad_norm_max": peak, "median_before": baseline, "factor": peak / baseline}
+    evidence["threshold"] = t.exploding_factor
+    message = f"the total gradient norm reached {peak:.3g}, {peak / baseline:.0f}x its median of "
+    message += f"{baseline:.3g} in the {'epochs' if now.unit == 'epoch' else 'steps'} before."
+    return [_found(now, ["total"], evidence, message)]
+
+
+def _falling(history: list[EpochSummary]) -> bool:
+    """Whether the epoch's training loss is a new low: below the first loss and every earlier
+    epoch's."""
+    losses = [_loss(s) for s in history]
+    first = history[0].first_loss
+    if not finite(losses[-1]):
+        return False
+    before = [loss for loss in [first, *losses[:-1]] if finite(loss)]
+    return bool(before) and losses[-1] < min(before)
+
+
+@rule(
+    "lower the learning rate, and raise the clipping threshold to about the 90th percentile of the "
+    "norms before clipping, so that it catches only the outliers.",
+    thresholds=("clipped_share",),
+    follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
+    lr=LOWER,
+    instead="raise the clipping threshold to about the 90th percentile of the norms before "
+    "clipping.",
+)
+def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """Gradient clipping scaled down more than `clipped_share` of the epoch's steps while the
+    training loss made no new low: a learning rate too high, hidden by the clipping (the Deep
+    Learning Tuning Playbook's rule). While the loss falls, clipping most steps is what clipping
+    at 1.0 does early in transformer training, and no problem."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
+    now = history[-1]
+    clip = now.clipping
+    share = clip.get("clipped_share")
+    if not finite(share) or share <= t.clipped_share or _falling(history):
+        return []
+    median = clip["grad_norm_median"]
+    p90 = clip["grad_norm_p90"]
+    at = f" at {clip['max_norm']:g}" if clip.get("max_norm") else ""  # unknown in others' logs
+    message = f"gradient clipping{at} scaled down {share:.0%} of the {clip['steps']} steps of "
+    message += f"{_period(now)} (norms before clipping: median {median:.3g}, "
+    message += f"90th percentile {p90:.3g}). Clipping nearly every step "
+    lr = now.lr
+    in_effect = lr * clip["max_norm"] / median if lr and at and median > 0 else None
+    if in_effect:
+        message += f"makes the learning rate of {lr:g} about {in_effect:.2g} in effect: "
+    else:
+        message += "shrinks it: "
+    message += "a learning rate too high for these gradients, hidden by the clipping."
+    suggestion = None
+    if in_effect:
+        suggestion = f"lower the learning rate to about {in_effect:.2g}, what it is in effect "
+        suggestion += f"now, and raise the clipping threshold to about {p90:.3g}, the 90th "
+        suggestion += "percentile of the norms, so that clipping catches only the outliers."
+    evidence = {**clip, "threshold": t.clipped_share}
+    return [_found(now, [], evidence, message, suggestion=suggestion)]
+
+
+@rule(
+    "a weight decay ten to a hundred times smaller (5e-4 is usual with SGD, 0.01 to 0.1 with "
+    "AdamW).",
+    thresholds=("decay_epochs", "stuck_loss"),
+)
+def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The optimizer has weight decay, the weights' norm is below half what it was at the first
+    statistics step, and the training loss stayed above `stuck_loss` x an untrained model's (ln C,
+    or the first loss) for `decay_epochs` epochs: the decay holds the weights near zero, where the
+    gradients cannot move them."""
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
+        return []
+    now = history[-1]
+    decay = now.loop.get("weight_decay")
+    start = history[0].loop.get("weight_norm_first")
+    norm = now.loop.get("weight_norm")
+    untrained, said = _start_loss(history)
+    if len(history) < t.decay_epochs or not decay or not untrained or not finite(start):
+        return []
+    losses = [_loss(s) for s in history[-t.decay_epochs :]]
+    if not finite(norm) or norm >= start / 2:
+        return []
+    if not all(finite(loss) and loss >= t.stuck_loss * untrained for loss in losses):
+        return []
+    message = f"with weight decay {decay:g} the weights' norm fell from {start:.3g} to {norm:.3g} "
+    message += f"while the training loss stays near {untrained:.3g} ({said}; {losses[-1]:.3g} "
+    message += "now): the decay holds the weights near zero faster than the gradients can move "
+    message += "them."
+    evidence = {"weight_decay": decay, "weight_norms": [start, norm], "train_loss": losses[-1]}
+    suggestion = (
+        f"a weight decay ten to a hundred times smaller than {decay:g} (5e-4 is usual with "
+    )
+    suggestion += "SGD, 0.01 to 0.1 with AdamW)."
+    return [_found(now, [], evidence, message, 1, suggestion)]  # the decay acts from the first step

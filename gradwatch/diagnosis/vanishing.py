@@ -1,0 +1,125 @@
+"""vanishing_gradients: a layer's gradients and steps vanish against the last layer of its own way
+from the loss; its candidate causes (saturation, a deep stack without shortcuts, a small output
+scale) are checked before one is named."""
+
+from __future__ import annotations
+
+from ..summary import EpochSummary, finite
+from .facts import LEARNT, _fell, _judged, _saturated, _update_ratios
+from .findings import Cause, Finding, _found, _never, names, rule
+from .thresholds import Thresholds
+
+
+def _weight_rms(summary: EpochSummary) -> dict[str, float]:
+    """Each weight tensor's gradient RMS, in model order (biases and norms' gains tell less), but
+    those the loss's graph shows are read by a lookup (an embedding: its gradient is zero at every
+    row a batch did not look up, so its RMS says how many rows were, not how deep it lies)."""
+    lookups = set(summary.loop.get("graph", {}).get("lookups", []))
+    return {
+        name: s["grad_rms"]
+        for name, s in summary.layers.items()
+        if name.endswith("weight") and finite(s.get("grad_rms")) and name not in lookups
+    }
+
+
+def _ends(summary: EpochSummary, rms: dict[str, float]) -> tuple[str, str]:
+    """The weight layers a vanishing gradient is measured between: the deepest below the loss and
+    the last, by the loss's graph (depths); by model order without it. Of several last layers (the
+    heads of an actor and a critic, whose losses have scales of their own), the one of the smallest
+    gradient: a head's gradient is not what another head's layers should have."""
+    depths = summary.loop.get("graph", {}).get("depths", {})
+    known = {name: depths[name] for name in rms if name in depths}
+    if len(known) < 2 or min(known.values()) != 0:
+        return next(iter(rms)), list(rms)[-1]
+    deepest = max(known.values())
+    heads = [name for name, depth in known.items() if depth == 0]
+    return next(n for n, depth in known.items() if depth == deepest), min(heads, key=rms.get)
+
+
+def _vanishes(now: EpochSummary, rms: dict, first: str, last: str, t: Thresholds) -> bool:
+    """Whether the gradient vanishes from the last layer down to the first: its RMS there is below
+    `vanishing_ratio` of the last's, and so are that layer's steps where they were measured (an
+    optimizer that rescales each step, as Adam does, moves a layer of small gradients at the pace
+    of the others: no harm)."""
+    if first == last or rms[last] <= 0 or rms[first] >= t.vanishing_ratio * rms[last]:
+        return False
+    steps = _update_ratios(now)
+    if first not in steps or last not in steps:
+        return True
+    return steps[first] < t.vanishing_ratio * steps[last]
+
+
+DEEP = 6  # weight layers between a layer and the loss, on its shortest way, that make a plain stack
+
+
+def _saturation(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """Sigmoid or tanh units near their limits in the latest summary: their gradient is nearly 0."""
+    shares = {layer: a["share"] for layer, a in _saturated(history[-1], t).items()}
+    return {"saturated_share": shares} if shares else None
+
+
+def _deep_stack(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """A layer DEEP or more weight layers below the loss on its shortest way: no residual
+    connection carries its gradient past the others."""
+    depths = history[-1].loop.get("graph", {}).get("depths", {})
+    deepest = max((depths[n] for n in finding.parameters if n in depths), default=0)
+    return {"depth": deepest} if deepest >= DEEP else None
+
+
+VANISHING_CAUSES = (
+    Cause("saturation", _saturation, "ReLU or GELU instead of sigmoid or tanh in the hidden "
+          "layers, or normalisation layers before them.", "saturated sigmoid or tanh units below "
+          "the output (diagnosis.json's activations)"),
+    Cause("depth", _deep_stack, "residual connections or normalisation layers, or an auxiliary "
+          "loss near the early layers.", "how many weight layers lie between these and the output "
+          "without a residual connection"),
+    Cause("small_output", _never, "", "the scale of the layers after them: a small initial gain "
+          "(as policy heads use) or weights decayed towards zero shrink every gradient below"),
+)  # fmt: skip
+
+
+@rule(
+    "",
+    causes=VANISHING_CAUSES,
+    thresholds=("vanishing_ratio", "vanishing_floor", "saturated_share"),
+    follows=(
+        "softmax_before_loss",
+        "dead_units",
+        "saturated",
+        "diverging",
+        "exploding_gradients",
+        "high_initial_loss",
+    ),
+    ended="a slow start",
+)
+def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """The deepest weight layer's gradient RMS is below `vanishing_ratio` of the last weight
+    layer's (depths by the loss's graph; of several output heads, the smallest), or any weight
+    layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms), and nothing is
+    while a loss to be minimised is down to LEARNT x where it started. A symptom: its
+    causes are saturated units (above `saturated_share`), a deep stack without shortcuts, or a
+    small scale of the layers after them."""
+    now = history[-1]
+    rms = _weight_rms(now)
+    if len(rms) < 2 or _judged(history) and _fell(history, LEARNT):
+        return []  # a loss near nothing (a margin every triplet meets) has no gradient to pass on
+    first, last = _ends(now, rms)
+    findings = []
+    if _vanishes(now, rms, first, last, t):
+        early = [n for n in rms if n != last and rms[n] < t.vanishing_ratio * rms[last]]
+        evidence = {"grad_rms": {n: rms[n] for n in [*early, last]}}
+        evidence.update(ratio_first_to_last=rms[first] / rms[last], threshold=t.vanishing_ratio)
+        smaller = "zero, against"
+        if rms[first] > 0:
+            smaller = f"{rms[last] / rms[first]:.0f}x smaller than"
+        message = f"gradients of {names(early)} are {smaller} those of the last layer {last} "
+        message += f"(RMS {rms[first]:.2g} against {rms[last]:.2g})."
+        findings.append(_found(now, early, evidence, message))
+    done = findings[0].parameters if findings else []
+    floor = [n for n in rms if rms[n] < t.vanishing_floor and n not in done]
+    if floor:
+        evidence = {"grad_rms": {n: rms[n] for n in floor}, "floor": t.vanishing_floor}
+        message = f"gradients of {names(floor)} have an RMS below {t.vanishing_floor:g}: "
+        message += "these layers barely learn."
+        findings.append(_found(now, floor, evidence, message))
+    return findings

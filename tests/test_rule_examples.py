@@ -1,0 +1,338 @@
+"""Every rule and every cause with its example runs, the way linters keep each rule with its good and bad code: the
+runs a rule must find, and the runs it must leave alone, most of them the recipe or the near miss that looks like
+the fault (a frozen backbone beside an optimizer that holds nothing trainable, a policy-gradient loss that rises by
+design beside a divergence, clipping while the loss falls beside clipping that hides a learning rate too high).
+
+A run is its epoch summaries (summary.EpochSummary), which is all a rule reads: each rule is a pure function of
+them. A new rule or cause is not whole without its examples here (the last tests check that each has them)."""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from gradwatch.diagnosis import RULES, Thresholds
+from gradwatch.diagnosis.findings import _never
+from gradwatch.summary import EpochSummary
+
+STEPS = 64  # optimizer steps per epoch of the example runs
+LN10 = math.log(10)
+
+
+def windows(means, first=1, width=8, maxes=None):
+    """Loss windows of `width` steps from step `first`, one per mean (each its window's median too)."""
+    maxes = maxes or [1.2 * m for m in means]
+    out = []
+    for i, (mean, top) in enumerate(zip(means, maxes)):
+        start = first + i * width
+        out.append({"first": start, "step": start + width - 1, "mean": mean, "median": mean, "max": top,
+                    "max_step": start + width // 2, "nonfinite_step": None})  # fmt: skip
+    return out
+
+
+def epoch(number, loop=None, **fields):
+    """Epoch `number` (from 0) of STEPS steps, with a loop that read 4 statistics steps in training mode."""
+    facts = {"readings": 4, "eval_readings": 0, "mode_matters": True, "trainable": 4, "frozen": [],
+             "not_in_optimizer": [], "no_gradient": [], "clearing_checks": 4, "not_cleared": 0,
+             "lrs": [[STEPS * number + 1, 0.1]], "lr_first": 0.1, "lr_peak": 0.1, "weight_decay": 0.0,
+             "outputs": []}  # fmt: skip
+    return EpochSummary(number, STEPS * (number + 1), loop={**facts, **(loop or {})}, **fields)
+
+
+def epochs(count, **each):
+    """`count` epochs; a keyword whose value is a list gives epoch i its item i, any other value every epoch."""
+    return [epoch(i, **{k: v[i] if isinstance(v, list) else v for k, v in each.items()}) for i in range(count)]
+
+
+def graph(*problems, **facts):
+    """The loss's graph as graph.py reads it, read whole at step 1, with these problems."""
+    return {"graph": {"whole": True, "reached": 4, "step": 1, "losses": [{"function": "cross_entropy"}],
+                      "problems": list(problems), **facts}}  # fmt: skip
+
+
+SQUASHED = {"kind": "squashed", "squash": "softmax", "loss": "cross_entropy", "line": "train.py:42"}
+RAW_TO_NLL = {"kind": "not_log_probabilities", "fed": "raw scores", "made_by": "Linear", "loss_line": "x.py:3"}
+BROADCAST = {"kind": "broadcast", "loss": "mse_loss", "input_shape": [32, 1], "target_shape": [32],
+             "broadcast_shape": [32, 32], "line": "x.py:9"}  # fmt: skip
+BCE_RANGE = {"kind": "target_range", "loss": "binary_cross_entropy", "min": 0, "max": 9}
+ONE_HOT = {"kind": "one_hot_targets", "loss": "mse_loss", "classes": 10, "line": "x.py:5"}
+ANNEALED = {"lrs": [[60, 1e-4]], "lr_set": 0.1}  # a schedule down to a thousandth of the rate set
+CLIPPING = {"max_norm": 1.0, "steps": STEPS, "clipped_share": 0.9, "grad_norm_median": 3.0, "grad_norm_p90": 5.0}
+
+
+def outputs(classes, loss, count=8):
+    """Statistics readings of the model's output: one top class for every row of each batch, class after class."""
+    return [{"rows": 32, "mode_share": 1.0, "mode": i % classes, "loss": loss, "step": 8 * i + 1,
+             "probabilities": False} for i in range(count)]  # fmt: skip
+
+
+def spiked(peak, mean):
+    """One epoch of 10 classes whose loss sits at 0.5, then one window of 8 steps reaches `peak` at mean `mean`, and
+    the next comes back."""
+    means = [0.5] * 10 + [mean, 0.5]
+    return [epoch(0, num_classes=10, losses=windows(means, maxes=[0.6] * 10 + [peak, 0.6]))]
+
+
+def layers(**values):
+    """{name.weight: statistics}: e.g. layers(fc1=dict(grad_rms=1e-6))."""
+    return {f"{name}.weight": {"weight_norm": 1.0, **stats} for name, stats in values.items()}
+
+
+DEEP_SIGMOID = layers(fc1={"grad_rms": 1e-6}, fc2={"grad_rms": 1e-3}, fc3={"grad_rms": 1.0})
+SATURATED = {"sig1": {"kind": "sigmoid", "layer": "fc1", "share": 0.9}}
+
+
+def tanh(share, update_ratio=1e-3):
+    """A tanh after fc1 with `share` of its outputs saturated; fc1 moving by `update_ratio` per step."""
+    return [epoch(0, activations={"tanh1": {"kind": "tanh", "layer": "fc1", "share": share}},
+                  layers=layers(fc1={"update_ratio": update_ratio}))]  # fmt: skip
+
+
+def grow(valid_losses):
+    """Five epochs whose fc.weight's max |w| grows from 0.5 to 1.6, with these validation losses."""
+    sizes = [{"fc.weight": {"max_abs_weight": w}} for w in (0.5, 0.6, 0.8, 1.2, 1.6)]
+    return epochs(5, layers=sizes, metrics=[{"valid_loss": v} for v in valid_losses])
+
+
+def accuracies(train, valid, **extra):
+    return [{"train_accuracy": t, "valid_accuracy": v, **extra} for t, v in zip(train, valid)]
+
+
+def skew(recall):
+    bias = {"name": "fc3.bias", "values": [0.1, 0.0, -0.1, 0.05, -3.0], "classes": list("abcde"),
+            "recall": [0.9, 0.9, 0.9, 0.9, recall]}  # fmt: skip
+    return [epoch(0, output_bias=bias)]
+
+
+def replicas(**reading):
+    return [epoch(0, loop={"replicas": reading})]
+
+
+def level(*means, classes=10, **loop):
+    """One epoch of `classes` classes whose loss windows have these means."""
+    return [epoch(0, num_classes=classes, losses=windows(list(means)), loop=loop)]
+
+
+@dataclass
+class Example:
+    rule: str
+    finds: bool  # whether the rule must find something in the run
+    what: str
+    run: Callable[[], list[EpochSummary]]
+
+    def __str__(self):
+        return f"{self.rule}: {'finds' if self.finds else 'leaves alone'} {self.what}"
+
+
+def finds(rule, what, run):
+    return Example(rule, True, what, run)
+
+
+def leaves(rule, what, run):
+    return Example(rule, False, what, run)
+
+
+EXAMPLES = [
+    finds("loss_misses_model", "a loss that reaches no watched parameter, none with a gradient",
+          lambda: [epoch(0, loop={**graph(reached=0), "no_gradient": ["a", "b", "c", "d"]})]),
+    leaves("loss_misses_model", "a graph read in part (no_gradient tells that)",
+           lambda: [epoch(0, loop={**graph(reached=0, whole=False), "no_gradient": ["a", "b", "c", "d"]})]),
+    finds("optimizer_frozen", "an optimizer holding only frozen tensors",
+          lambda: [epoch(0, loop={"held": 4, "held_frozen": 4})]),
+    leaves("optimizer_frozen", "a frozen backbone beside a trained head",
+           lambda: [epoch(0, loop={"held": 4, "held_frozen": 2})]),
+    finds("not_in_optimizer", "a trained layer left out of the optimizer",
+          lambda: [epoch(0, loop={"not_in_optimizer": ["head.weight"]})]),
+    leaves("not_in_optimizer", "a target network: in no optimizer and not reached by the loss",
+           lambda: [epoch(0, loop={"not_in_optimizer": ["target.weight"], "no_gradient": ["target.weight"]})]),
+    finds("no_gradient", "a layer the backward pass never reaches",
+          lambda: [epoch(0, loop={"no_gradient": ["encoder.weight"]})]),
+    leaves("no_gradient", "a target network kept apart",
+           lambda: [epoch(0, loop={"not_in_optimizer": ["target.weight"], "no_gradient": ["target.weight"]})]),
+    finds("eval_mode", "a model with dropout left in eval mode", lambda: [epoch(0, loop={"eval_readings": 4})]),
+    leaves("eval_mode", "a model in eval mode that has no dropout nor BatchNorm",
+           lambda: [epoch(0, loop={"eval_readings": 4, "mode_matters": False})]),
+    finds("gradients_not_cleared", "gradients never cleared", lambda: [epoch(0, loop={"not_cleared": 4})]),
+    leaves("gradients_not_cleared", "gradient accumulation: cleared at most checks",
+           lambda: [epoch(0, loop={"not_cleared": 1})]),
+    finds("softmax_before_loss", "softmax before cross_entropy in the graph", lambda: [epoch(0, loop=graph(SQUASHED))]),
+    leaves("softmax_before_loss", "a graph with another problem only", lambda: [epoch(0, loop=graph(BROADCAST))]),
+    finds("not_log_probabilities", "nll_loss fed raw scores", lambda: [epoch(0, loop=graph(RAW_TO_NLL))]),
+    leaves("not_log_probabilities", "a softmax squashed before the loss instead",
+           lambda: [epoch(0, loop=graph(SQUASHED))]),
+    finds("loss_broadcast", "mse_loss of (32, 1) against (32,)", lambda: [epoch(0, loop=graph(BROADCAST))]),
+    leaves("loss_broadcast", "a graph with another problem only", lambda: [epoch(0, loop=graph(BCE_RANGE))]),
+    finds("target_range", "binary cross-entropy on targets up to 9", lambda: [epoch(0, loop=graph(BCE_RANGE))]),
+    leaves("target_range", "a graph with another problem only", lambda: [epoch(0, loop=graph(BROADCAST))]),
+    finds("updates_rounded_away", "bfloat16 weights whose steps round away",
+          lambda: [epoch(0, loop={"rounded": {"w": {"dtype": "bfloat16", "unchanged_share": 0.9,
+                                                     "grad_zero_share": 0.0}}})]),  # fmt: skip
+    leaves("updates_rounded_away", "the same at the end of an annealed schedule",
+           lambda: [epoch(0, loop={**ANNEALED, "rounded": {"w": {"dtype": "bfloat16", "unchanged_share": 0.9,
+                                                                  "grad_zero_share": 0.0}}})]),  # fmt: skip
+    finds("not_updated", "weights with gradients that never change", lambda: [epoch(0, loop={"not_updated": ["w"]})]),
+    leaves("not_updated", "the same at the end of an annealed schedule",
+           lambda: [epoch(0, loop={**ANNEALED, "not_updated": ["w"]})]),
+    finds("replicas_differ", "gradients that differ between ranks",
+          lambda: replicas(first={"gradients_differ": 1, "weights_differ": 0, "ranks": 2,
+                                  "apart": {"gradients": {"w": 0.01}, "weights": {}}}, first_step=5)),  # fmt: skip
+    leaves("replicas_differ", "replicas that agree", lambda: replicas(agreed_step=64)),
+    finds("ranks_out_of_step", "ranks that made different numbers of steps",
+          lambda: replicas(out_of_step={"optimizer_steps": [10, 9], "step": 10})),
+    leaves("ranks_out_of_step", "replicas that agree", lambda: replicas(agreed_step=64)),
+    finds("nonfinite_on_some_ranks", "a NaN loss on rank 1 of 2",
+          lambda: replicas(nonfinite={"nonfinite_ranks": [1], "ranks": 2, "step": 12})),
+    leaves("nonfinite_on_some_ranks", "replicas that agree", lambda: replicas(agreed_step=64)),
+    finds("not_cross_entropy", "a loss far below what cross-entropy gives at 50% accuracy",
+          lambda: [epoch(0, metrics={"train_loss": 0.01, "train_accuracy": 0.5})]),
+    finds("not_cross_entropy", "mse_loss on one-hot labels in the graph", lambda: [epoch(0, loop=graph(ONE_HOT))]),
+    leaves("not_cross_entropy", "a cross-entropy's loss at 50% accuracy",
+           lambda: [epoch(0, metrics={"train_loss": 0.4, "train_accuracy": 0.5})]),
+    finds("lr_collapsed", "a per-epoch schedule stepped every batch",
+          lambda: epochs(2, lr=1e-5, loop=[{"lrs": [[20, 1e-5]]}, {"lrs": [[84, 1e-5]]}])),
+    leaves("lr_collapsed", "an epoch that ends a schedule at its last step",
+           lambda: epochs(2, lr=[0.1, 1e-5], loop=[{"lrs": [[20, 0.1]]}, {"lrs": [[84, 1e-5]]}])),
+    finds("unshuffled", "batches of one class each, each learnt at once",
+          lambda: [epoch(0, num_classes=4, first_loss=2.0, loop={"outputs": outputs(4, loss=0.1)})]),
+    leaves("unshuffled", "a model that ignores its input on shuffled batches",
+           lambda: [epoch(0, num_classes=4, first_loss=2.0, loop={"outputs": outputs(4, loss=1.9)})]),
+    finds("high_initial_loss", "a first loss of 50 over 10 classes",
+          lambda: [epoch(0, num_classes=10, first_loss=50.0)]),
+    leaves("high_initial_loss", "a first loss of ln 10", lambda: [epoch(0, num_classes=10, first_loss=2.3)]),
+    finds("loss_spikes", "a loss that spikes to 3 for two windows and comes back", lambda: spiked(3.0, 1.0)),
+    leaves("loss_spikes", "one hard batch in a window", lambda: spiked(1.2, 0.52)),
+    finds("diverging", "a loss that rises from ln 10 to 5", lambda: level(2.3, 2.3, 4.0, 5.0, 5.0)),
+    leaves("diverging", "a policy-gradient loss that rises by design",
+           lambda: level(2.3, 2.3, 4.0, 5.0, 5.0, objective="rl")),
+    leaves("diverging", "one batch at twice the first loss, the level where it started",
+           lambda: [epoch(0, num_classes=10, losses=windows([2.3] * 4, maxes=[2.5, 4.6, 2.5, 2.5]))]),
+    finds("nonfinite_gradients", "NaN in a gradient", lambda: [epoch(0, layers=layers(fc={"nonfinite_share": 0.5}))]),
+    leaves("nonfinite_gradients", "finite gradients", lambda: [epoch(0, layers=layers(fc={"nonfinite_share": 0.0}))]),
+    finds("exploding_gradients", "a gradient norm 500x its median of the epochs before",
+          lambda: epochs(3, total_grad_norm_median=1.0, total_grad_norm_max=[2.0, 2.0, 500.0])),
+    leaves("exploding_gradients", "a large first norm: no baseline from the first steps",
+           lambda: epochs(1, total_grad_norm_median=1.0, total_grad_norm_max=1000.0)),
+    finds("mostly_clipped", "clipping most steps while the loss makes no new low",
+          lambda: epochs(2, lr=0.1, first_loss=2.0, clipping=CLIPPING, metrics={"train_loss": 2.1})),
+    leaves("mostly_clipped", "clipping at 1.0 most steps while the loss falls (a transformer's start)",
+           lambda: epochs(2, lr=0.1, first_loss=2.0, clipping=CLIPPING, metrics=[{"train_loss": 1.5},
+                                                                                {"train_loss": 1.0}])),  # fmt: skip
+    finds("strong_weight_decay", "decay 1.0 holding the weights near zero, the loss at ln 10",
+          lambda: epochs(3, num_classes=10, metrics={"train_loss": 2.3},
+                         loop={"weight_decay": 1.0, "weight_norm_first": 10.0, "weight_norm": 2.0})),
+    leaves("strong_weight_decay", "weights shrinking under decay while the loss falls",
+           lambda: epochs(3, num_classes=10, metrics=[{"train_loss": v} for v in (1.5, 1.0, 0.5)],
+                          loop={"weight_decay": 5e-4, "weight_norm_first": 10.0, "weight_norm": 2.0})),
+    finds("dead_units", "80% of fc1's ReLUs silent",
+          lambda: [epoch(0, activations={"relu1": {"kind": "relu", "layer": "fc1", "share": 0.8}})]),
+    leaves("dead_units", "30% of them silent",
+           lambda: [epoch(0, activations={"relu1": {"kind": "relu", "layer": "fc1", "share": 0.3}})]),
+    finds("saturated", "90% of a tanh's outputs at its limits", lambda: tanh(0.9)),
+    leaves("saturated", "30% of them", lambda: tanh(0.3)),
+    finds("vanishing_gradients", "the first layer's gradients 1e-6 of the last's",
+          lambda: [epoch(0, layers=DEEP_SIGMOID)]),
+    leaves("vanishing_gradients", "the same gradients under Adam, whose steps do not vanish",
+           lambda: [epoch(0, layers=layers(fc1={"grad_rms": 1e-6, "update_ratio": 1e-3},
+                                           fc3={"grad_rms": 1.0, "update_ratio": 1e-3}))]),  # fmt: skip
+    leaves("vanishing_gradients", "an embedding's gradients (a lookup's rows a batch did not read are zero)",
+           lambda: [epoch(0, layers=DEEP_SIGMOID,
+                          loop={"graph": {"lookups": ["fc1.weight", "fc2.weight"]}})]),  # fmt: skip
+    finds("not_learning", "weights that move by 1e-8 of their size per step",
+          lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8}))]),
+    leaves("not_learning", "the same at the end of an annealed schedule",
+           lambda: [epoch(0, lr=1e-5, layers=layers(fc={"update_ratio": 1e-8}))]),
+    leaves("not_learning", "a frozen layer", lambda: [epoch(0, layers=layers(fc={"update_ratio": 0.0}),
+                                                            loop={"frozen": ["fc.weight"]})]),  # fmt: skip
+    finds("moving_too_fast", "weights that move by half their size per step while the loss stays",
+          lambda: [epoch(0, num_classes=10, losses=windows([2.2] * 4), layers=layers(fc={"update_ratio": 0.5}))]),
+    leaves("moving_too_fast", "weights from near zero moving fast while the loss comes down",
+           lambda: [epoch(0, num_classes=10, losses=windows([2.2, 1.5, 1.0, 0.5]),
+                          layers=layers(fc={"update_ratio": 0.5}))]),  # fmt: skip
+    finds("stuck", "five epochs at ln 10 and chance, the weights still",
+          lambda: epochs(5, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
+                         layers=layers(fc={"update_ratio": 1e-6}))),  # fmt: skip
+    leaves("stuck", "a loss that falls epoch by epoch",
+           lambda: epochs(5, num_classes=10, metrics=[{"train_loss": v, "train_accuracy": 0.1}
+                                                      for v in (2.3, 2.0, 1.5, 1.0, 0.5)])),  # fmt: skip
+    finds("oscillating", "a loss up and down by 0.5 every epoch",
+          lambda: epochs(6, metrics=[{"train_loss": v} for v in (1.0, 1.5, 1.0, 1.5, 1.0, 1.5)])),
+    leaves("oscillating", "a loss that bounces while it falls",
+           lambda: epochs(6, metrics=[{"train_loss": v} for v in (2.0, 2.2, 1.6, 1.8, 1.2, 1.4)])),
+    finds("weights_growing", "weights growing while validation worsens", lambda: grow((1.0, 0.9, 1.0, 1.1, 1.2))),
+    leaves("weights_growing", "weights growing while validation makes new bests",
+           lambda: grow((1.0, 0.9, 0.8, 0.7, 0.6))),
+    finds("output_bias_skew", "a class's bias far below the others, its recall 0.1", lambda: skew(0.1)),
+    leaves("output_bias_skew", "the same bias with that class's recall at 0.85", lambda: skew(0.85)),
+    finds("noisy_labels", "validation 30 points above training for three epochs",
+          lambda: epochs(4, metrics=accuracies([0.5] * 4, [0.8] * 4))),
+    leaves("noisy_labels", "validation ahead of the epoch's average accuracy while learning fast",
+           lambda: epochs(4, metrics=accuracies([0.3, 0.6, 0.8, 0.9], [0.5, 0.7, 0.85, 0.9]))),
+    finds("no_generalisation", "90% training accuracy, validation at chance",
+          lambda: [epoch(0, num_classes=10, metrics=accuracies([0.9], [0.1])[0])]),
+    leaves("no_generalisation", "90% training, 60% validation",
+           lambda: [epoch(0, num_classes=10, metrics=accuracies([0.9], [0.6])[0])]),
+    finds("overfitting", "validation loss up three epochs as the accuracy gap widens",
+          lambda: epochs(5, metrics=[{**m, "valid_loss": v} for m, v in zip(
+              accuracies([0.7, 0.8, 0.9, 0.95, 0.99], [0.65, 0.75, 0.7, 0.7, 0.7]), (1.0, 0.8, 1.0, 1.1, 1.2))])),
+    leaves("overfitting", "validation loss up while the accuracy gap stays",
+           lambda: epochs(5, metrics=[{**m, "valid_loss": v} for m, v in zip(
+               accuracies([0.7] * 5, [0.68] * 5), (1.0, 0.8, 1.0, 1.1, 1.2))])),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=str)
+def test_each_rule_finds_its_faults_and_leaves_the_rest_alone(example):
+    found = RULES[example.rule](example.run(), Thresholds())
+    assert bool(found) == example.finds, [f.message for f in found]
+    for finding in found:
+        assert finding.rule == example.rule and finding.message and finding.step >= 1
+
+
+# (rule, cause, held, what, run): the cause's check holds in the run, or does not; the rule finds its symptom in both
+CAUSES = [
+    ("vanishing_gradients", "saturation", True, "sigmoid units saturated below the output",
+     lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED)]),
+    ("vanishing_gradients", "saturation", False, "no saturated units", lambda: [epoch(0, layers=DEEP_SIGMOID)]),
+    ("vanishing_gradients", "depth", True, "fc1 seven weight layers below the loss",
+     lambda: [epoch(0, layers=DEEP_SIGMOID, loop={"graph": {"depths": {"fc1.weight": 7, "fc2.weight": 6,
+                                                                       "fc3.weight": 0}}})]),
+    ("vanishing_gradients", "depth", False, "fc1 two layers below it",
+     lambda: [epoch(0, layers=DEEP_SIGMOID, loop={"graph": {"depths": {"fc1.weight": 2, "fc2.weight": 1,
+                                                                       "fc3.weight": 0}}})]),
+    ("saturated", "learning_rate", True, "fc1 moving by half its size per step", lambda: tanh(0.9, 0.5)),
+    ("saturated", "learning_rate", False, "fc1 moving by 1e-3 per step", lambda: tanh(0.9, 1e-3)),
+    ("saturated", "activation", True, "a saturated tanh", lambda: tanh(0.9)),
+    ("moving_too_fast", "learning_rate", True, "the loss risen above ln 10",
+     lambda: [epoch(0, num_classes=10, losses=windows([2.3, 3.0, 4.0, 4.0]), layers=layers(fc={"update_ratio": 0.5}))]),
+    ("moving_too_fast", "learning_rate", False, "the loss flat below ln 10",
+     lambda: [epoch(0, num_classes=10, losses=windows([2.2] * 4), layers=layers(fc={"update_ratio": 0.5}))]),
+]  # fmt: skip
+# a cause whose check holds wherever its symptom does (the activation of saturated units): no run leaves it out
+HOLDS_WITH_ITS_SYMPTOM = {("saturated", "activation")}
+
+
+@pytest.mark.parametrize("rule, cause, held, what, run", CAUSES, ids=[f"{r}:{c}:{w}" for r, c, _, w, _ in CAUSES])
+def test_each_cause_holds_on_its_evidence_and_only_there(rule, cause, held, what, run):
+    (finding,) = RULES[rule](run(), Thresholds())
+    evidence = finding.evidence
+    holding = evidence["causes_held"] if evidence.get("cause") is None else [evidence["cause"]]
+    assert (cause in holding) == held, evidence
+    if evidence.get("cause") is None:  # no cause named: what to check, in order, those that hold first
+        assert finding.suggestion.startswith("check, in this order: ")
+    else:
+        named = next(c for c in RULES[rule].causes if c.name == evidence["cause"])
+        assert evidence["cause_evidence"] and named.suggestion.split("{")[0] in finding.suggestion
+
+
+def test_every_rule_and_every_checked_cause_has_its_examples():
+    for name in RULES:
+        kinds = {example.finds for example in EXAMPLES if example.rule == name}
+        assert kinds == {True, False}, f"{name} needs a run it finds and a run it leaves alone"
+    for name, declaration in RULES.items():
+        for cause in declaration.causes:
+            if cause.check is _never:  # nothing the monitor reads can check it: told as what to look at
+                continue
+            held = {h for r, c, h, _, _ in CAUSES if (r, c) == (name, cause.name)}
+            wanted = {True} if (name, cause.name) in HOLDS_WITH_ITS_SYMPTOM else {True, False}
+            assert held == wanted, f"{name}:{cause.name} needs a run where it holds and one where it does not"
