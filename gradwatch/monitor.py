@@ -31,6 +31,7 @@ from .diagnosis import (
     saved_findings,
     story,
 )
+from .families import families, folded, folded_flow, joined, report
 from .graph import loss_graph
 from .histograms import DEFAULT_BINS, Histogram, compute_histograms
 from .hooks import Hooks, is_compiled
@@ -232,6 +233,7 @@ def part_options(monitor: TrainingMonitor) -> dict[str, Any]:
         include=choice.include,
         exclude=choice.exclude,
         group_depth=choice.group_depth,
+        families=choice.families,
         stats_every=None if cadence.auto else cadence.stats_every,
         hist_every=cadence.hist_every,
         diagnose_every=cadence.diagnose_every,
@@ -254,11 +256,29 @@ def _patterns(patterns: Sequence[str], name: str) -> tuple[str, ...]:
 class HistogramChoice:
     """Which parameters get histograms, in how many buckets, and in which TensorBoard section."""
 
-    def __init__(self, bins: int, include: Sequence[str], exclude: Sequence[str], group_depth: int):
+    def __init__(
+        self,
+        bins: int,
+        include: Sequence[str],
+        exclude: Sequence[str],
+        group_depth: int,
+        families: bool = True,
+    ):
         self.bins = check_count("bins", bins, 1)
         self.include = _patterns(include, "include")
         self.exclude = _patterns(exclude, "exclude")
         self.group_depth = check_count("group_depth", group_depth, 0)
+        if not isinstance(families, bool):
+            raise TypeError(f"families must be True or False, got {families!r}")
+        self.families = families
+        self.members: dict[str, list[str]] = {}  # the watched model's families, by name
+
+    def family_members(self, named: NamedParameters) -> dict[str, list[str]]:
+        """The families of `named` (families.py) if tensors are summarised by family; sharded
+        tensors stay apart."""
+        if not self.families:
+            return {}
+        return families((name, p.shape) for name, p in named if not is_sharded(p))
 
     def wants(self, name: str) -> bool:
         """Whether parameter `name` matches a pattern of `include` and none of `exclude`."""
@@ -266,9 +286,11 @@ class HistogramChoice:
         return included and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
 
     def compute(self, model: torch.nn.Module | NamedParameters) -> dict[str, Histogram]:
-        """The `<name>_data` and `<name>_grad` histograms of the wanted parameters, by tag."""
+        """The `<name>_data` and `<name>_grad` histograms of the wanted parameters, by tag; a
+        family's members in one (`<family>_data`: families.py)."""
         wanted = [(name, p) for name, p in named_parameters(model) if self.wants(name)]
-        histograms = compute_histograms(parameter_tensors(wanted), self.bins)
+        tensors = joined(parameter_tensors(wanted), self.family_members(wanted))
+        histograms = compute_histograms(tensors, self.bins)
         if not self.group_depth:
             return histograms
         return {f"{self._section(tag)}/{tag}": h for tag, h in histograms.items()}
@@ -298,20 +320,30 @@ def _number(value: Any) -> float:
     raise ValueError(f"{what} is not one number; left out, the other scalars kept")
 
 
-def statistics_scalars(stats: Mapping[str, dict]) -> dict[str, float]:
+def statistics_scalars(
+    stats: Mapping[str, dict], members: Mapping[str, list[str]] | None = None
+) -> dict[str, float]:
     """A statistics record as scalars: `<key>/<parameter>`, `dead_share/<module>` for a ReLU's,
     `saturated_share/<module>` for a sigmoid's or tanh's; the non-finite values left out (the
-    share of them is nonfinite_share). Beside them the extremes over the layers, which the Custom
-    Scalars tab charts: `update_ratio/max` and `/min`, `dead_share/max`."""
-    scalars = {}
+    share of them is nonfinite_share). A family's members (`members`: families.py) as one
+    `<key>/<family>`, their mean, with `/spread`, `/min` and `/max` beside it. Beside them the
+    extremes over every parameter, which the Custom Scalars tab charts: `update_ratio/max` and
+    `/min`, `dead_share/max`."""
+    by_key: dict[str, dict[str, float]] = {}
     for name, values in stats.items():
         if name not in ("activations", "loop"):
-            scalars.update((f"{key}/{name}", value) for key, value in values.items())
+            for key, value in values.items():
+                by_key.setdefault(key, {})[name] = value
     for name, a in stats["activations"].items():
-        scalars[f"{'dead_share' if a['kind'] == 'relu' else 'saturated_share'}/{name}"] = a["share"]
-    scalars = {tag: value for tag, value in scalars.items() if math.isfinite(value)}
+        kind = "dead_share" if a["kind"] == "relu" else "saturated_share"
+        by_key.setdefault(kind, {})[name] = a["share"]
+    scalars = {}
+    for key, values in by_key.items():
+        finite = {name: value for name, value in values.items() if math.isfinite(value)}
+        by_key[key] = finite
+        scalars.update((f"{key}/{name}", v) for name, v in folded(finite, members or {}).items())
     for kind, extremes in (("update_ratio", (max, min)), ("dead_share", (max,))):
-        values = [v for tag, v in scalars.items() if tag.startswith(f"{kind}/")]
+        values = list(by_key.get(kind, {}).values())
         scalars.update((f"{kind}/{pick.__name__}", pick(values)) for pick in extremes if values)
     return scalars
 
@@ -405,6 +437,9 @@ class TrainingMonitor:
     `include` and `exclude` are glob patterns over parameter names (`layer4.*`, `*.bias`) that
     choose which parameters get histograms, and `group_depth` puts them in one TensorBoard section
     per module (see log_parameters); the statistics and the diagnosis always cover every parameter.
+    `families` summarises each family of tensors (a layer's experts: families.py) in one chart per
+    statistic and one histogram, the diagnosis still reading every member; False: every tensor
+    apart.
     """
 
     def __init__(
@@ -422,8 +457,9 @@ class TrainingMonitor:
         exclude: Sequence[str] = (),
         group_depth: int = 0,
         diagnose_every: int | None = None,
+        families: bool = True,
     ):
-        self.choice = HistogramChoice(bins, include, exclude, group_depth)
+        self.choice = HistogramChoice(bins, include, exclude, group_depth, families)
         start_step = check_count("start_step", start_step, 0)
         self.cadence = Cadence(stats_every, hist_every, start_step, diagnose_every)
         self.diagnosis = RunDiagnosis(thresholds)
@@ -491,6 +527,7 @@ class TrainingMonitor:
         compiled = is_compiled(model) if compiled is None else compiled
         self.model = unwrap(model)
         self._parameters = measured(self.model)
+        self.choice.members = self.choice.family_members(self._parameters)
         wrapper = ddp_wrapper(model)
         self.hooks.attach(self.model, optimizer, compiled, wrapper)
         group = data_parallel_group(wrapper, self._parameters) if replicas else None
@@ -574,7 +611,8 @@ class TrainingMonitor:
         scalars = {**self.losses.take(), **self.clipping.take()}
         stats["loop"] = self._loop_facts(stats, loss)
         self.diagnosis.keep(stats, max(MAX_RECORDS, 2 * self.cadence.diagnose_every))
-        self.sink.scalars({**scalars, **statistics_scalars(stats)}, self.steps, per_step=True)
+        scalars.update(statistics_scalars(stats, self.choice.members))
+        self.sink.scalars(scalars, self.steps, per_step=True)
         urgent = self.diagnosis.urgent(self.steps, stats, self.losses.windows, self.losses.first)
         if window_due(self.cadence, self.diagnosis, self.steps, urgent):
             self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
@@ -691,6 +729,8 @@ class TrainingMonitor:
         if windowed:
             self._restart(epoch_ended=False)
         begun = self.diagnosis.add(summary, self.guard) if summary is not None else []
+        if summary is not None and self.choice.members:
+            self.diagnosis.facts["families"] = report(summary.layers, self.choice.members)
         if self.parts is not None:
             self.diagnosis.findings = self.parts.findings
             self.diagnosis.facts = self.parts.facts()
@@ -740,7 +780,8 @@ class TrainingMonitor:
         with self.guard("the histograms"):
             self.log_parameters(self._parameters, epoch)
         with self.guard("the gradient-flow picture"):
-            flow = gradient_flow_image(*gradient_flow(self._parameters), epoch)
+            flow = folded_flow(gradient_flow(self._parameters), self.choice.members)
+            flow = gradient_flow_image(*flow, epoch)
             self.sink.image("gradient_flow", flow, epoch)
             self.sink.save_image("gradient_flow.png", flow)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .histograms import to_host
-from .shards import all_reduce, local, shard_groups
+from .shards import all_reduce, is_sharded, local, shard_groups
 
 NamedParameters = Sequence[tuple[str, torch.nn.Parameter]]
 
@@ -29,31 +30,104 @@ def parameter_tensors(model: torch.nn.Module | NamedParameters) -> dict[str, tor
     return tensors
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def _norms(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
     """Norms as 0-dim tensors, one kernel per device and dtype (torch.nn.utils.clip_grad_norm_ uses
-    the same foreach call); half precision is widened first so that its norms cannot overflow. An
-    empty tensor's is 0."""
-    wide = [
-        t.float()
-        if t.dtype in (torch.float16, torch.bfloat16)
-        else t
-        if t.numel()
-        else t.new_zeros(1)
-        for t in tensors
-    ]
+    the same foreach call); half precision is widened first so that its norms cannot overflow; ord
+    0 counts the values other than zero. An empty tensor's is 0."""
+    wide = [t.float() if t.dtype in HALF else t if t.numel() else t.new_zeros(1) for t in tensors]
     if not wide:
         return []
+    if ord == 0:
+        return [torch.count_nonzero(t) for t in wide]
     if ord == math.inf:  # the same values, three times faster than foreach_norm's inf norm on a CPU
         return list(torch._foreach_max(torch._foreach_abs(wide)))
     return list(torch._foreach_norm(wide, ord))
 
 
-def _to_floats(columns: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
-    """The same lists of 0-dim tensors as floats, read by the host in one transfer per device."""
-    host = to_host(
-        {(key, i): value for key, values in columns.items() for i, value in enumerate(values)}
-    )
-    return {key: [host[key, i] for i in range(len(values))] for key, values in columns.items()}
+def _rows(stacked: torch.Tensor, ord: float) -> torch.Tensor:
+    """The norm of each row of a (tensors, values) stack (ord 0: the count of values other than
+    zero), widened as _norms widens."""
+    wide = stacked.float() if stacked.dtype in HALF else stacked
+    if ord == math.inf:  # NaN where a row holds one, as abs().max() gives; a third of its time
+        return torch.maximum(wide.amax(dim=1), -wide.amin(dim=1))
+    return torch.linalg.vector_norm(wide, ord, dim=1)
+
+
+# Tensors of at most SMALL values that share their shape, dtype and device are reduced in stacks of
+# up to STACK: a few kernels for a layer's thousands of experts rather than a few per tensor, so
+# that a reading costs what its bytes cost, not its count of tensors (bench/experts.py). A larger
+# tensor's kernels take long beside their launch: it is reduced alone.
+SMALL = 1 << 16
+STACK = 512
+
+
+def stacks(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The indices of `tensors` to reduce together: stacks of plain dense tensors of one shape,
+    dtype and device, of at most SMALL values, two or more."""
+    alike: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if 0 < t.numel() <= SMALL and t.layout == torch.strided and not is_sharded(t):
+            alike.setdefault((t.shape, t.dtype, t.device), []).append(i)
+    runs = [ids for ids in alike.values() if len(ids) > 1]
+    return [ids[k : k + STACK] for ids in runs for k in range(0, len(ids), STACK)]
+
+
+@dataclass
+class Column:
+    """The values of one statistic over a list of tensors, as they are computed: a 0-dim tensor for
+    each tensor reduced alone ({index: value}), and a 1-D tensor for each stack (the indices, the
+    values)."""
+
+    alone: dict[int, torch.Tensor]
+    stacked: list[tuple[list[int], torch.Tensor]]
+
+
+def _columns_of(
+    tensors: list[torch.Tensor],
+    ords: dict[str, float],
+    stacked: list[list[int]],
+    minus: list[torch.Tensor] | None = None,
+    made: dict[tuple, torch.Tensor] | None = None,
+) -> dict[str, Column]:
+    """{name: Column} of each of `ords`' norms of `tensors` (of `tensors[i] - minus[i]`, with
+    `minus`), the stacks given reduced together: each stack is copied once for all the norms, and
+    kept in `made` (by its indices), where a stack of the same tensors already is."""
+    alone = sorted(set(range(len(tensors))) - {i for ids in stacked for i in ids})
+    singles = [tensors[i] - minus[i] if minus else tensors[i] for i in alone]
+    columns = {name: Column(dict(zip(alone, _norms(singles, o))), []) for name, o in ords.items()}
+    made = {} if made is None else made
+    for ids in stacked:
+        key = tuple(ids)
+        if key not in made:
+            made[key] = torch.stack([tensors[i] for i in ids]).flatten(1)
+        rows = made[key]
+        if minus:
+            rows = rows - torch.stack([minus[i] for i in ids]).flatten(1)
+        for name, o in ords.items():
+            columns[name].stacked.append((ids, _rows(rows, o)))
+    return columns
+
+
+def _to_floats(columns: dict[str, Column], sizes: dict[str, int]) -> dict[str, list[float]]:
+    """The same columns as lists of floats (`sizes[name]` of them), read by the host in one
+    transfer per device for the tensors reduced alone and one for the stacks."""
+    rows = {(name, i): v for name, column in columns.items() for i, v in column.alone.items()}
+    floats = {name: [math.nan] * sizes[name] for name in columns}
+    for (name, i), value in to_host(rows).items():
+        floats[name][i] = value
+    by_device: dict[torch.device, list] = {}
+    for name, column in columns.items():
+        for ids, values in column.stacked:
+            by_device.setdefault(values.device, []).append((floats[name], ids, values))
+    for pieces in by_device.values():
+        flat = iter(torch.cat([values.double() for _, _, values in pieces]).tolist())  # a sync
+        for into, ids, _ in pieces:
+            for i in ids:
+                into[i] = next(flat)
+    return floats
 
 
 # How the per-shard values of a sharded tensor make the value of the whole tensor: 2-norms through
@@ -64,28 +138,23 @@ COMBINE = dict(
 COMBINE.update(grad_l1="sum", max_abs_grad="max", nonfinite="sum", update_nonzero="sum")
 
 
-def _whole(
-    columns: dict[str, list[torch.Tensor]], groups: dict[str, list[tuple]]
-) -> dict[str, list[torch.Tensor]]:
+def _whole(columns: dict[str, Column], groups: dict[str, list[tuple]]) -> dict[str, Column]:
     """Columns of COMBINE's names, holding per-shard values, made into those of whole tensors: each
     value combined over its tensor's process groups (see shards.py); the values of ordinary tensors
-    as they are."""
-    keyed = [
-        (key, i) for key, values in columns.items() for i in range(len(values)) if groups[key][i]
-    ]
+    (and of every stack) as they are."""
+    keyed = [(key, i) for key, column in columns.items() for i in column.alone if groups[key][i]]
     if not keyed:
         return columns
     by_op: dict[str, dict] = {"sum": {}, "max": {}}
     for key, i in keyed:
-        value = columns[key][i]
+        value = columns[key].alone[i]
         how = COMBINE[key]
         by_op["max" if how == "max" else "sum"][key, i] = value**2 if how == "l2" else value
     key_groups = {(key, i): groups[key][i] for key, i in keyed}
-    whole = {key: list(values) for key, values in columns.items()}
     for op, rows in by_op.items():
         for (key, i), value in all_reduce(rows, key_groups, op).items():
-            whole[key][i] = value.sqrt() if COMBINE[key] == "l2" else value
-    return whole
+            columns[key].alone[i] = value.sqrt() if COMBINE[key] == "l2" else value
+    return columns
 
 
 def _gradients(graded: NamedParameters) -> list[torch.Tensor]:
@@ -95,23 +164,28 @@ def _gradients(graded: NamedParameters) -> list[torch.Tensor]:
 
 def _columns(named, graded, moved, previous_weights) -> dict[str, list[float]]:
     """The norms and counts of every weight, gradient and update, of whole tensors, as floats."""
-    weights = [local(w) for _, w in named]
-    grads = _gradients(graded)
-    changes = [local(w) - local(previous_weights[name]) for name, w in moved]
-    columns = {
-        "weight_norm": _norms(weights, 2),
-        "max_abs_weight": _norms(weights, math.inf),
-        "grad_norm": _norms(grads, 2),
-        "grad_nonzero": [torch.count_nonzero(g) for g in grads],
-        "update_norm": _norms(changes, 2),
-        "update_nonzero": [torch.count_nonzero(c) for c in changes],
-    }
-    weight_groups = [shard_groups(w) for _, w in named]
-    grad_groups = [shard_groups(g) for _, g in graded]
+    weights = [p for _, p in named]
+    grads = [g for _, g in graded]
+    after = [w for _, w in moved]
+    before = [local(previous_weights[name]).detach() for name, _ in moved]
+    weight_ords = {"weight_norm": 2, "max_abs_weight": math.inf}
+    made: dict[tuple, torch.Tensor] = {}  # the stacks of the weights, which their updates reuse
+    # detached: a Parameter's torch-function dispatch triples the cost of stacking it
+    values = [local(w).detach() for w in weights]
+    columns = _columns_of(values, weight_ords, stacks(weights), made=made)
+    grad_ords = {"grad_norm": 2, "grad_nonzero": 0}
+    columns.update(_columns_of(_gradients(graded), grad_ords, stacks(grads)))
+    update_ords = {"update_norm": 2, "update_nonzero": 0}
+    reuse = made if len(moved) == len(named) else None  # the same tensors in the same order
+    after_values = [local(w).detach() for w in after]
+    columns.update(_columns_of(after_values, update_ords, stacks(after), before, reuse))
+    weight_groups = [shard_groups(w) for w in weights]
+    grad_groups = [shard_groups(g) for g in grads]
     groups = dict(weight_norm=weight_groups, max_abs_weight=weight_groups, grad_norm=grad_groups)
-    moved_groups = [shard_groups(w) for _, w in moved]
+    moved_groups = [shard_groups(w) for w in after]
     groups.update(grad_nonzero=grad_groups, update_norm=moved_groups, update_nonzero=moved_groups)
-    return _to_floats(_whole(columns, groups))
+    sizes = {key: len(values) for key, values in groups.items()}
+    return _to_floats(_whole(columns, groups), sizes)
 
 
 def _nonfinite_counts(graded: NamedParameters, grad_norms: list[float]) -> dict[int, float]:
@@ -119,9 +193,9 @@ def _nonfinite_counts(graded: NamedParameters, grad_norms: list[float]) -> dict[
     are some."""
     bad = [i for i, norm in enumerate(grad_norms) if not math.isfinite(norm)]
     grads = _gradients([graded[i] for i in bad])
-    counts = {"nonfinite": [(~torch.isfinite(g)).sum() for g in grads]}
+    counts = {"nonfinite": Column(dict(enumerate((~torch.isfinite(g)).sum() for g in grads)), [])}
     groups = {"nonfinite": [shard_groups(graded[i][1]) for i in bad]}
-    return dict(zip(bad, _to_floats(_whole(counts, groups))["nonfinite"]))
+    return dict(zip(bad, _to_floats(_whole(counts, groups), {"nonfinite": len(bad)})["nonfinite"]))
 
 
 @torch.no_grad()
@@ -175,10 +249,12 @@ def gradient_flow(
         for name, p in named_parameters(model)
         if p.grad is not None and not p.grad.is_sparse and name.endswith("weight")
     ]
-    grads = [local(g) for _, g in named]
-    groups = [shard_groups(g) for _, g in named]
-    columns = {"grad_l1": _norms(grads, 1), "max_abs_grad": _norms(grads, math.inf)}
-    values = _to_floats(_whole(columns, {"grad_l1": groups, "max_abs_grad": groups}))
+    grads = [g for _, g in named]
+    ords = {"grad_l1": 1, "max_abs_grad": math.inf}
+    columns = _columns_of([local(g) for g in grads], ords, stacks(grads))
+    groups = [shard_groups(g) for g in grads]
+    sizes = {name: len(grads) for name in ords}
+    values = _to_floats(_whole(columns, {"grad_l1": groups, "max_abs_grad": groups}), sizes)
     means = [total / max(g.numel(), 1) for total, (_, g) in zip(values["grad_l1"], named)]
     return [name for name, _ in named], means, values["max_abs_grad"]
 
