@@ -35,9 +35,9 @@ import torch
 from .graph import FirstStep
 from .histograms import to_host
 from .loop import held, logits, output_facts
-from .shards import is_sharded, local
+from .shards import is_sharded
 from .sink import Guard
-from .stats import NamedParameters, learning_rate
+from .stats import NamedParameters, WeightsBefore, learning_rate
 
 # what WrapperCalls counts: the optimizer steps so far; since the last reading, the training forward
 # passes, those that skipped the DistributedDataParallel wrapper, and the steps all of whose
@@ -143,7 +143,7 @@ class Hooks:
         self.cleared: torch.Tensor | None = None  # 1 if the gradients were cleared, 0 if not
         self.stay = False  # placed for good: the model runs compiled
         self.stepped = OptimizerSteps()
-        self.before_update: dict[str, torch.Tensor] | None = None
+        self.before_update: WeightsBefore | None = None
         self.first = FirstStep()
         self.wrapper = WrapperCalls()
 
@@ -302,7 +302,7 @@ class Hooks:
         self.arm(first)
         self.check_clearing(parameters)
         with self.guard("copying the weights for the update ratio"), torch.no_grad():
-            self.before_update = {name: local(p).clone() for name, p in parameters}
+            self.before_update = WeightsBefore(parameters)
 
     def take_graph(self, loss: Any, parameters: NamedParameters) -> dict[str, Any]:
         """What the graph of the first step's loss shows (graph.loss_graph); {} if not read."""

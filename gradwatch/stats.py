@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .histograms import to_host
-from .shards import all_reduce, is_sharded, local, shard_groups
+from .shards import all_reduce, local, shard_groups
 
 NamedParameters = Sequence[tuple[str, torch.nn.Parameter]]
 
@@ -61,7 +61,10 @@ def _rows(stacked: torch.Tensor, ord: float) -> torch.Tensor:
 # that a reading costs what its bytes cost, not its count of tensors (bench/experts.py). A larger
 # tensor's kernels take long beside their launch: it is reduced alone.
 SMALL = 1 << 16
-STACK = 512
+STACK = 128
+
+
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a subclass (a DTensor's values are elsewhere)
 
 
 def stacks(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -69,10 +72,58 @@ def stacks(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     dtype and device, of at most SMALL values, two or more."""
     alike: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
-        if 0 < t.numel() <= SMALL and t.layout == torch.strided and not is_sharded(t):
+        if type(t) in PLAIN and t.layout == torch.strided and 0 < t.numel() <= SMALL:
             alike.setdefault((t.shape, t.dtype, t.device), []).append(i)
     runs = [ids for ids in alike.values() if len(ids) > 1]
     return [ids[k : k + STACK] for ids in runs for k in range(0, len(ids), STACK)]
+
+
+class WeightsBefore(Mapping):
+    """The weights before an optimizer step, copied for the update ratio: `{name: copy}`, the
+    tensors of each stack (see stacks) in one stacked copy, the others one by one."""
+
+    def __init__(self, named: NamedParameters):
+        values = [local(p).detach() for _, p in named]
+        self.names = [name for name, _ in named]
+        groups = [tuple(ids) for ids in stacks([p for _, p in named])]
+        self.stacked = {ids: torch.stack([values[i] for i in ids]) for ids in groups}
+        self.row = {self.names[i]: (ids, j) for ids in groups for j, i in enumerate(ids)}
+        self.alone = {n: v.clone() for n, v in zip(self.names, values) if n not in self.row}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.row:
+            ids, j = self.row[name]
+            return self.stacked[ids][j]
+        return self.alone[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.row or name in self.alone
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class _Before:
+    """The weights before the step, by index in `names`' order, read when asked (the tensors of a
+    stack of WeightsBefore never are: their stacked copy is)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], names: list[str]):
+        self.weights = weights
+        self.names = names
+        self.stacked = weights.stacked if isinstance(weights, WeightsBefore) else {}
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return local(self.weights[self.names[i]]).detach()
+
+    def stack(self, ids: list[int]) -> torch.Tensor:
+        """The copies of tensors `ids` in one (tensors, values) stack."""
+        same = self.stacked.get(tuple(ids))
+        if same is not None and self.weights.names == self.names:
+            return same.flatten(1)
+        return torch.stack([self[i] for i in ids]).flatten(1)
 
 
 @dataclass
@@ -89,14 +140,14 @@ def _columns_of(
     tensors: list[torch.Tensor],
     ords: dict[str, float],
     stacked: list[list[int]],
-    minus: list[torch.Tensor] | None = None,
+    minus: _Before | None = None,
     made: dict[tuple, torch.Tensor] | None = None,
 ) -> dict[str, Column]:
     """{name: Column} of each of `ords`' norms of `tensors` (of `tensors[i] - minus[i]`, with
     `minus`), the stacks given reduced together: each stack is copied once for all the norms, and
     kept in `made` (by its indices), where a stack of the same tensors already is."""
     alone = sorted(set(range(len(tensors))) - {i for ids in stacked for i in ids})
-    singles = [tensors[i] - minus[i] if minus else tensors[i] for i in alone]
+    singles = [tensors[i] - minus[i] if minus is not None else tensors[i] for i in alone]
     columns = {name: Column(dict(zip(alone, _norms(singles, o))), []) for name, o in ords.items()}
     made = {} if made is None else made
     for ids in stacked:
@@ -104,8 +155,8 @@ def _columns_of(
         if key not in made:
             made[key] = torch.stack([tensors[i] for i in ids]).flatten(1)
         rows = made[key]
-        if minus:
-            rows = rows - torch.stack([minus[i] for i in ids]).flatten(1)
+        if minus is not None:
+            rows = rows - minus.stack(ids)
         for name, o in ords.items():
             columns[name].stacked.append((ids, _rows(rows, o)))
     return columns
@@ -167,22 +218,27 @@ def _columns(named, graded, moved, previous_weights) -> dict[str, list[float]]:
     weights = [p for _, p in named]
     grads = [g for _, g in graded]
     after = [w for _, w in moved]
-    before = [local(previous_weights[name]).detach() for name, _ in moved]
-    weight_ords = {"weight_norm": 2, "max_abs_weight": math.inf}
-    made: dict[tuple, torch.Tensor] = {}  # the stacks of the weights, which their updates reuse
+    before = _Before(previous_weights, [name for name, _ in moved])
+    same = len(moved) == len(named)  # the usual: every weight's update (the same order)
+    known = isinstance(previous_weights, WeightsBefore) and same
+    weight_stacks = [list(ids) for ids in previous_weights.stacked] if known else stacks(weights)
     # detached: a Parameter's torch-function dispatch triples the cost of stacking it
     values = [local(w).detach() for w in weights]
-    columns = _columns_of(values, weight_ords, stacks(weights), made=made)
+    made: dict[tuple, torch.Tensor] = {}  # the stacks of the weights, which their updates reuse
+    weight_ords = {"weight_norm": 2, "max_abs_weight": math.inf}
+    columns = _columns_of(values, weight_ords, weight_stacks, made=made)
     grad_ords = {"grad_norm": 2, "grad_nonzero": 0}
     columns.update(_columns_of(_gradients(graded), grad_ords, stacks(grads)))
     update_ords = {"update_norm": 2, "update_nonzero": 0}
-    reuse = made if len(moved) == len(named) else None  # the same tensors in the same order
-    after_values = [local(w).detach() for w in after]
-    columns.update(_columns_of(after_values, update_ords, stacks(after), before, reuse))
+    if same:
+        columns.update(_columns_of(values, update_ords, weight_stacks, before, made))
+    else:
+        after_values = [local(w).detach() for w in after]
+        columns.update(_columns_of(after_values, update_ords, stacks(after), before))
     weight_groups = [shard_groups(w) for w in weights]
     grad_groups = [shard_groups(g) for g in grads]
     groups = dict(weight_norm=weight_groups, max_abs_weight=weight_groups, grad_norm=grad_groups)
-    moved_groups = [shard_groups(w) for w in after]
+    moved_groups = weight_groups if same else [shard_groups(w) for w in after]
     groups.update(grad_nonzero=grad_groups, update_norm=moved_groups, update_nonzero=moved_groups)
     sizes = {key: len(values) for key, values in groups.items()}
     return _to_floats(_whole(columns, groups), sizes)

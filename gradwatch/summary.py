@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # the file of a run folder that holds the summaries the rules read, one JSON line each, which
@@ -95,8 +95,10 @@ class EpochSummary:
     unit: str = "epoch"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values, for a checkpoint loaded with torch.load(weights_only=True)."""
-        return asdict(self)
+        """Plain Python values, for a checkpoint loaded with torch.load(weights_only=True): a copy
+        (of dicts, lists and numbers: faster than dataclasses.asdict, which looks for dataclasses
+        in every value of thousands of layers)."""
+        return {f.name: _copied(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EpochSummary:
@@ -106,20 +108,37 @@ class EpochSummary:
         return cls(**{key: value for key, value in values.items() if key in known})
 
 
+def _copied(value: Any) -> Any:
+    """A copy of a value made of dicts, lists, tuples and numbers."""
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_copied(item) for item in value)
+    return value
+
+
 def _median(values: list[float | None]) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(values) if values else math.nan
 
 
 def _layers(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Each parameter's medians of STAT_KEYS over the records (those it has), and its weights as at
+    the latest: one pass over the records, thousands of parameters (a model of experts) in each."""
+    seen: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        for name, values in record.items():
+            if name in EXTRA:
+                continue
+            kept = seen.setdefault(name, {})
+            for key, value in values.items():
+                kept.setdefault(key, []).append(value)
     layers = {}
     for name, latest in records[-1].items():
         if name in EXTRA:
             continue
-        present = [key for key in STAT_KEYS if any(key in r.get(name, {}) for r in records)]
-        layers[name] = {
-            key: _median([r.get(name, {}).get(key) for r in records]) for key in present
-        }
+        kept = seen[name]
+        layers[name] = {key: _median(kept[key]) for key in STAT_KEYS if key in kept}
         for key in ("max_abs_weight", "weight_norm"):  # the latest: where the weights are now
             if key in latest:
                 layers[name][key] = latest[key]
