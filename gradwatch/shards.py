@@ -14,15 +14,19 @@ from collections.abc import Hashable, Mapping
 
 import torch
 
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # never sharded: told apart at once (thousands a step)
+
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether a tensor is a DTensor, whose values are spread over processes."""
+    if type(tensor) in PLAIN:
+        return False
     return hasattr(tensor, "placements") and hasattr(tensor, "to_local")
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor; any other tensor as it is."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
+    return tensor if type(tensor) in PLAIN or not is_sharded(tensor) else tensor.to_local()
 
 
 def shard_groups(tensor: torch.Tensor) -> tuple:

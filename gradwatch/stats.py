@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .histograms import to_host
-from .shards import all_reduce, local, shard_groups
+from .shards import PLAIN, all_reduce, local, shard_groups
 
 NamedParameters = Sequence[tuple[str, torch.nn.Parameter]]
 
@@ -62,9 +62,6 @@ def _rows(stacked: torch.Tensor, ord: float) -> torch.Tensor:
 # tensor's kernels take long beside their launch: it is reduced alone.
 SMALL = 1 << 16
 STACK = 128
-
-
-PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a subclass (a DTensor's values are elsewhere)
 
 
 def stacks(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -269,7 +266,8 @@ def parameter_statistics(
     previous_weights = previous_weights or {}
     named = named_parameters(model)
     graded = [(name, p.grad) for name, p in named if p.grad is not None]
-    moved = [(name, p) for name, p in named if name in previous_weights]
+    present = set(previous_weights)
+    moved = [(name, p) for name, p in named if name in present]
     values = _columns(named, graded, moved, previous_weights)
     stats = {
         name: {"weight_norm": w, "max_abs_weight": m}

@@ -122,17 +122,22 @@ def _median(values: list[float | None]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def _layers(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Each parameter's medians of STAT_KEYS over the records (those it has), and its weights as at
-    the latest: one pass over the records, thousands of parameters (a model of experts) in each."""
+def _gathered(records: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """{parameter: {key: its values over the records}}, in one pass over them."""
     seen: dict[str, dict[str, list[float]]] = {}
     for record in records:
         for name, values in record.items():
-            if name in EXTRA:
-                continue
-            kept = seen.setdefault(name, {})
-            for key, value in values.items():
-                kept.setdefault(key, []).append(value)
+            if name not in EXTRA:
+                kept = seen.setdefault(name, {})
+                for key, value in values.items():
+                    kept.setdefault(key, []).append(value)
+    return seen
+
+
+def _layers(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Each parameter's medians of STAT_KEYS over the records (those it has), and its weights as at
+    the latest."""
+    seen = _gathered(records)
     layers = {}
     for name, latest in records[-1].items():
         if name in EXTRA:
