@@ -359,7 +359,8 @@ class EventSink(NullSink):
         self.stop(f"{path}: cannot be written ({reason}); {rest}")
 
     def open(self) -> None:
-        self.writer()
+        if self.stopped or False not in self.writers:  # else open, and checked when it writes
+            self.writer()
 
     def event(self, values: list[Summary.Value], step: int, per_step: bool = False) -> None:
         writer = self.writer(per_step, step) if values else None

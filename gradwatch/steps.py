@@ -131,7 +131,9 @@ class LossWindows:
 
     def add(self, step: int, loss: torch.Tensor | float) -> None:
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        self.pending.append((step, loss.reshape(())))  # a loss of shape (1,) is one number too
+        if loss.dim():  # a loss of shape (1,) is one number too
+            loss = loss.reshape(())
+        self.pending.append((step, loss))
         if len(self.pending) >= MAX_PENDING:  # statistics seldom: the losses so far make a window
             self.take()
 
