@@ -193,9 +193,11 @@ def _check_step(model: Any, loss: Any, grad_norm: Any, max_norm: Any) -> None:
         raise ValueError(
             "pass grad_norm and max_norm together: the norm before clipping and the threshold"
         )
-    one = isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_complex()
-    number = isinstance(loss, Real) and not isinstance(loss, bool)  # numpy's too
-    if loss is not None and not (one or number):
+    if isinstance(loss, torch.Tensor):  # at every step: the cheap checks first
+        one = loss.numel() == 1 and not loss.is_complex()
+    else:
+        one = loss is None or isinstance(loss, Real) and not isinstance(loss, bool)  # numpy's too
+    if not one:
         what = type(loss).__name__
         if isinstance(loss, torch.Tensor):
             what = f"a tensor of shape {tuple(loss.shape)}; pass loss.mean() for a loss per sample"
