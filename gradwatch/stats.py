@@ -138,24 +138,29 @@ def _columns_of(
     ords: dict[str, float],
     stacked: list[list[int]],
     minus: _Before | None = None,
-    made: dict[tuple, torch.Tensor] | None = None,
+    minus_ords: Mapping[str, float] | None = None,
 ) -> dict[str, Column]:
-    """{name: Column} of each of `ords`' norms of `tensors` (of `tensors[i] - minus[i]`, with
-    `minus`), the stacks given reduced together: each stack is copied once for all the norms, and
-    kept in `made` (by its indices), where a stack of the same tensors already is."""
+    """{name: Column} of each of `ords`' norms of `tensors` and, with `minus`, of each of
+    `minus_ords`' norms of `tensors[i] - minus[i]`; the stacks given reduced together, each copied
+    once for both and let go before the next is made (fresh memory costs a CPU a page fault per 4
+    kB: holding every stack at once doubled the time of a reading of many small tensors)."""
     alone = sorted(set(range(len(tensors))) - {i for ids in stacked for i in ids})
-    singles = [tensors[i] - minus[i] if minus is not None else tensors[i] for i in alone]
+    singles = [tensors[i] for i in alone]
     columns = {name: Column(dict(zip(alone, _norms(singles, o))), []) for name, o in ords.items()}
-    made = {} if made is None else made
+    minus_ords = minus_ords or {}
+    if minus is not None:
+        differences = [tensors[i] - minus[i] for i in alone]
+        for name, o in minus_ords.items():
+            columns[name] = Column(dict(zip(alone, _norms(differences, o))), [])
+        del differences
     for ids in stacked:
-        key = tuple(ids)
-        if key not in made:
-            made[key] = torch.stack([tensors[i] for i in ids]).flatten(1)
-        rows = made[key]
-        if minus is not None:
-            rows = rows - minus.stack(ids)
+        rows = torch.stack([tensors[i] for i in ids]).flatten(1)
         for name, o in ords.items():
             columns[name].stacked.append((ids, _rows(rows, o)))
+        if minus is not None:
+            rows = rows - minus.stack(ids)
+            for name, o in minus_ords.items():
+                columns[name].stacked.append((ids, _rows(rows, o)))
     return columns
 
 
@@ -221,17 +226,16 @@ def _columns(named, graded, moved, previous_weights) -> dict[str, list[float]]:
     weight_stacks = [list(ids) for ids in previous_weights.stacked] if known else stacks(weights)
     # detached: a Parameter's torch-function dispatch triples the cost of stacking it
     values = [local(w).detach() for w in weights]
-    made: dict[tuple, torch.Tensor] = {}  # the stacks of the weights, which their updates reuse
     weight_ords = {"weight_norm": 2, "max_abs_weight": math.inf}
-    columns = _columns_of(values, weight_ords, weight_stacks, made=made)
+    update_ords = {"update_norm": 2, "update_nonzero": 0}
+    if same:  # the updates from the weights' own stacks
+        columns = _columns_of(values, weight_ords, weight_stacks, before, update_ords)
+    else:
+        columns = _columns_of(values, weight_ords, weight_stacks)
+        after_values = [local(w).detach() for w in after]
+        columns.update(_columns_of(after_values, {}, stacks(after), before, update_ords))
     grad_ords = {"grad_norm": 2, "grad_nonzero": 0}
     columns.update(_columns_of(_gradients(graded), grad_ords, stacks(grads)))
-    update_ords = {"update_norm": 2, "update_nonzero": 0}
-    if same:
-        columns.update(_columns_of(values, update_ords, weight_stacks, before, made))
-    else:
-        after_values = [local(w).detach() for w in after]
-        columns.update(_columns_of(after_values, update_ords, stacks(after), before))
     weight_groups = [shard_groups(w) for w in weights]
     grad_groups = [shard_groups(g) for g in grads]
     groups = dict(weight_norm=weight_groups, max_abs_weight=weight_groups, grad_norm=grad_groups)
