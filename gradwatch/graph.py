@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .histograms import to_host
+from .shards import is_sharded
 from .stats import NamedParameters
 
 # Nodes that move, select, reshape or cast values without changing what they mean (a log-probability
@@ -47,6 +49,17 @@ RAW_SCORES = {
 # A layer's product of its input and its weights: where, without the model's outputs, a way from
 # the loss enters the model
 LAYER_PRODUCTS = {"AddmmBackward0", "MmBackward0", "BmmBackward0", "ConvolutionBackward0"}
+# Ops whose result is a linear function of what feeds them (a layer's product and sum, averaging,
+# reshaping, padding, dropout's mask): a model made of these alone computes one linear map, however
+# many layers it stacks. What is not here (an activation, max-pooling, a normalisation, a product
+# of two inputs, a fused recurrent layer) counts as not linear.
+LINEAR = KEEPS_MEANING | {
+    "AddmmBackward0", "MmBackward0", "ConvolutionBackward0", "LinearBackward0", "AddBackward0",
+    "SubBackward0", "NegBackward0", "ExpandBackward0", "AvgPool1DBackward0", "AvgPool2DBackward0",
+    "AvgPool3DBackward0", "AdaptiveAvgPool1DBackward0", "AdaptiveAvgPool2DBackward0",
+    "AdaptiveAvgPool3DBackward0", "MeanBackward0", "MeanBackward1", "SumBackward0", "SumBackward1",
+    "ConstantPadNdBackward0", "NativeDropoutBackward0", "torch::autograd::AccumulateGrad",
+}  # fmt: skip
 # The losses the graph names by their node, and the loss function behind each
 LOSS_NODES = {
     "NllLossBackward0": "nll_loss", "NllLoss2DBackward0": "nll_loss",
@@ -241,6 +254,54 @@ def layer_depths(root: Any) -> tuple[dict[int, int], set[int]]:
     return depths, lookups
 
 
+def stacked_linear(outputs: list[Any]) -> int:
+    """How many weight layers (LAYER_PRODUCTS and LinearBackward0) lie on the longest way below the
+    model's output nodes where every op below them is LINEAR; 0 where one is not, or where the
+    graph is larger than MAX_NODES."""
+    most: dict[int, int] = {}  # id(node): layers on the longest way below it, itself included
+    todo = [(node, False) for node in outputs]
+    while todo:
+        node, ready = todo.pop()
+        if id(node) in most and not ready:
+            continue
+        if node.name() not in LINEAR or len(most) >= MAX_NODES:
+            return 0
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not ready:
+            todo.append((node, True))
+            todo += [(child, False) for child in children if id(child) not in most]
+            continue
+        layer = node.name() in LAYER_PRODUCTS or node.name() == "LinearBackward0"
+        most[id(node)] = layer + max((most.get(id(child), 0) for child in children), default=0)
+    return max((most.get(id(node), 0) for node in outputs), default=0)
+
+
+@torch.no_grad()
+def gains(parameters: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """{id(weight): its gain} of the weight matrices and kernels among `parameters`: its RMS x the
+    square root of its fan-in (its values per output), ||W|| / sqrt(outputs), as a 0-dim tensor
+    (no synchronisation). torch.nn's initialisations give 0.3 to 1.5 (Linear's default 0.58,
+    Kaiming's for ReLU 1.41); weights drawn with a standard deviation of 1 give the square root of
+    the fan-in."""
+    weights = [p for p in parameters if p.dim() > 1 and p.numel() and not is_sharded(p)]
+    norms = torch._foreach_norm([p.detach().float() for p in weights]) if weights else []
+    return {id(p): norm / p.shape[0] ** 0.5 for p, norm in zip(weights, norms)}
+
+
+def largest_gain(
+    weights: NamedParameters, known: dict[int, torch.Tensor] | None = None
+) -> dict[str, Any] | None:
+    """Of the weights given, the one of the largest gain (see gains), {"name", "gain"}: from
+    `known` (gains read earlier: before the first step) where it has them, else as they are now.
+    None without any weight matrix or kernel."""
+    known = {**gains(p for _, p in weights), **(known or {})}
+    found = to_host({name: known[id(p)] for name, p in weights if id(p) in known})
+    if not found:
+        return None
+    top = max(found, key=found.get)
+    return {"name": top, "gain": found[top]}
+
+
 def made_of_losses(root: Any, outputs: set[int]) -> bool:
     """Whether every way from the loss back to the model's outputs (or, where they are not known, to
     a layer's product) passes a loss function the graph names (LOSS_NODES): a loss such as a policy
@@ -381,36 +442,39 @@ def loss_graph(
     outputs: Iterable[Any] = (),
     calls: dict[int, dict] | None = None,
     others: dict[str, set[int]] | None = None,
+    known_gains: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """What the loss's graph shows, as plain values: {"losses": the loss functions in it, each with
     its line, input and target where CallLog saw them, and the ops between it and the model's
     output; "reached": how many of `parameters` it reaches; "unreached": the trainable ones it does
-    not; "whole": whether the walk read it all; "made_of_losses": whether the loss is made by the
-    loss functions alone (made_of_losses); "problems": the bugs it shows}. `outputs` are the
-    grad_fn nodes of the model's outputs in that step; `others`, {name: ids of its parameters} of
-    the other models of the loop, whose names go into "reaches_parts" where the loss reaches them
-    (a GAN's generator loss, through the discriminator); {} for a loss without a graph."""
+    not; "whole": whether the walk read it all; "made_of_losses"; "problems": the bugs it shows;
+    "depths", "lookups" (layer_depths); "largest_gain", from `known_gains` where given}.
+    `outputs`: the grad_fn nodes of the model's outputs in that step; `others`: {name: ids of its
+    parameters} of the loop's other models, named in "reaches_parts" where the loss reaches them
+    (a GAN's generator loss, through the discriminator). {} for a loss without a graph."""
     root = getattr(loss, "grad_fn", None)
     if root is None:
         return {}
     nodes, leaves, whole = _walk(root)
     outputs = {id(node) for node in outputs if node is not None}
     losses, problems = _read_losses(nodes, outputs, calls or {})
-    reached = [name for name, p in parameters if id(p) in leaves]
+    if (layers := stacked_linear([node for node in nodes if id(node) in outputs])) >= 2:
+        problems.append({"kind": "linear_model", "layers": layers})  # one linear map
     unreached = [name for name, p in parameters if p.requires_grad and id(p) not in leaves]
     depths, lookups = layer_depths(root)
+    weights = [(n, p) for n, p in parameters if id(p) in leaves and id(p) not in lookups]
     return {
         "losses": losses,
         "made_of_losses": made_of_losses(root, outputs),
         "reaches_parts": [name for name, ids in (others or {}).items() if ids & leaves],
-        "reached": len(reached),
+        "reached": sum(id(p) in leaves for _, p in parameters),
         "unreached": unreached if whole else [],
         "whole": whole,
         "nodes": len(nodes),
         "problems": problems,
-        # each weight's layers below the loss (0: nearest it), and the weights read by a lookup
         "depths": {n: depths[id(p)] for n, p in parameters if id(p) in depths and p.dim() > 1},
         "lookups": [name for name, p in parameters if id(p) in lookups],
+        "largest_gain": largest_gain(weights, known_gains),
     }
 
 
@@ -439,6 +503,7 @@ class FirstStep:
         self.outputs: list[Any] = []
         self.others: dict[str, set[int]] = {}  # the other models of the loop: their parameters
         self.inputs: list[dict[str, Any]] = []  # the first training batch as the model took it
+        self.gains: dict[int, torch.Tensor] = {}  # the weights' gains before the first step
         # the loss with its graph, where step() is given it detached (by the framework callbacks)
         self.given: Any = None
 
@@ -448,12 +513,15 @@ class FirstStep:
         self.calls = {}
         self.outputs = []
         self.inputs = []
+        self.gains = {}
 
     def begin(self, model: torch.nn.Module, inputs: tuple = ()) -> None:
         """At a forward pass: note the batch, and start noting calls, if armed and not begun, in
         training mode."""
         if self.armed and not self.inputs and model.training:
             self.inputs = [_tensor_facts(x) for x in inputs[:4] if isinstance(x, torch.Tensor)]
+        if self.armed and not self.gains and model.training:
+            self.gains = gains(model.parameters())
         if self.armed and self.log is None and not self.calls and model.training:
             self.log = CallLog({id(m): name for name, m in model.named_modules()})
             self.calls = self.log.calls
@@ -482,7 +550,7 @@ class FirstStep:
         if getattr(loss, "grad_fn", None) is None:
             loss = self.given
         self.given = None
-        graph = (loss, parameters, self.outputs, self.calls, self.others)
+        graph = (loss, parameters, self.outputs, self.calls, self.others, self.gains)
         facts = loss_graph(*graph) if self.armed else {}
         if facts:
             facts["inputs"] = self.inputs

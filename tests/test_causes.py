@@ -176,3 +176,24 @@ def test_a_loss_down_to_a_hundredth_of_its_start_is_neither_oscillating_nor_vani
         assert RULES[rule](history(1.0), Thresholds()) == []
     assert [f.rule for f in RULES["oscillating"](history(10.0), Thresholds())] == ["oscillating"]
     assert [f.rule for f in RULES["vanishing_gradients"](history(10.0), Thresholds())] == ["vanishing_gradients"]
+
+
+def test_a_weights_gain_is_its_rms_times_the_square_root_of_its_fan_in():
+    """torch.nn's Linear and Conv2d defaults give 1/sqrt(3); a normal draw of standard deviation 1, sqrt(fan-in);
+    embeddings read by a lookup are left out of the loss graph's largest gain."""
+    from gradwatch.graph import largest_gain
+
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(400, 300), nn.Conv2d(16, 32, 3)
+    assert abs(largest_gain([("linear", linear.weight)])["gain"] - 3**-0.5) < 0.01
+    assert abs(largest_gain([("conv", conv.weight)])["gain"] - 3**-0.5) < 0.01
+    nn.init.normal_(linear.weight, 0.0, 1.0)
+    found = largest_gain([("conv", conv.weight), ("linear", linear.weight), ("linear.bias", linear.bias)])
+    assert found["name"] == "linear" and abs(found["gain"] - 400**0.5) < 0.5
+
+    embedding, head = nn.Embedding(100, 64), nn.Linear(64, 100)  # std 1 by design: a lookup
+    tokens = torch.randint(100, (4, 8))
+    loss = F.cross_entropy(head(embedding(tokens)).reshape(-1, 100), tokens.reshape(-1))
+    loss.backward()
+    graph = loss_graph(loss, [("embedding", embedding.weight), ("head", head.weight)])
+    assert graph["largest_gain"]["name"] == "head" and graph["largest_gain"]["gain"] < 1

@@ -699,7 +699,9 @@ def test_dead_units_the_model_learns_without_are_a_note_until_it_stops_learning(
     [finding] = told(epochs((0.6, 0.8), (0.5, 0.85)))
     assert finding.rule == "dead_units" and finding.harmless and finding.severity == "note"
     assert "learns on the units left" in finding.message
-    assert story([finding]).startswith("Note, epoch 1-2") and "If that matters: a smaller" in story([finding])
+    assert story([finding]).startswith(
+        "Note, epoch 1-2"
+    ) and "If that matters: check, in this order: the learning" in story([finding])
     [finding] = told(epochs((0.6, 0.8), (1.38, 0.25)))  # it stopped learning
     assert finding.severity == "warning" and not finding.harmless
     [finding] = told(epochs((1.38, 0.25), (0.5, 0.85)))  # dead before it learnt anything: a warning

@@ -68,6 +68,12 @@ def train(log_dir, loss="cross_entropy", steps=60, model=None, params=None, lr=0
     return monitor, returned
 
 
+def linear_stack():
+    """mlp() without its ReLU: two Linear layers in a row, one linear map."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 32), nn.Linear(32, CLASSES))
+
+
 def frozen_head_finetune():
     """A fine-tuning set-up as users write it: the backbone frozen, and the head frozen with it by mistake; only
     BatchNorm left trainable, and the optimizer built from the head."""
@@ -108,6 +114,12 @@ CASES = [
     graph_rule("bce_on_labels", "target_range", ["targets from 0 to 3, outside [0, 1]"]),
     graph_rule("mse", None, []),
     graph_rule("mse_broadcast", "loss_broadcast", ["shape (32, 1)", "shape (32,)", "broadcast them to (32, 32)"]),
+    pytest.param(
+        {"model": linear_stack()},
+        "linear_model",
+        ["stacks 2 weight layers with no activation"],
+        id="activation_removed",
+    ),  # fmt: skip
     pytest.param({"zero_grad": False, "lr": 0.01}, "gradients_not_cleared", ["never cleared"], id="no_zero_grad"),
     pytest.param({"restore": True}, "not_updated", ["did not change at all"], id="weights_restored"),
     pytest.param(

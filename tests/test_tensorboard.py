@@ -72,11 +72,11 @@ def has_histograms(port):
 
 @pytest.fixture
 def served_run(data_dir, tmp_path):
-    # --threshold update_fast=1e-9 makes the moving_too_fast rule fire, so the Text tab has a finding to show
+    # --threshold update_slow=1 makes the not_learning rule fire, so the Text tab has a finding to show
     assert (
         train.main(
             train_args(
-                data_dir, tmp_path / "logs", "--run-name", "r", "--threshold", "update_fast=1e-9", "--stats-every", "3"
+                data_dir, tmp_path / "logs", "--run-name", "r", "--threshold", "update_slow=1", "--stats-every", "3"
             )
         )
         == 0
@@ -106,7 +106,7 @@ def test_tensorboard_serves_histograms_scalars_images_and_diagnosis(served_run):
     assert set(get(port, "/data/plugin/images/tags")["r"]) == {"gradient_flow", "valid/confusion_matrix"}
 
     texts = get(port, "/data/plugin/text/text", run="r", tag="diagnosis/text_summary")
-    assert [t["step"] for t in texts] == [1, 2] and "moving_too_fast" in texts[0]["text"]
+    assert [t["step"] for t in texts] == [1, 2] and "not_learning" in texts[0]["text"]
 
 
 def tensorboard_order(a, b):

@@ -769,14 +769,14 @@ def test_one_run_folder_has_one_writer(data_dir, tmp_path, capsys):
 def test_one_epoch_numbering_from_the_console_to_tensorboard_and_diagnosis_json(data_dir, tmp_path, capsys):
     """An epoch is the same number wherever it is shown, the first being 1: a finding of the first epoch of three."""
     args = train_args(
-        data_dir, tmp_path, "--run-name", "r", "--threshold", "update_fast=1e-9", "--stats-every", 3, epochs=3
+        data_dir, tmp_path, "--run-name", "r", "--threshold", "update_slow=1", "--stats-every", 3, epochs=3
     )
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "Epoch[001/003]" in out and "Epoch[003/003]" in out and "Problem, epoch 1-3," in out
     run = tmp_path / "r"
     finding = next(
-        f for f in json.loads((run / "diagnosis.json").read_text())["findings"] if f["rule"] == "moving_too_fast"
+        f for f in json.loads((run / "diagnosis.json").read_text())["findings"] if f["rule"] == "not_learning"
     )
     assert (finding["epoch"], finding["last_epoch"]) == (1, 3)
     events = load_events(run)

@@ -123,9 +123,11 @@ def dropout(p):
 # ---- the faults: name -> (program, operator id, change, the rules that name its cause) ----
 
 LR_HIGH = ("diverging", "loss_spikes", "exploding_gradients", "nonfinite_gradients", "oscillating",
-           "moving_too_fast", "mostly_clipped")  # fmt: skip
-LR_LOW = ("stuck", "not_learning", "updates_rounded_away")
-SATURATING = ("saturated", "vanishing_gradients")
+           "moving_too_fast", "mostly_clipped", "moving_too_fast:learning_rate", "saturated:learning_rate",
+           "dead_units:learning_rate")  # fmt: skip
+LR_LOW = ("stuck", "not_learning", "updates_rounded_away", "not_learning:learning_rate")
+LARGE_INIT = ("high_initial_loss", "saturated", "diverging:initialisation")
+SATURATING = ("saturated", "vanishing_gradients", "vanishing_gradients:saturation")
 LABELS = ("noisy_labels", "no_generalisation", "stuck:weights_move")
 CLIPPING = ("mostly_clipped", "updates_rounded_away:clipping")
 # rules whose finding states a symptom and what to check, naming no cause (a rule of candidate
@@ -148,14 +150,14 @@ FAULTS = {
     "lenet_HLR_d1000": ("d2l_lenet", "HLR", lr(1e-3), LR_LOW),
     "lenet_LCH_mse": ("d2l_lenet", "LCH", Change(loss="mse"), ("not_cross_entropy",)),
     "lenet_RAW_1": ("d2l_lenet", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
-    "lenet_WCI_large": ("d2l_lenet", "WCI", initialisation("large"), ("high_initial_loss", "saturated")),
+    "lenet_WCI_large": ("d2l_lenet", "WCI", initialisation("large"), LARGE_INIT),
     # the BatchNorm ResNet (d2l's Residual blocks, SGD 0.01, epochs)
     "resnet_TUD_5": ("d2l_resnet", "TUD", unbalanced(0.05), ("output_bias_skew",)),
     "resnet_AAL_softmax": ("d2l_resnet", "AAL", softmax_at_output(), ("softmax_before_loss",)),
     "resnet_TRD_3": ("d2l_resnet", "TRD", data_deleted(0.03), ("overfitting", "stuck:few_steps")),
     "resnet_HLR_d1000": ("d2l_resnet", "HLR", lr(1e-3), LR_LOW),
     # softmax regression and linear regression (d2l, epochs)
-    "softmax_WCI_large": ("d2l_softmax", "WCI", initialisation("large"), ("high_initial_loss", "saturated")),
+    "softmax_WCI_large": ("d2l_softmax", "WCI", initialisation("large"), LARGE_INIT),
     "softmax_TCL_100": ("d2l_softmax", "TCL", labels_changed(1.0), LABELS),
     "linreg_HLR_x100": ("d2l_linear_regression", "HLR", lr(100), LR_HIGH),
     "linreg_TAN_3": ("d2l_linear_regression", "TAN", noise_added(3.0), ()),
@@ -170,14 +172,14 @@ FAULTS = {
     "transformer_RCD_95": ("lightning_transformer", "RCD", dropout(0.95), ()),
     "transformer_OCG_1e-4": ("lightning_transformer", "OCG", Change(clip=1e-4), CLIPPING),
     "lstm_HLR_d1000": ("lightning_lstm", "HLR", lr(1e-3), LR_LOW),
-    "lstm_WCI_large": ("lightning_lstm", "WCI", initialisation("large"), ("high_initial_loss", "saturated")),
+    "lstm_WCI_large": ("lightning_lstm", "WCI", initialisation("large"), LARGE_INIT),
 }
 
 HELD_OUT = {
     # the CNN
     "lenet_TUD_5": ("d2l_lenet", "TUD", unbalanced(0.05), ("output_bias_skew",)),
     "lenet_HBS_1": ("d2l_lenet", "HBS", Change(batch=1), LR_HIGH),
-    "lenet_ARM": ("d2l_lenet", "ARM", activation_removed(), ()),
+    "lenet_ARM": ("d2l_lenet", "ARM", activation_removed(), ("linear_model",)),
     # the BatchNorm ResNet
     "resnet_TCL_50": ("d2l_resnet", "TCL", labels_changed(0.5), LABELS),
     "resnet_RAW_1": ("d2l_resnet", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
@@ -186,7 +188,7 @@ HELD_OUT = {
     "rnn_HLR_x30": ("d2l_rnn_lm", "HLR", lr(30), LR_HIGH),
     "rnn_HLR_d1000": ("d2l_rnn_lm", "HLR", lr(1e-3), LR_LOW),
     "gru_TCL_60": ("d2l_gru_lm", "TCL", labels_changed(0.6), LABELS),
-    "gru_WCI_large": ("d2l_gru_lm", "WCI", initialisation("large"), ("high_initial_loss", "saturated")),
+    "gru_WCI_large": ("d2l_gru_lm", "WCI", initialisation("large"), LARGE_INIT),
     # the GAN (d2l's, two models, epochs)
     "gan_HLR_x100": ("d2l_gan", "HLR", lr(100), LR_HIGH),
     "gan_OCH_sgd": ("d2l_gan", "OCH", Change(optimizer="sgd", lr=0.01), LR_LOW),

@@ -150,6 +150,16 @@ def _fast(summary: EpochSummary, t: Thresholds) -> dict[str, float]:
     return {n: r for n, r in _update_ratios(summary).items() if r > t.update_fast}
 
 
+def _fast_so_far(history: list[EpochSummary], t: Thresholds) -> dict[str, float]:
+    """The weights whose median update ratio was above `update_fast` in any summary so far, at
+    their fastest, by name: steps that large before a symptom can have caused it."""
+    found: dict[str, float] = {}
+    for summary in history:
+        for name, ratio in _fast(summary, t).items():
+            found[name] = max(ratio, found.get(name, 0.0))
+    return found
+
+
 def _peak_lr(history: list[EpochSummary]) -> float | None:
     """The highest learning rate of the run so far: the rate set (a scheduler's `initial_lr`, a
     warmup's target), at watch(), at a statistics step, or at an epoch's end."""

@@ -136,6 +136,45 @@ def loss_spikes(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     return [_found(history[-1], [], evidence, message, step=began)]
 
 
+# A weight's gain (its RMS x the square root of its fan-in, graph.largest_gain) from which its
+# initialisation, not the learning rate, is named as the cause of a divergence: torch.nn's give 0.3
+# to 1.5, a normal draw of standard deviation 1 the square root of the fan-in (4 from 16 inputs)
+LARGE_GAIN = 4.0
+LARGE_INIT = (
+    "initialise the weights as torch.nn does (its layers' defaults, or nn.init.kaiming_normal_ / "
+    "xavier_uniform_), or scale them down to about 1 / sqrt(fan-in) in standard deviation, before "
+    "changing the learning rate."
+)
+
+
+def _large_initialisation(now: EpochSummary) -> dict | None:
+    """The weight of the largest gain before the first step, where it is LARGE_GAIN or more."""
+    largest = now.loop.get("graph", {}).get("largest_gain")
+    gain = (largest or {}).get("gain")
+    return largest if finite(gain) and gain >= LARGE_GAIN else None
+
+
+def _risen(now: EpochSummary, high: dict, start: float, limit: float, t: Thresholds) -> Finding:
+    """diverging's finding of a loss that rose to `high` (a level, or a window) above `limit`: the
+    learning rate too high, or the initialisation where the graph showed it far too large."""
+    peak = max((w for w in now.losses if finite(w["max"])), key=lambda w: w["max"])
+    steps = peak["max_step"]
+    when = f"in the first {steps} steps" if now.epoch == 0 else f"by step {steps}"
+    message = f"the training loss rose from {start:.3g} to {peak['max']:.3g} {when}: "
+    evidence = {"first_loss": start, "peak": peak["max"], "peak_step": steps}
+    evidence.update(level=high.get("level"), threshold=t.diverging_factor)
+    began = [w for w in now.losses if w["max"] > limit and w["step"] >= high.get("first", 0)]
+    step = began[0]["max_step"] if began else high["peak_step"]  # when it began
+    large = _large_initialisation(now)
+    if large is None:
+        return _found(now, [], evidence, message + "the learning rate is too high.", step)
+    message += f"the weights started far too large ({large['name']}: {large['gain']:.2g} times "
+    message += "the square root of its fan-in in RMS, where torch.nn's initialisations give "
+    message += "0.3 to 1.5), and so did the gradients and the steps."
+    evidence.update(cause="initialisation", largest_gain=large)  # no claim on the lr
+    return _found(now, [], evidence, message, step, suggestion=LARGE_INIT)
+
+
 @rule(
     "lower the learning rate at least ten times{lr}; check that the inputs are normalised; clip "
     "gradients (torch.nn.utils.clip_grad_norm_).",
@@ -157,7 +196,8 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     model's loss, ln C for a cross-entropy over C classes, and its first level) or, with ln C
     known, above WORSE x both ln C and its first level (worse than a model that guesses), or a
     batch's cross-entropy reaches EXPLODED x ln C; or the loss becomes NaN or Inf (then, without
-    rising first, it points at the data)."""
+    rising first, it points at the data). The learning rate is named, but where the loss's graph
+    showed a weight of LARGE_GAIN or more before the first step: then its initialisation."""
     now = history[-1]
     judged = _judged(history)  # not: a loss that rises by design, of which only NaN is told
     untrained = _untrained_loss(now) if judged else None
@@ -169,16 +209,7 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     high = next((span for span in _levels(now.losses) if span["level"] > limit), None)
     high = high or _exploded(now, untrained)
     if high is not None:
-        peak = max((w for w in now.losses if finite(w["max"])), key=lambda w: w["max"])
-        steps = peak["max_step"]
-        when = f"in the first {steps} steps" if now.epoch == 0 else f"by step {steps}"
-        message = f"the training loss rose from {start:.3g} to {peak['max']:.3g} {when}: "
-        message += "the learning rate is too high."
-        evidence = {"first_loss": start, "peak": peak["max"], "peak_step": steps}
-        evidence.update(level=high.get("level"), threshold=t.diverging_factor)
-        began = [w for w in now.losses if w["max"] > limit and w["step"] >= high.get("first", 0)]
-        step = began[0]["max_step"] if began else high["peak_step"]  # when it began
-        return [_found(now, [], evidence, message, step)]
+        return [_risen(now, high, start, limit, t)]
     bad = next((w for w in now.losses if w.get("nonfinite_step") is not None), None)
     if bad is None:
         return []

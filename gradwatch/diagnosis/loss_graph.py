@@ -14,6 +14,26 @@ from .loop import SQUASHED_BY, _place
 from .thresholds import Thresholds
 
 
+@rule(
+    "an activation (ReLU, GELU) after each hidden layer: without one, the layers compose into a "
+    "single linear map, which more layers do not make more able to learn.",
+    exact=True,
+    root=True,
+)
+def linear_model(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
+    """Where the loss's graph was read with the model's outputs: two weight layers or more lie on
+    one way below the outputs and every op there is linear (a layer's product and sum, average
+    pooling, reshaping, dropout): the model computes one linear map of its inputs."""
+    now = history[-1]
+    problem = _problem(now, "linear_model")
+    if problem is None:
+        return []
+    message = f"the model's graph stacks {problem['layers']} weight layers with no activation "
+    message += "between them (only linear ops: products, sums, average pooling, reshapes): they "
+    message += "compute one linear map of the inputs."
+    return [_found(now, [], {"layers": problem["layers"]}, message, _graph_step(now, history))]
+
+
 def _in_band(reading: dict) -> bool:
     """Whether the step's loss is what cross-entropy on these output rows can give."""
     loss = reading["loss"]

@@ -25,7 +25,13 @@ from .thresholds import Thresholds
 @rule(
     "a larger learning rate{lr_up}; if that does not help, check that the labels match the images "
     "and that the inputs are normalised.",
-    thresholds=("stuck_loss", "chance_margin", "stuck_epochs", "stuck_moving_ratio"),
+    thresholds=(
+        "stuck_loss",
+        "chance_margin",
+        "stuck_epochs",
+        "stuck_moving_ratio",
+        "stuck_data_ratio",
+    ),
     follows=(
         "updates_rounded_away",
         "not_updated",
@@ -51,9 +57,10 @@ from .thresholds import Thresholds
 def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """For `stuck_epochs` epochs the training loss stays above `stuck_loss` x ln C and the accuracy
     within `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any
-    loss function); if the weights move meanwhile (median update ratio above `stuck_moving_ratio`),
-    the labels and inputs are the suspects, not the learning rate; in fewer than FEW_STEPS
-    optimizer steps in all, the run is too short to blame either."""
+    loss function). Told with its suspect by how fast the weights move meanwhile (their median
+    update ratio): the learning rate below `stuck_moving_ratio`; the labels and inputs at
+    `stuck_data_ratio` or above, a pace at which models learn; neither between the two (what to
+    check comes in order), nor in fewer than FEW_STEPS optimizer steps in all (too few to tell)."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
@@ -79,15 +86,29 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         suggestion += "learning rate or the data: a model learns little in so few."
         evidence.update(cause="few_steps", steps=now.step)  # no claim on the learning rate
         return [_found(now, [], evidence, message, suggestion=suggestion)]
-    moving = _moving(recent)  # if the weights move, the data are suspect
+    return [_by_pace(now, _moving(recent), message, evidence, t)]
+
+
+def _by_pace(
+    now: EpochSummary, moving: float | None, message: str, evidence: dict, t: Thresholds
+) -> Finding:
+    """The finding of a stuck run told with its suspect by the weights' pace `moving` (their median
+    update ratio, None where none was read)."""
     if moving is None or moving < t.stuck_moving_ratio:
-        return [_found(now, [], evidence, f"{message}: the model is not learning.")]
+        return _found(now, [], evidence, f"{message}: the model is not learning.")
+    if moving < t.stuck_data_ratio:  # slow steps: the rate and the data are suspects alike
+        message += f", the weights moving slowly (median ||dw||/||w|| {moving:.2g} per step)."
+        suggestion = "check, in this order: the learning rate (whether the loss moves at ten times "
+        suggestion += "it); that the labels match the inputs and that the inputs vary and are "
+        suggestion += "normalised."
+        evidence.update(update_ratio=moving, cause=None)  # a symptom: no claim on the rate
+        return _found(now, [], evidence, message, suggestion=suggestion)
     message += f", although the weights move (median ||dw||/||w|| {moving:.2g}): the labels or the "
     message += "inputs say nothing the model can learn."
     suggestion = "check that the labels match the images (a shuffled or misaligned list?) and that "
     suggestion += "the inputs vary and are normalised; a larger learning rate will not help."
     evidence.update(update_ratio=moving, weights_move=True)
-    return [_found(now, [], evidence, message, suggestion=suggestion)]
+    return _found(now, [], evidence, message, suggestion=suggestion)
 
 
 # optimizer steps in all below which a loss that has not moved says nothing yet: 4 levels of it

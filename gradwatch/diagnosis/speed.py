@@ -8,6 +8,7 @@ from ..summary import EpochSummary, finite
 from .facts import (
     LEARNT,
     _fast,
+    _fast_so_far,
     _fell,
     _judged,
     _kept_apart,
@@ -27,10 +28,44 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
     return [_found(now, list(found), {"update_ratio": found, "threshold": threshold}, message)]
 
 
+def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """The steps are small with gradients that reach the layers: each one's gradient RMS at or above
+    `vanishing_floor`, and no weight moved by more than `update_fast` of its size at any summary
+    so far (steps that large before, then none, tell of units pushed to their limits, not of a
+    rate too low)."""
+    layers = history[-1].layers
+    rms = {name: layers[name].get("grad_rms") for name in finding.parameters}
+    reached = all(finite(r) and r >= t.vanishing_floor for r in rms.values())
+    if _fast_so_far(history, t) or not reached:
+        return None
+    return {"grad_rms": rms}
+
+
 @rule(
-    "a larger learning rate for these layers (--layer-lr NAME=FACTOR), less weight decay, or check "
-    "that they receive gradients.",
-    thresholds=("update_slow",),
+    "",
+    causes=(
+        Cause(
+            "learning_rate",
+            _slow_steps,
+            "a larger learning rate for these layers (--layer-lr NAME=FACTOR){lr_up}.",
+            "the learning rate: steps this small with gradients that reach them",
+            RAISE,
+        ),
+        Cause(
+            "gradients",
+            _never,
+            "",
+            "the gradients that reach these layers (the Gradients charts): vanishing ones, or "
+            "units at their limits, make the steps small whatever the rate",
+        ),
+        Cause(
+            "weight_decay",
+            _never,
+            "",
+            "the weight decay: decay that matches the gradients holds the weights in place",
+        ),
+    ),
+    thresholds=("update_slow", "update_fast", "vanishing_floor"),
     follows=(
         "updates_rounded_away",
         "not_updated",
@@ -44,7 +79,7 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
         "diverging",
         "high_initial_loss",
     ),
-    lr=RAISE,
+    lr=RAISE,  # where its cause is the learning rate
     instead="check that these layers receive gradients and are in the optimizer.",
     ended="a slow start",
 )
@@ -52,7 +87,9 @@ def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio ||dw|| / ||w|| over the epoch is below
     `update_slow`; frozen ones (requires_grad=False) and copies kept apart (a target network) are
     meant not to move, and neither are any once the schedule has brought the learning rate below a
-    tenth of its peak, or once a loss to be minimised is down to LEARNT x where it started."""
+    tenth of its peak, or once a loss to be minimised is down to LEARNT x where it started. A
+    symptom: the learning rate is its cause where the gradients reach the layers and no step was
+    ever large."""
     frozen = set(history[-1].loop.get("frozen", ())) | _kept_apart(history[-1])
     peak = _peak_lr(history)
     if peak and finite(history[-1].lr) and history[-1].lr < 0.1 * peak:
@@ -62,6 +99,15 @@ def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     ratios = _update_ratios(history[-1]).items()
     found = {n: r for n, r in ratios if r < t.update_slow and n not in frozen}
     return _update_finding(history[-1], found, t.update_slow, "less") if found else []
+
+
+def _new_low(history: list[EpochSummary]) -> bool:
+    """Whether the loss's latest level is below its latest level at every summary before: it still
+    falls."""
+    latest = _latest_level(history[-1])
+    before = [_latest_level(summary) for summary in history[:-1]]
+    before = [level for level in before if finite(level)]
+    return finite(latest) and bool(before) and latest < min(before)
 
 
 def _rose(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
@@ -112,9 +158,10 @@ def _rose(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict 
 def moving_too_fast(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """A weight tensor's median update-to-weight ratio is above `update_fast` (about 1e-3 is typical
     of healthy training), while a loss to be minimised does not fall below FELL x its first level
-    (large steps that bring the loss down are learning: weights that start near zero move by much
-    of their size). A symptom: the learning rate is its cause where the loss rose meanwhile."""
-    if _judged(history) and _fell(history):
+    and makes no new low (large steps that bring the loss down are learning: weights that start near
+    zero move by much of their size); not in the first summary, whose steps are no baseline. A
+    symptom: the learning rate is its cause where the loss rose meanwhile."""
+    if _judged(history) and (len(history) < 2 or _fell(history) or _new_low(history)):
         return []
     found = _fast(history[-1], t)
     return _update_finding(history[-1], found, t.update_fast, "more") if found else []

@@ -47,11 +47,13 @@ class Thresholds:
     saturated_share: float = 0.5
     # stuck: the training loss stays above stuck_loss x ln C (C classes) and the accuracy within
     # chance_margin of chance (1 / C) for stuck_epochs epochs in a row; with the weights moving
-    # faster than stuck_moving_ratio (median update ratio), the data are suspect, not the lr
+    # slower than stuck_moving_ratio (median update ratio), the lr is named; at stuck_data_ratio or
+    # faster (a pace that trains models), the data are suspect; between the two, neither
     stuck_loss: float = 0.9
     chance_margin: float = 0.1
     stuck_epochs: int = 5
     stuck_moving_ratio: float = 1e-4
+    stuck_data_ratio: float = 1e-3
     # no_generalisation: the training accuracy generalisation_gap above chance, the validation
     # accuracy within chance_margin of it
     generalisation_gap: float = 0.3

@@ -4,14 +4,69 @@ their limits), each with its candidate causes."""
 from __future__ import annotations
 
 from ..summary import EpochSummary, finite
-from .facts import _accuracy, _fast, _loss, _near_start, _period, _saturated, _start_loss
-from .findings import LOWER, Cause, Finding, _found, rule
+from .facts import (
+    _accuracy,
+    _fast_so_far,
+    _judged,
+    _loss,
+    _near_start,
+    _period,
+    _saturated,
+    _start_loss,
+)
+from .findings import LOWER, Cause, Finding, _found, _never, rule
 from .thresholds import Thresholds
 
 
+def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """Weights that moved by more than `update_fast` of their size per step at some summary so far:
+    steps that large push a unit's inputs far out, where a ReLU stays at 0 and a sigmoid or tanh
+    flattens."""
+    fast = _fast_so_far(history, t)
+    return {"update_ratio": fast} if fast else None
+
+
+def _learns_anyway(history: list[EpochSummary], t: Thresholds) -> str | None:
+    """Where the units left learn anyway, what to tell of it: a loss to be minimised that is no
+    longer near where it started; None where it is (or cannot be judged: an RL or GAN loss)."""
+    now = history[-1]
+    start, _ = _start_loss(history)
+    if not _judged(history) or not start or not finite(_loss(now)) or _near_start(now, start, t):
+        return None
+    accuracy = _accuracy(now)
+    text = f" The model learns on the units left (training loss {_loss(now):.3g}"
+    return text + (f", accuracy {accuracy:.1%})." if finite(accuracy) else ").")
+
+
+def _unjudged(history: list[EpochSummary]) -> str:
+    """What to tell where the loss cannot show whether units at their limits cost anything."""
+    if _judged(history):
+        return ""
+    return " Its loss is not one to minimise (RL, GAN, other): it cannot show what they cost."
+
+
+FAST_STEPS = Cause(
+    "learning_rate",
+    _fast_steps,
+    "a lower learning rate{lr}.",
+    "the learning rate: steps of more than a tenth of the weights push the units' inputs far out",
+    LOWER,
+)
+
+
 @rule(
-    "a smaller negative bias or a better initialisation (Kaiming's), or LeakyReLU.",
-    thresholds=("dead_share",),
+    "",
+    causes=(
+        FAST_STEPS,
+        Cause(
+            "initialisation",
+            _never,
+            "",
+            "the initialisation and the biases: a negative bias or weights too large for their "
+            "fan-in (Kaiming's initialisation fits ReLUs), or LeakyReLU, which never stops",
+        ),
+    ),
+    thresholds=("dead_share", "update_fast"),
     follows=(
         "gradients_not_cleared",
         "strong_weight_decay",
@@ -24,7 +79,9 @@ from .thresholds import Thresholds
 def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """`dead_share` of a ReLU's units (channels or features) gave no positive output at any
     statistics step of the epoch (in logs read by `diagnose`: for a whole batch). A note while the
-    model learns anyway (not near its start, as `stuck` measures it), a warning once it does not."""
+    model learns anyway (not near its start, as `stuck` measures it) or its loss cannot tell (RL,
+    GAN, other), a warning once it does not. A symptom: the learning rate is its cause where the
+    steps were large."""
     now = history[-1]
     # by the layer that feeds them: of two ReLUs after one layer, the later one speaks for it
     dead = {
@@ -38,58 +95,46 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     parts = ", ".join(f"{share:.0%} of {layer}'s" for layer, share in dead.items())
     message = f"{parts} units gave no positive output on any batch read in {_period(now)}: "
     message += "their ReLUs no longer fire (dead units)."
-    start, _ = _start_loss(history)
-    learns = bool(start) and finite(_loss(now)) and not _near_start(now, start, t)  # no more
-    if learns:
-        accuracy = _accuracy(now)
-        message += f" The model learns on the units left (training loss {_loss(now):.3g}"
-        message += f", accuracy {accuracy:.1%})." if finite(accuracy) else ")."
-    evidence = {"dead_share": dead, "threshold": t.dead_share}
-    finding = _found(now, list(dead), evidence, message)
-    finding.harmless = learns
-    return [finding]
+    return [_unit_finding(history, list(dead), {"dead_share": dead}, message, t.dead_share, t)]
 
 
-def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
-    """Weights that move by more than `update_fast` of their size per step: steps that large
-    push a unit's inputs far out, where sigmoid and tanh flatten."""
-    fast = _fast(history[-1], t)
-    return {"update_ratio": fast} if fast else None
-
-
-def _squashing(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict:
-    """Sigmoid and tanh flatten away from 0: the activation is a cause wherever they saturate."""
-    return {"activations": finding.parameters}
+def _unit_finding(
+    history: list[EpochSummary],
+    layers: list[str],
+    evidence: dict,
+    message: str,
+    threshold: float,
+    t: Thresholds,
+) -> Finding:
+    """A finding about units at their limits: a note where the model learns anyway or its loss
+    cannot tell."""
+    learns = _learns_anyway(history, t)
+    message += learns or _unjudged(history)
+    finding = _found(history[-1], layers, {**evidence, "threshold": threshold}, message)
+    finding.harmless = learns is not None or not _judged(history)
+    return finding
 
 
 @rule(
     "",
     causes=(
-        Cause(
-            "learning_rate",
-            _fast_steps,
-            "a lower learning rate{lr}.",
-            "the learning rate: "
-            "steps of more than a tenth of the weights push the units into saturation",
-            LOWER,
-        ),
+        FAST_STEPS,
         Cause(
             "activation",
-            _squashing,
-            "ReLU instead of sigmoid or tanh in hidden layers, "
-            "normalisation layers, or smaller initial weights.",
-            "the activation: ReLU or GELU "
-            "do not saturate, and normalisation layers before a sigmoid or tanh keep its inputs "
-            "small",
+            _never,
+            "",
+            "the activation and the inputs' scale: ReLU or GELU do not saturate, normalisation "
+            "layers before a sigmoid or tanh keep its inputs small, and so do smaller initial "
+            "weights and normalised inputs",
         ),
-    ),  # fmt: skip
+    ),
     thresholds=("saturated_share", "update_fast"),
     follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
 )
 def saturated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """`saturated_share` of a sigmoid's or tanh's outputs are within 1% of their limits. A symptom
-    of the activation, or of steps too large for it (weights moving by more than `update_fast` of
-    their size per step): the activation is named where the steps are not that large."""
+    """`saturated_share` of a sigmoid's or tanh's outputs are within 1% of their limits. A note
+    while the model learns anyway or its loss cannot tell (RL, GAN, other). A symptom: the learning
+    rate is its cause where the steps were large (more than `update_fast` of the weights' size)."""
     now = history[-1]
     found = _saturated(now, t)
     if not found:
@@ -98,5 +143,5 @@ def saturated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     message = f"{parts} outputs are within 1% of their limits, where their gradient is nearly zero "
     message += "(saturated)."
     shares = {layer: a["share"] for layer, a in found.items()}
-    evidence = {"saturated_share": shares, "threshold": t.saturated_share}
-    return [_found(now, list(found), evidence, message)]
+    evidence = {"saturated_share": shares}
+    return [_unit_finding(history, list(found), evidence, message, t.saturated_share, t)]

@@ -43,8 +43,10 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
     the first epoch, and still higher than `weight_window` epochs ago, while the validation loss (if
     there is one) rose `overfit_rise` above its best and has made no new best since: weights that
     grow while the model does better than ever on new data are learning, not overfitting. In a loop
-    without epochs, only with a validation loss: there weights grow as a model learns."""
-    if history[-1].unit == "steps" and not finite(history[-1].metrics.get("valid_loss")):
+    without epochs, only with a validation loss: there weights grow as a model learns; in one with
+    epochs and no validation loss, a note: nothing shows whether the growth costs anything."""
+    unseen = not finite(history[-1].metrics.get("valid_loss"))
+    if history[-1].unit == "steps" and unseen:
         return []
     if len(history) <= t.weight_window or not _worse_on_new_data(history, t.overfit_rise):
         return []
@@ -64,7 +66,10 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
             message = f"{name}: max |w| grew from {first:.3g} after {after} to "
             message += f"{value:.3g} and "
             message += "is still growing."
+            if unseen:
+                message += " No validation loss shows whether that costs anything."
             findings.append(_found(now, [name], evidence, message))
+            findings[-1].harmless = unseen
     return findings
 
 

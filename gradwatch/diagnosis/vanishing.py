@@ -5,7 +5,7 @@ scale) are checked before one is named."""
 from __future__ import annotations
 
 from ..summary import EpochSummary, finite
-from .facts import LEARNT, _fell, _judged, _saturated, _update_ratios
+from .facts import LEARNT, _fast_so_far, _fell, _judged, _saturated, _update_ratios
 from .findings import Cause, Finding, _found, _never, names, rule
 from .thresholds import Thresholds
 
@@ -53,9 +53,11 @@ DEEP = 6  # weight layers between a layer and the loss, on its shortest way, tha
 
 
 def _saturation(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
-    """Sigmoid or tanh units near their limits in the latest summary: their gradient is nearly 0."""
+    """Sigmoid or tanh units near their limits in the latest summary (their gradient is nearly 0),
+    with no weight moving by more than `update_fast` of its size per step at any summary so far:
+    steps that large push the units there whatever the activation (see saturated)."""
     shares = {layer: a["share"] for layer, a in _saturated(history[-1], t).items()}
-    return {"saturated_share": shares} if shares else None
+    return {"saturated_share": shares} if shares and not _fast_so_far(history, t) else None
 
 
 def _deep_stack(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
@@ -81,7 +83,7 @@ VANISHING_CAUSES = (
 @rule(
     "",
     causes=VANISHING_CAUSES,
-    thresholds=("vanishing_ratio", "vanishing_floor", "saturated_share"),
+    thresholds=("vanishing_ratio", "vanishing_floor", "saturated_share", "update_fast"),
     follows=(
         "softmax_before_loss",
         "dead_units",
@@ -97,8 +99,9 @@ def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     layer's (depths by the loss's graph; of several output heads, the smallest), or any weight
     layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms), and nothing is
     while a loss to be minimised is down to LEARNT x where it started. A symptom: its
-    causes are saturated units (above `saturated_share`), a deep stack without shortcuts, or a
-    small scale of the layers after them."""
+    causes are saturated units (above `saturated_share`, where no step was ever larger than
+    `update_fast` of the weights), a deep stack without shortcuts, or a small scale of the layers
+    after them."""
     now = history[-1]
     rms = _weight_rms(now)
     if len(rms) < 2 or _judged(history) and _fell(history, LEARNT):
