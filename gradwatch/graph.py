@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .histograms import to_host
 from .shards import is_sharded
-from .stats import NamedParameters
+from .stats import HALF, NamedParameters
 
 # Nodes that move, select, reshape or cast values without changing what they mean (a log-probability
 # stays one): the walk from a loss to what fed it passes through them
@@ -278,14 +278,18 @@ def stacked_linear(outputs: list[Any]) -> int:
 
 @torch.no_grad()
 def gains(parameters: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """{id(weight): its gain} of the weight matrices and kernels among `parameters`: its RMS x the
-    square root of its fan-in (its values per output), ||W|| / sqrt(outputs), as a 0-dim tensor
-    (no synchronisation). torch.nn's initialisations give 0.3 to 1.5 (Linear's default 0.58,
-    Kaiming's for ReLU 1.41); weights drawn with a standard deviation of 1 give the square root of
-    the fan-in."""
-    weights = [p for p in parameters if p.dim() > 1 and p.numel() and not is_sharded(p)]
-    norms = torch._foreach_norm([p.detach().float() for p in weights]) if weights else []
-    return {id(p): norm / p.shape[0] ** 0.5 for p, norm in zip(weights, norms)}
+    """{id(weight): its gain} of the floating-point weight matrices and kernels among `parameters`:
+    its RMS x the square root of its fan-in (its values per output), ||W|| / sqrt(outputs), as a
+    0-dim tensor (no synchronisation; half precision summed in float32, one tensor at a time, so
+    that no copy of the whole model is made). torch.nn's initialisations give 0.3 to 1.5 (Linear's
+    default 0.58, Kaiming's for ReLU 1.41); weights drawn with a standard deviation of 1 give the
+    square root of the fan-in."""
+    found = {}
+    for p in parameters:
+        if p.dim() > 1 and p.numel() and p.is_floating_point() and not is_sharded(p):
+            dtype = torch.float32 if p.dtype in HALF else None
+            found[id(p)] = torch.linalg.vector_norm(p.detach(), dtype=dtype) / p.shape[0] ** 0.5
+    return found
 
 
 def largest_gain(
@@ -294,7 +298,8 @@ def largest_gain(
     """Of the weights given, the one of the largest gain (see gains), {"name", "gain"}: from
     `known` (gains read earlier: before the first step) where it has them, else as they are now.
     None without any weight matrix or kernel."""
-    known = {**gains(p for _, p in weights), **(known or {})}
+    known = known or {}
+    known = {**known, **gains(p for _, p in weights if id(p) not in known)}
     found = to_host({name: known[id(p)] for name, p in weights if id(p) in known})
     if not found:
         return None

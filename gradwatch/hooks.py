@@ -216,9 +216,13 @@ class Hooks:
         model, or on the first of its modules the loop calls (a ModuleDict's, whose own forward is
         never called)."""
         self.first.arm()
-        begin = Hook(lambda module, args: self.first.begin(module, args))
+        begin = Hook(self._begin_first)
         for i, module in enumerate(model.modules()):
             self.handles[f"first {i}"] = module.register_forward_pre_hook(begin)
+
+    def _begin_first(self, module: torch.nn.Module, args: tuple) -> None:
+        with self.guard("reading the first step"):  # a forward pre-hook: it must not raise
+            self.first.begin(module, args)
 
     def _read_output(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if module.training and not self.stay:

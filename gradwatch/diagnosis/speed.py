@@ -159,8 +159,8 @@ def moving_too_fast(history: list[EpochSummary], t: Thresholds) -> list[Finding]
     """A weight tensor's median update-to-weight ratio is above `update_fast` (about 1e-3 is typical
     of healthy training), while a loss to be minimised does not fall below FELL x its first level
     and makes no new low (large steps that bring the loss down are learning: weights that start near
-    zero move by much of their size); not in the first summary, whose steps are no baseline. A
-    symptom: the learning rate is its cause where the loss rose meanwhile."""
+    zero move by much of their size), nor in the first summary of such a loss, whose steps are no
+    baseline. A symptom: the learning rate is its cause where the loss rose meanwhile."""
     if _judged(history) and (len(history) < 2 or _fell(history) or _new_low(history)):
         return []
     found = _fast(history[-1], t)

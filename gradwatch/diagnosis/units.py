@@ -28,21 +28,18 @@ def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
 
 def _learns_anyway(history: list[EpochSummary], t: Thresholds) -> str | None:
     """Where the units left learn anyway, what to tell of it: a loss to be minimised that is no
-    longer near where it started; None where it is (or cannot be judged: an RL or GAN loss)."""
+    longer near where it started; None where it is."""
     now = history[-1]
     start, _ = _start_loss(history)
-    if not _judged(history) or not start or not finite(_loss(now)) or _near_start(now, start, t):
+    if not start or not finite(_loss(now)) or _near_start(now, start, t):
         return None
     accuracy = _accuracy(now)
     text = f" The model learns on the units left (training loss {_loss(now):.3g}"
     return text + (f", accuracy {accuracy:.1%})." if finite(accuracy) else ").")
 
 
-def _unjudged(history: list[EpochSummary]) -> str:
-    """What to tell where the loss cannot show whether units at their limits cost anything."""
-    if _judged(history):
-        return ""
-    return " Its loss is not one to minimise (RL, GAN, other): it cannot show what they cost."
+# what a finding about units tells where the loss is not one to minimise
+UNJUDGED = " Its loss is not one to minimise (RL, GAN, other): it cannot show what they cost."
 
 
 FAST_STEPS = Cause(
@@ -108,10 +105,11 @@ def _unit_finding(
 ) -> Finding:
     """A finding about units at their limits: a note where the model learns anyway or its loss
     cannot tell."""
-    learns = _learns_anyway(history, t)
-    message += learns or _unjudged(history)
+    judged = _judged(history)
+    learns = _learns_anyway(history, t) if judged else None
+    message += learns or ("" if judged else UNJUDGED)
     finding = _found(history[-1], layers, {**evidence, "threshold": threshold}, message)
-    finding.harmless = learns is not None or not _judged(history)
+    finding.harmless = learns is not None or not judged
     return finding
 
 
