@@ -3,7 +3,8 @@
 
     pip install -r bench/corpus/requirements.txt && pip install --no-deps d2l==1.0.3
     python bench/corpus.py                  # the development part (about 6 minutes on 2 CPU cores)
-    python bench/corpus.py --held-out       # the held-out part, written before any of it was diagnosed
+    python bench/corpus.py --part 2         # the second part (held out until its one scoring, 2026-12-07)
+    python bench/corpus.py --part 3         # the third part, held out: written before any of it was diagnosed
     python bench/corpus.py --only lenet_HLR_x30 sb3_ppo --story
 
 Per run: the program, the operator, the first warning the diagnosis gave (its first finding that is not a
@@ -33,8 +34,15 @@ from gradwatch.diagnosis import saved_findings  # noqa: E402
 
 
 def fault(name):
-    """The fault `name` (program, operator, change, rules that name it) of either part; None for a program."""
-    return faults.FAULTS.get(name) or faults.HELD_OUT.get(name)
+    """The fault `name` (program, operator, change, rules that name it) of any part; None for a program."""
+    return faults.FAULTS.get(name) or faults.HELD_OUT.get(name) or faults.THIRD.get(name)
+
+
+PARTS = {
+    1: [*faults.HEALTHY, *faults.FAULTS],
+    2: [*faults.HELD_OUT_HEALTHY, *faults.HELD_OUT],
+    3: [*faults.THIRD_HEALTHY, *faults.THIRD],
+}
 
 
 def run(name, log_dir):
@@ -100,15 +108,14 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--held-out", action="store_true", help="the held-out part (score it once)")
+    parser.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
+                        help="1: the development part; 2: the second part (held out until 2026-12-07); "
+                        "3: the third part, held out (score it once)")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="only these runs (names from the tables)")
     parser.add_argument("--story", action="store_true", help="print every finding of each run")
     parser.add_argument("--smoke", action="store_true", help="run them and print their outcomes alone")
     args = parser.parse_args()
-    if args.held_out:
-        names = [*faults.HELD_OUT_HEALTHY, *faults.HELD_OUT]
-    else:
-        names = [*faults.HEALTHY, *faults.FAULTS]
+    names = PARTS[args.part]
     if args.smoke:
         return smoke(args.only or names)
     counts, seconds = score(args.only or names, args.story)

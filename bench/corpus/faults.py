@@ -212,3 +212,52 @@ HEALTHY = ["d2l_lenet", "d2l_resnet", "d2l_softmax", "d2l_linear_regression", "s
            "lightning_transformer", "lightning_lstm"]  # fmt: skip
 HELD_OUT_HEALTHY = ["sb3_dqn", "hf_gpt2", "hf_bert", "pml_triplet", "skorch_regressor", "d2l_rnn_lm",
                     "d2l_gru_lm", "d2l_gan"]  # fmt: skip
+
+# The third part, held out: six healthy programs the other parts do not have and faults on them and on the
+# others' programs, by operators each program had not been given; written and committed before any of its runs
+# was diagnosed (its runs were only checked for harm with --smoke), and scored once. Replaced after that check:
+# unbalancing skorch's classes (its validation split is as unbalanced, so its accuracy rose) by weight decay, and
+# the autoencoder's sigmoid (12% worse only), dropped; the contrastive program's classes were drawn closer, since
+# an untrained trunk told the first ones apart (0.97).
+THIRD = {
+    # d2l's dropout MLP
+    "mlp_HLR_x30": ("d2l_mlp_dropout", "HLR", lr(30), LR_HIGH),
+    "mlp_ACH_sigmoid": ("d2l_mlp_dropout", "ACH", activation_changed(nn.Sigmoid), SATURATING),
+    "mlp_RCD_95": ("d2l_mlp_dropout", "RCD", dropout(0.95), ()),
+    "mlp_TCL_60": ("d2l_mlp_dropout", "TCL", labels_changed(0.6), LABELS),
+    # torchvision's ResNet-18 with its reference recipe (BatchNorm, warmup, cosine, label smoothing)
+    "tvres_HLR_x30": ("tv_resnet", "HLR", lr(30), LR_HIGH),
+    "tvres_TUD_5": ("tv_resnet", "TUD", unbalanced(0.05), ("output_bias_skew",)),
+    "tvres_OCG_1e-3": ("tv_resnet", "OCG", Change(clip=1e-3), CLIPPING),
+    "tvres_LCH_mse": ("tv_resnet", "LCH", Change(loss="mse"), ("not_cross_entropy",)),
+    "tvres_WCI_large": ("tv_resnet", "WCI", initialisation("large"), LARGE_INIT),
+    # a ViT (Hugging Face, epochs, cosine schedule after warmup)
+    "vit_HLR_x100": ("hf_vit", "HLR", lr(100), LR_HIGH),
+    "vit_TCL_100": ("hf_vit", "TCL", labels_changed(1.0), LABELS),
+    "vit_OCH_sgd": ("hf_vit", "OCH", Change(optimizer="sgd"), LR_LOW),
+    "vit_RAW_100": ("hf_vit", "RAW", Change(decay=100.0), ("strong_weight_decay",)),
+    # Lightning's autoencoder
+    "ae_HLR_x100": ("lightning_autoencoder", "HLR", lr(100), LR_HIGH),
+    "ae_WCI_large": ("lightning_autoencoder", "WCI", initialisation("large"), LARGE_INIT),
+    "ae_OCH_sgd": ("lightning_autoencoder", "OCH", Change(optimizer="sgd"), LR_LOW),
+    # skorch's classifier (a softmax output and NLLLoss of its log)
+    "skclf_RAW_1": ("skorch_classifier", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
+    "skclf_HLR_d1000": ("skorch_classifier", "HLR", lr(1e-3), LR_LOW),
+    "skclf_WCI_zeros": ("skorch_classifier", "WCI", initialisation("zeros"), ("dead_units",)),
+    # pytorch-metric-learning's contrastive loss
+    "contrastive_OCH_sgd": ("pml_contrastive", "OCH", Change(optimizer="sgd"), LR_LOW),
+    "contrastive_TCL_100": ("pml_contrastive", "TCL", labels_changed(1.0), LABELS),
+    # the other parts' programs, by operators they had not been given
+    "lenet_OCH_adam": ("d2l_lenet", "OCH", Change(optimizer="adam"), LR_HIGH),
+    "linreg_HLR_d1000": ("d2l_linear_regression", "HLR", lr(1e-3), LR_LOW),
+    "rnn_TCL_100": ("d2l_rnn_lm", "TCL", labels_changed(1.0), LABELS),
+    "gan_HLR_d1000": ("d2l_gan", "HLR", lr(1e-3), LR_LOW),
+    "ppo_RAW_1": ("sb3_ppo", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
+    "dqn_HLR_d1000": ("sb3_dqn", "HLR", lr(1e-3), LR_LOW),
+    "transformer_HLR_d1000": ("lightning_transformer", "HLR", lr(1e-3), LR_LOW),
+    "gpt2_WCI_large": ("hf_gpt2", "WCI", initialisation("large"), LARGE_INIT),
+    "bert_HLR_x100": ("hf_bert", "HLR", lr(100), LR_HIGH),
+}
+
+THIRD_HEALTHY = ["d2l_mlp_dropout", "tv_resnet", "hf_vit", "lightning_autoencoder", "skorch_classifier",
+                 "pml_contrastive"]  # fmt: skip

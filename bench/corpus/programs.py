@@ -555,7 +555,6 @@ def skorch_regressor(log_dir, change):
     the monitor's epoch_end is a skorch callback (CHANGE)."""
     from sklearn.datasets import make_regression
     from skorch import NeuralNetRegressor
-    from skorch.callbacks import Callback
 
     seeded()
     x, y = make_regression(1000, 20, n_informative=10, random_state=0)
@@ -567,17 +566,237 @@ def skorch_regressor(log_dir, change):
         change.model(module)
     monitor = TrainingMonitor(log_dir)
 
+    optimizer = torch.optim.Adam if change.optimizer == "adam" else torch.optim.SGD
+    net = NeuralNetRegressor(module, max_epochs=20, lr=0.1 * change.lr, batch_size=change.batch or 128,
+                             optimizer=optimizer, optimizer__weight_decay=change.decay or 0.0,
+                             callbacks=[_skorch_report(monitor)], verbose=0)  # fmt: skip
+    net.initialize()
+    with Attached(monitor, net.module_, net.optimizer_, objective="regression"):
+        net.partial_fit(x.numpy(), y.numpy())
+    return f"validation loss {net.history[-1]['valid_loss']:.3f} (the target's variance {float(y.var()):.3f})"
+
+
+# ---- programs of the third part (held out: written and committed before any of its runs was diagnosed) ----
+
+
+def d2l_mlp_dropout(log_dir, change):
+    """d2l's concise dropout MLP (sec_dropout: two hidden layers of 256, dropout 0.5 and 0.5, SGD lr 0.1, its
+    Trainer), 10 epochs; the class is the chapter's, which the d2l package does not export (CHANGE: copied)."""
+    book = d2l()
+
+    class DropoutMLP(book.Classifier):
+        def __init__(self, num_outputs, num_hiddens_1, num_hiddens_2, dropout_1, dropout_2, lr):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(
+                nn.Flatten(), nn.LazyLinear(num_hiddens_1), nn.ReLU(), nn.Dropout(dropout_1),
+                nn.LazyLinear(num_hiddens_2), nn.ReLU(), nn.Dropout(dropout_2), nn.LazyLinear(num_outputs),
+            )  # fmt: skip
+
+    seeded()
+    data = d2l_images(change, batch=256)
+    model = DropoutMLP(num_outputs=10, num_hiddens_1=256, num_hiddens_2=256, dropout_1=0.5, dropout_2=0.5, lr=0.1)
+    model(next(iter(data.get_dataloader(True)))[0])  # the lazy layers take their shapes
+    return fit_d2l(log_dir, model, data, change, epochs=10, classes=CLASSES, objective="classification")
+
+
+def tv_resnet(log_dir, change):
+    """torchvision's resnet18 (10 classes) with the recipe and the train_one_epoch loop of torchvision's
+    classification reference (references/classification/train.py): SGD 0.1, momentum 0.9, weight decay 1e-4 on
+    every parameter, label smoothing 0.1, a linear warmup epoch then cosine annealing, evaluated each epoch;
+    5 epochs of 1,600 generated 32x32 images, their one channel repeated three times (CHANGE: in place of
+    ImageNet; the loop is written out here, as the reference is a script, not a package)."""
+    import torchvision
+
+    seeded()
+    model = torchvision.models.resnet18(num_classes=10)
+    if change.model:
+        change.model(model)
+    train = images(1600, size=32, seed=0)
+    train = change.data(*train) if change.data else train
+    valid = images(400, size=32, seed=1)
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=change.batch or 64,
+                                          shuffle=True)  # fmt: skip
+    criterion = LOSSES[change.loss] if change.loss else nn.CrossEntropyLoss(label_smoothing=0.1)
+    lr = 0.1 * change.lr
+    if change.optimizer:
+        optimizer = optimizer_for(change, model.parameters(), lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=change.decay or 1e-4)
+    epochs, warmup = 5, 1
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup),
+    ], milestones=[warmup])  # fmt: skip
+    monitor = TrainingMonitor(log_dir)
+    with Attached(monitor, model, optimizer, objective="classification"):
+        for epoch in range(epochs):
+            model.train()
+            for image, target in batches:  # train_one_epoch
+                output = model(image.expand(-1, 3, -1, -1))
+                loss = criterion(output, target)
+                optimizer.zero_grad()
+                loss.backward()
+                if change.clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), change.clip)
+                optimizer.step()
+            scheduler.step()
+            monitor.epoch_end(epoch, evaluate(model, valid, nn.CrossEntropyLoss()), classes=CLASSES)
+    return ", ".join(f"{tag} {value:.3g}" for tag, value in evaluate(model, valid, nn.CrossEntropyLoss()).items())
+
+
+def evaluate(model, data, criterion):
+    """The validation loss and accuracy of an image classifier (the reference's evaluate, in one batch)."""
+    model.eval()
+    with torch.no_grad():
+        x, y = data
+        scores = model(x.expand(-1, 3, -1, -1))
+        accuracy = float((scores.argmax(1) == y).float().mean())
+        return {"valid/loss": float(criterion(scores, y)), "valid/accuracy": accuracy}
+
+
+def hf_vit(log_dir, change):
+    """A 2-layer ViT (64 wide, 7x7 patches) from its config, classifying generated 28x28 images, 4 epochs of AdamW
+    1e-3 with a cosine schedule after 40 warmup steps, evaluated each epoch."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    seeded()
+    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128, num_labels=10, **change.settings)  # fmt: skip
+    model = ViTForImageClassification(config)
+    x, y = images(3200, seed=0)
+    x, y = change.data(x, y) if change.data else (x, y)
+    vx, vy = images(800, seed=1)
+    trainer = hf_train(log_dir, change, model, Examples(pixel_values=x, labels=y),
+                       Examples(pixel_values=vx, labels=vy), learning_rate=1e-3, num_train_epochs=4,
+                       per_device_train_batch_size=32, warmup_steps=40, lr_scheduler_type="cosine",
+                       eval_strategy="epoch")  # fmt: skip
+    scores = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    return f"validation accuracy {scores[-1]:.3f} (10 classes)"
+
+
+def lightning_autoencoder(log_dir, change):
+    """The LitAutoEncoder of Lightning's README (784-128-3-128-784, ReLU, MSE, Adam 1e-3), with gradwatch's
+    Lightning callback; 3 epochs of 6,400 generated images in batches of 64 (CHANGE: in place of MNIST in
+    batches of one)."""
+    import lightning as L
+
+    from gradwatch.lightning import MonitorCallback
+
+    class LitAutoEncoder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(28 * 28, 128), nn.ReLU(), nn.Linear(128, 3))
+            self.decoder = nn.Sequential(nn.Linear(3, 128), nn.ReLU(), nn.Linear(128, 28 * 28))
+
+        def training_step(self, batch, batch_idx):
+            x, _ = batch
+            x = x.view(x.size(0), -1)
+            z = self.encoder(x)
+            x_hat = self.decoder(z)
+            return F.mse_loss(x_hat, x)
+
+        def configure_optimizers(self):
+            return optimizer_for(change, self.parameters(), 1e-3 * change.lr, "adam")
+
+    seeded()
+    x, y = images(6400, noise=0.5, seed=0)
+    x, y = change.data(x, y) if change.data else (x, y)
+    autoencoder = LitAutoEncoder()
+    if change.model:
+        change.model(autoencoder)
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=change.batch or 64,
+                                          shuffle=True)  # fmt: skip
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[MonitorCallback(log_dir)], gradient_clip_val=change.clip)  # fmt: skip
+    trainer.fit(autoencoder, batches)
+    vx = images(800, noise=0.5, seed=1)[0].view(800, -1)
+    with torch.no_grad():
+        error = F.mse_loss(autoencoder.decoder(autoencoder.encoder(vx)), vx)
+    return f"validation reconstruction error {float(error):.3f} (the images' variance {float(vx.var()):.3f})"
+
+
+def skorch_classifier(log_dir, change):
+    """skorch's README classification example: make_classification (1,000 samples, 20 features, two classes),
+    its module (two layers of 10 units, ReLU, dropout 0.5, a softmax output that skorch's NeuralNetClassifier
+    takes the log of for its NLLLoss), SGD 0.1, 10 epochs, shuffled; the monitor's epoch_end is a skorch callback
+    (CHANGE)."""
+    from sklearn.datasets import make_classification
+    from skorch import NeuralNetClassifier
+
+    class MyModule(nn.Module):
+        def __init__(self, num_units=10, nonlin=nn.ReLU()):  # noqa: B008 (the README's code)
+            super().__init__()
+            self.dense0 = nn.Linear(20, num_units)
+            self.nonlin = nonlin
+            self.dropout = nn.Dropout(0.5)
+            self.dense1 = nn.Linear(num_units, num_units)
+            self.output = nn.Linear(num_units, 2)
+            self.softmax = nn.Softmax(dim=-1)
+
+        def forward(self, X, **kwargs):
+            X = self.nonlin(self.dense0(X))
+            X = self.dropout(X)
+            X = self.nonlin(self.dense1(X))
+            X = self.softmax(self.output(X))
+            return X
+
+    seeded()
+    x, y = make_classification(1000, 20, n_informative=10, random_state=0)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    x, y = change.data(x, y) if change.data else (x, y)
+    module = MyModule()
+    if change.model:
+        change.model(module)
+    monitor = TrainingMonitor(log_dir)
+    optimizer = torch.optim.Adam if change.optimizer == "adam" else torch.optim.SGD
+    net = NeuralNetClassifier(module, max_epochs=10, lr=0.1 * change.lr, batch_size=change.batch or 128,
+                              optimizer=optimizer, optimizer__weight_decay=change.decay or 0.0,
+                              iterator_train__shuffle=True, callbacks=[_skorch_report(monitor)], verbose=0)  # fmt: skip
+    net.initialize()
+    with Attached(monitor, net.module_, net.optimizer_, objective="classification"):
+        net.partial_fit(x.numpy(), y.numpy())
+    return f"validation accuracy {net.history[-1]['valid_acc']:.3f} (two classes)"
+
+
+def _skorch_report(monitor):
+    from skorch.callbacks import Callback
+
     class Report(Callback):
         def on_epoch_end(self, net, **kwargs):
             last = net.history[-1]
             scalars = {"train/loss": last["train_loss"], "valid/loss": last["valid_loss"]}
             monitor.epoch_end(len(net.history) - 1, scalars)
 
-    optimizer = torch.optim.Adam if change.optimizer == "adam" else torch.optim.SGD
-    net = NeuralNetRegressor(module, max_epochs=20, lr=0.1 * change.lr, batch_size=change.batch or 128,
-                             optimizer=optimizer, optimizer__weight_decay=change.decay or 0.0,
-                             callbacks=[Report()], verbose=0)  # fmt: skip
-    net.initialize()
-    with Attached(monitor, net.module_, net.optimizer_, objective="regression"):
-        net.partial_fit(x.numpy(), y.numpy())
-    return f"validation loss {net.history[-1]['valid_loss']:.3f} (the target's variance {float(y.var()):.3f})"
+    return Report()
+
+
+def pml_contrastive(log_dir, change):
+    """An MLP embedding of 10 classes of 64-dimensional points, pytorch-metric-learning's ContrastiveLoss with a
+    MultiSimilarityMiner (the pairs its README's example mines), MPerClassSampler (m=4), Adam 1e-4, 5 epochs of
+    its MetricLossOnly trainer; the monitor's epoch_end is the trainer's end_of_epoch_hook (CHANGE)."""
+    from pytorch_metric_learning import losses, miners, samplers, trainers
+
+    seeded()
+    centres = torch.randn(10, 64) * 0.5  # closer classes than the triplet program's: an untrained trunk's 0.5
+    labels = torch.randint(10, (4000,))
+    points = centres[labels] + torch.randn(4000, 64)
+    if change.data:
+        points, labels = change.data(points, labels)
+    trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
+    if change.model:
+        change.model(trunk)
+    optimizer = optimizer_for(change, trunk.parameters(), 1e-4 * change.lr, "adam")
+    monitor = TrainingMonitor(log_dir)
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": trunk, "embedder": nn.Identity()}, optimizers={"trunk_optimizer": optimizer},
+        batch_size=change.batch or 64, loss_funcs={"metric_loss": losses.ContrastiveLoss(pos_margin=0, neg_margin=1)},
+        mining_funcs={"tuple_miner": miners.MultiSimilarityMiner(epsilon=0.1)},
+        dataset=torch.utils.data.TensorDataset(points, labels), dataset_labels=labels.numpy(),
+        sampler=samplers.MPerClassSampler(labels, m=4, length_before_new_iter=len(labels)),
+        dataloader_num_workers=0, end_of_epoch_hook=lambda trainer: monitor.epoch_end(trainer.epoch - 1, {}),
+    )  # fmt: skip
+    with Attached(monitor, trunk, optimizer, objective="contrastive"):
+        trainer.train(num_epochs=5)
+    return f"nearest-centre accuracy of the embeddings {nearest_centre(trunk, centres):.3f}"
