@@ -307,16 +307,17 @@ def largest_gain(
     return {"name": top, "gain": found[top]}
 
 
-def made_of_losses(root: Any, outputs: set[int]) -> bool:
+def made_of_losses(root: Any, outputs: set[int], losses: set[int] = frozenset()) -> bool:
     """Whether every way from the loss back to the model's outputs (or, where they are not known, to
-    a layer's product) passes a loss function the graph names (LOSS_NODES): a loss such as a policy
-    gradient's (-log p x advantage) does not; terms on the parameters alone (an L2 penalty) do not
-    count."""
+    a layer's product) passes a loss function the graph names (LOSS_NODES) or one of `losses` (the
+    ids of the nodes of loss functions torch writes as other ops: l1_loss is a mean of abs): a loss
+    such as a policy gradient's (-log p x advantage) does not; terms on the parameters alone (an L2
+    penalty) do not count."""
     seen = {id(root)}
     todo = [root]
     while todo and len(seen) < MAX_NODES:
         node = todo.pop()
-        if node.name() in LOSS_NODES:  # also where the model returns its loss (Hugging Face's)
+        if node.name() in LOSS_NODES or id(node) in losses:  # also where the model returns its loss
             continue
         if id(node) in outputs or not outputs and node.name() in LAYER_PRODUCTS:
             return False
@@ -412,25 +413,28 @@ def _target_range(loss: dict) -> list[dict]:
 
 
 def _losses(nodes: list[Any], calls: dict) -> list[dict[str, Any]]:
-    """The loss functions in the graph, topmost first: by their node, with what CallLog saw of
-    their call (cross_entropy is log-softmax then nll_loss: its call names it)."""
+    """The loss functions in the graph, topmost first: by their node, or by the call CallLog saw
+    make it, with what it saw of that call (cross_entropy is log-softmax then nll_loss: its call
+    names it; l1_loss is abs then mean: only its call does)."""
     found = []
     for node in nodes:
         name = node.name()
-        if name in LOSS_NODES:
-            call = calls.get(id(node), {})
-            loss = {"function": call.get("function", LOSS_NODES[name]), "node": name}
+        call = calls.get(id(node), {})
+        if name in LOSS_NODES or call.get("function") in LOSS_FUNCTIONS:
+            loss = {"function": call.get("function") or LOSS_NODES[name], "node": name}
             loss.update({key: call[key] for key in ("line", "input", "target") if key in call})
             found.append((node, loss))
     return found
 
 
-def _read_losses(nodes: list[Any], outputs: set[int], calls: dict) -> tuple[list, list]:
+def _read_losses(nodes: list[Any], outputs: set[int], calls: dict) -> tuple[list, list, set[int]]:
     """The loss functions among `nodes`, each with the functions the user called between it and the
-    model's output ("between") and whether it reaches that output; and the problems they show."""
+    model's output ("between") and whether it reaches that output; the problems they show; the ids
+    of their nodes."""
     losses = []
     problems = []
-    for node, found in _losses(nodes, calls):
+    found_losses = _losses(nodes, calls)
+    for node, found in found_losses:
         chain = _fed_by(node, outputs)
         between = [calls[id(n)]["function"] for n in chain if id(n) in calls]  # called by the user
         from_output = bool(chain) and id(chain[-1]) in outputs
@@ -438,7 +442,7 @@ def _read_losses(nodes: list[Any], outputs: set[int], calls: dict) -> tuple[list
         for check in (_squashed, _not_log_probabilities):
             problems += check(found, chain, calls)
         problems += _broadcast(found) + _target_range(found) + _one_hot_targets(found)
-    return losses, problems
+    return losses, problems, {id(node) for node, _ in found_losses}
 
 
 def loss_graph(
@@ -462,7 +466,7 @@ def loss_graph(
         return {}
     nodes, leaves, whole = _walk(root)
     outputs = {id(node) for node in outputs if node is not None}
-    losses, problems = _read_losses(nodes, outputs, calls or {})
+    losses, problems, loss_nodes = _read_losses(nodes, outputs, calls or {})
     if (layers := stacked_linear([node for node in nodes if id(node) in outputs])) >= 2:
         problems.append({"kind": "linear_model", "layers": layers})  # one linear map
     unreached = [name for name, p in parameters if p.requires_grad and id(p) not in leaves]
@@ -470,7 +474,7 @@ def loss_graph(
     weights = [(n, p) for n, p in parameters if id(p) in leaves and id(p) not in lookups]
     return {
         "losses": losses,
-        "made_of_losses": made_of_losses(root, outputs),
+        "made_of_losses": made_of_losses(root, outputs, loss_nodes),
         "reaches_parts": [name for name, ids in (others or {}).items() if ids & leaves],
         "reached": sum(id(p) in leaves for _, p in parameters),
         "unreached": unreached if whole else [],

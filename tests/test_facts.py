@@ -214,6 +214,24 @@ def test_a_loss_of_another_kind_than_known_losses_is_judged_by_its_facts_alone(t
     assert monitor.findings == []
 
 
+@pytest.mark.parametrize("loss_fn", [F.l1_loss, F.mse_loss, F.smooth_l1_loss])
+def test_a_regression_loss_is_one_whatever_ops_torch_writes_it_as(tmp_path, loss_fn):
+    """l1_loss has no node of its own in the graph (a mean of abs): known by its call, a regression with it is
+    made of losses, not "other", as mse_loss and smooth_l1_loss are."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with TrainingMonitor(tmp_path).watch(model, optimizer) as monitor:
+        x, y = torch.randn(16, 20), torch.randn(16, CLASSES)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+    facts = json.loads((tmp_path / "diagnosis.json").read_text())["facts"]
+    assert facts["loss"]["made_of_losses"] is True and facts["objective"] != "other"
+    assert [loss["function"] for loss in facts["loss"]["losses"]] == [loss_fn.__name__]
+
+
 def test_step_says_at_once_what_it_takes(tmp_path):
     model = mlp()
     with TrainingMonitor(tmp_path).watch(model) as monitor:

@@ -281,6 +281,9 @@ def test_a_square_loss_on_one_hot_targets_is_named_and_cross_entropy_is_not(tmp_
     def mse_one_hot(outputs, targets):
         return F.mse_loss(outputs, F.one_hot(targets, 10).float())
 
+    def l1_one_hot(outputs, targets):  # torch writes l1_loss as a mean of abs: only its call names it
+        return F.l1_loss(outputs, F.one_hot(targets, 10).float())
+
     def square_by_hand(outputs, targets):
         return ((outputs - F.one_hot(targets, 10).float()) ** 2).mean()
 
@@ -292,6 +295,8 @@ def test_a_square_loss_on_one_hot_targets_is_named_and_cross_entropy_is_not(tmp_
     assert finding.evidence["graph"]["kind"] == "one_hot_targets" and finding.evidence["graph"]["classes"] == 10
     assert "mse_loss between the model's scores and one-hot class labels" in finding.message
     assert "test_loop.py" in finding.message
+    finding = first(ten_classes(tmp_path / "l1", l1_one_hot))
+    assert finding.rule == "not_cross_entropy" and finding.step == 1 and finding.evidence["graph"]["loss"] == "l1_loss"
     # a loss written out is no known loss function: the objective is said, as watch() asks then
     finding = first(ten_classes(tmp_path / "by_hand", square_by_hand, objective="classification"))
     assert finding.rule == "not_cross_entropy" and finding.epoch == 0 and "graph" not in finding.evidence
