@@ -36,6 +36,23 @@ def held(optimizer: torch.optim.Optimizer | None) -> dict[int, float]:
     return {id(p): float(group.get("lr", 0.0)) for group in groups for p in group["params"]}
 
 
+def decayed_norm(
+    stats: dict[str, dict], parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
+) -> float | None:
+    """The norm of the weight matrices and kernels in optimizer groups with weight decay, from a
+    reading's weight norms: what the decay shrinks (recipes leave biases and norms' gains out of
+    it, and gains of 1 would hide the rest). None where the optimizer decays none."""
+    if optimizer is None:
+        return None
+    decayed = {id(p) for g in optimizer.param_groups if g.get("weight_decay") for p in g["params"]}
+    squares = [
+        stats[name]["weight_norm"] ** 2
+        for name, p in parameters
+        if id(p) in decayed and p.dim() >= 2 and "weight_norm" in stats.get(name, {})
+    ]
+    return math.sqrt(sum(squares)) if squares else None
+
+
 def optimizer_facts(
     parameters: NamedParameters, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .families import families, folded, folded_flow, joined, report
 from .graph import loss_graph
 from .histograms import DEFAULT_BINS, Histogram, compute_histograms
 from .hooks import Hooks, is_compiled
-from .loop import loop_facts, model_facts, not_updated, rounded_away
+from .loop import decayed_norm, loop_facts, model_facts, not_updated, rounded_away
 from .parts import Parts, checked_parts
 from .pictures import gradient_flow_image
 from .replicas import Replicas, data_parallel_group
@@ -631,6 +631,7 @@ class TrainingMonitor:
         facts["loss"] = self.losses.latest(self.steps)
         facts["not_updated"] = not_updated(stats, self._parameters, optimizer)
         facts["rounded"] = rounded_away(stats, self._parameters, optimizer)
+        facts["decayed_norm"] = decayed_norm(stats, self._parameters, optimizer)
         facts["graph"] = read_graph(self.hooks, self.diagnosis, loss, self._parameters, self.steps)
         window = self.losses.windows[-1] if self.losses.windows else {}
         nonfinite = window.get("step") == self.steps and window["nonfinite_step"] is not None

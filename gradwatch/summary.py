@@ -243,6 +243,8 @@ def loop_summary(records: list[dict]) -> dict[str, Any]:
         "readings": len(seen),
         "weight_norm_first": _weight_norm(records[0]),
         "weight_norm": _weight_norm(records[-1]),
+        "decayed_norm_first": seen[0].get("decayed_norm"),
+        "decayed_norm": latest.get("decayed_norm"),
         "eval_readings": sum(not f["training"] for f in seen),
         "mode_matters": latest["mode_matters"],
         "trainable": latest["trainable"],

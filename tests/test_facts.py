@@ -232,6 +232,23 @@ def test_a_regression_loss_is_one_whatever_ops_torch_writes_it_as(tmp_path, loss
     assert [loss["function"] for loss in facts["loss"]["losses"]] == [loss_fn.__name__]
 
 
+def test_the_decayed_norm_is_of_the_matrices_in_groups_with_weight_decay(tmp_path):
+    """AdamW's usual groups (no decay for biases and LayerNorm's gains): the norm weight decay shrinks is that of
+    the decayed matrices, read from the same reading as their statistics; None without decay."""
+    from gradwatch.loop import decayed_norm
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    named = list(model.named_parameters())
+    stats = {name: {"weight_norm": float(p.norm())} for name, p in named}
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0}])
+    expected = float(torch.cat([p.detach().flatten() for p in matrices]).norm())
+    assert decayed_norm(stats, named, optimizer) == pytest.approx(expected)
+    assert decayed_norm(stats, named, torch.optim.AdamW(model.parameters(), weight_decay=0)) is None
+    assert decayed_norm(stats, named, None) is None
+
+
 def test_step_says_at_once_what_it_takes(tmp_path):
     model = mlp()
     with TrainingMonitor(tmp_path).watch(model) as monitor:

@@ -117,16 +117,19 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     thresholds=("decay_epochs", "stuck_loss"),
 )
 def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """The optimizer has weight decay, the weights' norm is below half what it was at the first
-    statistics step, and the training loss stayed above `stuck_loss` x an untrained model's (ln C,
-    or the first loss) for `decay_epochs` epochs: the decay holds the weights near zero, where the
-    gradients cannot move them."""
+    """The optimizer has weight decay, the norm of the weight matrices it decays (of all weights,
+    where those were not read) is below half what it was at the first statistics step, and the
+    training loss stayed above `stuck_loss` x an untrained model's (ln C, or the first loss) for
+    `decay_epochs` epochs: the decay holds the weights near zero, where the gradients cannot move
+    them."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
     decay = now.loop.get("weight_decay")
-    start = history[0].loop.get("weight_norm_first")
-    norm = now.loop.get("weight_norm")
+    first = "decayed_norm_first" if finite(history[0].loop.get("decayed_norm_first")) else None
+    kind = "decayed_norm" if first and finite(now.loop.get("decayed_norm")) else "weight_norm"
+    start = history[0].loop.get(f"{kind}_first")  # all weights, where the decayed were not read
+    norm = now.loop.get(kind)
     untrained, said = _start_loss(history)
     if len(history) < t.decay_epochs or not decay or not untrained or not finite(start):
         return []

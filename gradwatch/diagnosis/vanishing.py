@@ -36,14 +36,27 @@ def _ends(summary: EpochSummary, rms: dict[str, float]) -> tuple[str, str]:
     return next(n for n, depth in known.items() if depth == deepest), min(heads, key=rms.get)
 
 
+def _step_rms(summary: EpochSummary) -> dict[str, float]:
+    """Each weight tensor's step per value (the RMS of its update), by name, where it was measured:
+    its update ratio x its norm over the square root of its size (grad_norm / grad_rms)."""
+    steps = {}
+    for name, ratio in _update_ratios(summary).items():
+        s = summary.layers[name]
+        if finite(s.get("grad_norm")) and finite(s.get("grad_rms")) and s["grad_norm"] > 0:
+            steps[name] = ratio * s["weight_norm"] * s["grad_rms"] / s["grad_norm"]
+    return steps
+
+
 def _vanishes(now: EpochSummary, rms: dict, first: str, last: str, t: Thresholds) -> bool:
     """Whether the gradient vanishes from the last layer down to the first: its RMS there is below
-    `vanishing_ratio` of the last's, and so are that layer's steps where they were measured (an
-    optimizer that rescales each step, as Adam does, moves a layer of small gradients at the pace
-    of the others: no harm)."""
+    `vanishing_ratio` of the last's, and so are that layer's steps per value where they were
+    measured (an optimizer that rescales each step, as Adam does, moves a layer of small gradients
+    as far as the others: no harm; steps are compared per value, not to the weights' size, which
+    differs from layer to layer: a policy head starts a hundred times smaller than the layers
+    below)."""
     if first == last or rms[last] <= 0 or rms[first] >= t.vanishing_ratio * rms[last]:
         return False
-    steps = _update_ratios(now)
+    steps = _step_rms(now)
     if first not in steps or last not in steps:
         return True
     return steps[first] < t.vanishing_ratio * steps[last]
@@ -91,6 +104,7 @@ VANISHING_CAUSES = (
         "diverging",
         "exploding_gradients",
         "high_initial_loss",
+        "strong_weight_decay",  # weights decayed towards zero shrink every gradient below them
     ),
     ended="a slow start",
 )
