@@ -292,15 +292,26 @@ def gains(parameters: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
     return found
 
 
+def weight_gains(
+    weights: NamedParameters, known: dict[int, torch.Tensor] | None = None
+) -> dict[str, float]:
+    """{name: gain} of the weights given (see gains): from `known` (gains read earlier: before the
+    first step) where it has them, else as they are now."""
+    known = known or {}
+    known = {**known, **gains(p for _, p in weights if id(p) not in known)}
+    return to_host({name: known[id(p)] for name, p in weights if id(p) in known})
+
+
 def largest_gain(
     weights: NamedParameters, known: dict[int, torch.Tensor] | None = None
 ) -> dict[str, Any] | None:
-    """Of the weights given, the one of the largest gain (see gains), {"name", "gain"}: from
-    `known` (gains read earlier: before the first step) where it has them, else as they are now.
-    None without any weight matrix or kernel."""
-    known = known or {}
-    known = {**known, **gains(p for _, p in weights if id(p) not in known)}
-    found = to_host({name: known[id(p)] for name, p in weights if id(p) in known})
+    """Of the weights given, the one of the largest gain, {"name", "gain"}; None without any weight
+    matrix or kernel."""
+    found = weight_gains(weights, known)
+    return _largest(found)
+
+
+def _largest(found: dict[str, float]) -> dict[str, Any] | None:
     if not found:
         return None
     top = max(found, key=found.get)
@@ -457,7 +468,7 @@ def loss_graph(
     its line, input and target where CallLog saw them, and the ops between it and the model's
     output; "reached": how many of `parameters` it reaches; "unreached": the trainable ones it does
     not; "whole": whether the walk read it all; "made_of_losses"; "problems": the bugs it shows;
-    "depths", "lookups" (layer_depths); "largest_gain", from `known_gains` where given}.
+    "depths", "lookups" (layer_depths); _gain_facts, from `known_gains` where given}.
     `outputs`: the grad_fn nodes of the model's outputs in that step; `others`: {name: ids of its
     parameters} of the loop's other models, named in "reaches_parts" where the loss reaches them
     (a GAN's generator loss, through the discriminator). {} for a loss without a graph."""
@@ -483,8 +494,16 @@ def loss_graph(
         "problems": problems,
         "depths": {n: depths[id(p)] for n, p in parameters if id(p) in depths and p.dim() > 1},
         "lookups": [name for name, p in parameters if id(p) in lookups],
-        "largest_gain": largest_gain(weights, known_gains),
+        **_gain_facts(weight_gains(weights, known_gains)),
     }
+
+
+def _gain_facts(found: dict[str, float]) -> dict[str, Any]:
+    """ "largest_gain" (see largest_gain) and "zero_weights": the weight matrices and kernels all of
+    whose values were 0 (before the first step, where read then): every unit they feed computes
+    the same, and gets the same gradient, so no step tells them apart."""
+    zero = [name for name, gain in found.items() if gain == 0]
+    return {"largest_gain": _largest(found), "zero_weights": zero}
 
 
 def output_nodes(output: Any) -> list[Any]:

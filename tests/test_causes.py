@@ -1,6 +1,8 @@
 """Symptoms and their causes: a finding names a cause only where a check of it holds, and the facts those checks
 read (each weight's depth below the loss, read from the loss's graph)."""
 
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -197,3 +199,20 @@ def test_a_weights_gain_is_its_rms_times_the_square_root_of_its_fan_in():
     loss.backward()
     graph = loss_graph(loss, [("embedding", embedding.weight), ("head", head.weight)])
     assert graph["largest_gain"]["name"] == "head" and graph["largest_gain"]["gain"] < 1
+
+
+def test_weights_all_zero_before_the_first_step_are_a_fact_of_the_loss_graph(tmp_path):
+    """A layer initialised to zeros is named from the gains read before the first step, although that step
+    moves it; a layer of torch's default initialisation is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 10))
+    nn.init.zeros_(model[0].weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path).watch(model, optimizer) as monitor:
+        loss = F.cross_entropy(model(torch.randn(64, 20)), torch.randint(10, (64,)))
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+    assert model[0].weight.abs().sum() > 0  # the step moved it
+    graph = json.loads((tmp_path / "diagnosis.json").read_text())["facts"]["loss"]
+    assert graph["zero_weights"] == ["0.weight"]

@@ -26,6 +26,14 @@ def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
     return {"update_ratio": fast} if fast else None
 
 
+def _zero_weights(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """The weights of the units' layers were all zero before the first step (the loss's graph's
+    zero_weights): each of those units computes its bias alone."""
+    zero = history[-1].loop.get("graph", {}).get("zero_weights", [])
+    found = [name for name in zero if name.removesuffix(".weight") in finding.parameters]
+    return {"zero_weights": found} if found else None
+
+
 def _learns_anyway(history: list[EpochSummary], t: Thresholds) -> str | None:
     """Where the units left learn anyway, what to tell of it: a loss to be minimised that is no
     longer near where it started; None where it is."""
@@ -57,8 +65,10 @@ FAST_STEPS = Cause(
         FAST_STEPS,
         Cause(
             "initialisation",
-            _never,
-            "",
+            _zero_weights,
+            "random initial weights (torch.nn's defaults, or nn.init.kaiming_normal_ before "
+            "ReLUs): weights of zero give every unit of a layer the same output and the same "
+            "gradient, so that no step tells them apart.",
             "the initialisation and the biases: a negative bias or weights too large for their "
             "fan-in (Kaiming's initialisation fits ReLUs), or LeakyReLU, which never stops",
         ),
@@ -78,7 +88,8 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     statistics step of the epoch (in logs read by `diagnose`: for a whole batch). A note while the
     model learns anyway (not near its start, as `stuck` measures it) or its loss cannot tell (RL,
     GAN, other), a warning once it does not. A symptom: the learning rate is its cause where the
-    steps were large."""
+    steps were large; the initialisation, where its layer's weights were all zero before the first
+    step."""
     now = history[-1]
     # by the layer that feeds them: of two ReLUs after one layer, the later one speaks for it
     dead = {
