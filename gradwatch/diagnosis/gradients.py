@@ -111,40 +111,67 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     return [_found(now, [], evidence, message, suggestion=suggestion)]
 
 
+def _decayed(history: list[EpochSummary]) -> tuple[float | None, float | None]:
+    """The norm of the weight matrices the optimizer decays at the first statistics step and now;
+    of all weights, where those were not read."""
+    now = history[-1]
+    first = "decayed_norm_first" if finite(history[0].loop.get("decayed_norm_first")) else None
+    kind = "decayed_norm" if first and finite(now.loop.get("decayed_norm")) else "weight_norm"
+    return history[0].loop.get(f"{kind}_first"), now.loop.get(kind)
+
+
 @rule(
     "a weight decay ten to a hundred times smaller (5e-4 is usual with SGD, 0.01 to 0.1 with "
     "AdamW).",
-    thresholds=("decay_epochs", "stuck_loss"),
+    thresholds=("decay_epochs", "stuck_loss", "decay_shrunk"),
 )
 def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The optimizer has weight decay, the norm of the weight matrices it decays (of all weights,
     where those were not read) is below half what it was at the first statistics step, and the
     training loss stayed above `stuck_loss` x an untrained model's (ln C, or the first loss) for
     `decay_epochs` epochs: the decay holds the weights near zero, where the gradients cannot move
-    them."""
-    if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
-        return []
+    them. Where the loss cannot tell (RL, GAN, other), the norm below `decay_shrunk` of its first
+    value for those epochs is the evidence alone."""
     now = history[-1]
     decay = now.loop.get("weight_decay")
-    first = "decayed_norm_first" if finite(history[0].loop.get("decayed_norm_first")) else None
-    kind = "decayed_norm" if first and finite(now.loop.get("decayed_norm")) else "weight_norm"
-    start = history[0].loop.get(f"{kind}_first")  # all weights, where the decayed were not read
-    norm = now.loop.get(kind)
-    untrained, said = _start_loss(history)
-    if len(history) < t.decay_epochs or not decay or not untrained or not finite(start):
+    start, norm = _decayed(history)
+    if len(history) < t.decay_epochs or not decay or not finite(start) or not finite(norm):
         return []
+    evidence = {"weight_decay": decay, "weight_norms": [start, norm]}
+    message = f"with weight decay {decay:g} the weights' norm fell from {start:.3g} to {norm:.3g} "
+    if not _judged(history):  # a loss not minimised by design (RL, GAN, other): the norms alone
+        shrunk = all(finite(n) and n < t.decay_shrunk * start for n in _norms(history, t))
+        message += f"(below {t.decay_shrunk:g} of it since {_since(history, t)}): the decay holds "
+        message += "the weights near zero. Its loss is not one to minimise (RL, GAN, other): it "
+        message += "cannot show what that costs."
+        return [_found(now, [], evidence, message, 1, _smaller(decay))] if shrunk else []
+    untrained, said = _start_loss(history)
     losses = [_loss(s) for s in history[-t.decay_epochs :]]
-    if not finite(norm) or norm >= start / 2:
+    if not untrained or norm >= start / 2:
         return []
     if not all(finite(loss) and loss >= t.stuck_loss * untrained for loss in losses):
         return []
-    message = f"with weight decay {decay:g} the weights' norm fell from {start:.3g} to {norm:.3g} "
     message += f"while the training loss stays near {untrained:.3g} ({said}; {losses[-1]:.3g} "
     message += "now): the decay holds the weights near zero faster than the gradients can move "
     message += "them."
-    evidence = {"weight_decay": decay, "weight_norms": [start, norm], "train_loss": losses[-1]}
-    suggestion = (
-        f"a weight decay ten to a hundred times smaller than {decay:g} (5e-4 is usual with "
+    evidence["train_loss"] = losses[-1]
+    return [_found(now, [], evidence, message, 1, _smaller(decay))]  # the decay acts from step 1
+
+
+def _norms(history: list[EpochSummary], t: Thresholds) -> list[float | None]:
+    """The decayed weights' norm at the end of each of the last `decay_epochs` summaries."""
+    return [
+        _decayed(history[: i + 1])[1] for i in range(len(history) - t.decay_epochs, len(history))
+    ]
+
+
+def _since(history: list[EpochSummary], t: Thresholds) -> str:
+    summary = history[-t.decay_epochs]
+    return f"epoch {summary.epoch + 1}" if summary.unit == "epoch" else f"step {summary.step}"
+
+
+def _smaller(decay: float) -> str:
+    return (
+        f"a weight decay ten to a hundred times smaller than {decay:g} (5e-4 is usual with SGD, "
+        "0.01 to 0.1 with AdamW)."
     )
-    suggestion += "SGD, 0.01 to 0.1 with AdamW)."
-    return [_found(now, [], evidence, message, 1, suggestion)]  # the decay acts from the first step

@@ -77,9 +77,11 @@ class Thresholds:
     # noisy_gap, for noisy_epochs epochs in a row
     noisy_gap: float = 0.15
     noisy_epochs: int = 3
-    # strong_weight_decay: the weights' norm below half its first value while the loss stayed
-    # above stuck_loss x an untrained model's for decay_epochs epochs
+    # strong_weight_decay: the decayed weights' norm below half its first value while the loss
+    # stayed above stuck_loss x an untrained model's for decay_epochs epochs; where the loss cannot
+    # tell (RL, GAN, other), below decay_shrunk of it for those epochs
     decay_epochs: int = 3
+    decay_shrunk: float = 0.1
     # not_cross_entropy: the training loss below ce_bound x the least cross-entropy allows at the
     # training accuracy ((1 - accuracy) x ln 2); a quarter leaves room for focal losses and a loss
     # divided by up to 4 accumulation steps
