@@ -508,10 +508,21 @@ def pml_triplet(log_dir, change):
     """An MLP embedding of 10 classes of 64-dimensional points, TripletMarginLoss with a TripletMarginMiner,
     MPerClassSampler (m=4), Adam 1e-3 (the library's example notebook's settings), 5 epochs; the monitor's
     epoch_end is the trainer's end_of_epoch_hook (CHANGE)."""
-    from pytorch_metric_learning import losses, miners, samplers, trainers
+    from pytorch_metric_learning import losses, miners
+
+    loss = losses.TripletMarginLoss(margin=0.1)
+    miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    return pml(log_dir, change, loss, miner, lr=1e-3, spread=1.5)
+
+
+def pml(log_dir, change, loss, miner, lr, spread):
+    """pytorch-metric-learning's MetricLossOnly trainer on an MLP embedding of 10 classes of 64-dimensional points
+    (class centres drawn with standard deviation `spread`), with `loss` and `miner`, MPerClassSampler (m=4), Adam
+    at `lr`, 5 epochs; the monitor's epoch_end is the trainer's end_of_epoch_hook (CHANGE)."""
+    from pytorch_metric_learning import samplers, trainers
 
     seeded()
-    centres = torch.randn(10, 64) * 1.5
+    centres = torch.randn(10, 64) * spread
     labels = torch.randint(10, (4000,))
     points = centres[labels] + torch.randn(4000, 64)
     if change.data:
@@ -519,19 +530,14 @@ def pml_triplet(log_dir, change):
     trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
     if change.model:
         change.model(trunk)
-    optimizer = optimizer_for(change, trunk.parameters(), 1e-3 * change.lr, "adam")
+    optimizer = optimizer_for(change, trunk.parameters(), lr * change.lr, "adam")
     monitor = TrainingMonitor(log_dir)
-
-    def epoch_end(trainer):
-        monitor.epoch_end(trainer.epoch - 1, {})
-
     trainer = trainers.MetricLossOnly(
         models={"trunk": trunk, "embedder": nn.Identity()}, optimizers={"trunk_optimizer": optimizer},
-        batch_size=change.batch or 64, loss_funcs={"metric_loss": losses.TripletMarginLoss(margin=0.1)},
-        mining_funcs={"tuple_miner": miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")},
+        batch_size=change.batch or 64, loss_funcs={"metric_loss": loss}, mining_funcs={"tuple_miner": miner},
         dataset=torch.utils.data.TensorDataset(points, labels), dataset_labels=labels.numpy(),
         sampler=samplers.MPerClassSampler(labels, m=4, length_before_new_iter=len(labels)),
-        dataloader_num_workers=0, end_of_epoch_hook=epoch_end,
+        dataloader_num_workers=0, end_of_epoch_hook=lambda trainer: monitor.epoch_end(trainer.epoch - 1, {}),
     )  # fmt: skip
     with Attached(monitor, trunk, optimizer, objective="contrastive"):
         trainer.train(num_epochs=5)
@@ -641,8 +647,9 @@ def tv_resnet(log_dir, change):
                     nn.utils.clip_grad_norm_(model.parameters(), change.clip)
                 optimizer.step()
             scheduler.step()
-            monitor.epoch_end(epoch, evaluate(model, valid, nn.CrossEntropyLoss()), classes=CLASSES)
-    return ", ".join(f"{tag} {value:.3g}" for tag, value in evaluate(model, valid, nn.CrossEntropyLoss()).items())
+            scalars = evaluate(model, valid, nn.CrossEntropyLoss())
+            monitor.epoch_end(epoch, scalars, classes=CLASSES)
+    return ", ".join(f"{tag} {value:.3g}" for tag, value in scalars.items())
 
 
 def evaluate(model, data, criterion):
@@ -775,28 +782,9 @@ def _skorch_report(monitor):
 def pml_contrastive(log_dir, change):
     """An MLP embedding of 10 classes of 64-dimensional points, pytorch-metric-learning's ContrastiveLoss with a
     MultiSimilarityMiner (the pairs its README's example mines), MPerClassSampler (m=4), Adam 1e-4, 5 epochs of
-    its MetricLossOnly trainer; the monitor's epoch_end is the trainer's end_of_epoch_hook (CHANGE)."""
-    from pytorch_metric_learning import losses, miners, samplers, trainers
+    its MetricLossOnly trainer; the monitor's epoch_end is the trainer's end_of_epoch_hook (CHANGE). Its classes
+    lie closer than the triplet program's: an untrained trunk tells them apart half the time."""
+    from pytorch_metric_learning import losses, miners
 
-    seeded()
-    centres = torch.randn(10, 64) * 0.5  # closer classes than the triplet program's: an untrained trunk's 0.5
-    labels = torch.randint(10, (4000,))
-    points = centres[labels] + torch.randn(4000, 64)
-    if change.data:
-        points, labels = change.data(points, labels)
-    trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
-    if change.model:
-        change.model(trunk)
-    optimizer = optimizer_for(change, trunk.parameters(), 1e-4 * change.lr, "adam")
-    monitor = TrainingMonitor(log_dir)
-    trainer = trainers.MetricLossOnly(
-        models={"trunk": trunk, "embedder": nn.Identity()}, optimizers={"trunk_optimizer": optimizer},
-        batch_size=change.batch or 64, loss_funcs={"metric_loss": losses.ContrastiveLoss(pos_margin=0, neg_margin=1)},
-        mining_funcs={"tuple_miner": miners.MultiSimilarityMiner(epsilon=0.1)},
-        dataset=torch.utils.data.TensorDataset(points, labels), dataset_labels=labels.numpy(),
-        sampler=samplers.MPerClassSampler(labels, m=4, length_before_new_iter=len(labels)),
-        dataloader_num_workers=0, end_of_epoch_hook=lambda trainer: monitor.epoch_end(trainer.epoch - 1, {}),
-    )  # fmt: skip
-    with Attached(monitor, trunk, optimizer, objective="contrastive"):
-        trainer.train(num_epochs=5)
-    return f"nearest-centre accuracy of the embeddings {nearest_centre(trunk, centres):.3f}"
+    loss = losses.ContrastiveLoss(pos_margin=0, neg_margin=1)
+    return pml(log_dir, change, loss, miners.MultiSimilarityMiner(epsilon=0.1), lr=1e-4, spread=0.5)
