@@ -111,13 +111,12 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     return [_found(now, [], evidence, message, suggestion=suggestion)]
 
 
-def _decayed(history: list[EpochSummary]) -> tuple[float | None, float | None]:
-    """The norm of the weight matrices the optimizer decays at the first statistics step and now;
-    of all weights, where those were not read."""
-    now = history[-1]
-    first = "decayed_norm_first" if finite(history[0].loop.get("decayed_norm_first")) else None
-    kind = "decayed_norm" if first and finite(now.loop.get("decayed_norm")) else "weight_norm"
-    return history[0].loop.get(f"{kind}_first"), now.loop.get(kind)
+def _norm_kind(history: list[EpochSummary]) -> str:
+    """Which norm strong_weight_decay reads: "decayed_norm", of the weight matrices the optimizer
+    decays, where the first and the latest summaries have it; else "weight_norm", of all weights."""
+    read = finite(history[0].loop.get("decayed_norm_first"))
+    read = read and finite(history[-1].loop.get("decayed_norm"))
+    return "decayed_norm" if read else "weight_norm"
 
 
 @rule(
@@ -134,13 +133,16 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     value for those epochs is the evidence alone."""
     now = history[-1]
     decay = now.loop.get("weight_decay")
-    start, norm = _decayed(history)
+    kind = _norm_kind(history)
+    start = history[0].loop.get(f"{kind}_first")
+    norm = now.loop.get(kind)
     if len(history) < t.decay_epochs or not decay or not finite(start) or not finite(norm):
         return []
     evidence = {"weight_decay": decay, "weight_norms": [start, norm]}
     message = f"with weight decay {decay:g} the weights' norm fell from {start:.3g} to {norm:.3g} "
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other): the norms alone
-        shrunk = all(finite(n) and n < t.decay_shrunk * start for n in _norms(history, t))
+        norms = [s.loop.get(kind) for s in history[-t.decay_epochs :]]
+        shrunk = all(finite(n) and n < t.decay_shrunk * start for n in norms)
         message += f"(below {t.decay_shrunk:g} of it since {_since(history, t)}): the decay holds "
         message += "the weights near zero. Its loss is not one to minimise (RL, GAN, other): it "
         message += "cannot show what that costs."
@@ -156,13 +158,6 @@ def strong_weight_decay(history: list[EpochSummary], t: Thresholds) -> list[Find
     message += "them."
     evidence["train_loss"] = losses[-1]
     return [_found(now, [], evidence, message, 1, _smaller(decay))]  # the decay acts from step 1
-
-
-def _norms(history: list[EpochSummary], t: Thresholds) -> list[float | None]:
-    """The decayed weights' norm at the end of each of the last `decay_epochs` summaries."""
-    return [
-        _decayed(history[: i + 1])[1] for i in range(len(history) - t.decay_epochs, len(history))
-    ]
 
 
 def _since(history: list[EpochSummary], t: Thresholds) -> str:
