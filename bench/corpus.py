@@ -4,7 +4,8 @@
     pip install -r bench/corpus/requirements.txt && pip install --no-deps d2l==1.0.3
     python bench/corpus.py                  # the development part (about 6 minutes on 2 CPU cores)
     python bench/corpus.py --part 2         # the second part (held out until its one scoring, 2026-12-07)
-    python bench/corpus.py --part 3         # the third part, held out: written before any of it was diagnosed
+    python bench/corpus.py --part 3         # the third part (held out until its one scoring, 2026-12-07)
+    python bench/corpus.py --part 4         # the fourth part, held out: written before any of it was diagnosed
     python bench/corpus.py --only lenet_HLR_x30 sb3_ppo --story
 
 Per run: the program, the operator, the first warning the diagnosis gave (its first finding that is not a
@@ -35,13 +36,15 @@ from gradwatch.diagnosis import saved_findings  # noqa: E402
 
 def fault(name):
     """The fault `name` (program, operator, change, rules that name it) of any part; None for a program."""
-    return faults.FAULTS.get(name) or faults.HELD_OUT.get(name) or faults.THIRD.get(name)
+    parts = (faults.FAULTS, faults.HELD_OUT, faults.THIRD, faults.FOURTH)
+    return next((part[name] for part in parts if name in part), None)
 
 
 PARTS = {
     1: [*faults.HEALTHY, *faults.FAULTS],
     2: [*faults.HELD_OUT_HEALTHY, *faults.HELD_OUT],
     3: [*faults.THIRD_HEALTHY, *faults.THIRD],
+    4: [*faults.FOURTH_HEALTHY, *faults.FOURTH],
 }
 
 
@@ -110,7 +113,8 @@ def main():
     )
     parser.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
                         help="1: the development part; 2: the second part (held out until 2026-12-07); "
-                        "3: the third part, held out (score it once)")  # fmt: skip
+                        "3: the third part (held out until its one scoring, 2026-12-07); 4: the fourth part, held "
+                        "out (score it once)")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="only these runs (names from the tables)")
     parser.add_argument("--story", action="store_true", help="print every finding of each run")
     parser.add_argument("--smoke", action="store_true", help="run them and print their outcomes alone")

@@ -5,10 +5,11 @@ bench/corpus/requirements.txt): the book Dive into Deep Learning (the `d2l` pack
 blocks, RNN and GRU language models, linear regression, its GAN's update functions), Stable-Baselines3 (PPO, A2C,
 DQN on CartPole), PyTorch Lightning's demos (a transformer and an LSTM language model), Hugging Face transformers
 (GPT-2 and BERT from configs, its Trainer), pytorch-metric-learning (a triplet loss and its trainer) and skorch (a
-regressor). What this file adds is marked CHANGE: the data (generated or read from Python's own help topics, since
-nothing is downloaded), the number of steps, the monitor's attachment (bench/corpus/attach.py, or the gradwatch
-callbacks a user of Lightning and Hugging Face would add), and the fault's changes (`Change`), which are empty for a
-healthy run. Every program is a function `(log_dir, change) -> outcome`: the monitor writes its findings to
+regressor). Two are scripts rather than packages, and their loops are written out here with their models and
+settings: CleanRL's ppo.py and PyTorch-GAN's gan.py. What this file adds is marked CHANGE: the data (generated or
+read from Python's own help topics, since nothing is downloaded), the number of steps, the monitor's attachment
+(bench/corpus/attach.py, or the gradwatch callbacks a user of Lightning and Hugging Face would add), and the fault's
+changes (`Change`), which are empty for a healthy run. Every program is a function `(log_dir, change) -> outcome`: the monitor writes its findings to
 `log_dir/diagnosis.json`, and the outcome says in a few words how well the program did (that a healthy run learnt).
 """
 
@@ -788,3 +789,250 @@ def pml_contrastive(log_dir, change):
 
     loss = losses.ContrastiveLoss(pos_margin=0, neg_margin=1)
     return pml(log_dir, change, loss, miners.MultiSimilarityMiner(epsilon=0.1), lr=1e-4, spread=0.5)
+
+
+# ---- programs of the fourth part (held out: written and committed before any of its runs was diagnosed) ----
+
+
+def d2l_bn_lenet(log_dir, change):
+    """d2l's LeNet with batch normalization (sec_batch_norm, the concise BNLeNet: BatchNorm after every convolution
+    and hidden linear layer, sigmoid activations), SGD at the book's lr 0.1, its init_cnn, batches of 128, 6 epochs;
+    the class is the chapter's, which the d2l package does not export (CHANGE: copied)."""
+    book = d2l()
+
+    class BNLeNet(book.Classifier):
+        def __init__(self, lr=0.1, num_classes=10):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(
+                nn.LazyConv2d(6, kernel_size=5), nn.LazyBatchNorm2d(), nn.Sigmoid(),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+                nn.LazyConv2d(16, kernel_size=5), nn.LazyBatchNorm2d(), nn.Sigmoid(),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+                nn.Flatten(), nn.LazyLinear(120), nn.LazyBatchNorm1d(), nn.Sigmoid(),
+                nn.LazyLinear(84), nn.LazyBatchNorm1d(), nn.Sigmoid(), nn.LazyLinear(num_classes),
+            )  # fmt: skip
+
+    seeded()
+    data = d2l_images(change, batch=128)
+    model = BNLeNet(lr=0.1)
+    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
+    return fit_d2l(log_dir, model, data, change, epochs=6, classes=CLASSES, objective="classification")
+
+
+def cleanrl_ppo(log_dir, change):
+    """CleanRL's ppo.py on CartPole-v1 with its defaults (an actor and a critic, each two Tanh layers of 64 with
+    orthogonal initialisation, the actor's head at std 0.01; Adam 2.5e-4, eps 1e-5, annealed linearly to 0; 4
+    environments x 128 steps; GAE lambda 0.95; 4 epochs of 4 minibatches; clipping coefficient 0.2 on the ratio and
+    the value; entropy 0.01, value 0.5; gradient norm clipped at 0.5), for 40,960 environment steps (CHANGE: of
+    500,000), counted in optimizer steps. CleanRL is a single-file script, not a package: its loop is written out
+    here, on gymnasium's vector API (CHANGE: resetting in the step that ends an episode, as gym did)."""
+    import gymnasium as gym
+
+    seeded(1)
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4,
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)  # fmt: skip
+    agent = PPOAgent()
+    if change.model:
+        change.model(agent)
+    lr = 2.5e-4 * change.lr
+    if change.optimizer or change.decay:
+        optimizer = optimizer_for(change, agent.parameters(), lr, "adam")
+    else:
+        optimizer = torch.optim.Adam(agent.parameters(), lr=lr, eps=1e-5)
+    monitor = TrainingMonitor(log_dir)
+    returns, running = [], np.zeros(4)
+    observation, _ = envs.reset(seed=1)
+    updates = 40_960 // 512
+    with Attached(monitor, agent, optimizer, objective="rl"):
+        for update in range(updates):
+            optimizer.param_groups[0]["lr"] = (1.0 - update / updates) * lr
+            rollout, observation = _ppo_rollout(envs, agent, observation, running, returns)
+            _ppo_update(agent, optimizer, rollout, change.batch or 128, change.clip or 0.5)
+    envs.close()
+    return f"mean return of the last 20 episodes {np.mean(returns[-20:]):.0f} (500 at most)"
+
+
+class PPOAgent(nn.Module):
+    """CleanRL's Agent for CartPole (4 observations, 2 actions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.critic = nn.Sequential(_orthogonal(4, 64), nn.Tanh(), _orthogonal(64, 64), nn.Tanh(),
+                                    _orthogonal(64, 1, std=1.0))  # fmt: skip
+        self.actor = nn.Sequential(_orthogonal(4, 64), nn.Tanh(), _orthogonal(64, 64), nn.Tanh(),
+                                   _orthogonal(64, 2, std=0.01))  # fmt: skip
+
+    def get_action_and_value(self, x, action=None):
+        probabilities = torch.distributions.Categorical(logits=self.actor(x))
+        if action is None:
+            action = probabilities.sample()
+        return action, probabilities.log_prob(action), probabilities.entropy(), self.critic(x)
+
+
+def _orthogonal(inputs, outputs, std=2**0.5):
+    layer = nn.Linear(inputs, outputs)
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, 0.0)
+    return layer
+
+
+def _ppo_rollout(envs, agent, observation, running, returns, steps=128, gamma=0.99, lam=0.95):
+    """128 steps of every environment with advantages by GAE; the episodes' returns appended to `returns`."""
+    columns = {name: [] for name in ("obs", "actions", "logprobs", "rewards", "dones", "values")}
+    done = np.zeros(4)
+    for _ in range(steps):
+        obs = torch.tensor(observation, dtype=torch.float32)
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(obs)
+        observation, reward, terminated, truncated, _ = envs.step(action.numpy())
+        running += reward
+        for i in np.flatnonzero(terminated | truncated):
+            returns.append(running[i])
+            running[i] = 0
+        for name, item in zip(columns, (obs, action, logprob, reward, done, value.flatten())):
+            columns[name].append(torch.as_tensor(item, dtype=torch.float32))
+        done = (terminated | truncated).astype(np.float32)
+    rollout = {name: torch.stack(column) for name, column in columns.items()}
+    with torch.no_grad():
+        following = agent.critic(torch.tensor(observation, dtype=torch.float32)).flatten()
+    advantages = torch.zeros_like(rollout["rewards"])
+    last = 0
+    for t in reversed(range(steps)):
+        alive = 1.0 - (torch.as_tensor(done) if t == steps - 1 else rollout["dones"][t + 1])
+        following_value = following if t == steps - 1 else rollout["values"][t + 1]
+        delta = rollout["rewards"][t] + gamma * following_value * alive - rollout["values"][t]
+        advantages[t] = last = delta + gamma * lam * alive * last
+    rollout.update(advantages=advantages, returns=advantages + rollout["values"])
+    return {name: column.reshape(steps * 4, *column.shape[2:]) for name, column in rollout.items()}, observation
+
+
+def _ppo_update(agent, optimizer, rollout, minibatch, clip_norm, coefficient=0.2):
+    """CleanRL's 4 epochs of minibatches: the clipped surrogate, the clipped value loss, the entropy bonus."""
+    for _ in range(4):
+        order = torch.randperm(len(rollout["obs"]))
+        for start in range(0, len(order), minibatch):
+            b = {name: column[order[start : start + minibatch]] for name, column in rollout.items()}
+            _, logprob, entropy, value = agent.get_action_and_value(b["obs"], b["actions"].long())
+            ratio = (logprob - b["logprobs"]).exp()
+            advantages = (b["advantages"] - b["advantages"].mean()) / (b["advantages"].std() + 1e-8)
+            pg_loss = torch.max(-advantages * ratio,
+                                -advantages * torch.clamp(ratio, 1 - coefficient, 1 + coefficient)).mean()  # fmt: skip
+            value = value.view(-1)
+            clipped = b["values"] + torch.clamp(value - b["values"], -coefficient, coefficient)
+            v_loss = 0.5 * torch.max((value - b["returns"]) ** 2, (clipped - b["returns"]) ** 2).mean()
+            loss = pg_loss - 0.01 * entropy.mean() + 0.5 * v_loss
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), clip_norm)
+            optimizer.step()
+
+
+def pytorch_gan(log_dir, change):
+    """The GAN of PyTorch-GAN (eriklindernoren, implementations/gan/gan.py): a generator of Linear blocks
+    100-128-256-512-1024-784 with BatchNorm1d(out, 0.8) and LeakyReLU 0.2, a Tanh output; a discriminator
+    784-512-256-1 with LeakyReLU and a Sigmoid, BCELoss; Adam 2e-4, betas (0.5, 0.999); each batch a generator
+    step then a discriminator step on the average of its real and fake losses; 3 epochs of 6,400 generated
+    images scaled to [-1, 1] in batches of 64 (CHANGE: in place of MNIST and 200 epochs; the script's loop is
+    written out here, with the monitor's epoch_end)."""
+    seeded()
+    x, y = images(6400, noise=0.5, seed=0)
+    x = x / x.abs().max()
+    means = torch.stack([x[y == c].mean(0) for c in range(10)])
+    x = change.data(x, torch.zeros(len(x)))[0] if change.data else x
+    generator, discriminator = GANGenerator(), GANDiscriminator()
+    for model in (generator, discriminator):
+        if change.model:
+            change.model(model)
+    loss = nn.BCELoss() if change.loss is None else nn.MSELoss()
+    if change.optimizer:
+        optimizer_g = optimizer_for(change, generator.parameters(), 2e-4 * change.lr)
+        optimizer_d = optimizer_for(change, discriminator.parameters(), 2e-4 * change.lr)
+    else:
+        optimizer_g, optimizer_d = (torch.optim.Adam(model.parameters(), lr=2e-4 * change.lr, betas=(0.5, 0.999),
+                                                     weight_decay=change.decay or 0.0)
+                                    for model in (generator, discriminator))  # fmt: skip
+    before = _class_likeness(_generated(generator), means)
+    batches = torch.utils.data.DataLoader(x, batch_size=change.batch or 64, shuffle=True)
+    monitor = TrainingMonitor(log_dir)
+    parts = {"generator": (generator, optimizer_g), "discriminator": (discriminator, optimizer_d)}
+    with Attached(monitor, parts=parts, objective="gan"):
+        for epoch in range(3):
+            for imgs in batches:
+                valid, fake = torch.ones(len(imgs), 1), torch.zeros(len(imgs), 1)
+                optimizer_g.zero_grad()
+                gen_imgs = generator(torch.randn(len(imgs), 100))
+                g_loss = loss(discriminator(gen_imgs), valid)
+                g_loss.backward()
+                optimizer_g.step()
+                optimizer_d.zero_grad()
+                d_loss = (loss(discriminator(imgs), valid) + loss(discriminator(gen_imgs.detach()), fake)) / 2
+                d_loss.backward()
+                optimizer_d.step()
+            monitor.epoch_end(epoch, {})
+    after = _class_likeness(_generated(generator), means)
+    return f"likeness to a class {before:.2f} before training, {after:.2f} after (real images " \
+           f"{_class_likeness(x[:200], means):.2f})"  # fmt: skip
+
+
+class GANGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+
+        def block(inputs, outputs, normalize=True):
+            layers = [nn.Linear(inputs, outputs)]
+            if normalize:
+                layers.append(nn.BatchNorm1d(outputs, 0.8))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            return layers
+
+        self.model = nn.Sequential(*block(100, 128, normalize=False), *block(128, 256), *block(256, 512),
+                                   *block(512, 1024), nn.Linear(1024, 784), nn.Tanh())  # fmt: skip
+
+    def forward(self, z):
+        return self.model(z).view(len(z), 1, 28, 28)
+
+
+class GANDiscriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(784, 512), nn.LeakyReLU(0.2, inplace=True), nn.Linear(512, 256),
+                                   nn.LeakyReLU(0.2, inplace=True), nn.Linear(256, 1), nn.Sigmoid())  # fmt: skip
+
+    def forward(self, img):
+        return self.model(img.view(len(img), -1))
+
+
+def _class_likeness(images, means):
+    """The mean over `images` of their highest cosine similarity with a class's mean image: how much a generated
+    image looks like one of the classes (the real images' own figure is the goal; noise scores near 0)."""
+    flat = F.normalize(images.reshape(len(images), -1), dim=1)
+    return float((flat @ F.normalize(means.reshape(len(means), -1), dim=1).T).max(1).values.mean())
+
+
+def _generated(generator, n=200):
+    with torch.no_grad():  # in training mode, as the script samples its images
+        return generator(torch.randn(n, 100, generator=torch.Generator().manual_seed(3)))
+
+
+def hf_convnext(log_dir, change):
+    """A 2-stage ConvNeXt (16 and 32 channels, one block each) from its config, classifying generated 28x28
+    images, counted in steps: 400 steps of AdamW 1e-3 in batches of 32 with a linear schedule after 40 warmup
+    steps and weight decay 0.05 (the settings of Hugging Face's image-classification examples for ConvNeXt, on a
+    smaller model), evaluated every 100 steps."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    seeded()
+    config = ConvNextConfig(num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                            num_labels=10,
+                            **change.settings)  # fmt: skip
+    model = ConvNextForImageClassification(config)
+    x, y = images(6400, seed=0)
+    x, y = change.data(x, y) if change.data else (x, y)
+    vx, vy = images(800, seed=1)
+    trainer = hf_train(log_dir, change, model, Examples(pixel_values=x, labels=y),
+                       Examples(pixel_values=vx, labels=vy), learning_rate=1e-3, max_steps=400,
+                       per_device_train_batch_size=32, warmup_steps=40, weight_decay=0.05,
+                       eval_strategy="steps", eval_steps=100)  # fmt: skip
+    scores = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    return f"validation accuracy {scores[-1]:.3f} (10 classes)"
