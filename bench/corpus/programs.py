@@ -9,8 +9,9 @@ regressor). Two are scripts rather than packages, and their loops are written ou
 settings: CleanRL's ppo.py and PyTorch-GAN's gan.py. What this file adds is marked CHANGE: the data (generated or
 read from Python's own help topics, since nothing is downloaded), the number of steps, the monitor's attachment
 (bench/corpus/attach.py, or the gradwatch callbacks a user of Lightning and Hugging Face would add), and the fault's
-changes (`Change`), which are empty for a healthy run. Every program is a function `(log_dir, change) -> outcome`: the monitor writes its findings to
-`log_dir/diagnosis.json`, and the outcome says in a few words how well the program did (that a healthy run learnt).
+changes (`Change`), which are empty for a healthy run. Every program is a function `(log_dir, change) -> outcome`:
+the monitor writes its findings to `log_dir/diagnosis.json`, and the outcome says in a few words how well the
+program did (that a healthy run learnt).
 """
 
 import pydoc_data.topics
