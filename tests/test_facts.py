@@ -249,6 +249,22 @@ def test_the_decayed_norm_is_of_the_matrices_in_groups_with_weight_decay(tmp_pat
     assert decayed_norm(stats, named, None) is None
 
 
+def test_the_rules_read_the_models_dropout_rates_from_watch(tmp_path):
+    """The dropout rates read at watch() reach every summary's loop facts, where the rules that weigh heavy dropout
+    against the data and the initialisation read them."""
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Dropout(0.95), nn.Linear(32, CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path).watch(model, optimizer) as monitor:
+        for _ in range(10):
+            loss = F.cross_entropy(model(torch.randn(16, 20)), torch.randint(0, CLASSES, (16,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+        monitor.epoch_end(0, {})
+        assert monitor.diagnosis.history[-1].loop["dropout"] == [0.95]
+
+
 def test_step_says_at_once_what_it_takes(tmp_path):
     model = mlp()
     with TrainingMonitor(tmp_path).watch(model) as monitor:

@@ -227,6 +227,10 @@ EXAMPLES = [
            lambda: level(2.3, 2.3, 4.0, 5.0, 5.0, objective="rl")),
     leaves("diverging", "one batch at twice the first loss, the level where it started",
            lambda: [epoch(0, num_classes=10, losses=windows([2.3] * 4, maxes=[2.5, 4.6, 2.5, 2.5]))]),
+    leaves("diverging", "a loss as high at its first batch, before any step, and falling (heavy dropout)",
+           lambda: [epoch(0, num_classes=10, first_loss=6.6, losses=windows([6.6, 3.0, 2.9, 2.8]))]),
+    finds("diverging", "a loss that rises from a high first batch to twice it",
+          lambda: [epoch(0, num_classes=10, first_loss=6.6, losses=windows([6.6, 8.0, 12.0, 14.0]))]),
     finds("nonfinite_gradients", "NaN in a gradient", lambda: [epoch(0, layers=layers(fc={"nonfinite_share": 0.5}))]),
     leaves("nonfinite_gradients", "finite gradients", lambda: [epoch(0, layers=layers(fc={"nonfinite_share": 0.0}))]),
     finds("exploding_gradients", "a gradient norm 500x its median of the epochs before",
@@ -295,6 +299,12 @@ EXAMPLES = [
     finds("stuck", "five epochs at ln 10 and chance, the weights still",
           lambda: epochs(5, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
                          layers=layers(fc={"update_ratio": 1e-6}))),  # fmt: skip
+    leaves("stuck", "a contrastive loss that stays flat while the weights move (a miner picks harder pairs)",
+           lambda: epochs(5, first_loss=1.0, metrics={"train_loss": 0.97}, layers=layers(fc={"update_ratio": 1e-2}),
+                          loop={"objective": "contrastive"})),
+    finds("stuck", "a contrastive loss that stays flat with the weights still",
+          lambda: epochs(5, first_loss=1.0, metrics={"train_loss": 0.97}, layers=layers(fc={"update_ratio": 1e-6}),
+                         loop={"objective": "contrastive"})),
     leaves("stuck", "a loss that falls epoch by epoch",
            lambda: epochs(5, num_classes=10, metrics=[{"train_loss": v, "train_accuracy": 0.1}
                                                       for v in (2.3, 2.0, 1.5, 1.0, 0.5)])),  # fmt: skip
@@ -429,6 +439,24 @@ def test_stuck_names_its_suspect_by_how_fast_the_weights_move(ratio, suspect):
     (finding,) = RULES["stuck"](run, Thresholds())
     assert (finding.suggestion or RULES["stuck"].suggestion).startswith(suspect)
     assert RULES["stuck"].way(finding) == (1 if ratio < Thresholds().stuck_moving_ratio else 0)
+
+
+def test_heavy_dropout_is_a_rival_of_the_data_and_of_the_initialisation():
+    """With dropout at 0.95 in the model, a stuck loss whose weights move does not blame the labels, nor a high first
+    loss the initial weights: each says what to check, the dropout rate first, and names no cause."""
+    run = epochs(5, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
+                 layers=layers(fc={"update_ratio": 1e-2}), loop={"dropout": [0.5, 0.95]})  # fmt: skip
+    (stuck,) = RULES["stuck"](run, Thresholds())
+    (high,) = RULES["high_initial_loss"]([epoch(0, num_classes=10, first_loss=50.0, loop={"dropout": [0.95]})],
+                                         Thresholds())  # fmt: skip
+    for finding in (stuck, high):
+        assert finding.evidence["cause"] is None and finding.evidence["dropout"] == 0.95
+        assert finding.suggestion.startswith("check, in this order: the dropout rate (0.95")
+    assert "labels or the inputs say nothing" not in stuck.message and "far too large" not in high.message
+    (usual,) = RULES["stuck"](epochs(5, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
+                                     layers=layers(fc={"update_ratio": 1e-2}), loop={"dropout": [0.5]}),
+                              Thresholds())  # fmt: skip
+    assert usual.evidence.get("weights_move") and "dropout" not in usual.suggestion
 
 
 @pytest.mark.parametrize("gain, cause", [(0.6, None), (6.0, "initialisation")])

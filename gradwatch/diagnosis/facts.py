@@ -63,6 +63,27 @@ def _judged(history: list[EpochSummary]) -> bool:
     return history[-1].loop.get("objective", "") not in NOT_MINIMISED
 
 
+# A dropout rate from which dropout, not the labels, the inputs or the initialisation, may be why a
+# model in training mode does not fit: it keeps a fifth of the units or fewer at each step, and
+# scales the survivors by five or more (the rates in use are 0.1 to 0.5)
+HEAVY_DROPOUT = 0.8
+
+
+def _heavy_dropout(now: EpochSummary) -> float | None:
+    """The model's highest dropout rate where it is HEAVY_DROPOUT or more (loop.model_facts)."""
+    rate = max(now.loop.get("dropout", []), default=0.0)
+    return rate if rate >= HEAVY_DROPOUT else None
+
+
+def _dropout_checks(dropout: float) -> str:
+    """What to check, in order, where the model's dropout is heavy (HEAVY_DROPOUT or more)."""
+    kept = f"keeps {1 - dropout:.0%} of its units"
+    kept += f" and scales them {1 / (1 - dropout):.0f} times" if dropout < 1 else ""
+    text = f"check, in this order: the dropout rate ({dropout:g}, where 0.1 to 0.5 is usual: in "
+    text += f"training mode a layer {kept}); that the labels match the inputs; that the inputs are "
+    return text + "normalised and the initial weights small."
+
+
 def _kept_apart(now: EpochSummary) -> set[str]:
     """Parameters that require gradients but are in no parameter group of the optimizer and get no
     gradient either (the loss does not reach them): a copy kept apart, as a DQN's target network or

@@ -196,8 +196,10 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     model's loss, ln C for a cross-entropy over C classes, and its first level) or, with ln C
     known, above WORSE x both ln C and its first level (worse than a model that guesses), or a
     batch's cross-entropy reaches EXPLODED x ln C; or the loss becomes NaN or Inf (then, without
-    rising first, it points at the data). The learning rate is named, but where the loss's graph
-    showed a weight of LARGE_GAIN or more before the first step: then its initialisation."""
+    rising first, it points at the data). A loss already above that limit at the first step, before
+    any update, has not risen: then only a level above `diverging_factor` x that first loss is. The
+    learning rate is named, but where the loss's graph showed a weight of LARGE_GAIN or more before
+    the first step: then its initialisation."""
     now = history[-1]
     judged = _judged(history)  # not: a loss that rises by design, of which only NaN is told
     untrained = _untrained_loss(now) if judged else None
@@ -206,6 +208,10 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     limit = t.diverging_factor * start if judged and finite(start) and start > 0 else math.inf
     if untrained and finite(start):  # worse than an untrained model, and risen from its start
         limit = min(limit, WORSE * max(untrained, first or 0.0))
+    before = history[0].first_loss  # before any step: what no learning rate has changed yet
+    if judged and finite(before) and before > limit:  # as high from the start: not a rise
+        start = before
+        limit = t.diverging_factor * before
     high = next((span for span in _levels(now.losses) if span["level"] > limit), None)
     high = high or _exploded(now, untrained)
     if high is not None:

@@ -12,7 +12,9 @@ from .facts import (
     LEVEL_STEPS,
     _accuracy,
     _classes,
+    _dropout_checks,
     _fell,
+    _heavy_dropout,
     _judged,
     _loss,
     _near_start,
@@ -60,7 +62,9 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     loss function). Told with its suspect by how fast the weights move meanwhile (their median
     update ratio): the learning rate below `stuck_moving_ratio`; the labels and inputs at
     `stuck_data_ratio` or above, a pace at which models learn; neither between the two (what to
-    check comes in order), nor in fewer than FEW_STEPS optimizer steps in all (too few to tell)."""
+    check comes in order), nor in fewer than FEW_STEPS optimizer steps in all (too few to tell). A
+    contrastive loss is told only with its weights still: one whose pairs a miner picks by the
+    model's own embeddings, harder as it learns, stays flat while the embeddings improve."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
@@ -86,7 +90,11 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         suggestion += "learning rate or the data: a model learns little in so few."
         evidence.update(cause="few_steps", steps=now.step)  # no claim on the learning rate
         return [_found(now, [], evidence, message, suggestion=suggestion)]
-    return [_by_pace(now, _moving(recent), message, evidence, t)]
+    moving = _moving(recent)
+    moved = moving is not None and moving >= t.stuck_moving_ratio
+    if moved and now.loop.get("objective") == "contrastive":  # a mined loss: flat by design
+        return []
+    return [_by_pace(now, moving, message, evidence, t)]
 
 
 def _by_pace(
@@ -103,8 +111,13 @@ def _by_pace(
         suggestion += "normalised."
         evidence.update(update_ratio=moving, cause=None)  # a symptom: no claim on the rate
         return _found(now, [], evidence, message, suggestion=suggestion)
-    message += f", although the weights move (median ||dw||/||w|| {moving:.2g}): the labels or the "
-    message += "inputs say nothing the model can learn."
+    message += f", although the weights move (median ||dw||/||w|| {moving:.2g})"
+    dropout = _heavy_dropout(now)
+    if dropout is not None:  # a rival of the data: the model in training mode sees few units
+        message += f"; its dropout at {dropout:g} keeps {1 - dropout:.0%} of the units a step."
+        evidence.update(update_ratio=moving, dropout=dropout, cause=None)  # a symptom
+        return _found(now, [], evidence, message, suggestion=_dropout_checks(dropout))
+    message += ": the labels or the inputs say nothing the model can learn."
     suggestion = "check that the labels match the images (a shuffled or misaligned list?) and that "
     suggestion += "the inputs vary and are normalised; a larger learning rate will not help."
     evidence.update(update_ratio=moving, weights_move=True)

@@ -7,7 +7,17 @@ from __future__ import annotations
 import math
 
 from ..summary import EpochSummary, finite
-from .facts import _classes, _graph_step, _judged, _loop_start, _peak_lr, _problem, _untrained_loss
+from .facts import (
+    _classes,
+    _dropout_checks,
+    _graph_step,
+    _heavy_dropout,
+    _judged,
+    _loop_start,
+    _peak_lr,
+    _problem,
+    _untrained_loss,
+)
 from .findings import Finding, _found, rule
 from .thresholds import Thresholds
 
@@ -118,7 +128,9 @@ def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 )
 def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The first training loss is above `initial_loss_factor` x ln C, the loss of an untrained
-    model (C: the classes given, or those of the one cross-entropy the loss's graph shows)."""
+    model (C: the classes given, or those of the one cross-entropy the loss's graph shows). The
+    initial weights or the inputs are named, but where the model's dropout is heavy (HEAVY_DROPOUT):
+    then what to check, in order."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[0]
@@ -129,6 +141,12 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
     if first <= t.initial_loss_factor * expected:
         return []
     message = f"the first training loss was {first:.3g}, {first / expected:.0f}x the "
-    message += f"{expected:.2f} (ln {round(math.exp(expected))}) of an untrained model: the "
-    message += "initial weights or the inputs are far too large."
-    return [_found(now, [], {"first_loss": first, "expected": expected}, message, step=1)]
+    message += f"{expected:.2f} (ln {round(math.exp(expected))}) of an untrained model"
+    evidence = {"first_loss": first, "expected": expected}
+    dropout = _heavy_dropout(now)
+    if dropout is not None:  # a rival of the weights and inputs: dropout's scaling in training mode
+        message += f"; its dropout at {dropout:g} scales the units it keeps in training mode."
+        evidence.update(dropout=dropout, cause=None)  # a symptom: no claim on the weights
+        return [_found(now, [], evidence, message, step=1, suggestion=_dropout_checks(dropout))]
+    message += ": the initial weights or the inputs are far too large."
+    return [_found(now, [], evidence, message, step=1)]
