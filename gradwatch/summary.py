@@ -79,7 +79,7 @@ class EpochSummary:
     losses: list[dict[str, Any]] = field(default_factory=list)
     first_loss: float | None = None  # the run's first training loss
     # with gradient clipping: {"max_norm", "steps", "clipped_share", "grad_norm_median",
-    # "grad_norm_p90"}
+    # "grad_norm_p90"}, the norms before clipping None where it was read from the norms after it
     clipping: dict[str, float] = field(default_factory=dict)
     # the training and validation loss and accuracy: train_loss, train_accuracy, valid_loss,
     # valid_accuracy
@@ -308,6 +308,6 @@ def summarize(
         activations=_activations(settled),
         total_grad_norm_max=max(totals, default=math.nan),
         total_grad_norm_median=_median(totals),
-        loop=loop_summary(records),
+        loop={**loop_summary(records), "total_norms": totals},  # as stepped with: after clipping
         **context,
     )

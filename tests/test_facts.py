@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradwatch import TrainingMonitor
+from gradwatch.diagnosis.facts import _clipping
 
 CLASSES = 4
 
@@ -263,6 +264,33 @@ def test_the_rules_read_the_models_dropout_rates_from_watch(tmp_path):
             monitor.step(loss)
         monitor.epoch_end(0, {})
         assert monitor.diagnosis.history[-1].loop["dropout"] == [0.95]
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_clipping_that_the_loop_does_not_report_is_read_from_the_norms_it_leaves(tmp_path, max_norm):
+    """clip_grad_norm_ at 1e-3 in the loop, its norms not passed to step(): the total gradient norm at every reading
+    is the threshold, so the clipping is read from them and named as why the steps are too small; at 1e3 nothing is
+    clipped, and no clipping is read."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(256, 20), torch.randint(0, CLASSES, (256,))
+    with TrainingMonitor(tmp_path, stats_every=4).watch(model, optimizer) as monitor:
+        for epoch in range(3):
+            for i in range(0, 256, 16):
+                loss = F.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+                monitor.step(loss)
+            monitor.epoch_end(epoch, {})
+    clip = _clipping(monitor.diagnosis.history)
+    if max_norm < 1:
+        assert clip["max_norm"] == pytest.approx(max_norm, rel=1e-3) and clip["clipped_share"] == 1.0
+        assert any(f.evidence.get("cause") == "clipping" for f in monitor.findings), monitor.findings
+    else:
+        assert clip == {} and not any(f.evidence.get("cause") == "clipping" for f in monitor.findings)
 
 
 def test_step_says_at_once_what_it_takes(tmp_path):

@@ -63,6 +63,52 @@ def _judged(history: list[EpochSummary]) -> bool:
     return history[-1].loop.get("objective", "") not in NOT_MINIMISED
 
 
+CLIPPED_AT = 1e-3  # relative: norms this close to the largest are one norm clipped to
+
+
+def _clipped_to(totals: list[float]) -> dict:
+    """The clipping that the total gradient norms read at the optimizer steps show, where the loop
+    did not pass its norms to step(): clip_grad_norm_ scales a gradient above its threshold to it,
+    so that more than half of the readings (two or more, of four or more) at one norm, the largest,
+    within CLIPPED_AT, are steps clipped to that norm; else {}. The norms before clipping are not
+    known then (None)."""
+    norms = [total for total in totals if finite(total)]
+    top = max(norms, default=0.0)
+    at = [total for total in norms if abs(total - top) <= CLIPPED_AT * top]
+    if len(norms) < 4 or len(at) < 2 or 2 * len(at) <= len(norms) or top <= 0:
+        return {}
+    return {"max_norm": top, "steps": len(norms), "clipped_share": len(at) / len(norms),
+            "grad_norm_median": None, "grad_norm_p90": None, "read": "total_norms"}  # fmt: skip
+
+
+CLIP_SUMMARIES = 4  # the summaries over whose readings _clipping reads a clipping not passed
+
+
+def _clipping(history: list[EpochSummary]) -> dict:
+    """The latest summary's clipping: as the loop passed its norms to step(), else as the total
+    gradient norms of the readings of the latest CLIP_SUMMARIES summaries show it (_clipped_to),
+    where the latest has a reading at that norm; {} without clipping."""
+    now = history[-1]
+    if now.clipping:
+        return now.clipping
+    recent = [norm for s in history[-CLIP_SUMMARIES:] for norm in s.loop.get("total_norms", [])]
+    found = _clipped_to(recent)
+    top = found.get("max_norm")
+    if top and any(abs(norm - top) <= CLIPPED_AT * top for norm in now.loop.get("total_norms", [])):
+        return found
+    return {}
+
+
+def _clipped_small(history: list[EpochSummary], finding, t: Thresholds) -> dict | None:
+    """A cause of small gradients or steps: clipping scaled more than `clipped_share` of them down
+    to its threshold (_clipping), the norms the optimizer then stepped with."""
+    clip = _clipping(history)
+    share = clip.get("clipped_share")
+    if not finite(share) or share <= t.clipped_share:
+        return None
+    return {"max_norm": clip["max_norm"], "clipped_share": share}
+
+
 # A dropout rate from which dropout, not the labels, the inputs or the initialisation, may be why a
 # model in training mode does not fit: it keeps a fifth of the units or fewer at each step, and
 # scales the survivors by five or more (the rates in use are 0.1 to 0.5)

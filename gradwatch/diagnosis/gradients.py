@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from ..summary import EpochSummary, finite
-from .facts import _judged, _loss, _period, _start_loss
+from .facts import _clipping, _judged, _loss, _period, _start_loss, _update_ratios
 from .findings import LOWER, Finding, _found, names, rule
 from .thresholds import Thresholds
 
@@ -71,7 +71,7 @@ def _falling(history: list[EpochSummary]) -> bool:
 @rule(
     "lower the learning rate, and raise the clipping threshold to about the 90th percentile of the "
     "norms before clipping, so that it catches only the outliers.",
-    thresholds=("clipped_share",),
+    thresholds=("clipped_share", "stuck_moving_ratio"),
     follows=("gradients_not_cleared", "diverging", "exploding_gradients", "high_initial_loss"),
     lr=LOWER,
     instead="raise the clipping threshold to about the 90th percentile of the norms before "
@@ -80,35 +80,63 @@ def _falling(history: list[EpochSummary]) -> bool:
 def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Gradient clipping scaled down more than `clipped_share` of the epoch's steps while the
     training loss made no new low: a learning rate too high, hidden by the clipping (the Deep
-    Learning Tuning Playbook's rule). While the loss falls, clipping most steps is what clipping
-    at 1.0 does early in transformer training, and no problem."""
+    Learning Tuning Playbook's rule); but where the weights' median update ratio is below
+    `stuck_moving_ratio`, the clipping threshold itself, which keeps every step too small. While
+    the loss falls, clipping most steps is what clipping at 1.0 does early in transformer training,
+    and no problem. The clipping is the norms the loop passed to step(), else what the total
+    gradient norms read show (facts._clipping)."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
-    clip = now.clipping
+    clip = _clipping(history)
     share = clip.get("clipped_share")
     if not finite(share) or share <= t.clipped_share or _falling(history):
         return []
+    message = _clipped_message(now, clip) + " Clipping nearly every step "
+    evidence = {**clip, "threshold": t.clipped_share}
+    ratios = list(_update_ratios(now).values())
+    pace = statistics.median(ratios) if ratios else None
+    if finite(pace) and pace < t.stuck_moving_ratio and clip.get("max_norm"):
+        return [_too_low(now, clip, pace, message, evidence)]
     median = clip["grad_norm_median"]
-    p90 = clip["grad_norm_p90"]
-    at = f" at {clip['max_norm']:g}" if clip.get("max_norm") else ""  # unknown in others' logs
-    message = f"gradient clipping{at} scaled down {share:.0%} of the {clip['steps']} steps of "
-    message += f"{_period(now)} (norms before clipping: median {median:.3g}, "
-    message += f"90th percentile {p90:.3g}). Clipping nearly every step "
-    lr = now.lr
-    in_effect = lr * clip["max_norm"] / median if lr and at and median > 0 else None
+    known = now.lr and clip.get("max_norm") and finite(median) and median > 0
+    in_effect = now.lr * clip["max_norm"] / median if known else None
     if in_effect:
-        message += f"makes the learning rate of {lr:g} about {in_effect:.2g} in effect: "
+        message += f"makes the learning rate of {now.lr:g} about {in_effect:.2g} in effect: "
     else:
         message += "shrinks it: "
     message += "a learning rate too high for these gradients, hidden by the clipping."
     suggestion = None
     if in_effect:
+        p90 = clip["grad_norm_p90"]
         suggestion = f"lower the learning rate to about {in_effect:.2g}, what it is in effect "
         suggestion += f"now, and raise the clipping threshold to about {p90:.3g}, the 90th "
         suggestion += "percentile of the norms, so that clipping catches only the outliers."
-    evidence = {**clip, "threshold": t.clipped_share}
     return [_found(now, [], evidence, message, suggestion=suggestion)]
+
+
+def _too_low(now: EpochSummary, clip: dict, pace: float, message: str, evidence: dict) -> Finding:
+    """mostly_clipped's finding of a threshold so low that the steps are `pace` of the weights."""
+    message += f"at {clip['max_norm']:.3g} keeps the steps at a median {pace:.2g} of the "
+    message += "weights' size: too small to learn."
+    suggestion = f"raise the clipping threshold far above {clip['max_norm']:.3g}, to about the "
+    suggestion += "90th percentile of the norms before clipping (clip_grad_norm_ returns them)."
+    evidence.update(update_ratio=pace, cause="clipping")  # no claim on the learning rate
+    return _found(now, [], evidence, message, suggestion=suggestion)
+
+
+def _clipped_message(now: EpochSummary, clip: dict) -> str:
+    """How much the clipping `clip` (facts._clipping) scaled down, and the norms before it."""
+    at = f" at {clip['max_norm']:.3g}" if clip.get("max_norm") else ""  # unknown in others' logs
+    message = f"gradient clipping{at} scaled down {clip['clipped_share']:.0%} of the "
+    message += f"{clip['steps']} "
+    if not finite(clip["grad_norm_median"]):  # read from the norms after clipping
+        message += f"statistics readings up to {_period(now)} (their total gradient norm was the "
+        message += "threshold itself; pass clip_grad_norm_'s result to step(grad_norm=..., "
+        return message + "max_norm=...) for the norms before clipping)."
+    message += f"steps of {_period(now)} (norms before clipping: median "
+    message += f"{clip['grad_norm_median']:.3g}, 90th percentile {clip['grad_norm_p90']:.3g})."
+    return message
 
 
 def _norm_kind(history: list[EpochSummary]) -> str:

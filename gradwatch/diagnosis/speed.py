@@ -7,6 +7,7 @@ from __future__ import annotations
 from ..summary import EpochSummary, finite
 from .facts import (
     LEARNT,
+    _clipped_small,
     _fast,
     _fast_so_far,
     _fell,
@@ -30,13 +31,13 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
 
 def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
     """The steps are small with gradients that reach the layers: each one's gradient RMS at or above
-    `vanishing_floor`, and no weight moved by more than `update_fast` of its size at any summary
-    so far (steps that large before, then none, tell of units pushed to their limits, not of a
-    rate too low)."""
+    `vanishing_floor`, no clipping scaled most of them down, and no weight moved by more than
+    `update_fast` of its size at any summary so far (steps that large before, then none, tell of
+    units pushed to their limits, not of a rate too low)."""
     layers = history[-1].layers
     rms = {name: layers[name].get("grad_rms") for name in finding.parameters}
     reached = all(finite(r) and r >= t.vanishing_floor for r in rms.values())
-    if _fast_so_far(history, t) or not reached:
+    if _fast_so_far(history, t) or not reached or _clipped_small(history, finding, t):
         return None
     return {"grad_rms": rms}
 
@@ -44,6 +45,13 @@ def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
 @rule(
     "",
     causes=(
+        Cause(
+            "clipping",
+            _clipped_small,
+            "a gradient clipping threshold far above the one in use (about the 90th percentile of "
+            "the norms before clipping, which clip_grad_norm_ returns).",
+            "the gradient clipping: a threshold below most steps' norms keeps every step small",
+        ),
         Cause(
             "learning_rate",
             _slow_steps,
@@ -65,7 +73,7 @@ def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
             "the weight decay: decay that matches the gradients holds the weights in place",
         ),
     ),
-    thresholds=("update_slow", "update_fast", "vanishing_floor"),
+    thresholds=("update_slow", "update_fast", "vanishing_floor", "clipped_share"),
     follows=(
         "updates_rounded_away",
         "not_updated",
@@ -88,8 +96,8 @@ def not_learning(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     `update_slow`; frozen ones (requires_grad=False) and copies kept apart (a target network) are
     meant not to move, and neither are any once the schedule has brought the learning rate below a
     tenth of its peak, or once a loss to be minimised is down to LEARNT x where it started. A
-    symptom: the learning rate is its cause where the gradients reach the layers and no step was
-    ever large."""
+    symptom: clipping is its cause where it scaled most steps down (facts._clipping); the learning
+    rate where the gradients reach the layers and no step was ever large."""
     frozen = set(history[-1].loop.get("frozen", ())) | _kept_apart(history[-1])
     peak = _peak_lr(history)
     if peak and finite(history[-1].lr) and history[-1].lr < 0.1 * peak:

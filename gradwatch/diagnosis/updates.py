@@ -6,7 +6,7 @@ check comes in order).
 from __future__ import annotations
 
 from ..summary import EpochSummary, finite
-from .facts import _loop_start, _period
+from .facts import _clipping, _loop_start, _period
 from .findings import RAISE, Finding, _found, names, rule
 from .loop import _scheduled_low
 from .thresholds import Thresholds
@@ -43,11 +43,11 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     evidence = {"rounded": dict(rounded), "dtypes": dtypes}
     low = [dtype for dtype in dtypes if dtype in ("bfloat16", "float16")]
     others = [n for n, v in now.layers.items() if n not in rounded and v.get("grad_norm", 0) > 0]
-    clipped = _clipped(now, t)
+    clipped = _clipped(history, t)
     if clipped:
         message += clipped[0]
         suggestion = clipped[1]
-        evidence.update(clipping=dict(now.clipping), cause="clipping")  # no claim on the lr
+        evidence.update(clipping=_clipping(history), cause="clipping")  # no claim on the lr
     elif low:
         suggestion = f"keep the weights in float32 (torch.autocast computes in {low[0]} from "
         suggestion += "float32 weights), or an optimizer that keeps a float32 copy of them."
@@ -60,15 +60,21 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     return [_found(now, list(rounded), evidence, message, _loop_start(history), suggestion)]
 
 
-def _clipped(now: EpochSummary, t: Thresholds) -> tuple[str, str] | None:
+def _clipped(history: list[EpochSummary], t: Thresholds) -> tuple[str, str] | None:
     """Where clipping scaled down more than `clipped_share` of the steps: what to add to the
     message, and the suggestion (the steps are small because the clipping makes them so)."""
-    clip = now.clipping
+    clip = _clipping(history)
     share = clip.get("clipped_share")
     if not clip.get("max_norm") or not finite(share) or share <= t.clipped_share:
         return None
-    message = f" Clipping at {clip['max_norm']:g} scaled down {share:.0%} of the steps (norms "
-    message += f"before clipping: median {clip['grad_norm_median']:.3g})."
+    message = f" Clipping at {clip['max_norm']:g} scaled down {share:.0%} of the steps"
+    if not finite(clip["grad_norm_p90"]):  # read from the norms after clipping
+        message += " (their total gradient norm was the threshold itself)."
+        suggestion = f"raise the clipping threshold far above {clip['max_norm']:g} (to the 90th "
+        suggestion += "percentile of the norms before clipping, which clip_grad_norm_ returns): "
+        suggestion += "it makes every step too small to change the weights."
+        return message, suggestion
+    message += f" (norms before clipping: median {clip['grad_norm_median']:.3g})."
     suggestion = f"raise the clipping threshold to about {clip['grad_norm_p90']:.3g}, the 90th "
     suggestion += f"percentile of the norms before clipping: clipping at {clip['max_norm']:g} "
     suggestion += "makes every step too small to change the weights."

@@ -5,7 +5,7 @@ scale) are checked before one is named."""
 from __future__ import annotations
 
 from ..summary import EpochSummary, finite
-from .facts import LEARNT, _fast_so_far, _fell, _judged, _saturated, _update_ratios
+from .facts import LEARNT, _clipped_small, _fast_so_far, _fell, _judged, _saturated, _update_ratios
 from .findings import Cause, Finding, _found, _never, names, rule
 from .thresholds import Thresholds
 
@@ -81,7 +81,17 @@ def _deep_stack(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
     return {"depth": deepest} if deepest >= DEEP else None
 
 
+def _clipped_floor(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """Gradients below `vanishing_floor` read after clipping scaled most of them down to its
+    threshold: the clipping made them small (it scales every layer alike, so it is no cause of
+    early layers' gradients smaller than the last's)."""
+    return _clipped_small(history, finding, t) if "floor" in finding.evidence else None
+
+
 VANISHING_CAUSES = (
+    Cause("clipping", _clipped_floor, "a gradient clipping threshold far above the one in use "
+          "(the 90th percentile of the norms before clipping: clip_grad_norm_ returns them).",
+          "the gradient clipping: a threshold below most steps' norms scales every gradient down"),
     Cause("saturation", _saturation, "ReLU or GELU instead of sigmoid or tanh in the hidden "
           "layers, or normalisation layers before them.", "saturated sigmoid or tanh units below "
           "the output (diagnosis.json's activations)"),
@@ -96,7 +106,13 @@ VANISHING_CAUSES = (
 @rule(
     "",
     causes=VANISHING_CAUSES,
-    thresholds=("vanishing_ratio", "vanishing_floor", "saturated_share", "update_fast"),
+    thresholds=(
+        "vanishing_ratio",
+        "vanishing_floor",
+        "saturated_share",
+        "update_fast",
+        "clipped_share",
+    ),
     follows=(
         "softmax_before_loss",
         "dead_units",
@@ -112,10 +128,10 @@ def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     """The deepest weight layer's gradient RMS is below `vanishing_ratio` of the last weight
     layer's (depths by the loss's graph; of several output heads, the smallest), or any weight
     layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms), and nothing is
-    while a loss to be minimised is down to LEARNT x where it started. A symptom: its
-    causes are saturated units (above `saturated_share`, where no step was ever larger than
-    `update_fast` of the weights), a deep stack without shortcuts, or a small scale of the layers
-    after them."""
+    while a loss to be minimised is down to LEARNT x where it started. A symptom: its causes are
+    clipping that scaled most steps down (for gradients below the floor), saturated units (above
+    `saturated_share`, where no step was ever larger than `update_fast` of the weights), a deep
+    stack without shortcuts, or a small scale of the layers after them."""
     now = history[-1]
     rms = _weight_rms(now)
     if len(rms) < 2 or _judged(history) and _fell(history, LEARNT):
