@@ -301,6 +301,10 @@ def summarize(
         records if warm else []
     )
     totals = [r["total"]["grad_norm"] for r in settled if "total" in r]
+    # the norm each reading's step was taken with (after any clipping), and its loss
+    norms = [
+        [r["total"]["grad_norm"], r.get("loop", {}).get("loss")] for r in settled if "total" in r
+    ]
     return EpochSummary(
         epoch,
         step,
@@ -308,6 +312,6 @@ def summarize(
         activations=_activations(settled),
         total_grad_norm_max=max(totals, default=math.nan),
         total_grad_norm_median=_median(totals),
-        loop={**loop_summary(records), "total_norms": totals},  # as stepped with: after clipping
+        loop={**loop_summary(records), "total_norms": norms},
         **context,
     )

@@ -82,7 +82,11 @@ def layers(**values):
 DEEP_SIGMOID = layers(fc1={"grad_rms": 1e-6}, fc2={"grad_rms": 1e-3}, fc3={"grad_rms": 1.0})
 SATURATED = {"sig1": {"kind": "sigmoid", "layer": "fc1", "share": 0.9}}
 TINY = layers(fc1={"grad_rms": 1e-9}, fc2={"grad_rms": 1e-9})  # both below vanishing_floor
-UNCLIPPED = [1e-3, 2e-3, 5e-4, 1.5e-3, 8e-4, 1.2e-3]  # total gradient norms of steps not clipped
+# statistics readings [total gradient norm, loss]: of steps clipped to 1e-3, of steps not clipped, and of one batch
+# at the same weights (the same norm, unclipped)
+CLIPPED = [[1e-3, 2.3 + i / 100] for i in range(6)]
+UNCLIPPED = [[norm, 2.3] for norm in (1e-3, 2e-3, 5e-4, 1.5e-3, 8e-4, 1.2e-3)]
+SAME_BATCH = [[1e-3, 2.3]] * 6
 
 
 def units(kind, share, *update_ratios, **fields):
@@ -241,9 +245,11 @@ EXAMPLES = [
            lambda: epochs(1, total_grad_norm_median=1.0, total_grad_norm_max=1000.0)),
     finds("mostly_clipped", "total norms at one value at every reading (clipped to it), the loss flat",
           lambda: epochs(2, lr=0.1, first_loss=2.0, metrics={"train_loss": 2.1},
-                         loop={"total_norms": [1e-3] * 4}, layers=layers(fc={"update_ratio": 1e-7}))),
+                         loop={"total_norms": CLIPPED[:4]}, layers=layers(fc={"update_ratio": 1e-7}))),
     leaves("mostly_clipped", "total norms that differ, the loss flat",
            lambda: epochs(2, lr=0.1, first_loss=2.0, metrics={"train_loss": 2.1}, loop={"total_norms": UNCLIPPED})),
+    leaves("mostly_clipped", "one norm at every reading of one batch at the same weights (not clipped)",
+           lambda: epochs(2, lr=0.1, first_loss=2.0, metrics={"train_loss": 2.1}, loop={"total_norms": SAME_BATCH})),
     finds("mostly_clipped", "clipping most steps while the loss makes no new low",
           lambda: epochs(2, lr=0.1, first_loss=2.0, clipping=CLIPPING, metrics={"train_loss": 2.1})),
     leaves("mostly_clipped", "clipping at 1.0 most steps while the loss falls (a transformer's start)",
@@ -379,11 +385,11 @@ CAUSES = [
     ("not_learning", "learning_rate", False, "fc still after moving by half its size per step",
      lambda: [epoch(0, layers=layers(fc={"update_ratio": 0.5, "grad_rms": 1e-3})), *slow(1e-3, at=1)]),
     ("vanishing_gradients", "clipping", True, "gradients below the floor, every reading's total norm at 1e-3",
-     lambda: [epoch(0, layers=TINY, loop={"total_norms": [1e-3] * 6})]),
+     lambda: [epoch(0, layers=TINY, loop={"total_norms": CLIPPED})]),
     ("vanishing_gradients", "clipping", False, "the same gradients, total norms that differ (no clipping)",
      lambda: [epoch(0, layers=TINY, loop={"total_norms": UNCLIPPED})]),
     ("not_learning", "clipping", True, "fc still, every reading's total norm at 1e-3",
-     lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}), loop={"total_norms": [1e-3] * 6})]),
+     lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}), loop={"total_norms": CLIPPED})]),
     ("not_learning", "clipping", False, "fc still, total norms that differ",
      lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}), loop={"total_norms": UNCLIPPED})]),
     ("moving_too_fast", "learning_rate", True, "the loss risen above ln 10",

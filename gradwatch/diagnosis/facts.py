@@ -63,21 +63,25 @@ def _judged(history: list[EpochSummary]) -> bool:
     return history[-1].loop.get("objective", "") not in NOT_MINIMISED
 
 
-CLIPPED_AT = 1e-3  # relative: norms this close to the largest are one norm clipped to
+CLIPPED_AT = 1e-4  # relative: norms this close to the largest are one norm clipped to
 
 
-def _clipped_to(totals: list[float]) -> dict:
+def _clipped_to(readings: list[list]) -> dict:
     """The clipping that the total gradient norms read at the optimizer steps show, where the loop
-    did not pass its norms to step(): clip_grad_norm_ scales a gradient above its threshold to it,
-    so that more than half of the readings (two or more, of four or more) at one norm, the largest,
-    within CLIPPED_AT, are steps clipped to that norm; else {}. The norms before clipping are not
-    known then (None)."""
-    norms = [total for total in totals if finite(total)]
-    top = max(norms, default=0.0)
-    at = [total for total in norms if abs(total - top) <= CLIPPED_AT * top]
-    if len(norms) < 4 or len(at) < 2 or 2 * len(at) <= len(norms) or top <= 0:
+    did not pass its norms to step(): readings [norm, loss] (the norm the optimizer stepped with,
+    the step's loss). clip_grad_norm_ scales a gradient above its threshold to it, so that more
+    than half of the readings, two or more, at one norm, the largest, within CLIPPED_AT, with
+    losses that differ (other batches or other weights: the same batch at the same weights gives
+    the same norm unclipped), are steps clipped to that norm; else {}. The norms before clipping
+    are not known then (None)."""
+    readings = [(norm, loss) for norm, loss in readings if finite(norm)]
+    top = max((norm for norm, _ in readings), default=0.0)
+    at = [loss for norm, loss in readings if abs(norm - top) <= CLIPPED_AT * top]
+    losses = [loss for loss in at if finite(loss)]
+    differ = len(losses) >= 2 and max(losses) - min(losses) > 1e-6 * max(map(abs, losses))
+    if top <= 0 or len(at) < 2 or 2 * len(at) <= len(readings) or not differ:
         return {}
-    return {"max_norm": top, "steps": len(norms), "clipped_share": len(at) / len(norms),
+    return {"max_norm": top, "steps": len(readings), "clipped_share": len(at) / len(readings),
             "grad_norm_median": None, "grad_norm_p90": None, "read": "total_norms"}  # fmt: skip
 
 
@@ -91,10 +95,12 @@ def _clipping(history: list[EpochSummary]) -> dict:
     now = history[-1]
     if now.clipping:
         return now.clipping
-    recent = [norm for s in history[-CLIP_SUMMARIES:] for norm in s.loop.get("total_norms", [])]
-    found = _clipped_to(recent)
+    found = _clipped_to(
+        [r for s in history[-CLIP_SUMMARIES:] for r in s.loop.get("total_norms", [])]
+    )
     top = found.get("max_norm")
-    if top and any(abs(norm - top) <= CLIPPED_AT * top for norm in now.loop.get("total_norms", [])):
+    latest = [norm for norm, _ in now.loop.get("total_norms", [])]
+    if top and any(abs(norm - top) <= CLIPPED_AT * top for norm in latest):
         return found
     return {}
 

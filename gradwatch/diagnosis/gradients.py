@@ -131,7 +131,8 @@ def _clipped_message(now: EpochSummary, clip: dict) -> str:
     message = f"gradient clipping{at} scaled down {clip['clipped_share']:.0%} of the "
     message += f"{clip['steps']} "
     if not finite(clip["grad_norm_median"]):  # read from the norms after clipping
-        message += f"statistics readings up to {_period(now)} (their total gradient norm was the "
+        message = message.replace(" of the ", " of the last ", 1)
+        message += "statistics readings (their total gradient norm was the "
         message += "threshold itself; pass clip_grad_norm_'s result to step(grad_norm=..., "
         return message + "max_norm=...) for the norms before clipping)."
     message += f"steps of {_period(now)} (norms before clipping: median "

@@ -76,6 +76,7 @@ def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
     thresholds=("update_slow", "update_fast", "vanishing_floor", "clipped_share"),
     follows=(
         "updates_rounded_away",
+        "mostly_clipped",
         "not_updated",
         "not_in_optimizer",
         "no_gradient",

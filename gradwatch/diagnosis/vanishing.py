@@ -115,6 +115,7 @@ VANISHING_CAUSES = (
     ),
     follows=(
         "softmax_before_loss",
+        "mostly_clipped",
         "dead_units",
         "saturated",
         "diverging",
