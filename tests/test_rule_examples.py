@@ -318,6 +318,12 @@ EXAMPLES = [
     finds("stuck", "a contrastive loss that stays flat with the weights still",
           lambda: epochs(5, first_loss=1.0, metrics={"train_loss": 0.97}, layers=layers(fc={"update_ratio": 1e-6}),
                          loop={"objective": "contrastive"})),
+    finds("stuck", "two epochs of 200 steps each at ln 10 and chance (a short run of long epochs)",
+          lambda: [EpochSummary(i, 200 * (i + 1), num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
+                                layers=layers(fc={"update_ratio": 1e-6})) for i in range(2)]),
+    leaves("stuck", "three epochs of 64 steps at ln 10 and chance: fewer than five, spanning fewer than 256 steps",
+           lambda: epochs(3, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
+                          layers=layers(fc={"update_ratio": 1e-6}))),
     leaves("stuck", "a loss that falls epoch by epoch",
            lambda: epochs(5, num_classes=10, metrics=[{"train_loss": v, "train_accuracy": 0.1}
                                                       for v in (2.3, 2.0, 1.5, 1.0, 0.5)])),  # fmt: skip
@@ -390,6 +396,9 @@ CAUSES = [
      lambda: [epoch(0, layers=TINY, loop={"total_norms": UNCLIPPED})]),
     ("not_learning", "clipping", True, "fc still, every reading's total norm at 1e-3",
      lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}), loop={"total_norms": CLIPPED})]),
+    ("not_learning", "clipping", False, "fc still, norms at 1e-3 under Adam, whose steps do not scale with them",
+     lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}),
+                    loop={"total_norms": CLIPPED, "optimizer": "Adam"})]),
     ("not_learning", "clipping", False, "fc still, total norms that differ",
      lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}), loop={"total_norms": UNCLIPPED})]),
     ("moving_too_fast", "learning_rate", True, "the loss risen above ln 10",
@@ -460,6 +469,22 @@ def test_stuck_names_its_suspect_by_how_fast_the_weights_move(ratio, suspect):
     (finding,) = RULES["stuck"](run, Thresholds())
     assert (finding.suggestion or RULES["stuck"].suggestion).startswith(suspect)
     assert RULES["stuck"].way(finding) == (1 if ratio < Thresholds().stuck_moving_ratio else 0)
+
+
+def test_steps_too_large_are_a_rival_of_the_data_in_a_stuck_run():
+    """Five epochs at ln 10 and chance, the weights moving at a learning pace; where fc moved by half its size per step
+    in the first epoch, the learning rate is a rival of the labels: what to check, in order, and no cause."""
+
+    def run(first_ratio):
+        ratios = [first_ratio, 1e-2, 1e-2, 1e-2, 1e-2]
+        return epochs(5, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
+                      layers=[layers(fc={"update_ratio": ratio}) for ratio in ratios])  # fmt: skip
+
+    (fast,) = RULES["stuck"](run(0.5), Thresholds())
+    assert fast.evidence["cause"] is None and fast.evidence["fast"] == {"fc.weight": 0.5}
+    assert fast.suggestion.startswith("check, in this order: the learning rate") and RULES["stuck"].way(fast) == 0
+    (usual,) = RULES["stuck"](run(1e-2), Thresholds())
+    assert usual.evidence.get("weights_move") and "fast" not in usual.evidence
 
 
 def test_heavy_dropout_is_a_rival_of_the_data_and_of_the_initialisation():

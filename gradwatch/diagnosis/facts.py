@@ -105,14 +105,32 @@ def _clipping(history: list[EpochSummary]) -> dict:
     return {}
 
 
+# Optimizers (by their class's name) whose step does not grow with the gradient's scale: each
+# divides by a running RMS of the gradient (Adam and its kin, RMSprop, Adagrad) or takes its sign
+# (Lion), so that clipping, which scales the gradient, leaves their steps nearly as they were
+SCALE_FREE = ("Adam", "Adagrad", "Adadelta", "Adafactor", "RMSprop", "Lion", "Lamb", "LAMB")
+
+
+def _scale_free(now: EpochSummary) -> bool:
+    """Whether the optimizer's steps do not scale with the gradient (SCALE_FREE)."""
+    name = now.loop.get("optimizer") or ""
+    return any(kind in name for kind in SCALE_FREE)
+
+
 def _clipped_small(history: list[EpochSummary], finding, t: Thresholds) -> dict | None:
-    """A cause of small gradients or steps: clipping scaled more than `clipped_share` of them down
-    to its threshold (_clipping), the norms the optimizer then stepped with."""
+    """A cause of small gradients: clipping scaled more than `clipped_share` of them down to its
+    threshold (_clipping), the norms the optimizer then stepped with."""
     clip = _clipping(history)
     share = clip.get("clipped_share")
     if not finite(share) or share <= t.clipped_share:
         return None
     return {"max_norm": clip["max_norm"], "clipped_share": share}
+
+
+def _clipped_steps(history: list[EpochSummary], finding, t: Thresholds) -> dict | None:
+    """A cause of small steps: gradients clipped small (_clipped_small) under an optimizer whose
+    step scales with the gradient (not SCALE_FREE)."""
+    return None if _scale_free(history[-1]) else _clipped_small(history, finding, t)
 
 
 # A dropout rate from which dropout, not the labels, the inputs or the initialisation, may be why a

@@ -13,6 +13,7 @@ from .facts import (
     _accuracy,
     _classes,
     _dropout_checks,
+    _fast_so_far,
     _fell,
     _heavy_dropout,
     _judged,
@@ -20,7 +21,7 @@ from .facts import (
     _near_start,
     _start_loss,
 )
-from .findings import LOWER, RAISE, Finding, _found, rule
+from .findings import LOWER, RAISE, Finding, _found, names, rule
 from .thresholds import Thresholds
 
 
@@ -51,27 +52,30 @@ from .thresholds import Thresholds
         "vanishing_gradients",
         "not_learning",
         "high_initial_loss",
+        "moving_too_fast",
     ),
     lr=RAISE,
     instead="check that the labels match the images and that the inputs are normalised.",
     ended="a slow start",
 )
 def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """For `stuck_epochs` epochs the training loss stays above `stuck_loss` x ln C and the accuracy
-    within `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any
-    loss function). Told with its suspect by how fast the weights move meanwhile (their median
-    update ratio): the learning rate below `stuck_moving_ratio`; the labels and inputs at
-    `stuck_data_ratio` or above, a pace at which models learn; neither between the two (what to
-    check comes in order), nor in fewer than FEW_STEPS optimizer steps in all (too few to tell). A
-    contrastive loss is told only with its weights still: one whose pairs a miner picks by the
-    model's own embeddings, harder as it learns, stays flat while the embeddings improve."""
+    """For `stuck_epochs` epochs (or the fewest latest, two at least, spanning STUCK_STEPS steps)
+    the training loss stays above `stuck_loss` x ln C and the accuracy within `chance_margin` of
+    chance (without classes: above `stuck_loss` x the first loss, for any loss function). Told
+    with its suspect by how fast the weights move meanwhile (their median update ratio): the
+    learning rate below `stuck_moving_ratio`; the labels and inputs at `stuck_data_ratio` or above,
+    a pace at which models learn; neither between the two (what to check comes in order), nor
+    where a weight moved faster than `update_fast` (the rate a rival) or the model's dropout is
+    heavy, nor in fewer than FEW_STEPS optimizer steps in all (too few to tell). A contrastive loss
+    is told only with its weights still: one whose pairs a miner picks by the model's own
+    embeddings, harder as it learns, stays flat while the embeddings improve."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
     classes = _classes(now)
     start, said = _start_loss(history)
-    recent = history[-t.stuck_epochs :]
-    if not start or len(history) < t.stuck_epochs:
+    recent = _stuck_span(history, t)
+    if not start or not recent:
         return []
     if not all(_near_start(summary, start, t) for summary in recent):
         return []
@@ -85,23 +89,52 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         message += f" and the accuracy near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
     evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0].epoch}
     if now.step < FEW_STEPS:
-        message += f", in {now.step} optimizer steps in all: too few to tell."
-        suggestion = "let it take more steps (more data, or more epochs) before judging the "
-        suggestion += "learning rate or the data: a model learns little in so few."
-        evidence.update(cause="few_steps", steps=now.step)  # no claim on the learning rate
-        return [_found(now, [], evidence, message, suggestion=suggestion)]
+        return [_too_few(now, message, evidence)]
     moving = _moving(recent)
     moved = moving is not None and moving >= t.stuck_moving_ratio
     if moved and now.loop.get("objective") == "contrastive":  # a mined loss: flat by design
         return []
-    return [_by_pace(now, moving, message, evidence, t)]
+    return [_by_pace(now, moving, message, evidence, t, _fast_so_far(history, t))]
+
+
+def _too_few(now: EpochSummary, message: str, evidence: dict) -> Finding:
+    """stuck's finding in fewer than FEW_STEPS optimizer steps in all: too few to tell a cause."""
+    message += f", in {now.step} optimizer steps in all: too few to tell."
+    suggestion = "let it take more steps (more data, or more epochs) before judging the "
+    suggestion += "learning rate or the data: a model learns little in so few."
+    evidence.update(cause="few_steps", steps=now.step)  # no claim on the learning rate
+    return _found(now, [], evidence, message, suggestion=suggestion)
+
+
+# optimizer steps that a stuck loss is told over in fewer than stuck_epochs summaries (two at
+# least): a short run of long epochs (a few epochs of fine-tuning)
+STUCK_STEPS = 256
+
+
+def _stuck_span(history: list[EpochSummary], t: Thresholds) -> list[EpochSummary]:
+    """The latest summaries a stuck loss is judged over: `stuck_epochs` of them, or else the fewest
+    latest, two at least, that span STUCK_STEPS optimizer steps or more; [] while there are
+    neither."""
+    if len(history) >= t.stuck_epochs:
+        return history[-t.stuck_epochs :]
+    for count in range(2, len(history) + 1):
+        before = history[-count - 1].step if count < len(history) else 0
+        if history[-1].step - before >= STUCK_STEPS:
+            return history[-count:]
+    return []
 
 
 def _by_pace(
-    now: EpochSummary, moving: float | None, message: str, evidence: dict, t: Thresholds
+    now: EpochSummary,
+    moving: float | None,
+    message: str,
+    evidence: dict,
+    t: Thresholds,
+    fast: dict[str, float],
 ) -> Finding:
     """The finding of a stuck run told with its suspect by the weights' pace `moving` (their median
-    update ratio, None where none was read)."""
+    update ratio, None where none was read); `fast`, the weights that moved faster than
+    `update_fast` at any summary so far, make the learning rate a rival of the data."""
     if moving is None or moving < t.stuck_moving_ratio:
         return _found(now, [], evidence, f"{message}: the model is not learning.")
     if moving < t.stuck_data_ratio:  # slow steps: the rate and the data are suspects alike
@@ -112,6 +145,13 @@ def _by_pace(
         evidence.update(update_ratio=moving, cause=None)  # a symptom: no claim on the rate
         return _found(now, [], evidence, message, suggestion=suggestion)
     message += f", although the weights move (median ||dw||/||w|| {moving:.2g})"
+    if fast:  # steps this large keep a model from fitting as well as data with nothing to learn
+        message += f"; {names(fast)} moved by up to {max(fast.values()):.2g} of its size per step."
+        suggestion = "check, in this order: the learning rate (whether the loss falls at a tenth "
+        suggestion += "of it); that the labels match the inputs and that the inputs vary and are "
+        suggestion += "normalised."
+        evidence.update(update_ratio=moving, fast=fast, cause=None)  # a symptom
+        return _found(now, [], evidence, message, suggestion=suggestion)
     dropout = _heavy_dropout(now)
     if dropout is not None:  # a rival of the data: the model in training mode sees few units
         message += f"; its dropout at {dropout:g} keeps {1 - dropout:.0%} of the units a step."

@@ -103,11 +103,13 @@ class RunDiagnosis:
     def _with_graph(self, loop: dict[str, Any]) -> dict[str, Any]:
         """The loop facts of a summary, with the loss's graph as last read where none of its
         readings read it (the graph is read once, and stays what it was), the model's dropout rates
-        (read at watch()), and the objective: as given to watch(), or "other" where the graph shows
-        a loss not made by known loss functions alone."""
+        and the optimizer's class (read at watch()), and the objective: as given to watch(), or
+        "other" where the graph shows a loss not made by known loss functions alone."""
         if not loop.get("graph") and self.facts.get("loss"):
             loop["graph"] = self.facts["loss"]
-        loop["dropout"] = self.facts.get("model", {}).get("dropout", [])
+        model = self.facts.get("model", {})
+        loop["dropout"] = model.get("dropout", [])
+        loop["optimizer"] = model.get("optimizer", {}).get("class")
         made_of_losses = loop.get("graph", {}).get("made_of_losses")
         loop["objective"] = self.objective or ("other" if made_of_losses is False else "")
         self.facts["objective"] = loop["objective"] or "a loss to minimise"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..summary import EpochSummary, finite
 from .facts import (
     LEARNT,
-    _clipped_small,
+    _clipped_steps,
     _fast,
     _fast_so_far,
     _fell,
@@ -37,7 +37,7 @@ def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
     layers = history[-1].layers
     rms = {name: layers[name].get("grad_rms") for name in finding.parameters}
     reached = all(finite(r) and r >= t.vanishing_floor for r in rms.values())
-    if _fast_so_far(history, t) or not reached or _clipped_small(history, finding, t):
+    if _fast_so_far(history, t) or not reached or _clipped_steps(history, finding, t):
         return None
     return {"grad_rms": rms}
 
@@ -47,7 +47,7 @@ def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
     causes=(
         Cause(
             "clipping",
-            _clipped_small,
+            _clipped_steps,
             "a gradient clipping threshold far above the one in use (about the 90th percentile of "
             "the norms before clipping, which clip_grad_norm_ returns).",
             "the gradient clipping: a threshold below most steps' norms keeps every step small",
