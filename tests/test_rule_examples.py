@@ -318,12 +318,6 @@ EXAMPLES = [
     finds("stuck", "a contrastive loss that stays flat with the weights still",
           lambda: epochs(5, first_loss=1.0, metrics={"train_loss": 0.97}, layers=layers(fc={"update_ratio": 1e-6}),
                          loop={"objective": "contrastive"})),
-    finds("stuck", "two epochs of 200 steps each at ln 10 and chance (a short run of long epochs)",
-          lambda: [EpochSummary(i, 200 * (i + 1), num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
-                                layers=layers(fc={"update_ratio": 1e-6})) for i in range(2)]),
-    leaves("stuck", "three epochs of 64 steps at ln 10 and chance: fewer than five, spanning fewer than 256 steps",
-           lambda: epochs(3, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
-                          layers=layers(fc={"update_ratio": 1e-6}))),
     leaves("stuck", "a loss that falls epoch by epoch",
            lambda: epochs(5, num_classes=10, metrics=[{"train_loss": v, "train_accuracy": 0.1}
                                                       for v in (2.3, 2.0, 1.5, 1.0, 0.5)])),  # fmt: skip

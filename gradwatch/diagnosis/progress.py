@@ -59,23 +59,23 @@ from .thresholds import Thresholds
     ended="a slow start",
 )
 def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """For `stuck_epochs` epochs (or the fewest latest, two at least, spanning STUCK_STEPS steps)
-    the training loss stays above `stuck_loss` x ln C and the accuracy within `chance_margin` of
-    chance (without classes: above `stuck_loss` x the first loss, for any loss function). Told
-    with its suspect by how fast the weights move meanwhile (their median update ratio): the
-    learning rate below `stuck_moving_ratio`; the labels and inputs at `stuck_data_ratio` or above,
-    a pace at which models learn; neither between the two (what to check comes in order), nor
-    where a weight moved faster than `update_fast` (the rate a rival) or the model's dropout is
-    heavy, nor in fewer than FEW_STEPS optimizer steps in all (too few to tell). A contrastive loss
-    is told only with its weights still: one whose pairs a miner picks by the model's own
-    embeddings, harder as it learns, stays flat while the embeddings improve."""
+    """For `stuck_epochs` epochs the training loss stays above `stuck_loss` x ln C and the accuracy
+    within `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any
+    loss function). Told with its suspect by how fast the weights move meanwhile (their median
+    update ratio): the learning rate below `stuck_moving_ratio`; the labels and inputs at
+    `stuck_data_ratio` or above, a pace at which models learn; neither between the two (what to
+    check comes in order), nor where a weight moved faster than `update_fast` meanwhile (the rate
+    a rival) or the dropout is heavy, nor in fewer than FEW_STEPS optimizer steps in all (too few
+    to tell). A contrastive loss is told only with its weights still: one whose pairs a miner
+    picks by the model's own embeddings, harder as it learns, stays flat while the embeddings
+    improve."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
     classes = _classes(now)
     start, said = _start_loss(history)
-    recent = _stuck_span(history, t)
-    if not start or not recent:
+    recent = history[-t.stuck_epochs :]
+    if not start or len(history) < t.stuck_epochs:
         return []
     if not all(_near_start(summary, start, t) for summary in recent):
         return []
@@ -94,7 +94,7 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     moved = moving is not None and moving >= t.stuck_moving_ratio
     if moved and now.loop.get("objective") == "contrastive":  # a mined loss: flat by design
         return []
-    return [_by_pace(now, moving, message, evidence, t, _fast_so_far(history, t))]
+    return [_by_pace(now, moving, message, evidence, t, _fast_so_far(recent, t))]
 
 
 def _too_few(now: EpochSummary, message: str, evidence: dict) -> Finding:
@@ -104,24 +104,6 @@ def _too_few(now: EpochSummary, message: str, evidence: dict) -> Finding:
     suggestion += "learning rate or the data: a model learns little in so few."
     evidence.update(cause="few_steps", steps=now.step)  # no claim on the learning rate
     return _found(now, [], evidence, message, suggestion=suggestion)
-
-
-# optimizer steps that a stuck loss is told over in fewer than stuck_epochs summaries (two at
-# least): a short run of long epochs (a few epochs of fine-tuning)
-STUCK_STEPS = 256
-
-
-def _stuck_span(history: list[EpochSummary], t: Thresholds) -> list[EpochSummary]:
-    """The latest summaries a stuck loss is judged over: `stuck_epochs` of them, or else the fewest
-    latest, two at least, that span STUCK_STEPS optimizer steps or more; [] while there are
-    neither."""
-    if len(history) >= t.stuck_epochs:
-        return history[-t.stuck_epochs :]
-    for count in range(2, len(history) + 1):
-        before = history[-count - 1].step if count < len(history) else 0
-        if history[-1].step - before >= STUCK_STEPS:
-            return history[-count:]
-    return []
 
 
 def _by_pace(
@@ -134,7 +116,7 @@ def _by_pace(
 ) -> Finding:
     """The finding of a stuck run told with its suspect by the weights' pace `moving` (their median
     update ratio, None where none was read); `fast`, the weights that moved faster than
-    `update_fast` at any summary so far, make the learning rate a rival of the data."""
+    `update_fast` meanwhile, make the learning rate a rival of the data."""
     if moving is None or moving < t.stuck_moving_ratio:
         return _found(now, [], evidence, f"{message}: the model is not learning.")
     if moving < t.stuck_data_ratio:  # slow steps: the rate and the data are suspects alike
