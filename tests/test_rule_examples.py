@@ -81,6 +81,7 @@ def layers(**values):
 
 DEEP_SIGMOID = layers(fc1={"grad_rms": 1e-6}, fc2={"grad_rms": 1e-3}, fc3={"grad_rms": 1.0})
 SATURATED = {"sig1": {"kind": "sigmoid", "layer": "fc1", "share": 0.9}}
+GAIN_6 = {"name": "fc.weight", "gain": 6.0}  # a weight's RMS x sqrt(fan-in) before the first step: far too large
 TINY = layers(fc1={"grad_rms": 1e-9}, fc2={"grad_rms": 1e-9})  # both below vanishing_floor
 # statistics readings [total gradient norm, loss]: of steps clipped to 1e-3, of steps not clipped, and of one batch
 # at the same weights (the same norm, unclipped)
@@ -226,6 +227,10 @@ EXAMPLES = [
     finds("high_initial_loss", "a first loss of 50 over 10 classes",
           lambda: [epoch(0, num_classes=10, first_loss=50.0)]),
     leaves("high_initial_loss", "a first loss of ln 10", lambda: [epoch(0, num_classes=10, first_loss=2.3)]),
+    finds("high_initial_loss", "a first loss of twice ln 10, a weight of gain 6 read before the first step",
+          lambda: [epoch(0, num_classes=10, first_loss=4.6, loop=graph(largest_gain=GAIN_6))]),
+    leaves("high_initial_loss", "a first loss of twice ln 10, the weights at torch.nn's gains",
+           lambda: [epoch(0, num_classes=10, first_loss=4.6, loop=graph(largest_gain={**GAIN_6, "gain": 0.8}))]),
     finds("loss_spikes", "a loss that spikes to 3 for two windows and comes back", lambda: spiked(3.0, 1.0)),
     leaves("loss_spikes", "one hard batch in a window", lambda: spiked(1.2, 0.52)),
     finds("diverging", "a loss that rises from ln 10 to 5", lambda: level(2.3, 2.3, 4.0, 5.0, 5.0)),
@@ -393,6 +398,12 @@ CAUSES = [
     ("not_learning", "clipping", False, "fc still, norms at 1e-3 under Adam, whose steps do not scale with them",
      lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}),
                     loop={"total_norms": CLIPPED, "optimizer": "Adam"})]),
+    ("not_learning", "clipping", False, "fc still, clipped at 0.25 under norms of 0.5 (steps halved, no more)",
+     lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}),
+                    clipping={**CLIPPING, "max_norm": 0.25, "grad_norm_median": 0.5, "grad_norm_p90": 0.8})]),
+    ("not_learning", "clipping", True, "fc still, clipped at 0.25 under norms of 5 (steps a twentieth)",
+     lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}),
+                    clipping={**CLIPPING, "max_norm": 0.25, "grad_norm_median": 5.0, "grad_norm_p90": 8.0})]),
     ("not_learning", "clipping", False, "fc still, total norms that differ",
      lambda: [epoch(0, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": 1e-3}), loop={"total_norms": UNCLIPPED})]),
     ("moving_too_fast", "learning_rate", True, "the loss risen above ln 10",

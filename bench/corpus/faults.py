@@ -126,7 +126,7 @@ LR_HIGH = ("diverging", "loss_spikes", "exploding_gradients", "nonfinite_gradien
            "moving_too_fast", "mostly_clipped", "moving_too_fast:learning_rate", "saturated:learning_rate",
            "dead_units:learning_rate")  # fmt: skip
 LR_LOW = ("stuck", "not_learning", "updates_rounded_away", "not_learning:learning_rate")
-LARGE_INIT = ("high_initial_loss", "saturated", "diverging:initialisation")
+LARGE_INIT = ("high_initial_loss", "saturated", "diverging:initialisation", "high_initial_loss:initialisation")
 SATURATING = ("saturated", "vanishing_gradients", "vanishing_gradients:saturation")
 LABELS = ("noisy_labels", "no_generalisation", "stuck:weights_move")
 CLIPPING = ("mostly_clipped", "updates_rounded_away:clipping", "mostly_clipped:clipping",
@@ -279,7 +279,8 @@ THIRD_HEALTHY = ["d2l_mlp_dropout", "tv_resnet", "hf_vit", "lightning_autoencode
 # rate, the dropout MLP with 5% of its data, softmax regression in batches of one, and Lightning's LSTM with
 # dropout 0.95, dropped. Before it was scored, and before any of its runs was diagnosed, in every part: the
 # clipping's expected findings gained the rules that came to name the clipping as their cause (mostly_clipped,
-# vanishing_gradients and not_learning, in CLIPPING); noise added to the inputs expects stuck's finding that the
+# vanishing_gradients and not_learning, in CLIPPING), and a large initialisation's high_initial_loss naming it
+# (in LARGE_INIT); noise added to the inputs expects stuck's finding that the
 # inputs (or labels) hold nothing to learn (NOISY_INPUTS), and data deleted the findings whose suggestion is more
 # data (DATA_SMALL), where each part had spelled them its own way.
 FOURTH = {

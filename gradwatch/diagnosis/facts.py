@@ -123,12 +123,22 @@ def _scale_free(now: EpochSummary) -> bool:
     return any(kind in name for kind in SCALE_FREE)
 
 
+# How many times the median norm before clipping must exceed the threshold for clipping to be a
+# cause of small gradients or steps (where the norms before clipping are known)
+CLIP_SHRINK = 10
+
+
 def _clipped_small(history: list[EpochSummary], finding, t: Thresholds) -> dict | None:
     """A cause of small gradients: clipping scaled more than `clipped_share` of them down to its
-    threshold (_clipping), the norms the optimizer then stepped with."""
+    threshold (_clipping), the norms the optimizer then stepped with, and where the norms before
+    clipping are known, their median by CLIP_SHRINK or more (a threshold of 0.25 under norms of 0.5
+    halves the steps: not why they are a millionth of the weights)."""
     clip = _clipping(history)
     share = clip.get("clipped_share")
     if not finite(share) or share <= t.clipped_share:
+        return None
+    median = clip.get("grad_norm_median")
+    if finite(median) and median < CLIP_SHRINK * clip["max_norm"]:
         return None
     return {"max_norm": clip["max_norm"], "clipped_share": share}
 

@@ -19,6 +19,7 @@ from .facts import (
     _untrained_loss,
 )
 from .findings import Finding, _found, rule
+from .loss import LARGE_INIT, _large_initialisation
 from .thresholds import Thresholds
 
 
@@ -124,13 +125,14 @@ def unshuffled(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
 @rule(
     "check that the inputs are normalised and that the initial weights are small (the defaults of "
     "torch.nn, or the tutorial's Net.initialize_weights).",
-    thresholds=("initial_loss_factor",),
+    thresholds=("initial_loss_factor", "diverging_factor"),
 )
 def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The first training loss is above `initial_loss_factor` x ln C, the loss of an untrained
-    model (C: the classes given, or those of the one cross-entropy the loss's graph shows). The
-    initial weights or the inputs are named, but where the model's dropout is heavy (HEAVY_DROPOUT):
-    then what to check, in order."""
+    model (C: the classes given, or those of the one cross-entropy the loss's graph shows), or
+    above `diverging_factor` x ln C where the loss's graph showed a weight of LARGE_GAIN or more
+    before the first step, which is then named. The initial weights or the inputs are named, but
+    where the model's dropout is heavy (HEAVY_DROPOUT): then what to check, in order."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[0]
@@ -138,9 +140,11 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
     first = now.first_loss
     if len(history) > 1 or not expected or not finite(first):
         return []
-    if first <= t.initial_loss_factor * expected:
+    large = _large_initialisation(now)  # then a smaller excess tells of it (diverging's factor)
+    factor = t.diverging_factor if large else t.initial_loss_factor
+    if first <= factor * expected:
         return []
-    message = f"the first training loss was {first:.3g}, {first / expected:.0f}x the "
+    message = f"the first training loss was {first:.3g}, {first / expected:.2g}x the "
     message += f"{expected:.2f} (ln {round(math.exp(expected))}) of an untrained model"
     evidence = {"first_loss": first, "expected": expected}
     dropout = _heavy_dropout(now)
@@ -148,5 +152,11 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
         message += f"; its dropout at {dropout:g} scales the units it keeps in training mode."
         evidence.update(dropout=dropout, cause=None)  # a symptom: no claim on the weights
         return [_found(now, [], evidence, message, step=1, suggestion=_dropout_checks(dropout))]
+    if large:  # the loss's graph read the weight's gain before the first step: the cause
+        message += f": the weights started far too large ({large['name']}: {large['gain']:.2g} "
+        message += "times the square root of its fan-in in RMS, where torch.nn's initialisations "
+        message += "give 0.3 to 1.5)."
+        evidence.update(cause="initialisation", largest_gain=large)
+        return [_found(now, [], evidence, message, step=1, suggestion=LARGE_INIT)]
     message += ": the initial weights or the inputs are far too large."
     return [_found(now, [], evidence, message, step=1)]
