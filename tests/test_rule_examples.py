@@ -240,6 +240,8 @@ EXAMPLES = [
            lambda: [epoch(0, num_classes=10, losses=windows([2.3] * 4, maxes=[2.5, 4.6, 2.5, 2.5]))]),
     leaves("diverging", "a loss as high at its first batch, before any step, and falling (heavy dropout)",
            lambda: [epoch(0, num_classes=10, first_loss=6.6, losses=windows([6.6, 3.0, 2.9, 2.8]))]),
+    leaves("diverging", "a first batch's loss of 1e4 (weights 30x too large), where it stays: no rise",
+           lambda: [epoch(0, num_classes=10, first_loss=1e4, losses=windows([1e4] * 4))]),
     finds("diverging", "a loss that rises from a high first batch to twice it",
           lambda: [epoch(0, num_classes=10, first_loss=6.6, losses=windows([6.6, 8.0, 12.0, 14.0]))]),
     finds("nonfinite_gradients", "NaN in a gradient", lambda: [epoch(0, layers=layers(fc={"nonfinite_share": 0.5}))]),

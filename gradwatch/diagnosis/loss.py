@@ -197,7 +197,8 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     known, above WORSE x both ln C and its first level (worse than a model that guesses), or a
     batch's cross-entropy reaches EXPLODED x ln C; or the loss becomes NaN or Inf (then, without
     rising first, it points at the data). A loss already above that limit at the first step, before
-    any update, has not risen: then only a level above `diverging_factor` x that first loss is. The
+    any update, has not risen: then only a level above `diverging_factor` x that first loss is (no
+    batch's loss EXPLODED from there). The
     learning rate is named, but where the loss's graph showed a weight of LARGE_GAIN or more before
     the first step: then its initialisation."""
     now = history[-1]
@@ -209,11 +210,12 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if untrained and finite(start):  # worse than an untrained model, and risen from its start
         limit = min(limit, WORSE * max(untrained, first or 0.0))
     before = history[0].first_loss  # before any step: what no learning rate has changed yet
-    if judged and finite(before) and before > limit:  # as high from the start: not a rise
+    from_start = judged and finite(before) and before > limit  # as high from the start: no rise
+    if from_start:
         start = before
         limit = t.diverging_factor * before
     high = next((span for span in _levels(now.losses) if span["level"] > limit), None)
-    high = high or _exploded(now, untrained)
+    high = high or (None if from_start else _exploded(now, untrained))
     if high is not None:
         return [_risen(now, high, start, limit, t)]
     bad = next((w for w in now.losses if w.get("nonfinite_step") is not None), None)
