@@ -46,13 +46,6 @@ def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
     "",
     causes=(
         Cause(
-            "clipping",
-            _clipped_steps,
-            "a gradient clipping threshold far above the one in use (about the 90th percentile of "
-            "the norms before clipping, which clip_grad_norm_ returns).",
-            "the gradient clipping: a threshold below most steps' norms keeps every step small",
-        ),
-        Cause(
             "learning_rate",
             _slow_steps,
             "a larger learning rate for these layers (--layer-lr NAME=FACTOR){lr_up}.",
@@ -71,6 +64,13 @@ def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
             _never,
             "",
             "the weight decay: decay that matches the gradients holds the weights in place",
+        ),
+        Cause(
+            "clipping",
+            _clipped_steps,
+            "a gradient clipping threshold far above the one in use (about the 90th percentile of "
+            "the norms before clipping, which clip_grad_norm_ returns).",
+            "the gradient clipping: a threshold below most steps' norms keeps every step small",
         ),
     ),
     thresholds=("update_slow", "update_fast", "vanishing_floor", "clipped_share"),

@@ -89,9 +89,6 @@ def _clipped_floor(history: list[EpochSummary], finding: Finding, t: Thresholds)
 
 
 VANISHING_CAUSES = (
-    Cause("clipping", _clipped_floor, "a gradient clipping threshold far above the one in use "
-          "(the 90th percentile of the norms before clipping: clip_grad_norm_ returns them).",
-          "the gradient clipping: a threshold below most steps' norms scales every gradient down"),
     Cause("saturation", _saturation, "ReLU or GELU instead of sigmoid or tanh in the hidden "
           "layers, or normalisation layers before them.", "saturated sigmoid or tanh units below "
           "the output (diagnosis.json's activations)"),
@@ -100,6 +97,9 @@ VANISHING_CAUSES = (
           "without a residual connection"),
     Cause("small_output", _never, "", "the scale of the layers after them: a small initial gain "
           "(as policy heads use) or weights decayed towards zero shrink every gradient below"),
+    Cause("clipping", _clipped_floor, "a gradient clipping threshold far above the one in use "
+          "(the 90th percentile of the norms before clipping: clip_grad_norm_ returns them).",
+          "the gradient clipping: a threshold below most steps' norms scales every gradient down"),
 )  # fmt: skip
 
 
@@ -130,9 +130,9 @@ def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     layer's (depths by the loss's graph; of several output heads, the smallest), or any weight
     layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms), and nothing is
     while a loss to be minimised is down to LEARNT x where it started. A symptom: its causes are
-    clipping that scaled most steps down (for gradients below the floor), saturated units (above
-    `saturated_share`, where no step was ever larger than `update_fast` of the weights), a deep
-    stack without shortcuts, or a small scale of the layers after them."""
+    saturated units (above `saturated_share`, where no step was ever larger than `update_fast` of
+    the weights), a deep stack without shortcuts, a small scale of the layers after them, or
+    clipping that scaled most steps down (for gradients below the floor)."""
     now = history[-1]
     rms = _weight_rms(now)
     if len(rms) < 2 or _judged(history) and _fell(history, LEARNT):
