@@ -149,6 +149,24 @@ def _clipped_steps(history: list[EpochSummary], finding, t: Thresholds) -> dict 
     return None if _scale_free(history[-1]) else _clipped_small(history, finding, t)
 
 
+# A weight's gain (its RMS x the square root of its fan-in, graph.largest_gain) from which its
+# initialisation, not the learning rate, is named as the cause of a divergence: torch.nn's give 0.3
+# to 1.5, a normal draw of standard deviation 1 the square root of the fan-in (4 from 16 inputs)
+LARGE_GAIN = 4.0
+LARGE_INIT = (
+    "initialise the weights as torch.nn does (its layers' defaults, or nn.init.kaiming_normal_ / "
+    "xavier_uniform_), or scale them down to about 1 / sqrt(fan-in) in standard deviation, before "
+    "changing the learning rate."
+)
+
+
+def _large_initialisation(now: EpochSummary) -> dict | None:
+    """The weight of the largest gain before the first step, where it is LARGE_GAIN or more."""
+    largest = now.loop.get("graph", {}).get("largest_gain")
+    gain = (largest or {}).get("gain")
+    return largest if finite(gain) and gain >= LARGE_GAIN else None
+
+
 # A dropout rate from which dropout, not the labels, the inputs or the initialisation, may be why a
 # model in training mode does not fit: it keeps a fifth of the units or fewer at each step, and
 # scales the survivors by five or more (the rates in use are 0.1 to 0.5)

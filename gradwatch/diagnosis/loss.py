@@ -8,7 +8,15 @@ import statistics
 from typing import Any
 
 from ..summary import JUMP, EpochSummary, finite
-from .facts import _first_level, _judged, _levels, _start_loss, _untrained_loss
+from .facts import (
+    LARGE_INIT,
+    _first_level,
+    _judged,
+    _large_initialisation,
+    _levels,
+    _start_loss,
+    _untrained_loss,
+)
 from .findings import LOWER, Finding, _found, rule
 from .thresholds import Thresholds
 
@@ -134,24 +142,6 @@ def loss_spikes(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     message = _spike_message(evidence)
     began = spikes[0]["after"]  # the update of that step is the first that could have caused it
     return [_found(history[-1], [], evidence, message, step=began)]
-
-
-# A weight's gain (its RMS x the square root of its fan-in, graph.largest_gain) from which its
-# initialisation, not the learning rate, is named as the cause of a divergence: torch.nn's give 0.3
-# to 1.5, a normal draw of standard deviation 1 the square root of the fan-in (4 from 16 inputs)
-LARGE_GAIN = 4.0
-LARGE_INIT = (
-    "initialise the weights as torch.nn does (its layers' defaults, or nn.init.kaiming_normal_ / "
-    "xavier_uniform_), or scale them down to about 1 / sqrt(fan-in) in standard deviation, before "
-    "changing the learning rate."
-)
-
-
-def _large_initialisation(now: EpochSummary) -> dict | None:
-    """The weight of the largest gain before the first step, where it is LARGE_GAIN or more."""
-    largest = now.loop.get("graph", {}).get("largest_gain")
-    gain = (largest or {}).get("gain")
-    return largest if finite(gain) and gain >= LARGE_GAIN else None
 
 
 def _risen(now: EpochSummary, high: dict, start: float, limit: float, t: Thresholds) -> Finding:

@@ -34,6 +34,7 @@ from .thresholds import Thresholds
         "stuck_epochs",
         "stuck_moving_ratio",
         "stuck_data_ratio",
+        "update_fast",
     ),
     follows=(
         "updates_rounded_away",

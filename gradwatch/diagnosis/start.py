@@ -8,18 +8,19 @@ import math
 
 from ..summary import EpochSummary, finite
 from .facts import (
+    LARGE_INIT,
     _classes,
     _dropout_checks,
     _graph_step,
     _heavy_dropout,
     _judged,
+    _large_initialisation,
     _loop_start,
     _peak_lr,
     _problem,
     _untrained_loss,
 )
 from .findings import Finding, _found, rule
-from .loss import LARGE_INIT, _large_initialisation
 from .thresholds import Thresholds
 
 
