@@ -167,6 +167,14 @@ def _large_initialisation(now: EpochSummary) -> dict | None:
     return largest if finite(gain) and gain >= LARGE_GAIN else None
 
 
+def _too_large(large: dict) -> str:
+    """How diverging and high_initial_loss name a large initialisation (_large_initialisation)."""
+    text = f"the weights started far too large ({large['name']}: {large['gain']:.2g} times the "
+    return (
+        text + "square root of its fan-in in RMS, where torch.nn's initialisations give 0.3 to 1.5)"
+    )
+
+
 # A dropout rate from which dropout, not the labels, the inputs or the initialisation, may be why a
 # model in training mode does not fit: it keeps a fifth of the units or fewer at each step, and
 # scales the survivors by five or more (the rates in use are 0.1 to 0.5)

@@ -82,9 +82,9 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     training loss made no new low: a learning rate too high, hidden by the clipping (the Deep
     Learning Tuning Playbook's rule); but where the weights' median update ratio is below
     `stuck_moving_ratio` under an optimizer whose step scales with the gradient (SGD, not Adam),
-    the clipping threshold itself, which keeps every step too small. While
-    the loss falls, clipping most steps is what clipping at 1.0 does early in transformer training,
-    and no problem. The clipping is the norms the loop passed to step(), else what the total
+    the clipping threshold itself, which keeps every step too small. While the loss falls,
+    clipping most steps is what clipping at 1.0 does early in transformer training, and no
+    problem. The clipping is the norms the loop passed to step(), else what the total
     gradient norms read show (facts._clipping)."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
@@ -130,13 +130,11 @@ def _clipped_message(now: EpochSummary, clip: dict) -> str:
     """How much the clipping `clip` (facts._clipping) scaled down, and the norms before it."""
     at = f" at {clip['max_norm']:.3g}" if clip.get("max_norm") else ""  # unknown in others' logs
     message = f"gradient clipping{at} scaled down {clip['clipped_share']:.0%} of the "
-    message += f"{clip['steps']} "
     if not finite(clip["grad_norm_median"]):  # read from the norms after clipping
-        message = message.replace(" of the ", " of the last ", 1)
-        message += "statistics readings (their total gradient norm was the "
+        message += f"last {clip['steps']} statistics readings (their total gradient norm was the "
         message += "threshold itself; pass clip_grad_norm_'s result to step(grad_norm=..., "
         return message + "max_norm=...) for the norms before clipping)."
-    message += f"steps of {_period(now)} (norms before clipping: median "
+    message += f"{clip['steps']} steps of {_period(now)} (norms before clipping: median "
     message += f"{clip['grad_norm_median']:.3g}, 90th percentile {clip['grad_norm_p90']:.3g})."
     return message
 

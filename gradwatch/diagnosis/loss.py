@@ -15,6 +15,7 @@ from .facts import (
     _large_initialisation,
     _levels,
     _start_loss,
+    _too_large,
     _untrained_loss,
 )
 from .findings import LOWER, Finding, _found, rule
@@ -158,9 +159,7 @@ def _risen(now: EpochSummary, high: dict, start: float, limit: float, t: Thresho
     large = _large_initialisation(now)
     if large is None:
         return _found(now, [], evidence, message + "the learning rate is too high.", step)
-    message += f"the weights started far too large ({large['name']}: {large['gain']:.2g} times "
-    message += "the square root of its fan-in in RMS, where torch.nn's initialisations give "
-    message += "0.3 to 1.5), and so did the gradients and the steps."
+    message += f"{_too_large(large)}, and so did the gradients and the steps."
     evidence.update(cause="initialisation", largest_gain=large)  # no claim on the lr
     return _found(now, [], evidence, message, step, suggestion=LARGE_INIT)
 
@@ -188,9 +187,8 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     batch's cross-entropy reaches EXPLODED x ln C; or the loss becomes NaN or Inf (then, without
     rising first, it points at the data). A loss already above that limit at the first step, before
     any update, has not risen: then only a level above `diverging_factor` x that first loss is (no
-    batch's loss EXPLODED from there). The
-    learning rate is named, but where the loss's graph showed a weight of LARGE_GAIN or more before
-    the first step: then its initialisation."""
+    batch's loss EXPLODED from there). The learning rate is named, but where the loss's graph
+    showed a weight of LARGE_GAIN or more before the first step: then its initialisation."""
     now = history[-1]
     judged = _judged(history)  # not: a loss that rises by design, of which only NaN is told
     untrained = _untrained_loss(now) if judged else None

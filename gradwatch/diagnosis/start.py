@@ -18,6 +18,7 @@ from .facts import (
     _loop_start,
     _peak_lr,
     _problem,
+    _too_large,
     _untrained_loss,
 )
 from .findings import Finding, _found, rule
@@ -154,9 +155,7 @@ def high_initial_loss(history: list[EpochSummary], t: Thresholds) -> list[Findin
         evidence.update(dropout=dropout, cause=None)  # a symptom: no claim on the weights
         return [_found(now, [], evidence, message, step=1, suggestion=_dropout_checks(dropout))]
     if large:  # the loss's graph read the weight's gain before the first step: the cause
-        message += f": the weights started far too large ({large['name']}: {large['gain']:.2g} "
-        message += "times the square root of its fan-in in RMS, where torch.nn's initialisations "
-        message += "give 0.3 to 1.5)."
+        message += f": {_too_large(large)}."
         evidence.update(cause="initialisation", largest_gain=large)
         return [_found(now, [], evidence, message, step=1, suggestion=LARGE_INIT)]
     message += ": the initial weights or the inputs are far too large."

@@ -47,7 +47,7 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     if clipped:
         message += clipped[0]
         suggestion = clipped[1]
-        evidence.update(clipping=_clipping(history), cause="clipping")  # no claim on the lr
+        evidence.update(clipping=clipped[2], cause="clipping")  # no claim on the lr
     elif low:
         suggestion = f"keep the weights in float32 (torch.autocast computes in {low[0]} from "
         suggestion += "float32 weights), or an optimizer that keeps a float32 copy of them."
@@ -60,9 +60,10 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     return [_found(now, list(rounded), evidence, message, _loop_start(history), suggestion)]
 
 
-def _clipped(history: list[EpochSummary], t: Thresholds) -> tuple[str, str] | None:
+def _clipped(history: list[EpochSummary], t: Thresholds) -> tuple[str, str, dict] | None:
     """Where clipping scaled down more than `clipped_share` of the steps: what to add to the
-    message, and the suggestion (the steps are small because the clipping makes them so)."""
+    message, the suggestion (the steps are small because the clipping makes them so), and the
+    clipping (facts._clipping)."""
     clip = _clipping(history)
     share = clip.get("clipped_share")
     if not clip.get("max_norm") or not finite(share) or share <= t.clipped_share:
@@ -73,12 +74,12 @@ def _clipped(history: list[EpochSummary], t: Thresholds) -> tuple[str, str] | No
         suggestion = f"raise the clipping threshold far above {clip['max_norm']:g} (to the 90th "
         suggestion += "percentile of the norms before clipping, which clip_grad_norm_ returns): "
         suggestion += "it makes every step too small to change the weights."
-        return message, suggestion
+        return message, suggestion, clip
     message += f" (norms before clipping: median {clip['grad_norm_median']:.3g})."
     suggestion = f"raise the clipping threshold to about {clip['grad_norm_p90']:.3g}, the 90th "
     suggestion += f"percentile of the norms before clipping: clipping at {clip['max_norm']:g} "
     suggestion += "makes every step too small to change the weights."
-    return message, suggestion
+    return message, suggestion, clip
 
 
 @rule(
