@@ -673,13 +673,19 @@ def hf_vit(log_dir, change):
     config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=128, num_labels=10, **change.settings)  # fmt: skip
     model = ViTForImageClassification(config)
-    x, y = images(3200, seed=0)
+    return hf_images(log_dir, change, model, 3200, num_train_epochs=4, lr_scheduler_type="cosine",
+                     eval_strategy="epoch")  # fmt: skip
+
+
+def hf_images(log_dir, change, model, n, **arguments):
+    """A Hugging Face image classifier trained on `n` generated 28x28 images with Trainer (AdamW 1e-3 in batches of
+    32 after 40 warmup steps, and `arguments`), evaluated on 800 others; its last validation accuracy."""
+    x, y = images(n, seed=0)
     x, y = change.data(x, y) if change.data else (x, y)
     vx, vy = images(800, seed=1)
     trainer = hf_train(log_dir, change, model, Examples(pixel_values=x, labels=y),
-                       Examples(pixel_values=vx, labels=vy), learning_rate=1e-3, num_train_epochs=4,
-                       per_device_train_batch_size=32, warmup_steps=40, lr_scheduler_type="cosine",
-                       eval_strategy="epoch")  # fmt: skip
+                       Examples(pixel_values=vx, labels=vy), learning_rate=1e-3, per_device_train_batch_size=32,
+                       warmup_steps=40, **arguments)  # fmt: skip
     scores = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
     return f"validation accuracy {scores[-1]:.3f} (10 classes)"
 
@@ -1025,15 +1031,7 @@ def hf_convnext(log_dir, change):
 
     seeded()
     config = ConvNextConfig(num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
-                            num_labels=10,
-                            **change.settings)  # fmt: skip
+                            num_labels=10, **change.settings)  # fmt: skip
     model = ConvNextForImageClassification(config)
-    x, y = images(6400, seed=0)
-    x, y = change.data(x, y) if change.data else (x, y)
-    vx, vy = images(800, seed=1)
-    trainer = hf_train(log_dir, change, model, Examples(pixel_values=x, labels=y),
-                       Examples(pixel_values=vx, labels=vy), learning_rate=1e-3, max_steps=400,
-                       per_device_train_batch_size=32, warmup_steps=40, weight_decay=0.05,
-                       eval_strategy="steps", eval_steps=100)  # fmt: skip
-    scores = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
-    return f"validation accuracy {scores[-1]:.3f} (10 classes)"
+    return hf_images(log_dir, change, model, 6400, max_steps=400, weight_decay=0.05, eval_strategy="steps",
+                     eval_steps=100)  # fmt: skip
