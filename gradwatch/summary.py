@@ -287,6 +287,21 @@ def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def _first_update_ratios(records: list[dict]) -> dict[str, float]:
+    """Each weight's largest update ratio at the readings of the first steps, which the medians
+    leave out (their "loop" says "first"): a rate large enough pushes units to their limits before
+    any reading past them."""
+    found: dict[str, float] = {}
+    for record in records:
+        if not record.get("loop", {}).get("first"):
+            continue
+        for name, values in record.items():
+            ratio = values.get("update_ratio") if name.endswith("weight") else None
+            if finite(ratio):
+                found[name] = max(ratio, found.get(name, 0.0))
+    return found
+
+
 def summarize(
     epoch: int, step: int, records: list[dict], warm: bool = True, **context: Any
 ) -> EpochSummary:
@@ -312,6 +327,10 @@ def summarize(
         activations=_activations(settled),
         total_grad_norm_max=max(totals, default=math.nan),
         total_grad_norm_median=_median(totals),
-        loop={**loop_summary(records), "total_norms": norms},
+        loop={
+            **loop_summary(records),
+            "total_norms": norms,
+            "first_update_ratios": _first_update_ratios(records),
+        },
         **context,
     )

@@ -266,6 +266,20 @@ def test_the_rules_read_the_models_dropout_rates_from_watch(tmp_path):
         assert monitor.diagnosis.history[-1].loop["dropout"] == [0.95]
 
 
+@pytest.mark.parametrize("lr", [1e-3, 1.0])
+def test_the_first_steps_update_ratios_reach_the_first_summary(tmp_path, lr):
+    """The readings of the first steps are left out of the summaries' medians, but each weight's largest update
+    ratio there is kept: Adam's first step moves every value by about the rate, so at 1.0 the hidden layer moves by
+    about its size at once, at 1e-3 by about a hundredth; biases are not kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, CLASSES))
+    monitor, _ = train(tmp_path, model=model, lr=lr, optimizer=torch.optim.Adam, steps=40, epochs=1)
+    first = monitor.diagnosis.history[0].loop["first_update_ratios"]
+    assert set(first) == {"0.weight", "2.weight"}
+    hidden = first["0.weight"]
+    assert (hidden > 0.5) if lr == 1.0 else (1e-3 < hidden < 0.1), first
+
+
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])
 def test_clipping_that_the_loop_does_not_report_is_read_from_the_norms_it_leaves(tmp_path, max_norm):
     """clip_grad_norm_ at 1e-3 in the loop, its norms not passed to step(): the total gradient norm at every reading

@@ -370,6 +370,12 @@ CAUSES = [
     ("vanishing_gradients", "saturation", False, "sigmoid units saturated after fc1 moved by half its size per step",
      lambda: [epoch(0, layers=layers(fc1={"grad_rms": 1e-3, "update_ratio": 0.5}, fc3={"grad_rms": 1.0})),
               epoch(1, layers=DEEP_SIGMOID, activations=SATURATED)]),
+    ("vanishing_gradients", "saturation", False, "fc1, which feeds the saturated units, moved by twice its size at "
+     "a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
+                                    loop={"first_update_ratios": {"fc1.weight": 2.0, "fc3.weight": 1e-3}})]),
+    ("vanishing_gradients", "saturation", True, "only the head, which feeds no saturated unit, moved by half its "
+     "size at a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
+                                            loop={"first_update_ratios": {"fc1.weight": 1e-3, "fc3.weight": 0.5}})]),
     ("vanishing_gradients", "depth", True, "fc1 seven weight layers below the loss",
      lambda: [epoch(0, layers=DEEP_SIGMOID, loop={"graph": {"depths": {"fc1.weight": 7, "fc2.weight": 6,
                                                                        "fc3.weight": 0}}})]),

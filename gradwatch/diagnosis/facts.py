@@ -293,6 +293,21 @@ def _fast_so_far(history: list[EpochSummary], t: Thresholds) -> dict[str, float]
     return found
 
 
+def _fast_at_first(
+    history: list[EpochSummary], names: list[str], t: Thresholds
+) -> dict[str, float]:
+    """Those of the weights `names` whose update ratio was above `update_fast` at a reading of the
+    first steps (which the summaries' medians leave out), at their fastest: a rate large enough
+    saturates units within the first steps. A rival of causes, not a cause: a small initial gain
+    (a policy head's) also gives a first step that large."""
+    found: dict[str, float] = {}
+    for summary in history:
+        for name, ratio in summary.loop.get("first_update_ratios", {}).items():
+            if name in names and ratio > t.update_fast:
+                found[name] = max(ratio, found.get(name, 0.0))
+    return found
+
+
 def _peak_lr(history: list[EpochSummary]) -> float | None:
     """The highest learning rate of the run so far: the rate set (a scheduler's `initial_lr`, a
     warmup's target), at watch(), at a statistics step, or at an epoch's end."""

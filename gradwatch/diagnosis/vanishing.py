@@ -5,7 +5,16 @@ scale) are checked before one is named."""
 from __future__ import annotations
 
 from ..summary import EpochSummary, finite
-from .facts import LEARNT, _clipped_small, _fast_so_far, _fell, _judged, _saturated, _update_ratios
+from .facts import (
+    LEARNT,
+    _clipped_small,
+    _fast_at_first,
+    _fast_so_far,
+    _fell,
+    _judged,
+    _saturated,
+    _update_ratios,
+)
 from .findings import Cause, Finding, _found, _never, names, rule
 from .thresholds import Thresholds
 
@@ -67,10 +76,13 @@ DEEP = 6  # weight layers between a layer and the loss, on its shortest way, tha
 
 def _saturation(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
     """Sigmoid or tanh units near their limits in the latest summary (their gradient is nearly 0),
-    with no weight moving by more than `update_fast` of its size per step at any summary so far:
-    steps that large push the units there whatever the activation (see saturated)."""
+    with no weight moving by more than `update_fast` of its size per step at any summary so far,
+    nor the weights that feed those units at the first steps: steps that large push the units
+    there whatever the activation (see saturated)."""
     shares = {layer: a["share"] for layer, a in _saturated(history[-1], t).items()}
-    return {"saturated_share": shares} if shares and not _fast_so_far(history, t) else None
+    feeding = [f"{layer}.weight" for layer in shares]
+    pushed = _fast_at_first(history, feeding, t) or _fast_so_far(history, t)
+    return {"saturated_share": shares} if shares and not pushed else None
 
 
 def _deep_stack(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
