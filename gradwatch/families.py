@@ -55,11 +55,17 @@ def families(shapes: Iterable[tuple[str, Sequence[int]]]) -> dict[str, list[str]
     return kept
 
 
-def folded(values: Mapping[str, float], members: Mapping[str, list[str]]) -> dict[str, float]:
-    """One statistic of every tensor, `{name: value}`, with each family's members replaced by their
-    mean under the family's name and, beside it, `<family>/spread` (their standard deviation),
-    `/min` and `/max`; non-finite values are left out of a family's figures."""
+def folded(
+    columns: Mapping[str, Mapping[str, float]], members: Mapping[str, list[str]]
+) -> dict[str, dict[str, float]]:
+    """Statistics of every tensor, `{key: {name: value}}`, with each family's members replaced by
+    their mean under the family's name and, beside it, `<family>/spread` (their standard
+    deviation), `/min` and `/max`; non-finite values are left out of a family's figures."""
     member_of = {name: family for family, names in members.items() for name in names}
+    return {key: _folded(values, members, member_of) for key, values in columns.items()}
+
+
+def _folded(values: Mapping[str, float], members: Mapping[str, list[str]], member_of: dict) -> dict:
     kept = {name: value for name, value in values.items() if name not in member_of}
     for family, names in members.items():
         present = [values[name] for name in names if name in values]

@@ -339,11 +339,13 @@ def statistics_scalars(
     for name, a in stats["activations"].items():
         kind = "dead_share" if a["kind"] == "relu" else "saturated_share"
         by_key.setdefault(kind, {})[name] = a["share"]
+    by_key = {
+        key: {name: value for name, value in values.items() if math.isfinite(value)}
+        for key, values in by_key.items()
+    }
     scalars = {}
-    for key, values in by_key.items():
-        finite = {name: value for name, value in values.items() if math.isfinite(value)}
-        by_key[key] = finite
-        scalars.update((f"{key}/{name}", v) for name, v in folded(finite, members or {}).items())
+    for key, values in folded(by_key, members or {}).items():
+        scalars.update((f"{key}/{name}", v) for name, v in values.items())
     for kind, extremes in (("update_ratio", (max, min)), ("dead_share", (max,))):
         values = list(by_key.get(kind, {}).values())
         scalars.update((f"{kind}/{pick.__name__}", pick(values)) for pick in extremes if values)

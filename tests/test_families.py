@@ -110,7 +110,7 @@ def test_families_are_parallel_modules_never_a_stack_of_layers():
 def test_a_family_is_told_by_its_mean_spread_and_extremes_and_its_outliers_are_named():
     values = {f"e.{i}.w": 1.0 + 0.01 * i for i in range(16)} | {"e.16.w": 9.0, "other": 2.0}
     members = {"e.*.w": [f"e.{i}.w" for i in range(17)]}
-    kept = folded(values, members)
+    kept = folded({"grad_norm": values}, members)["grad_norm"]
     family = list(values.values())[:17]
     assert kept["e.*.w"] == pytest.approx(statistics.fmean(family))
     assert kept["e.*.w/spread"] == pytest.approx(statistics.pstdev(family))

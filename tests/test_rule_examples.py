@@ -376,6 +376,14 @@ CAUSES = [
     ("vanishing_gradients", "saturation", True, "only the head, which feeds no saturated unit, moved by half its "
      "size at a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
                                             loop={"first_update_ratios": {"fc1.weight": 1e-3, "fc3.weight": 0.5}})]),
+    ("vanishing_gradients", "learning_rate", True, "fc1, which feeds the saturated units, moved by twice its size at "
+     "a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
+                                    loop={"first_update_ratios": {"fc1.weight": 2.0, "fc3.weight": 1e-3}})]),
+    ("vanishing_gradients", "learning_rate", False, "only the head, which feeds no saturated unit, moved by half its "
+     "size at a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
+                                            loop={"first_update_ratios": {"fc1.weight": 1e-3, "fc3.weight": 0.5}})]),
+    ("vanishing_gradients", "learning_rate", False, "fc1 moved by twice its size at a first step, no unit saturated",
+     lambda: [epoch(0, layers=DEEP_SIGMOID, loop={"first_update_ratios": {"fc1.weight": 2.0}})]),
     ("vanishing_gradients", "depth", True, "fc1 seven weight layers below the loss",
      lambda: [epoch(0, layers=DEEP_SIGMOID, loop={"graph": {"depths": {"fc1.weight": 7, "fc2.weight": 6,
                                                                        "fc3.weight": 0}}})]),

@@ -1,6 +1,7 @@
 """vanishing_gradients: a layer's gradients and steps vanish against the last layer of its own way
-from the loss; its candidate causes (saturation, a deep stack without shortcuts, a small output
-scale) are checked before one is named."""
+from the loss; its candidate causes (saturation, steps so large that they pushed units to their
+limits, a deep stack without shortcuts, a small output scale, clipping) are checked before one is
+named."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .facts import (
     _saturated,
     _update_ratios,
 )
-from .findings import Cause, Finding, _found, _never, names, rule
+from .findings import LOWER, Cause, Finding, _found, _never, names, rule
 from .thresholds import Thresholds
 
 
@@ -74,14 +75,31 @@ def _vanishes(now: EpochSummary, rms: dict, first: str, last: str, t: Thresholds
 DEEP = 6  # weight layers between a layer and the loss, on its shortest way, that make a plain stack
 
 
+def _feeding(history: list[EpochSummary], t: Thresholds) -> dict[str, float]:
+    """The weights of the layers that feed sigmoid or tanh units near their limits in the latest
+    summary, by name, with the share of those units' outputs at their limits."""
+    found = _saturated(history[-1], t)
+    return {f"{layer}.weight": a["share"] for layer, a in found.items()}
+
+
+def _pushed(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """The weights that feed saturated units moved by more than `update_fast` of their size in one
+    step, at a summary or at a reading of the first steps: steps that large push the units'
+    inputs far out, where their gradient vanishes."""
+    feeding = list(_feeding(history, t))
+    fast = {n: r for n, r in _fast_so_far(history, t).items() if n in feeding}
+    for name, ratio in _fast_at_first(history, feeding, t).items():
+        fast[name] = max(ratio, fast.get(name, 0.0))
+    return {"update_ratio": fast} if fast else None
+
+
 def _saturation(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
     """Sigmoid or tanh units near their limits in the latest summary (their gradient is nearly 0),
     with no weight moving by more than `update_fast` of its size per step at any summary so far,
     nor the weights that feed those units at the first steps: steps that large push the units
-    there whatever the activation (see saturated)."""
+    there whatever the activation (_pushed)."""
     shares = {layer: a["share"] for layer, a in _saturated(history[-1], t).items()}
-    feeding = [f"{layer}.weight" for layer in shares]
-    pushed = _fast_at_first(history, feeding, t) or _fast_so_far(history, t)
+    pushed = _fast_at_first(history, list(_feeding(history, t)), t) or _fast_so_far(history, t)
     return {"saturated_share": shares} if shares and not pushed else None
 
 
@@ -104,6 +122,9 @@ VANISHING_CAUSES = (
     Cause("saturation", _saturation, "ReLU or GELU instead of sigmoid or tanh in the hidden "
           "layers, or normalisation layers before them.", "saturated sigmoid or tanh units below "
           "the output (diagnosis.json's activations)"),
+    Cause("learning_rate", _pushed, "a lower learning rate{lr}.", "the learning rate: steps of "
+          "more than a tenth of the weights that feed saturated units push their inputs far out",
+          LOWER),
     Cause("depth", _deep_stack, "residual connections or normalisation layers, or an auxiliary "
           "loss near the early layers.", "how many weight layers lie between these and the output "
           "without a residual connection"),
@@ -143,8 +164,9 @@ def vanishing_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     layer's is below `vanishing_floor`; embeddings are not compared (_weight_rms), and nothing is
     while a loss to be minimised is down to LEARNT x where it started. A symptom: its causes are
     saturated units (above `saturated_share`, where no step was ever larger than `update_fast` of
-    the weights), a deep stack without shortcuts, a small scale of the layers after them, or
-    clipping that scaled most steps down (for gradients below the floor)."""
+    the weights), steps that large in the weights that feed saturated units, a deep stack without
+    shortcuts, a small scale of the layers after them, or clipping that scaled most steps down
+    (for gradients below the floor)."""
     now = history[-1]
     rms = _weight_rms(now)
     if len(rms) < 2 or _judged(history) and _fell(history, LEARNT):
