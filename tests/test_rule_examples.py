@@ -539,3 +539,31 @@ def test_a_divergence_names_the_initialisation_where_the_weights_started_far_too
     else:
         assert "fc.weight: 6 times the square root of its fan-in" in finding.message
         assert "initialise the weights as torch.nn does" in finding.suggestion and RULES["diverging"].way(finding) == 0
+
+
+def sgd_rounding(fc1_rms=1e-5, fc2_ratio=5e-7, **loop):
+    """SGD at a rate too low for it: fc1's steps round away, fc2 (gradient RMS 1e-3) changes, by `fc2_ratio` of its
+    size per step."""
+    rounded = {"fc1.weight": {"dtype": "float32", "unchanged_share": 0.9, "grad_zero_share": 0.0}}
+    stats = layers(fc1={"grad_rms": fc1_rms, "grad_norm": 1e-3, "update_ratio": 0.0},
+                   fc2={"grad_rms": 1e-3, "grad_norm": 0.1, "update_ratio": fc2_ratio})  # fmt: skip
+    return [epoch(0, layers=stats, loop={"rounded": rounded, "optimizer": "SGD", **loop})]
+
+
+@pytest.mark.parametrize(
+    "what, run, cause",
+    [
+        ("the other weights move by less than update_slow too", sgd_rounding(), "learning_rate"),
+        ("the other weights move at a usual pace", sgd_rounding(fc2_ratio=1e-3), None),
+        ("the rounded weights' gradients below the floor", sgd_rounding(fc1_rms=1e-9), None),
+        ("a weight that started far too large", sgd_rounding(graph={"largest_gain": GAIN_6}), None),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_steps_rounded_away_name_the_rate_only_where_every_weight_moves_too_slowly(what, run, cause):
+    """Where other parameters do change, a learning rate too low is named only where some of them barely move too,
+    with gradients that reach the weights whose steps are lost (vanishing ones would be the cause otherwise), and no
+    weight started far too large (its spacing would be)."""
+    (finding,) = RULES["updates_rounded_away"](run, Thresholds())
+    assert finding.evidence["cause"] == cause, finding.message
+    assert ("too low for this optimizer" in finding.message) == (cause is not None)

@@ -149,6 +149,20 @@ def _clipped_steps(history: list[EpochSummary], finding, t: Thresholds) -> dict 
     return None if _scale_free(history[-1]) else _clipped_small(history, finding, t)
 
 
+def _reached(history: list[EpochSummary], names: list[str], t: Thresholds) -> dict | None:
+    """Small steps of the parameters `names` with gradients that reach them: each one's gradient
+    RMS at or above `vanishing_floor`, no clipping scaled most of them down, and no weight moved by
+    more than `update_fast` of its size at any summary so far (steps that large before, then none,
+    tell of units pushed to their limits, not of a rate too low). {"grad_rms": by name}, or None."""
+    layers = history[-1].layers
+    rms = {name: layers.get(name, {}).get("grad_rms") for name in names}
+    reached = all(finite(r) and r >= t.vanishing_floor for r in rms.values())
+    clipped = _clipped_steps(history, None, t)
+    if _fast_so_far(history, t) or not reached or clipped:
+        return None
+    return {"grad_rms": rms}
+
+
 # A weight's gain (its RMS x the square root of its fan-in, graph.largest_gain) from which its
 # initialisation, not the learning rate, is named as the cause of a divergence: torch.nn's give 0.3
 # to 1.5, a normal draw of standard deviation 1 the square root of the fan-in (4 from 16 inputs)

@@ -169,7 +169,9 @@ class Rule:
         named = finding.evidence.get("cause")
         if self.causes:
             return next((c.lr for c in self.causes if c.name == named), 0)
-        return 0 if "cause" in finding.evidence else self.lr  # a cause of its own, or none
+        if "cause" in finding.evidence:  # a cause of its own: a claim on the rate where it is one
+            return self.lr if named == "learning_rate" else 0
+        return self.lr
 
     def suggest(self, parameters: list, lr: float | None, template: str | None = None) -> str:
         """The suggestion (or `template`), its rates relative to `lr`, the rate the user set (a

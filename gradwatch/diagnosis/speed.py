@@ -9,12 +9,12 @@ from .facts import (
     LEARNT,
     _clipped_steps,
     _fast,
-    _fast_so_far,
     _fell,
     _judged,
     _kept_apart,
     _latest_level,
     _peak_lr,
+    _reached,
     _starts,
     _update_ratios,
 )
@@ -30,16 +30,8 @@ def _update_finding(now: EpochSummary, found: dict[str, float], threshold: float
 
 
 def _slow_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
-    """The steps are small with gradients that reach the layers: each one's gradient RMS at or above
-    `vanishing_floor`, no clipping scaled most of them down, and no weight moved by more than
-    `update_fast` of its size at any summary so far (steps that large before, then none, tell of
-    units pushed to their limits, not of a rate too low)."""
-    layers = history[-1].layers
-    rms = {name: layers[name].get("grad_rms") for name in finding.parameters}
-    reached = all(finite(r) and r >= t.vanishing_floor for r in rms.values())
-    if _fast_so_far(history, t) or not reached or _clipped_steps(history, finding, t):
-        return None
-    return {"grad_rms": rms}
+    """The steps are small with gradients that reach the layers (facts._reached)."""
+    return _reached(history, finding.parameters, t)
 
 
 @rule(

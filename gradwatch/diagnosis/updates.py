@@ -6,7 +6,14 @@ check comes in order).
 from __future__ import annotations
 
 from ..summary import EpochSummary, finite
-from .facts import _clipping, _loop_start, _period
+from .facts import (
+    _clipping,
+    _large_initialisation,
+    _loop_start,
+    _period,
+    _reached,
+    _update_ratios,
+)
 from .findings import RAISE, Finding, _found, names, rule
 from .loop import _scheduled_low
 from .thresholds import Thresholds
@@ -15,6 +22,7 @@ from .thresholds import Thresholds
 @rule(
     "a much larger learning rate: a step smaller than half the spacing of the weights' dtype at "
     "their size is lost to rounding (in float32, a step below about 6e-8 of a weight).",
+    thresholds=("clipped_share", "update_slow", "update_fast", "vanishing_floor"),
     follows=("not_in_optimizer", "optimizer_frozen"),
     lr=RAISE,
     instead="check the learning rate and the gradients' scale: the steps are too small to change "
@@ -28,7 +36,8 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     (the learning rate, times the gradient's RMS for SGD) is below half the spacing of the
     parameter's dtype at the RMS of its values: rounding took the updates away (bfloat16 keeps 8
     bits of mantissa: a step below 0.4% of a weight is lost; float32, 24 bits). Not while the
-    learning rate is below half the rate set or its peak (a warmup, an annealed schedule)."""
+    learning rate is below half the rate set or its peak (a warmup, an annealed schedule). Where
+    other parameters do change, the learning rate is named only as _others_change says."""
     now = history[-1]
     rounded = now.loop.get("rounded", {})
     if not rounded or _scheduled_low(history):
@@ -51,13 +60,35 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     elif low:
         suggestion = f"keep the weights in float32 (torch.autocast computes in {low[0]} from "
         suggestion += "float32 weights), or an optimizer that keeps a float32 copy of them."
-    elif others:  # a learning rate too low would round the others' steps away too
-        message += f" The other {len(others)} parameters with gradients do change."
-        suggestion = "compare these parameters' gradients with the others' (the Gradients charts: "
-        suggestion += "gradients that vanish before reaching them make their steps too small) "
-        suggestion += "before raising the learning rate, which would move the others too."
-        evidence.update(weights_move=others, cause=None)  # a symptom: no claim on the lr
+    elif others:
+        told, suggestion, found = _others_change(history, list(rounded), others, t)
+        message += told
+        evidence.update(found)
     return [_found(now, list(rounded), evidence, message, _loop_start(history), suggestion)]
+
+
+def _others_change(
+    history: list[EpochSummary], rounded: list[str], others: list[str], t: Thresholds
+) -> tuple[str, str | None, dict]:
+    """Where other parameters with gradients do change: what to add to the message, the suggestion
+    and the evidence. A learning rate too low would round the others' steps away too, so it is
+    named only where some of the others move by less than `update_slow` of their size per step as
+    well, the rounded weights' gradients reach them (facts._reached) and no weight started far too
+    large (its spacing is large: the initialisation, not the rate); else a symptom."""
+    now = history[-1]
+    message = f" The other {len(others)} parameters with gradients do change"
+    ratios = _update_ratios(now)
+    slow = {name: ratios[name] for name in others if ratios.get(name, 1.0) < t.update_slow}
+    reached = _reached(history, [name for name in rounded if name.endswith("weight")], t)
+    if slow and reached and not _large_initialisation(now):
+        message += f", but {names(slow)} by less than {t.update_slow:g} of their size per step "
+        message += "too, and the gradients reach the weights whose steps are rounded away: the "
+        message += "learning rate is too low for this optimizer."
+        return message, None, {"weights_slow": slow, **reached, "cause": "learning_rate"}
+    suggestion = "compare these parameters' gradients with the others' (the Gradients charts: "
+    suggestion += "gradients that vanish before reaching them make their steps too small) "
+    suggestion += "before raising the learning rate, which would move the others too."
+    return message + ".", suggestion, {"weights_move": others, "cause": None}  # a symptom
 
 
 def _clipped(history: list[EpochSummary], t: Thresholds) -> tuple[str, str, dict] | None:
