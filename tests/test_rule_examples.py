@@ -541,12 +541,14 @@ def test_a_divergence_names_the_initialisation_where_the_weights_started_far_too
         assert "initialise the weights as torch.nn does" in finding.suggestion and RULES["diverging"].way(finding) == 0
 
 
-def sgd_rounding(fc1_rms=1e-5, fc2_ratio=5e-7, **loop):
-    """SGD at a rate too low for it: fc1's steps round away, fc2 (gradient RMS 1e-3) changes, by `fc2_ratio` of its
-    size per step."""
+def sgd_rounding(fc1_rms=1e-5, fc2_ratio=5e-7, fc2_rms=1e-3, head=False, **loop):
+    """SGD at a rate too low for it: fc1's steps round away, fc2 changes, by `fc2_ratio` of its size per step;
+    with `head`, a last layer of gradient RMS 0.1 that moves by 1e-3 per step."""
     rounded = {"fc1.weight": {"dtype": "float32", "unchanged_share": 0.9, "grad_zero_share": 0.0}}
     stats = layers(fc1={"grad_rms": fc1_rms, "grad_norm": 1e-3, "update_ratio": 0.0},
-                   fc2={"grad_rms": 1e-3, "grad_norm": 0.1, "update_ratio": fc2_ratio})  # fmt: skip
+                   fc2={"grad_rms": fc2_rms, "grad_norm": 0.1, "update_ratio": fc2_ratio})  # fmt: skip
+    if head:
+        stats.update(layers(fc3={"grad_rms": 0.1, "grad_norm": 1.0, "update_ratio": 1e-3}))
     return [epoch(0, layers=stats, loop={"rounded": rounded, "optimizer": "SGD", **loop})]
 
 
@@ -555,15 +557,17 @@ def sgd_rounding(fc1_rms=1e-5, fc2_ratio=5e-7, **loop):
     [
         ("the other weights move by less than update_slow too", sgd_rounding(), "learning_rate"),
         ("the other weights move at a usual pace", sgd_rounding(fc2_ratio=1e-3), None),
+        ("one barely moves, with a gradient like the head's", sgd_rounding(fc2_rms=0.01, head=True), "learning_rate"),
+        ("the one that barely moves has small gradients too", sgd_rounding(fc2_rms=1e-4, head=True), None),
         ("the rounded weights' gradients below the floor", sgd_rounding(fc1_rms=1e-9), None),
         ("a weight that started far too large", sgd_rounding(graph={"largest_gain": GAIN_6}), None),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
 def test_steps_rounded_away_name_the_rate_only_where_every_weight_moves_too_slowly(what, run, cause):
-    """Where other parameters do change, a learning rate too low is named only where some of them barely move too,
-    with gradients that reach the weights whose steps are lost (vanishing ones would be the cause otherwise), and no
-    weight started far too large (its spacing would be)."""
+    """Where other parameters do change, a learning rate too low is named only where some of them barely move too
+    though their gradients are not small, with gradients that reach the weights whose steps are lost (vanishing ones
+    would be the cause otherwise), and no weight started far too large (its spacing would be)."""
     (finding,) = RULES["updates_rounded_away"](run, Thresholds())
     assert finding.evidence["cause"] == cause, finding.message
     assert ("too low for this optimizer" in finding.message) == (cause is not None)

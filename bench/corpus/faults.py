@@ -125,7 +125,8 @@ def dropout(p):
 LR_HIGH = ("diverging", "loss_spikes", "exploding_gradients", "nonfinite_gradients", "oscillating",
            "moving_too_fast", "mostly_clipped", "moving_too_fast:learning_rate", "saturated:learning_rate",
            "dead_units:learning_rate", "vanishing_gradients:learning_rate")  # fmt: skip
-LR_LOW = ("stuck", "not_learning", "updates_rounded_away", "not_learning:learning_rate")
+LR_LOW = ("stuck", "not_learning", "updates_rounded_away", "not_learning:learning_rate",
+          "updates_rounded_away:learning_rate")  # fmt: skip
 LARGE_INIT = ("high_initial_loss", "saturated", "diverging:initialisation", "high_initial_loss:initialisation")
 SATURATING = ("saturated", "vanishing_gradients", "vanishing_gradients:saturation")
 LABELS = ("noisy_labels", "no_generalisation", "stuck:weights_move")

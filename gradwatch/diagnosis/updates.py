@@ -22,7 +22,13 @@ from .thresholds import Thresholds
 @rule(
     "a much larger learning rate: a step smaller than half the spacing of the weights' dtype at "
     "their size is lost to rounding (in float32, a step below about 6e-8 of a weight).",
-    thresholds=("clipped_share", "update_slow", "update_fast", "vanishing_floor"),
+    thresholds=(
+        "clipped_share",
+        "update_slow",
+        "update_fast",
+        "vanishing_floor",
+        "vanishing_ratio",
+    ),
     follows=("not_in_optimizer", "optimizer_frozen"),
     lr=RAISE,
     instead="check the learning rate and the gradients' scale: the steps are too small to change "
@@ -73,12 +79,20 @@ def _others_change(
     """Where other parameters with gradients do change: what to add to the message, the suggestion
     and the evidence. A learning rate too low would round the others' steps away too, so it is
     named only where some of the others move by less than `update_slow` of their size per step as
-    well, the rounded weights' gradients reach them (facts._reached) and no weight started far too
-    large (its spacing is large: the initialisation, not the rate); else a symptom."""
+    well though their gradients are not small (RMS at least `vanishing_ratio` of the largest: the
+    rate, not the gradients, keeps them still), the rounded weights' gradients reach them
+    (facts._reached) and no weight started far too large (its spacing is large: the
+    initialisation, not the rate); else a symptom."""
     now = history[-1]
     message = f" The other {len(others)} parameters with gradients do change"
     ratios = _update_ratios(now)
-    slow = {name: ratios[name] for name in others if ratios.get(name, 1.0) < t.update_slow}
+    rms = {name: now.layers[name].get("grad_rms") for name in ratios}
+    ordinary = t.vanishing_ratio * max((r for r in rms.values() if finite(r)), default=0.0)
+    slow = {
+        name: ratios[name]
+        for name in others
+        if ratios.get(name, 1.0) < t.update_slow and finite(rms.get(name)) and rms[name] >= ordinary
+    }
     reached = _reached(history, [name for name in rounded if name.endswith("weight")], t)
     if slow and reached and not _large_initialisation(now):
         message += f", but {names(slow)} by less than {t.update_slow:g} of their size per step "
