@@ -40,8 +40,8 @@ def _norms(tensors: list[torch.Tensor], ord: float) -> list[torch.Tensor]:
     wide = [t.float() if t.dtype in HALF else t if t.numel() else t.new_zeros(1) for t in tensors]
     if not wide:
         return []
-    if ord == 0:  # bool().sum() reads each value once: count_nonzero branches on every value
-        return [t.bool().sum() for t in wide]
+    if ord == 0:
+        return [torch.count_nonzero(t) for t in wide]
     if ord == math.inf:  # the same values, three times faster than foreach_norm's inf norm on a CPU
         return list(torch._foreach_max(torch._foreach_abs(wide)))
     return list(torch._foreach_norm(wide, ord))
@@ -51,8 +51,6 @@ def _rows(stacked: torch.Tensor, ord: float) -> torch.Tensor:
     """The norm of each row of a (tensors, values) stack (ord 0: the count of values other than
     zero), widened as _norms widens."""
     wide = stacked.float() if stacked.dtype in HALF else stacked
-    if ord == 0:
-        return wide.bool().sum(dim=1)
     if ord == math.inf:  # NaN where a row holds one, as abs().max() gives; a third of its time
         return torch.maximum(wide.amax(dim=1), -wide.amin(dim=1))
     return torch.linalg.vector_norm(wide, ord, dim=1)
