@@ -362,6 +362,21 @@ def test_each_rule_finds_its_faults_and_leaves_the_rest_alone(example):
         assert finding.rule == example.rule and finding.message and finding.step >= 1
 
 
+def first_steps(**ratios):
+    """Sigmoid units saturated after fc1, and each weight's largest update ratio at the first steps' readings."""
+    return [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED, loop={"first_update_ratios": ratios})]
+
+
+def feeding_fast():
+    """fc1, which feeds the saturated units, moved by twice its size at a first step."""
+    return first_steps(**{"fc1.weight": 2.0, "fc3.weight": 1e-3})
+
+
+def head_fast():
+    """Only the head fc3, which feeds no saturated unit, moved by half its size at a first step."""
+    return first_steps(**{"fc1.weight": 1e-3, "fc3.weight": 0.5})
+
+
 # (rule, cause, held, what, run): the cause's check holds in the run, or does not; the rule finds its symptom in both
 CAUSES = [
     ("vanishing_gradients", "saturation", True, "sigmoid units saturated below the output",
@@ -371,17 +386,13 @@ CAUSES = [
      lambda: [epoch(0, layers=layers(fc1={"grad_rms": 1e-3, "update_ratio": 0.5}, fc3={"grad_rms": 1.0})),
               epoch(1, layers=DEEP_SIGMOID, activations=SATURATED)]),
     ("vanishing_gradients", "saturation", False, "fc1, which feeds the saturated units, moved by twice its size at "
-     "a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
-                                    loop={"first_update_ratios": {"fc1.weight": 2.0, "fc3.weight": 1e-3}})]),
+     "a first step", feeding_fast),
     ("vanishing_gradients", "saturation", True, "only the head, which feeds no saturated unit, moved by half its "
-     "size at a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
-                                            loop={"first_update_ratios": {"fc1.weight": 1e-3, "fc3.weight": 0.5}})]),
+     "size at a first step", head_fast),
     ("vanishing_gradients", "learning_rate", True, "fc1, which feeds the saturated units, moved by twice its size at "
-     "a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
-                                    loop={"first_update_ratios": {"fc1.weight": 2.0, "fc3.weight": 1e-3}})]),
+     "a first step", feeding_fast),
     ("vanishing_gradients", "learning_rate", False, "only the head, which feeds no saturated unit, moved by half its "
-     "size at a first step", lambda: [epoch(0, layers=DEEP_SIGMOID, activations=SATURATED,
-                                            loop={"first_update_ratios": {"fc1.weight": 1e-3, "fc3.weight": 0.5}})]),
+     "size at a first step", head_fast),
     ("vanishing_gradients", "learning_rate", False, "fc1 moved by twice its size at a first step, no unit saturated",
      lambda: [epoch(0, layers=DEEP_SIGMOID, loop={"first_update_ratios": {"fc1.weight": 2.0}})]),
     ("vanishing_gradients", "depth", True, "fc1 seven weight layers below the loss",

@@ -75,18 +75,17 @@ def _vanishes(now: EpochSummary, rms: dict, first: str, last: str, t: Thresholds
 DEEP = 6  # weight layers between a layer and the loss, on its shortest way, that make a plain stack
 
 
-def _feeding(history: list[EpochSummary], t: Thresholds) -> dict[str, float]:
+def _feeding(history: list[EpochSummary], t: Thresholds) -> list[str]:
     """The weights of the layers that feed sigmoid or tanh units near their limits in the latest
-    summary, by name, with the share of those units' outputs at their limits."""
-    found = _saturated(history[-1], t)
-    return {f"{layer}.weight": a["share"] for layer, a in found.items()}
+    summary."""
+    return [f"{layer}.weight" for layer in _saturated(history[-1], t)]
 
 
 def _pushed(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
     """The weights that feed saturated units moved by more than `update_fast` of their size in one
     step, at a summary or at a reading of the first steps: steps that large push the units'
     inputs far out, where their gradient vanishes."""
-    feeding = list(_feeding(history, t))
+    feeding = _feeding(history, t)
     fast = {n: r for n, r in _fast_so_far(history, t).items() if n in feeding}
     for name, ratio in _fast_at_first(history, feeding, t).items():
         fast[name] = max(ratio, fast.get(name, 0.0))
@@ -99,7 +98,7 @@ def _saturation(history: list[EpochSummary], finding: Finding, t: Thresholds) ->
     nor the weights that feed those units at the first steps: steps that large push the units
     there whatever the activation (_pushed)."""
     shares = {layer: a["share"] for layer, a in _saturated(history[-1], t).items()}
-    pushed = _fast_at_first(history, list(_feeding(history, t)), t) or _fast_so_far(history, t)
+    pushed = _fast_at_first(history, _feeding(history, t), t) or _fast_so_far(history, t)
     return {"saturated_share": shares} if shares and not pushed else None
 
 
