@@ -5,7 +5,8 @@
     python bench/corpus.py                  # the development part (about 6 minutes on 2 CPU cores)
     python bench/corpus.py --part 2         # the second part (held out until its one scoring, 2026-12-07)
     python bench/corpus.py --part 3         # the third part (held out until its one scoring, 2026-12-07)
-    python bench/corpus.py --part 4         # the fourth part, held out: written before any of it was diagnosed
+    python bench/corpus.py --part 4         # the fourth part (held out until its one scoring, 2026-12-07)
+    python bench/corpus.py --part 5         # the fifth part, held out: written before any of it was diagnosed
     python bench/corpus.py --only lenet_HLR_x30 sb3_ppo --story
 
 Per run: the program, the operator, the first warning the diagnosis gave (its first finding that is not a
@@ -13,7 +14,8 @@ consequence of another, notes left aside), and the verdict: for a healthy progra
 ALARM"; for a fault "right" (a rule that names the fault's cause, with a suggestion that would fix it), "symptom"
 (a finding that states a symptom and what to check, naming no cause), "silent" (no warning), or "WRONG" (a
 cause that is not the fault's: misleading); then the program's outcome (how well it learnt) and the seconds it
-took. The totals follow.
+took. The totals follow. A program that dies (SAC's policy turned NaN) is scored on what the monitor wrote
+before it did, as its user would read it.
 """
 
 import argparse
@@ -36,7 +38,7 @@ from gradwatch.diagnosis import saved_findings  # noqa: E402
 
 def fault(name):
     """The fault `name` (program, operator, change, rules that name it) of any part; None for a program."""
-    parts = (faults.FAULTS, faults.HELD_OUT, faults.THIRD, faults.FOURTH)
+    parts = (faults.FAULTS, faults.HELD_OUT, faults.THIRD, faults.FOURTH, faults.FIFTH)
     return next((part[name] for part in parts if name in part), None)
 
 
@@ -45,6 +47,7 @@ PARTS = {
     2: [*faults.HELD_OUT_HEALTHY, *faults.HELD_OUT],
     3: [*faults.THIRD_HEALTHY, *faults.THIRD],
     4: [*faults.FOURTH_HEALTHY, *faults.FOURTH],
+    5: [*faults.FIFTH_HEALTHY, *faults.FIFTH],
 }
 
 
@@ -52,7 +55,10 @@ def run(name, log_dir):
     """Run one healthy program or fault; returns (its findings, its outcome)."""
     program, _, change, _ = fault(name) or (name, "-", programs.Change(), ())
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
-        outcome = getattr(programs, program)(log_dir, change)
+        try:
+            outcome = getattr(programs, program)(log_dir, change)
+        except Exception as error:  # the program died (SAC's policy of NaN): what the monitor said is scored
+            outcome = f"CRASHED: {error!r}"[:100]
     return saved_findings(os.path.join(log_dir, "diagnosis.json"), 10**9), outcome
 
 
@@ -113,8 +119,8 @@ def main():
     )
     parser.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
                         help="1: the development part; 2: the second part (held out until 2026-12-07); "
-                        "3: the third part (held out until its one scoring, 2026-12-07); 4: the fourth part, held "
-                        "out (score it once)")  # fmt: skip
+                        "3 and 4: the third and fourth parts (held out until their one scoring, 2026-12-07); 5: the "
+                        "fifth part, held out (score it once)")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="only these runs (names from the tables)")
     parser.add_argument("--story", action="store_true", help="print every finding of each run")
     parser.add_argument("--smoke", action="store_true", help="run them and print their outcomes alone")

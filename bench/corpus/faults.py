@@ -317,3 +317,44 @@ FOURTH = {
 }
 
 FOURTH_HEALTHY = ["d2l_bn_lenet", "cleanrl_ppo", "pytorch_gan", "hf_convnext"]
+
+# The fifth part, held out: four healthy programs the other parts do not have (SB3's SAC on Pendulum, two
+# watched parts; torchvision's MobileNetV3 with its RMSprop recipe; a Hugging Face T5 encoder-decoder counted in
+# steps; PyTorch-VAE's VanillaVAE) and faults on them and on the others' programs, by operators each program had
+# not been given; written and committed before any of its runs was diagnosed (checked for harm only, with
+# --smoke), and scored once. Replaced or dropped after that check, as they did not harm their program: the T5 at
+# 100 and 1,000 times its rate (AdamW with warmup and clipping at 1.0; given weight decay 100), the VAE's zero
+# initialisation (its BatchNorm restores the scale; given a large one), the contrastive embedding at 100 and 1,000
+# times its rate (given a zero initialisation), torchvision's ResNet with sigmoids (accuracy 1.0), BERT clipped
+# at 1e-4 (0.504 against 0.512) and DQN clipped at 1e-3 (a return of 125 against 151), dropped.
+FIFTH = {
+    # SB3's SAC (two parts: the actor and the critics, counted in steps)
+    "sac_HLR_x100": ("sb3_sac", "HLR", lr(100), LR_HIGH),
+    "sac_HLR_d1000": ("sb3_sac", "HLR", lr(1e-3), LR_LOW),
+    "sac_WCI_large": ("sb3_sac", "WCI", initialisation("large"), LARGE_INIT),
+    "sac_RAW_1": ("sb3_sac", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
+    # torchvision's MobileNetV3 (RMSprop, BatchNorm, Hardswish, squeeze-and-excitation)
+    "mobilenet_HLR_x100": ("tv_mobilenet", "HLR", lr(100), LR_HIGH),
+    "mobilenet_TCL_100": ("tv_mobilenet", "TCL", labels_changed(1.0), LABELS),
+    "mobilenet_TUD_5": ("tv_mobilenet", "TUD", unbalanced(0.05), ("output_bias_skew",)),
+    "mobilenet_LCH_mse": ("tv_mobilenet", "LCH", Change(loss="mse"), ("not_cross_entropy",)),
+    "mobilenet_OCH_sgd": ("tv_mobilenet", "OCH", Change(optimizer="sgd"), LR_LOW),
+    # the T5 encoder-decoder (Hugging Face, counted in steps)
+    "t5_RAW_100": ("hf_t5", "RAW", Change(decay=100.0), ("strong_weight_decay",)),
+    "t5_OCH_sgd": ("hf_t5", "OCH", Change(optimizer="sgd"), LR_LOW),
+    "t5_TCL_100": ("hf_t5", "TCL", labels_changed(1.0), LABELS),
+    "t5_WCI_large": ("hf_t5", "WCI", initialisation("large"), LARGE_INIT),
+    # PyTorch-VAE's VanillaVAE
+    "vae_HLR_x100": ("pytorch_vae", "HLR", lr(100), LR_HIGH),
+    "vae_OCH_sgd": ("pytorch_vae", "OCH", Change(optimizer="sgd"), LR_LOW),
+    "vae_WCI_large": ("pytorch_vae", "WCI", initialisation("large"), LARGE_INIT),
+    "vae_RAW_1": ("pytorch_vae", "RAW", Change(decay=1.0), ("strong_weight_decay",)),
+    # the other parts' programs, by operators they had not been given
+    "lstm_OCH_adam": ("lightning_lstm", "OCH", Change(optimizer="adam"), LR_HIGH),
+    "gru_HLR_d1000": ("d2l_gru_lm", "HLR", lr(1e-3), LR_LOW),
+    "cleanrl_ACH_sigmoid": ("cleanrl_ppo", "ACH", activation_changed(nn.Sigmoid), SATURATING),
+    "contrastive_WCI_zeros": ("pml_contrastive", "WCI", initialisation("zeros"), ZERO_INIT),
+    "mlp_WCI_large": ("d2l_mlp_dropout", "WCI", initialisation("large"), LARGE_INIT),
+}
+
+FIFTH_HEALTHY = ["sb3_sac", "tv_mobilenet", "hf_t5", "pytorch_vae"]

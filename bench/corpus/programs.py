@@ -1035,3 +1035,180 @@ def hf_convnext(log_dir, change):
     model = ConvNextForImageClassification(config)
     return hf_images(log_dir, change, model, 6400, max_steps=400, weight_decay=0.05, eval_strategy="steps",
                      eval_steps=100)  # fmt: skip
+
+
+# ---- programs of the fifth part (held out: written and committed before any of its runs was diagnosed) ----
+
+
+def sb3_sac(log_dir, change):
+    """SB3's SAC on Pendulum-v1 with the hyperparameters of rl-baselines3-zoo (its hyperparams/sac.yml: learning
+    rate 1e-3, the rest SB3's defaults: an actor and two critics of 256-256 ReLU, batches of 256 from a buffer,
+    one gradient step per environment step after 100, the entropy coefficient learnt), for 6,000 environment steps
+    (CHANGE: of 20,000); the actor and the critics are watched as two parts, each with its own optimizer (the
+    entropy coefficient's optimizer steps a single number, unwatched)."""
+    import stable_baselines3
+
+    seeded()
+    policy = dict(change.settings.get("policy", {}))
+    if change.optimizer == "sgd":
+        policy["optimizer_class"] = torch.optim.SGD
+    if change.decay:
+        policy["optimizer_kwargs"] = {"weight_decay": change.decay}
+    options = {"batch_size": change.batch} if change.batch else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        agent = stable_baselines3.SAC("MlpPolicy", "Pendulum-v1", learning_rate=1e-3 * change.lr, seed=0,
+                                      device="cpu", policy_kwargs=policy, **options)  # fmt: skip
+    if change.model:
+        change.model(agent.policy)
+    monitor = TrainingMonitor(log_dir)
+    actor, critic = agent.policy.actor, agent.policy.critic
+    parts = {"actor": (actor, actor.optimizer), "critic": (critic, critic.optimizer)}
+    with Attached(monitor, parts=parts, objective="rl"):
+        agent.learn(total_timesteps=6_000)
+    returns = [episode["r"] for episode in agent.ep_info_buffer][-5:]
+    return f"mean return of the last {len(returns)} episodes {np.mean(returns):.0f} (about -1,200 at random, 0 best)"
+
+
+def tv_mobilenet(log_dir, change):
+    """torchvision's mobilenet_v3_small (10 classes) with the recipe of torchvision's classification reference for
+    MobileNetV3 (references/classification/README.md: RMSprop, alpha 0.9, eps 0.0316, momentum 0.9, weight decay
+    1e-5, the learning rate stepped by 0.973 every 2 epochs) at the reference's rate of 0.064 scaled linearly from
+    its 8 x 128 images a step to batches of 64 (0.004), and its train_one_epoch and evaluate loops; 6 epochs of
+    2,400 generated 32x32 images, their one channel repeated three times (CHANGE: in place of ImageNet, the loop
+    written out as the reference is a script)."""
+    import torchvision
+
+    seeded()
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    if change.model:
+        change.model(model)
+    train = images(2400, size=32, seed=0)
+    train = change.data(*train) if change.data else train
+    valid = images(400, size=32, seed=1)
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=change.batch or 64,
+                                          shuffle=True)  # fmt: skip
+    criterion = LOSSES[change.loss] if change.loss else nn.CrossEntropyLoss()
+    lr = 0.064 * 64 / 1024 * change.lr
+    if change.optimizer:
+        optimizer = optimizer_for(change, model.parameters(), lr)
+    else:
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, alpha=0.9, eps=0.0316, momentum=0.9,
+                                        weight_decay=change.decay or 1e-5)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.973)
+    monitor = TrainingMonitor(log_dir)
+    with Attached(monitor, model, optimizer, objective="classification"):
+        for epoch in range(6):
+            model.train()
+            for image, target in batches:
+                loss = criterion(model(image.expand(-1, 3, -1, -1)), target)
+                optimizer.zero_grad()
+                loss.backward()
+                if change.clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), change.clip)
+                optimizer.step()
+            scheduler.step()
+            scalars = evaluate(model, valid, nn.CrossEntropyLoss())
+            monitor.epoch_end(epoch, scalars, classes=CLASSES)
+    return ", ".join(f"{tag} {value:.3g}" for tag, value in scalars.items())
+
+
+def hf_t5(log_dir, change):
+    """A 2+2-layer T5 (64 wide) from its config, an encoder-decoder taught to continue the help topics: 32 bytes
+    in, the next 32 out (the decoder fed the target shifted right, as T5 does from its labels), counted in steps:
+    400 steps of AdamW 1e-3 in batches of 16 with a linear schedule after 40 warmup steps (the settings of Hugging
+    Face's from-scratch recipes, on a smaller model)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    seeded()
+    config = T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, **change.settings)  # fmt: skip
+    model = T5ForConditionalGeneration(config)
+    blocks = byte_blocks(TEXT[:300_000], 64)
+    inputs, targets = blocks[:, :32].contiguous(), blocks[:, 32:].contiguous()
+    cut = len(blocks) - 200
+    x, y = change.data(inputs[:cut], targets[:cut]) if change.data else (inputs[:cut], targets[:cut])
+    trainer = hf_train(log_dir, change, model, Examples(input_ids=x, labels=y), learning_rate=1e-3,
+                       warmup_steps=40, max_steps=400, per_device_train_batch_size=16)  # fmt: skip
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    model.eval()
+    with torch.no_grad():
+        held_out = float(model(input_ids=inputs[cut:], labels=targets[cut:]).loss)
+    return f"training loss {losses[0]:.2f} at first, {losses[-1]:.2f} at the end, {held_out:.2f} on 200 held-out " \
+           f"pieces (ln 256 = 5.55)"  # fmt: skip
+
+
+def pytorch_vae(log_dir, change):
+    """The VanillaVAE of PyTorch-VAE (AntixK, models/vanilla_vae.py, configs/vae.yaml): convolutions of stride 2
+    with BatchNorm and LeakyReLU, a latent of 128, transposed convolutions back, a Tanh output; the loss is the
+    reconstruction's MSE plus the KL divergence weighted 0.00025; Adam 0.005, the rate times 0.95 each epoch
+    (ExponentialLR); 4 epochs of 6,400 generated 32x32 images scaled to [-1, 1] in batches of 64 (CHANGE: one
+    channel and three halvings of 32 to 128 channels, in place of CelebA's 64x64 colour images and five of 32 to
+    512; the loop, which the repository runs through Lightning, written out)."""
+    seeded()
+    x = images(6400, size=32, noise=0.5, seed=0)[0]
+    x = x / x.abs().max()
+    x = change.data(x, torch.zeros(len(x)))[0] if change.data else x
+    vx = images(800, size=32, noise=0.5, seed=1)[0]
+    vx = vx / vx.abs().max()
+    model = VanillaVAE()
+    if change.model:
+        change.model(model)
+    lr = 0.005 * change.lr
+    optimizer = optimizer_for(change, model.parameters(), lr, "adam")
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.95)
+    batches = torch.utils.data.DataLoader(x, batch_size=change.batch or 64, shuffle=True)
+    monitor = TrainingMonitor(log_dir)
+    with Attached(monitor, model, optimizer):
+        for epoch in range(4):
+            model.train()
+            for batch in batches:
+                loss = model.loss_function(*model(batch), kld_weight=0.00025)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            model.eval()
+            with torch.no_grad():
+                monitor.epoch_end(epoch, {"valid/loss": float(model.loss_function(*model(vx), kld_weight=0.00025))})
+    with torch.no_grad():
+        error = F.mse_loss(model(vx)[0], vx)
+    return f"validation reconstruction error {float(error):.3f} (the images' variance {float(vx.var()):.3f})"
+
+
+class VanillaVAE(nn.Module):
+    def __init__(self, in_channels=1, latent_dim=128, hidden_dims=(32, 64, 128)):
+        super().__init__()
+        encoder, channels = [], in_channels
+        for h_dim in hidden_dims:
+            encoder.append(nn.Sequential(nn.Conv2d(channels, h_dim, kernel_size=3, stride=2, padding=1),
+                                         nn.BatchNorm2d(h_dim), nn.LeakyReLU()))  # fmt: skip
+            channels = h_dim
+        self.encoder = nn.Sequential(*encoder)
+        self.fc_mu = nn.Linear(hidden_dims[-1] * 16, latent_dim)
+        self.fc_var = nn.Linear(hidden_dims[-1] * 16, latent_dim)
+        self.decoder_input = nn.Linear(latent_dim, hidden_dims[-1] * 16)
+        reverse = list(reversed(hidden_dims))
+        self.decoder = nn.Sequential(*(
+            nn.Sequential(nn.ConvTranspose2d(reverse[i], reverse[i + 1], kernel_size=3, stride=2, padding=1,
+                                             output_padding=1), nn.BatchNorm2d(reverse[i + 1]), nn.LeakyReLU())
+            for i in range(len(reverse) - 1)
+        ))  # fmt: skip
+        self.final_layer = nn.Sequential(
+            nn.ConvTranspose2d(reverse[-1], reverse[-1], kernel_size=3, stride=2, padding=1, output_padding=1),
+            nn.BatchNorm2d(reverse[-1]), nn.LeakyReLU(),
+            nn.Conv2d(reverse[-1], out_channels=in_channels, kernel_size=3, padding=1), nn.Tanh(),
+        )  # fmt: skip
+        self.channels = hidden_dims[-1]
+
+    def forward(self, inputs):
+        result = torch.flatten(self.encoder(inputs), start_dim=1)
+        mu, log_var = self.fc_mu(result), self.fc_var(result)
+        z = torch.randn_like(mu) * torch.exp(0.5 * log_var) + mu  # reparameterize
+        decoded = self.decoder(self.decoder_input(z).view(-1, self.channels, 4, 4))
+        return self.final_layer(decoded), inputs, mu, log_var
+
+    def loss_function(self, recons, inputs, mu, log_var, kld_weight):
+        recons_loss = F.mse_loss(recons, inputs)
+        kld_loss = torch.mean(-0.5 * torch.sum(1 + log_var - mu**2 - log_var.exp(), dim=1), dim=0)
+        return recons_loss + kld_weight * kld_loss
