@@ -217,26 +217,36 @@ def _held(node: Any) -> Any:
     return None
 
 
-def _note_layer(node: Any, depth: int, held: Iterable, depths: dict, lookups: set) -> int:
-    """Note the depth of the parameters `node` takes (`held`), and whether it looks them up; return
-    the depth of what feeds it: one more where it is a layer, an op that takes weights (a bias's
-    addition, a norm's gain are part of one)."""
+def _multiplies(name: str) -> bool:
+    """Whether an op of this name multiplies its input by the weights it takes (a layer's product,
+    a fused recurrent layer's: MkldnnRnnLayerBackward0, CudnnRnnBackward0), where a weight's gain
+    (see gains) is the scale it gives what it feeds."""
+    return name in LAYER_PRODUCTS or name == "LinearBackward0" or "Rnn" in name
+
+
+def _note_layer(node: Any, depth: int, held: Iterable, depths: dict, kinds: dict[str, set]) -> int:
+    """Note the depth of the parameters `node` takes (`held`), and whether it looks them up or
+    multiplies by them (`kinds`); return the depth of what feeds it: one more where it is a layer,
+    an op that takes weights (a bias's addition, a norm's gain are part of one)."""
     held = [parameter for parameter in held if parameter is not None]
     for parameter in held:
         depths[id(parameter)] = min(depths.get(id(parameter), depth), depth)
         if node.name() in LOOKUPS:
-            lookups.add(id(parameter))
+            kinds["lookups"].add(id(parameter))
+        if _multiplies(node.name()):
+            kinds["multiplied"].add(id(parameter))
     return depth + any(parameter.dim() > 1 for parameter in held)
 
 
-def layer_depths(root: Any) -> tuple[dict[int, int], set[int]]:
+def layer_depths(root: Any) -> tuple[dict[int, int], dict[str, set[int]]]:
     """How deep below the loss each parameter's layer lies, {id(parameter): layers}: 0 for the
     layers nearest the loss (an output head; a model of two heads has two), 1 for the layers that
-    feed them, and so on, the fewest on any way from the loss; and the ids of the parameters read
-    by a lookup (an embedding), whose gradient is zero at the rows a batch did not look up. An op
-    that takes weights is a layer: what feeds it lies one layer deeper."""
+    feed them, and so on, the fewest on any way from the loss; and the ids of the parameters by
+    how they are read: "lookups", by a lookup (an embedding), whose gradient is zero at the rows a
+    batch did not look up; "multiplied", by a layer's product (see _multiplies), not added or
+    looked up. An op that takes weights is a layer: what feeds it lies one layer deeper."""
     depths: dict[int, int] = {}
-    lookups: set[int] = set()
+    kinds: dict[str, set[int]] = {"lookups": set(), "multiplied": set()}
     best = {id(root): 0}
     queue = collections.deque([(root, 0)])
     while queue and len(best) < MAX_NODES:
@@ -245,13 +255,13 @@ def layer_depths(root: Any) -> tuple[dict[int, int], set[int]]:
             continue
         children = [child for child, _ in node.next_functions if child is not None]
         held = {child: _held(child) for child in children}
-        below = _note_layer(node, depth, held.values(), depths, lookups)
+        below = _note_layer(node, depth, held.values(), depths, kinds)
         for child in children:
             if held[child] is None and best.get(id(child), math.inf) > below:
                 best[id(child)] = below
                 # 0-1 breadth-first: a way that crosses no layer is read first
                 queue.appendleft((child, below)) if below == depth else queue.append((child, below))
-    return depths, lookups
+    return depths, kinds
 
 
 def stacked_linear(outputs: list[Any]) -> int:
@@ -481,8 +491,8 @@ def loss_graph(
     if (layers := stacked_linear([node for node in nodes if id(node) in outputs])) >= 2:
         problems.append({"kind": "linear_model", "layers": layers})  # one linear map
     unreached = [name for name, p in parameters if p.requires_grad and id(p) not in leaves]
-    depths, lookups = layer_depths(root)
-    weights = [(n, p) for n, p in parameters if id(p) in leaves and id(p) not in lookups]
+    depths, kinds = layer_depths(root)
+    weights = [(n, p) for n, p in parameters if id(p) in kinds["multiplied"]]  # gains: of products
     return {
         "losses": losses,
         "made_of_losses": made_of_losses(root, outputs, loss_nodes),
@@ -493,7 +503,7 @@ def loss_graph(
         "nodes": len(nodes),
         "problems": problems,
         "depths": {n: depths[id(p)] for n, p in parameters if id(p) in depths and p.dim() > 1},
-        "lookups": [name for name, p in parameters if id(p) in lookups],
+        "lookups": [name for name, p in parameters if id(p) in kinds["lookups"]],
         **_gain_facts(weight_gains(weights, known_gains)),
     }
 

@@ -200,6 +200,17 @@ def test_a_weights_gain_is_its_rms_times_the_square_root_of_its_fan_in():
     graph = loss_graph(loss, [("embedding", embedding.weight), ("head", head.weight)])
     assert graph["largest_gain"]["name"] == "head" and graph["largest_gain"]["gain"] < 1
 
+    # a position embedding drawn at std 1 (as many ViTs draw it) is added, not multiplied by: no gain of its own;
+    # a cls token of zeros is no zero weight either
+    position, cls = nn.Parameter(torch.randn(1, 8, 64)), nn.Parameter(torch.zeros(1, 1, 64))
+    features = torch.cat([cls.expand(4, -1, -1), embedding(tokens)], 1)[:, 1:] + position
+    loss = F.cross_entropy(head(features).reshape(-1, 100), tokens.reshape(-1))
+    loss.backward()
+    graph = loss_graph(loss, [("embedding", embedding.weight), ("position", position), ("cls", cls),
+                              ("head", head.weight)])  # fmt: skip
+    assert graph["largest_gain"]["name"] == "head" and graph["zero_weights"] == []
+    assert largest_gain([("position", position)])["gain"] > 20  # what it would have been read as
+
 
 def test_weights_all_zero_before_the_first_step_are_a_fact_of_the_loss_graph(tmp_path):
     """A layer initialised to zeros is named from the gains read before the first step, although that step

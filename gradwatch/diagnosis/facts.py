@@ -189,6 +189,17 @@ def _too_large(large: dict) -> str:
     )
 
 
+def _first_batch_range(now: EpochSummary) -> tuple[float, float] | None:
+    """The lowest and highest value of the first training batch as the loss's graph read it (the
+    model's inputs and, where a torch loss function took them, its targets), where every one is
+    finite; None where one is not, or where none was read."""
+    graph = now.loop.get("graph", {})
+    read = [x for x in graph.get("inputs", []) if "min" in x]
+    read += [loss["target"] for loss in graph.get("losses", []) if "min" in loss.get("target", {})]
+    values = [x[key] for x in read for key in ("min", "max")]
+    return (min(values), max(values)) if values and all(map(finite, values)) else None
+
+
 # A dropout rate from which dropout, not the labels, the inputs or the initialisation, may be why a
 # model in training mode does not fit: it keeps a fifth of the units or fewer at each step, and
 # scales the survivors by five or more (the rates in use are 0.1 to 0.5)

@@ -10,6 +10,7 @@ from typing import Any
 from ..summary import JUMP, EpochSummary, finite
 from .facts import (
     LARGE_INIT,
+    _first_batch_range,
     _first_level,
     _judged,
     _large_initialisation,
@@ -210,7 +211,38 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if bad is None:
         return []
     step = bad["nonfinite_step"]
-    message = f"the training loss became NaN or Inf at step {step} without rising first: "
-    message += "a batch with invalid values, or an overflow."
-    check = "check the data and the loss for NaN or Inf (--stop-on-nonfinite stops at the first)."
-    return [_found(now, [], {"nonfinite_step": step}, message, step, suggestion=check)]
+    batch = _first_batch_range(now)
+    before = history[0].first_loss
+    if before is None or finite(before) or batch is None:
+        message = f"the training loss became NaN or Inf at step {step} without rising first: a "
+        message += "batch with invalid values, or an overflow."
+        check = "check the data and the loss for NaN or Inf (--stop-on-nonfinite stops at the "
+        check += "first)."
+        return [_found(now, [], {"nonfinite_step": step}, message, step, suggestion=check)]
+    return [_overflowed(now, step, batch)]
+
+
+# What to check where the loss was NaN or Inf before any update, on finite data, and no weight
+# started far too large
+OVERFLOW_CHECK = (
+    "check the forward pass and the loss for an overflow or an invalid operation (exp, log, a "
+    "division), running the first batch alone (torch.autograd.detect_anomaly names the op)."
+)
+
+
+def _overflowed(now: EpochSummary, step: int, batch: tuple[float, float]) -> Finding:
+    """diverging's finding of a loss that was NaN or Inf before any update, on a first batch of
+    finite values: the forward pass or the loss overflowed (no learning rate, nor the data, did
+    it); the initialisation named where the loss's graph showed a weight of LARGE_GAIN or more."""
+    message = f"the training loss became NaN or Inf at step {step}, before any update, on a "
+    message += f"first batch of finite values ({batch[0]:.3g} to {batch[1]:.3g}): the forward "
+    message += "pass or the loss "
+    evidence = {"nonfinite_step": step, "batch_min": batch[0], "batch_max": batch[1]}
+    large = _large_initialisation(now)
+    if large is None:
+        message += "overflowed or took an invalid value (a log of 0, a division by 0)."
+        evidence["cause"] = None
+        return _found(now, [], evidence, message, step, suggestion=OVERFLOW_CHECK)
+    message += f"overflowed: {_too_large(large)}."
+    evidence.update(cause="initialisation", largest_gain=large)  # no claim on the lr
+    return _found(now, [], evidence, message, step, suggestion=LARGE_INIT)
