@@ -488,24 +488,20 @@ def test_a_nan_batch_is_a_non_finite_loss_that_did_not_rise_first(tmp_path):
     assert next(f for f in findings if f.rule == "nonfinite_gradients").cause == "diverging"
 
 
-@pytest.mark.parametrize("std, cause", [(10.0, "initialisation"), (None, None)])
-def test_a_loss_nan_at_its_first_batch_on_finite_data_is_an_overflow(tmp_path, std, cause):
-    """A variational autoencoder's loss (MSE and a KL term with exp(log_var)) is NaN at its first batch, before any
-    update, on a batch of finite values. With weights drawn at std 10, the loss's graph read their gain: the
-    initialisation is named. At torch.nn's scale, with the KL term overflowing on its own (log_var's scale far too
-    large), no cause is named, and the forward pass and the loss are what to check: neither the data nor the
-    learning rate."""
+def vae_findings(log_dir, std=None, scale=1.0, lr=1e-3):
+    """A variational autoencoder's loop (MSE and a KL term with exp(log_var), Adam at `lr`) for one epoch of 8
+    steps: its weights drawn at `std` where given, its log_var scaled by `scale`; the monitor's findings."""
     torch.manual_seed(0)
     encoder, decoder = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 8)), nn.Linear(4, 20)
     model = nn.ModuleDict({"encoder": encoder, "decoder": decoder})
     for weight in (p for p in model.parameters() if std and p.dim() > 1):
         nn.init.normal_(weight, 0.0, std)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x, _ = make_data(0.0, 256)
-    with TrainingMonitor(tmp_path, stats_every=4).watch(model, optimizer) as monitor:
+    with TrainingMonitor(log_dir, stats_every=4).watch(model, optimizer) as monitor:
         for i in range(0, len(x), 32):
             mu, log_var = encoder(x[i : i + 32]).chunk(2, dim=1)
-            log_var = log_var if std else 1e3 * log_var
+            log_var = scale * log_var
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
             kl = -0.5 * (1 + log_var - mu**2 - log_var.exp()).sum(1).mean()
             loss = nn.functional.mse_loss(decoder(z), x[i : i + 32]) + 1e-3 * kl
@@ -514,13 +510,31 @@ def test_a_loss_nan_at_its_first_batch_on_finite_data_is_an_overflow(tmp_path, s
             optimizer.step()
             monitor.step(loss)
         monitor.epoch_end(0, {})
-    first = first_problem(monitor.findings)
+    return monitor.findings
+
+
+@pytest.mark.parametrize("std, scale, cause", [(10.0, 1.0, "initialisation"), (None, 1e3, None)])
+def test_a_loss_nan_at_its_first_batch_on_finite_data_is_an_overflow(tmp_path, std, scale, cause):
+    """A variational autoencoder's loss is NaN at its first batch, before any update, on a batch of finite values.
+    With weights drawn at std 10, the loss's graph read their gain: the initialisation is named. At torch.nn's
+    scale, with the KL term overflowing on its own (log_var's scale far too large), no cause is named, and the
+    forward pass and the loss are what to check: neither the data nor the learning rate."""
+    first = first_problem(vae_findings(tmp_path, std, scale))
     assert (first.rule, first.step, first.evidence["cause"]) == ("diverging", 1, cause)
     assert "before any update, on a first batch of finite values" in first.message
     if cause:
         assert "far too large" in first.message and first.suggestion.startswith("initialise the weights as")
     else:
         assert "far too large" not in first.message and "check the forward pass and the loss" in first.suggestion
+
+
+def test_a_loss_nan_right_after_steps_that_blew_the_weights_up_names_the_rate(tmp_path):
+    """Adam at 100: the first step moves every weight by 100, the KL term overflows by step 3, with no level that
+    rose before it. The first steps' update ratios, not a bad batch, say why: the learning rate is named."""
+    first = first_problem(vae_findings(tmp_path, lr=100.0))
+    assert first.rule == "diverging" and first.step <= 3 and "without rising first" in first.message
+    assert first.evidence["first_pace"] > Thresholds().update_fast and "cause" not in first.evidence
+    assert "the learning rate is too high" in first.message and "lower the learning rate" in first.suggestion
 
 
 def test_a_large_negative_bias_kills_the_relus(tmp_path):

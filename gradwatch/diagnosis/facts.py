@@ -333,6 +333,17 @@ def _fast_at_first(
     return found
 
 
+def _first_pace(history: list[EpochSummary]) -> float | None:
+    """The median over the weights of their largest update ratio at the readings of the first
+    steps; None where none was read. Above `update_fast`, most weights moved by more than a tenth
+    of their size in one step: the learning rate (a head of small gain alone is not the median)."""
+    found: dict[str, float] = {}
+    for summary in history:
+        for name, ratio in summary.loop.get("first_update_ratios", {}).items():
+            found[name] = max(ratio, found.get(name, 0.0))
+    return statistics.median(found.values()) if found else None
+
+
 def _peak_lr(history: list[EpochSummary]) -> float | None:
     """The highest learning rate of the run so far: the rate set (a scheduler's `initial_lr`, a
     warmup's target), at watch(), at a statistics step, or at an epoch's end."""

@@ -12,6 +12,7 @@ from .facts import (
     LARGE_INIT,
     _first_batch_range,
     _first_level,
+    _first_pace,
     _judged,
     _large_initialisation,
     _levels,
@@ -208,18 +209,29 @@ def diverging(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if high is not None:
         return [_risen(now, high, start, limit, t)]
     bad = next((w for w in now.losses if w.get("nonfinite_step") is not None), None)
-    if bad is None:
-        return []
-    step = bad["nonfinite_step"]
+    return [] if bad is None else [_nonfinite(history, bad["nonfinite_step"], t)]
+
+
+def _nonfinite(history: list[EpochSummary], step: int, t: Thresholds) -> Finding:
+    """diverging's finding of a loss that became NaN or Inf at `step` without rising first: the
+    forward pass or the loss where it did at the first batch, on finite data (_overflowed); the
+    learning rate where the first steps moved most weights by more than `update_fast` of their
+    size; else a symptom, a bad batch and an overflow the suspects."""
+    now = history[-1]
     batch = _first_batch_range(now)
     before = history[0].first_loss
-    if before is None or finite(before) or batch is None:
-        message = f"the training loss became NaN or Inf at step {step} without rising first: a "
-        message += "batch with invalid values, or an overflow."
-        check = "check the data and the loss for NaN or Inf (--stop-on-nonfinite stops at the "
-        check += "first)."
-        return [_found(now, [], {"nonfinite_step": step}, message, step, suggestion=check)]
-    return [_overflowed(now, step, batch)]
+    if before is not None and not finite(before) and batch is not None:
+        return _overflowed(now, step, batch)
+    message = f"the training loss became NaN or Inf at step {step} without rising first"
+    pace = _first_pace(history)
+    if finite(pace) and pace > t.update_fast:  # the steps blew the weights up, not a batch
+        message += f", after first steps that moved the median weight by {pace:.0%} of its size: "
+        message += "the learning rate is too high."
+        return _found(now, [], {"nonfinite_step": step, "first_pace": pace}, message, step)
+    message += ": a batch with invalid values, or an overflow."
+    check = "check the data and the loss for NaN or Inf (--stop-on-nonfinite stops at the first)."
+    evidence = {"nonfinite_step": step, "cause": None}  # a symptom: no claim on the rate
+    return _found(now, [], evidence, message, step, suggestion=check)
 
 
 # What to check where the loss was NaN or Inf before any update, on finite data, and no weight
