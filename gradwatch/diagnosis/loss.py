@@ -169,7 +169,7 @@ def _risen(now: EpochSummary, high: dict, start: float, limit: float, t: Thresho
 @rule(
     "lower the learning rate at least ten times{lr}; check that the inputs are normalised; clip "
     "gradients (torch.nn.utils.clip_grad_norm_).",
-    thresholds=("diverging_factor",),
+    thresholds=("diverging_factor", "update_fast"),
     follows=(
         "gradients_not_cleared",
         "unshuffled",
