@@ -49,6 +49,8 @@ RAW_SCORES = {
 # A layer's product of its input and its weights: where, without the model's outputs, a way from
 # the loss enters the model
 LAYER_PRODUCTS = {"AddmmBackward0", "MmBackward0", "BmmBackward0", "ConvolutionBackward0"}
+# The ops that multiply what feeds them by a layer's weights
+WEIGHT_PRODUCTS = LAYER_PRODUCTS | {"LinearBackward0"}
 # Ops whose result is a linear function of what feeds them (a layer's product and sum, averaging,
 # reshaping, padding, dropout's mask): a model made of these alone computes one linear map, however
 # many layers it stacks. What is not here (an activation, max-pooling, a normalisation, a product
@@ -221,7 +223,7 @@ def _multiplies(name: str) -> bool:
     """Whether an op of this name multiplies its input by the weights it takes (a layer's product,
     a fused recurrent layer's: MkldnnRnnLayerBackward0, CudnnRnnBackward0), where a weight's gain
     (see gains) is the scale it gives what it feeds."""
-    return name in LAYER_PRODUCTS or name == "LinearBackward0" or "Rnn" in name
+    return name in WEIGHT_PRODUCTS or "Rnn" in name
 
 
 def _note_layer(node: Any, depth: int, held: Iterable, depths: dict, kinds: dict[str, set]) -> int:
@@ -265,7 +267,7 @@ def layer_depths(root: Any) -> tuple[dict[int, int], dict[str, set[int]]]:
 
 
 def stacked_linear(outputs: list[Any]) -> int:
-    """How many weight layers (LAYER_PRODUCTS and LinearBackward0) lie on the longest way below the
+    """How many weight layers (WEIGHT_PRODUCTS) lie on the longest way below the
     model's output nodes where every op below them is LINEAR; 0 where one is not, or where the
     graph is larger than MAX_NODES."""
     most: dict[int, int] = {}  # id(node): layers on the longest way below it, itself included
@@ -281,7 +283,7 @@ def stacked_linear(outputs: list[Any]) -> int:
             todo.append((node, True))
             todo += [(child, False) for child in children if id(child) not in most]
             continue
-        layer = node.name() in LAYER_PRODUCTS or node.name() == "LinearBackward0"
+        layer = node.name() in WEIGHT_PRODUCTS
         most[id(node)] = layer + max((most.get(id(child), 0) for child in children), default=0)
     return max((most.get(id(node), 0) for node in outputs), default=0)
 

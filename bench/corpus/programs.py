@@ -620,11 +620,6 @@ def tv_resnet(log_dir, change):
     model = torchvision.models.resnet18(num_classes=10)
     if change.model:
         change.model(model)
-    train = images(1600, size=32, seed=0)
-    train = change.data(*train) if change.data else train
-    valid = images(400, size=32, seed=1)
-    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=change.batch or 64,
-                                          shuffle=True)  # fmt: skip
     criterion = LOSSES[change.loss] if change.loss else nn.CrossEntropyLoss(label_smoothing=0.1)
     lr = 0.1 * change.lr
     if change.optimizer:
@@ -636,6 +631,20 @@ def tv_resnet(log_dir, change):
         torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup),
     ], milestones=[warmup])  # fmt: skip
+    return reference_training(log_dir, change, model, (optimizer, scheduler), criterion, n=1600, epochs=epochs)
+
+
+def reference_training(log_dir, change, model, stepping, criterion, n, epochs):
+    """The train_one_epoch and evaluate loops of torchvision's classification reference, with the monitor attached:
+    `epochs` epochs of `n` generated 32x32 images (the fault's data change applied), their one channel repeated
+    three times, `stepping` (the optimizer, the scheduler stepped each epoch), validated on 400 others each epoch;
+    the last validation loss and accuracy."""
+    optimizer, scheduler = stepping
+    train = images(n, size=32, seed=0)
+    train = change.data(*train) if change.data else train
+    valid = images(400, size=32, seed=1)
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=change.batch or 64,
+                                          shuffle=True)  # fmt: skip
     monitor = TrainingMonitor(log_dir)
     with Attached(monitor, model, optimizer, objective="classification"):
         for epoch in range(epochs):
@@ -1083,11 +1092,6 @@ def tv_mobilenet(log_dir, change):
     model = torchvision.models.mobilenet_v3_small(num_classes=10)
     if change.model:
         change.model(model)
-    train = images(2400, size=32, seed=0)
-    train = change.data(*train) if change.data else train
-    valid = images(400, size=32, seed=1)
-    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=change.batch or 64,
-                                          shuffle=True)  # fmt: skip
     criterion = LOSSES[change.loss] if change.loss else nn.CrossEntropyLoss()
     lr = 0.064 * 64 / 1024 * change.lr
     if change.optimizer:
@@ -1096,21 +1100,7 @@ def tv_mobilenet(log_dir, change):
         optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, alpha=0.9, eps=0.0316, momentum=0.9,
                                         weight_decay=change.decay or 1e-5)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.973)
-    monitor = TrainingMonitor(log_dir)
-    with Attached(monitor, model, optimizer, objective="classification"):
-        for epoch in range(6):
-            model.train()
-            for image, target in batches:
-                loss = criterion(model(image.expand(-1, 3, -1, -1)), target)
-                optimizer.zero_grad()
-                loss.backward()
-                if change.clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), change.clip)
-                optimizer.step()
-            scheduler.step()
-            scalars = evaluate(model, valid, nn.CrossEntropyLoss())
-            monitor.epoch_end(epoch, scalars, classes=CLASSES)
-    return ", ".join(f"{tag} {value:.3g}" for tag, value in scalars.items())
+    return reference_training(log_dir, change, model, (optimizer, scheduler), criterion, n=2400, epochs=6)
 
 
 def hf_t5(log_dir, change):

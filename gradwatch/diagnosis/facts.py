@@ -325,11 +325,16 @@ def _fast_at_first(
     first steps (which the summaries' medians leave out), at their fastest: a rate large enough
     saturates units within the first steps. A rival of causes, not a cause: a small initial gain
     (a policy head's) also gives a first step that large."""
+    ratios = _first_ratios(history)
+    return {name: r for name, r in ratios.items() if name in names and r > t.update_fast}
+
+
+def _first_ratios(history: list[EpochSummary]) -> dict[str, float]:
+    """Each weight's largest update ratio at the readings of the first steps, over the summaries."""
     found: dict[str, float] = {}
     for summary in history:
         for name, ratio in summary.loop.get("first_update_ratios", {}).items():
-            if name in names and ratio > t.update_fast:
-                found[name] = max(ratio, found.get(name, 0.0))
+            found[name] = max(ratio, found.get(name, 0.0))
     return found
 
 
@@ -337,10 +342,7 @@ def _first_pace(history: list[EpochSummary]) -> float | None:
     """The median over the weights of their largest update ratio at the readings of the first
     steps; None where none was read. Above `update_fast`, most weights moved by more than a tenth
     of their size in one step: the learning rate (a head of small gain alone is not the median)."""
-    found: dict[str, float] = {}
-    for summary in history:
-        for name, ratio in summary.loop.get("first_update_ratios", {}).items():
-            found[name] = max(ratio, found.get(name, 0.0))
+    found = _first_ratios(history)
     return statistics.median(found.values()) if found else None
 
 
