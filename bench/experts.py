@@ -3,15 +3,16 @@ separate tensors, against a dense model of the same bytes, both watched at `stat
 
     python bench/experts.py                    # 16 layers of 64 two-matrix experts (2,050 tensors) and the dense twin
     python bench/experts.py --experts 256      # more, smaller experts: 8,194 tensors against 34, the same bytes
-    python bench/experts.py --experts 625 --batch 1250 --threads 1 --rounds 1 --steps 4   # 20,002 tensors
+    python bench/experts.py --experts 625 --batch 1250 --threads 1 --rounds 1 --steps 6   # 20,002 tensors
 
 Each layer of the expert model sends each of its slices of the batch through one expert (two matrices, no bias;
 the batch needs a row for each expert); the dense twin's layer is one pair of matrices as wide as all the experts
 together, run on the whole batch, so that both hold the same parameters and do about the same arithmetic. Per model
-and thread count, the same loop runs with no monitor and with one, alternating, and the figures are medians: the
-step time, the monitor's added cost per step (every step is a statistics step), and `epoch_end` (the histograms, one
-per family of experts, the gradient-flow picture, the diagnosis). The goals, expert model over dense model: at most
-2x a statistics step's added cost and 3x `epoch_end`.
+and thread count, two copies of the model, one watched, take their steps in turn on the same batch; printed: the
+plain step (median), the monitor's added cost per step (every step is a statistics step): the median and the mean
+of the paired differences (the mean counts the garbage collector's pauses, which a median hides), and `epoch_end`
+(the histograms, one per family of experts, the gradient-flow picture, the diagnosis). The goals, expert model over
+dense model: at most 2x a statistics step's added cost and 3x `epoch_end`.
 """
 
 import argparse
@@ -65,40 +66,45 @@ def model(kind, layers, width, hidden, count, classes=10):
     )
 
 
-def timed_steps(net, monitor, steps, batch, width):
-    """Seconds per step (median) of `steps` SGD steps, each given to `monitor` if there is one."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-    if monitor is not None:
-        monitor.watch(net, optimizer)
-    x = torch.randn(batch, width)
-    y = torch.randint(0, 10, (batch,))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = nn.functional.cross_entropy(net(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if monitor is not None:
-            monitor.step(loss)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])  # the first steps: the monitor's first readings, once
+def step(net, optimizer, x, y):
+    loss = nn.functional.cross_entropy(net(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def measure(kind, args, threads, folder):
-    """(tensors, plain step, monitored step, epoch_end) in seconds, medians over `args.rounds` rounds."""
+    """(tensors, plain step, added per step: median and mean, epoch_end) in seconds. Two copies of the model,
+    one watched, take their steps in turn (each first in every other pair), so that the machine's slower spells
+    hit both alike; the added cost is the paired differences' median and mean over `args.rounds` rounds, the
+    first steps of each (the monitor's first readings, once) left out."""
     torch.set_num_threads(threads)
-    plain, watched, ends = [], [], []
+    x = torch.randn(args.batch, args.width)
+    y = torch.randint(0, 10, (args.batch,))
+    plain, added, ends = [], [], []
     for round_ in range(args.rounds):
-        net = model(kind, args.layers, args.width, args.hidden, args.experts)
-        plain.append(timed_steps(net, None, args.steps, args.batch, args.width))
+        nets = [model(kind, args.layers, args.width, args.hidden, args.experts) for _ in range(2)]
+        optimizers = [torch.optim.SGD(net.parameters(), lr=0.01) for net in nets]
         with TrainingMonitor(f"{folder}/{kind}-{threads}-{round_}", stats_every=1) as monitor:
-            watched.append(timed_steps(net, monitor, args.steps, args.batch, args.width))
+            monitor.watch(nets[1], optimizers[1])
+            for i in range(args.steps):
+                times = [0.0, 0.0]
+                for j in (0, 1) if i % 2 else (1, 0):
+                    start = time.perf_counter()
+                    loss = step(nets[j], optimizers[j], x, y)
+                    if j == 1:
+                        monitor.step(loss)
+                    times[j] = time.perf_counter() - start
+                if i >= 2:
+                    plain.append(times[0])
+                    added.append(times[1] - times[0])
             start = time.perf_counter()
             monitor.epoch_end(0, {"train/loss": 1.0})
             ends.append(time.perf_counter() - start)
-    tensors = len(list(net.parameters()))
-    return tensors, statistics.median(plain), statistics.median(watched), statistics.median(ends)
+    tensors = len(list(nets[0].parameters()))
+    median, mean = statistics.median, statistics.fmean
+    return tensors, median(plain), median(added), mean(added), median(ends)
 
 
 def main(argv=None):
@@ -108,23 +114,22 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=16, help="each expert's hidden width")
     parser.add_argument("--experts", type=int, default=64, help="experts per layer")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=12, help="steps per round and variant")
+    parser.add_argument("--steps", type=int, default=30, help="steps per round and copy")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args(argv)
-    print(f"{'model':8} {'threads':>7} {'tensors':>7} {'step':>9} {'watched':>9} {'added':>9} {'epoch_end':>9}")
+    print(f"{'model':8} {'threads':>7} {'tensors':>7} {'step':>9} {'added':>9} {'mean':>9} {'epoch_end':>9}")
     with tempfile.TemporaryDirectory() as folder:
         for threads in args.threads:
             found = {}
             for kind in ("dense", "experts"):
-                tensors, plain, watched, end = measure(kind, args, threads, folder)
-                found[kind] = (watched - plain, end)
-                print(f"{kind:8} {threads:7} {tensors:7} {plain * 1e3:7.1f}ms {watched * 1e3:7.1f}ms "
-                      f"{(watched - plain) * 1e3:7.1f}ms {end:8.2f}s")  # fmt: skip
-            added = found["experts"][0] / max(found["dense"][0], 1e-9)
-            ends = found["experts"][1] / max(found["dense"][1], 1e-9)
-            print(f"  {threads} thread(s): experts over dense, added per statistics step {added:.1f}x, "
-                  f"epoch_end {ends:.1f}x (goals: 2x and 3x)")  # fmt: skip
+                tensors, plain, added, mean, end = measure(kind, args, threads, folder)
+                found[kind] = (added, mean, end)
+                print(f"{kind:8} {threads:7} {tensors:7} {plain * 1e3:7.1f}ms {added * 1e3:7.1f}ms "
+                      f"{mean * 1e3:7.1f}ms {end:8.2f}s")  # fmt: skip
+            ratios = [e / max(d, 1e-9) for e, d in zip(found["experts"], found["dense"])]
+            print(f"  {threads} thread(s): experts over dense, added per statistics step {ratios[0]:.1f}x "
+                  f"(mean {ratios[1]:.1f}x), epoch_end {ratios[2]:.1f}x (goals: 2x and 3x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .histograms import to_host
 from .loop import held, logits, output_facts
 from .shards import is_sharded
 from .sink import Guard
-from .stats import NamedParameters, WeightsBefore, learning_rate
+from .stats import NamedParameters, WeightsBefore, collector_paused, learning_rate
 
 # what WrapperCalls counts: the optimizer steps so far; since the last reading, the training forward
 # passes, those that skipped the DistributedDataParallel wrapper, and the steps all of whose
@@ -245,17 +245,17 @@ class Hooks:
         self.cleared = None
         self._drop("clearing")
         cleared_by_step = held(self.optimizer) if self.optimizer is not None else None
-        graded = [
+        graded = (
             p
-            for _, p in parameters
+            for _, p in reversed(parameters)
             if p.grad is not None
             and not p.grad.is_sparse
             and not is_sharded(p)
             and (cleared_by_step is None or id(p) in cleared_by_step)
-        ]  # a parameter the optimizer does not hold keeps its gradient through zero_grad()
-        if not graded:
+        )  # a parameter the optimizer does not hold keeps its gradient through zero_grad()
+        probe = next(graded, None)
+        if probe is None:
             return
-        probe = graded[-1]
 
         def hook(grad):
             with self.guard("checking that the gradients are cleared"):
@@ -306,7 +306,8 @@ class Hooks:
         self.arm(first)
         self.check_clearing(parameters)
         with self.guard("copying the weights for the update ratio"), torch.no_grad():
-            self.before_update = WeightsBefore(parameters)
+            with collector_paused():
+                self.before_update = WeightsBefore(parameters)
 
     def take_graph(self, loss: Any, parameters: NamedParameters) -> dict[str, Any]:
         """What the graph of the first step's loss shows (graph.loss_graph); {} if not read."""

@@ -44,6 +44,7 @@ from .sink import EventSink, Guard, NullSink
 from .states import items_problem, state_problem
 from .stats import (
     NamedParameters,
+    collector_paused,
     gradient_flow,
     learning_rate,
     named_parameters,
@@ -583,7 +584,7 @@ class TrainingMonitor:
         urgent = []
         cadence = self.cadence
         if skipped or cadence.reads(self.steps) or cadence.hist_due(self.steps):  # seldom
-            with self.guard("the step's statistics"):
+            with self.guard("the step's statistics"), collector_paused():
                 urgent = self._take_statistics(skipped, loss)
         if cadence.reads(self.steps, ahead=1):
             self.hooks.prepare(self._parameters)
@@ -672,7 +673,8 @@ class TrainingMonitor:
             raise RuntimeError("call watch(model) before epoch_end()")
         self.hooks.stepped.check_thread("epoch_end()")
         if self.cadence.logged_epoch != epoch:
-            self.log_epoch_parameters(epoch)
+            with collector_paused():
+                self.log_epoch_parameters(epoch)
         scalars = _numbers(scalars, self.guard)
         metrics = _numbers(metrics, self.guard)
         with self.guard("writing the scalars"):
@@ -684,7 +686,7 @@ class TrainingMonitor:
         if self.parts is not None:
             self.parts.epoch_end(epoch, {**dict(metrics), **scalars}, classes, recall)
         else:
-            with self.guard("the epoch's statistics"):
+            with self.guard("the epoch's statistics"), collector_paused():
                 metrics = _metrics({**dict(metrics), **scalars})
                 summary = self._summary(epoch, "epoch", metrics, classes, recall)
             self._restart(epoch_ended=True)

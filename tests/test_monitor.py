@@ -411,3 +411,43 @@ def test_a_state_of_other_values_is_refused_by_name_and_the_monitor_stays_as_it_
         assert words in str(raised.value)
         assert fresh.steps == 0 and fresh.diagnosis.history == []  # nothing of it was loaded
         assert fresh.load_state_dict(saved).steps == 3  # the monitor's own state loads as before
+
+
+@pytest.mark.monitor_failures  # the failing reading, on purpose
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_reading_pauses_the_garbage_collector_and_leaves_it_as_it_was(tmp_path, monkeypatch, enabled):
+    """Python's cyclic collector is off while a reading builds its objects (with thousands of tensors they set off
+    full collections), and afterwards as the user had it, also where the reading fails."""
+    import gc
+
+    import gradwatch.monitor as monitor_module
+
+    seen = []
+    real = monitor_module.parameter_statistics
+
+    def reading(*args, **kwargs):
+        seen.append(gc.isenabled())
+        if len(seen) == 2:
+            raise RuntimeError("a reading that fails")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "parameter_statistics", reading)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with TrainingMonitor(tmp_path, stats_every=1) as monitor:
+            monitor.watch(model, optimizer)
+            for _ in range(3):
+                optimizer.zero_grad()
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss)
+                assert gc.isenabled() is enabled
+            monitor.epoch_end(0, {"loss": loss.item()})
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+    assert seen == [False, False, False]
+    assert "a reading that fails" in (tmp_path / "gradwatch-errors.log").read_text()
