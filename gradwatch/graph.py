@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import statistics
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -511,11 +512,13 @@ def loss_graph(
 
 
 def _gain_facts(found: dict[str, float]) -> dict[str, Any]:
-    """ "largest_gain" (see largest_gain) and "zero_weights": the weight matrices and kernels all of
-    whose values were 0 (before the first step, where read then): every unit they feed computes
-    the same, and gets the same gradient, so no step tells them apart."""
+    """ "largest_gain" (see largest_gain), "median_gain" (over the weights), and "zero_weights": the
+    weight matrices and kernels all of whose values were 0 (before the first step, where read
+    then): every unit they feed computes the same, and gets the same gradient, so no step tells
+    them apart."""
     zero = [name for name, gain in found.items() if gain == 0]
-    return {"largest_gain": _largest(found), "zero_weights": zero}
+    median = statistics.median(found.values()) if found else None
+    return {"largest_gain": _largest(found), "zero_weights": zero, "median_gain": median}
 
 
 def output_nodes(output: Any) -> list[Any]:

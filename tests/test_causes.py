@@ -227,3 +227,47 @@ def test_weights_all_zero_before_the_first_step_are_a_fact_of_the_loss_graph(tmp
     assert model[0].weight.abs().sum() > 0  # the step moved it
     graph = json.loads((tmp_path / "diagnosis.json").read_text())["facts"]["loss"]
     assert graph["zero_weights"] == ["0.weight"]
+
+
+def small_start_run(tmp_path, scale):
+    """An MLP with BatchNorm whose weight matrices are torch.nn's times `scale`, trained by SGD at 0.1 on random
+    data for an epoch of 40 steps, the 30th batch holding a NaN: (the loss graph's facts, diverging's finding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )  # fmt: skip
+    with torch.no_grad():
+        for layer in model[::3]:
+            layer.weight.mul_(scale)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path, stats_every=5).watch(model, optimizer) as monitor:
+        for step in range(40):
+            inputs = torch.randn(32, 20)
+            if step == 29:
+                inputs[0, 0] = float("nan")
+            loss = F.cross_entropy(model(inputs), torch.randint(10, (32,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+        findings = monitor.epoch_end(0, {"train/loss": 2.3})
+    graph = json.loads((tmp_path / "diagnosis.json").read_text())["facts"]["loss"]
+    return graph, next((f for f in findings if f.rule == "diverging"), None)
+
+
+def test_weights_that_started_small_are_a_rival_of_the_rate_where_the_loss_turns_nan(tmp_path):
+    """Behind BatchNorm, the first steps of SGD at 0.1 move weights started a thousand times smaller than
+    torch.nn's by many times their size (their gradients grow as they shrink), as a rate far too high would; when a
+    batch holding a NaN then makes the loss NaN, the rate is not named: the finding says the weights started
+    small, names no cause and says to check the data. At torch.nn's scale the median gain reads about 1/sqrt(3)."""
+    from gradwatch.diagnosis.facts import SMALL_GAIN
+
+    graph, finding = small_start_run(tmp_path / "default", 1.0)
+    assert 0.4 < graph["median_gain"] < 0.8
+    graph, finding = small_start_run(tmp_path / "small", 1e-3)
+    assert graph["median_gain"] < SMALL_GAIN
+    assert finding is not None and finding.evidence["cause"] is None
+    assert finding.evidence["first_pace"] > Thresholds().update_fast
+    assert "started small" in finding.message and "learning rate is too high" not in finding.message
+    assert "check the data" in finding.suggestion

@@ -553,15 +553,15 @@ def test_a_divergence_names_the_initialisation_where_the_weights_started_far_too
         assert "initialise the weights as torch.nn does" in finding.suggestion and RULES["diverging"].way(finding) == 0
 
 
-def nan_from_the_start(gain=6.0, batch=(-1.0, 1.0), first_loss=math.nan, paces=(1e-3, 2e-3, 0.5)):
+def nan_from_the_start(gain=6.0, batch=(-1.0, 1.0), first_loss=math.nan, paces=(1e-3, 2e-3, 0.5), median_gain=0.6):
     """A loss that is NaN from its first batch on (`first_loss`: that batch's loss, before any update), the first
-    batch's inputs ranging over `batch`, the loss's graph showing fc.weight's gain before the first step; three
-    weights' largest update ratios at the first steps, `paces`."""
+    batch's inputs ranging over `batch`, the loss's graph showing fc.weight's gain and the weights' median gain
+    before the first step; three weights' largest update ratios at the first steps, `paces`."""
     nan = windows([math.nan] * 4)
     for window in nan:
         window.update(mean=math.nan, median=math.nan, max=math.nan, max_step=None, nonfinite_step=window["first"])
     inputs = [{"shape": [32, 20], "dtype": "float32", "min": batch[0], "max": batch[1]}]
-    loop = graph(largest_gain={"name": "fc.weight", "gain": gain}, inputs=inputs)
+    loop = graph(largest_gain={"name": "fc.weight", "gain": gain}, inputs=inputs, median_gain=median_gain)
     loop["first_update_ratios"] = dict(zip(("fc1.weight", "fc2.weight", "head.weight"), paces))
     return [epoch(0, num_classes=10, losses=nan, first_loss=first_loss, loop=loop)]
 
@@ -573,13 +573,16 @@ def nan_from_the_start(gain=6.0, batch=(-1.0, 1.0), first_loss=math.nan, paces=(
     ("a first loss that was finite", nan_from_the_start(first_loss=2.3), None, "a batch with invalid"),
     ("a first loss that was finite, after steps that moved most weights by half their size",
      nan_from_the_start(first_loss=2.3, paces=(0.5, 0.6, 0.5)), "absent", "the learning rate is too high"),
+    ("the same steps, from weights that started a hundred times smaller than torch.nn's",
+     nan_from_the_start(first_loss=2.3, paces=(0.5, 0.6, 0.5), median_gain=0.006), None, "started small"),
 ])  # fmt: skip
 def test_a_loss_nan_before_any_update_on_finite_data_overflowed(case, run, cause, words):
     """A loss NaN at its first batch, before any update could cause it, on a batch of finite values: no learning rate
     nor data is the cause, the forward pass or the loss overflowed; the initialisation is named where the loss's
     graph showed a weight far too large. A NaN in the first batch, or a loss finite at first, leaves the data a
     suspect (a batch with invalid values, or an overflow: no cause named), but where the first steps moved most
-    weights by more than a tenth of their size (a head alone is not most): then the learning rate."""
+    weights by more than a tenth of their size (a head alone is not most): then the learning rate, unless the
+    weights started so small that a step of any usual rate moves them that much."""
     (finding,) = RULES["diverging"](run, Thresholds())
     assert finding.evidence.get("cause", "absent") == cause and words in finding.message
     if cause == "initialisation":

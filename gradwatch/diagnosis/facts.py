@@ -181,6 +181,18 @@ def _large_initialisation(now: EpochSummary) -> dict | None:
     return largest if finite(gain) and gain >= LARGE_GAIN else None
 
 
+# The median gain of the weights before the first step below which they started small: a step of a
+# usual size then moves them by a large share of their size, which tells nothing of the rate
+SMALL_GAIN = 0.1
+
+
+def _small_initialisation(now: EpochSummary) -> float | None:
+    """The median gain of the weights before the first step (graph._gain_facts), where it is below
+    SMALL_GAIN: a rival of a learning rate too high wherever large first update ratios are read."""
+    median = now.loop.get("graph", {}).get("median_gain")
+    return median if finite(median) and median < SMALL_GAIN else None
+
+
 def _too_large(large: dict) -> str:
     """How diverging and high_initial_loss name a large initialisation (_large_initialisation)."""
     text = f"the weights started far too large ({large['name']}: {large['gain']:.2g} times the "

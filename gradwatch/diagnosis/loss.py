@@ -16,6 +16,7 @@ from .facts import (
     _judged,
     _large_initialisation,
     _levels,
+    _small_initialisation,
     _start_loss,
     _too_large,
     _untrained_loss,
@@ -224,13 +225,20 @@ def _nonfinite(history: list[EpochSummary], step: int, t: Thresholds) -> Finding
         return _overflowed(now, step, batch)
     message = f"the training loss became NaN or Inf at step {step} without rising first"
     pace = _first_pace(history)
+    evidence: dict[str, Any] = {"nonfinite_step": step}
     if finite(pace) and pace > t.update_fast:  # the steps blew the weights up, not a batch
-        message += f", after first steps that moved the median weight by {pace:.0%} of its size: "
-        message += "the learning rate is too high."
-        return _found(now, [], {"nonfinite_step": step, "first_pace": pace}, message, step)
+        message += f", after first steps that moved the median weight by {pace:.0%} of its size"
+        evidence["first_pace"] = pace
+        small = _small_initialisation(now)
+        if small is None:
+            message += ": the learning rate is too high."
+            return _found(now, [], evidence, message, step)
+        message += f", weights that started small (a median gain of {small:.2g}, where torch.nn's "
+        message += "initialisations give 0.3 to 1.5; so large a share tells nothing of the rate)"
+        evidence["median_gain"] = small
     message += ": a batch with invalid values, or an overflow."
     check = "check the data and the loss for NaN or Inf (--stop-on-nonfinite stops at the first)."
-    evidence = {"nonfinite_step": step, "cause": None}  # a symptom: no claim on the rate
+    evidence["cause"] = None  # a symptom: no claim on the rate
     return _found(now, [], evidence, message, step, suggestion=check)
 
 
