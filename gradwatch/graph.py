@@ -220,6 +220,22 @@ def _held(node: Any) -> Any:
     return None
 
 
+BATCH_NORMS = {"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"}
+
+
+def _normalised_biases(node: Any) -> list[Any]:
+    """Where `node` is a batch norm in training mode: the biases of the layer whose output it
+    normalises, directly. It subtracts each channel's mean over the batch, and with it the bias:
+    their gradient is zero but for rounding, and their steps round away by design."""
+    if node.name() not in BATCH_NORMS or not getattr(node, "_saved_training", False):
+        return []
+    layer = node.next_functions[0][0] if node.next_functions else None
+    if layer is None or layer.name() not in WEIGHT_PRODUCTS:
+        return []
+    held = [_held(child) for child, _ in layer.next_functions if child is not None]
+    return [p for p in held if p is not None and p.dim() == 1]
+
+
 def _multiplies(name: str) -> bool:
     """Whether an op of this name multiplies its input by the weights it takes (a layer's product,
     a fused recurrent layer's: MkldnnRnnLayerBackward0, CudnnRnnBackward0), where a weight's gain
@@ -247,9 +263,10 @@ def layer_depths(root: Any) -> tuple[dict[int, int], dict[str, set[int]]]:
     feed them, and so on, the fewest on any way from the loss; and the ids of the parameters by
     how they are read: "lookups", by a lookup (an embedding), whose gradient is zero at the rows a
     batch did not look up; "multiplied", by a layer's product (see _multiplies), not added or
-    looked up. An op that takes weights is a layer: what feeds it lies one layer deeper."""
+    looked up; "normalised", added by a layer a batch norm normalises (_normalised_biases). An op
+    that takes weights is a layer: what feeds it lies one layer deeper."""
     depths: dict[int, int] = {}
-    kinds: dict[str, set[int]] = {"lookups": set(), "multiplied": set()}
+    kinds: dict[str, set[int]] = {"lookups": set(), "multiplied": set(), "normalised": set()}
     best = {id(root): 0}
     queue = collections.deque([(root, 0)])
     while queue and len(best) < MAX_NODES:
@@ -259,6 +276,7 @@ def layer_depths(root: Any) -> tuple[dict[int, int], dict[str, set[int]]]:
         children = [child for child, _ in node.next_functions if child is not None]
         held = {child: _held(child) for child in children}
         below = _note_layer(node, depth, held.values(), depths, kinds)
+        kinds["normalised"].update(id(p) for p in _normalised_biases(node))
         for child in children:
             if held[child] is None and best.get(id(child), math.inf) > below:
                 best[id(child)] = below
@@ -469,6 +487,10 @@ def _read_losses(nodes: list[Any], outputs: set[int], calls: dict) -> tuple[list
     return losses, problems, {id(node) for node, _ in found_losses}
 
 
+# The facts of the loss's graph that name the parameters layer_depths finds of a kind
+KIND_FACTS = (("lookups", "lookups"), ("normalised_biases", "normalised"))
+
+
 def loss_graph(
     loss: torch.Tensor,
     parameters: NamedParameters,
@@ -481,10 +503,10 @@ def loss_graph(
     its line, input and target where CallLog saw them, and the ops between it and the model's
     output; "reached": how many of `parameters` it reaches; "unreached": the trainable ones it does
     not; "whole": whether the walk read it all; "made_of_losses"; "problems": the bugs it shows;
-    "depths", "lookups" (layer_depths); _gain_facts, from `known_gains` where given}.
-    `outputs`: the grad_fn nodes of the model's outputs in that step; `others`: {name: ids of its
-    parameters} of the loop's other models, named in "reaches_parts" where the loss reaches them
-    (a GAN's generator loss, through the discriminator). {} for a loss without a graph."""
+    "depths", "lookups", "normalised_biases" (layer_depths); _gain_facts, from `known_gains` where
+    given}. `outputs`: the grad_fn nodes of the model's outputs in that step; `others`: {name: ids
+    of its parameters} of the loop's other models, named in "reaches_parts" where the loss reaches
+    them (a GAN's generator loss, through the discriminator). {} for a loss without a graph."""
     root = getattr(loss, "grad_fn", None)
     if root is None:
         return {}
@@ -506,7 +528,7 @@ def loss_graph(
         "nodes": len(nodes),
         "problems": problems,
         "depths": {n: depths[id(p)] for n, p in parameters if id(p) in depths and p.dim() > 1},
-        "lookups": [name for name, p in parameters if id(p) in kinds["lookups"]],
+        **{key: [n for n, p in parameters if id(p) in kinds[kind]] for key, kind in KIND_FACTS},
         **_gain_facts(weight_gains(weights, known_gains)),
     }
 

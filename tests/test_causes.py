@@ -271,3 +271,46 @@ def test_weights_that_started_small_are_a_rival_of_the_rate_where_the_loss_turns
     assert finding.evidence["first_pace"] > Thresholds().update_fast
     assert "started small" in finding.message and "learning rate is too high" not in finding.message
     assert "check the data" in finding.suggestion
+
+
+def test_the_biases_a_batch_norm_takes_out_are_a_fact_of_the_loss_graph():
+    """A batch norm in training mode subtracts each channel's mean, and with it the bias of the layer it normalises
+    directly: that bias's gradient is zero but for rounding. Not in eval mode (running statistics), nor behind a
+    LayerNorm (which keeps a bias's pattern over the features), nor a bias the norm does not read directly."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8),
+                        nn.Linear(8, 3))  # fmt: skip
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                        nn.BatchNorm2d(4))  # fmt: skip
+    for model, inputs, expected in ((mlp, torch.randn(16, 6), ["0.bias"]), (cnn, torch.randn(4, 3, 9, 9), ["0.bias"])):
+        for training, names in ((True, expected), (False, [])):
+            model.train(training)
+            model.zero_grad()
+            loss = model(inputs).pow(2).mean()
+            loss.backward()
+            assert loss_graph(loss, list(model.named_parameters()))["normalised_biases"] == names
+
+
+def test_a_healthy_batchnorm_network_under_plain_sgd_draws_no_warning_about_its_biases(tmp_path):
+    """Linear layers with biases followed by BatchNorm, trained by plain SGD at 0.1 and read every 5 steps: the
+    biases' gradients are rounding noise, their steps round away, and no rule says so (updates_rounded_away and
+    not_updated said so before the loss's graph named those biases)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.BatchNorm1d(64),
+                          nn.ReLU(), nn.Linear(64, 10))  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    teacher = torch.randn(10, 20)
+    findings = []
+    with TrainingMonitor(tmp_path, stats_every=5).watch(model, optimizer) as monitor:
+        for epoch in range(2):
+            for _ in range(50):
+                inputs = torch.randn(32, 20)
+                loss = F.cross_entropy(model(inputs), (inputs @ teacher.T).argmax(1))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss)
+            findings += monitor.epoch_end(epoch, {"train/loss": loss.item()})
+    graph = json.loads((tmp_path / "diagnosis.json").read_text())["facts"]["loss"]
+    assert graph["normalised_biases"] == ["0.bias", "3.bias"]
+    assert findings == []

@@ -193,6 +193,13 @@ def _small_initialisation(now: EpochSummary) -> float | None:
     return median if finite(median) and median < SMALL_GAIN else None
 
 
+def _normalised(now: EpochSummary) -> set[str]:
+    """The biases a batch norm in training mode takes out again (the loss's graph's
+    normalised_biases): their gradient is zero but for rounding, so that their steps round away and
+    leave them as they were, by design."""
+    return set(now.loop.get("graph", {}).get("normalised_biases", ()))
+
+
 def _too_large(large: dict) -> str:
     """How diverging and high_initial_loss name a large initialisation (_large_initialisation)."""
     text = f"the weights started far too large ({large['name']}: {large['gain']:.2g} times the "

@@ -10,6 +10,7 @@ from .facts import (
     _clipping,
     _large_initialisation,
     _loop_start,
+    _normalised,
     _period,
     _reached,
     _update_ratios,
@@ -42,10 +43,12 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     (the learning rate, times the gradient's RMS for SGD) is below half the spacing of the
     parameter's dtype at the RMS of its values: rounding took the updates away (bfloat16 keeps 8
     bits of mantissa: a step below 0.4% of a weight is lost; float32, 24 bits). Not while the
-    learning rate is below half the rate set or its peak (a warmup, an annealed schedule). Where
-    other parameters do change, the learning rate is named only as _others_change says."""
+    learning rate is below half the rate set or its peak (a warmup, an annealed schedule), nor for
+    a bias a batch norm takes out again (_normalised). Where other parameters do change, the
+    learning rate is named only as _others_change says."""
     now = history[-1]
-    rounded = now.loop.get("rounded", {})
+    normalised = _normalised(now)
+    rounded = {n: found for n, found in now.loop.get("rounded", {}).items() if n not in normalised}
     if not rounded or _scheduled_low(history):
         return []
     dtypes = sorted({found["dtype"] for found in rounded.values()})
@@ -57,7 +60,8 @@ def updates_rounded_away(history: list[EpochSummary], t: Thresholds) -> list[Fin
     suggestion = None  # the declaration's: a larger learning rate
     evidence = {"rounded": dict(rounded), "dtypes": dtypes}
     low = [dtype for dtype in dtypes if dtype in ("bfloat16", "float16")]
-    others = [n for n, v in now.layers.items() if n not in rounded and v.get("grad_norm", 0) > 0]
+    apart = normalised | set(rounded)
+    others = [n for n, v in now.layers.items() if n not in apart and v.get("grad_norm", 0) > 0]
     clipped = _clipped(history, t)
     if clipped:
         message += clipped[0]
@@ -139,9 +143,10 @@ def not_updated(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Parameters the optimizer holds at a learning rate above 0 had a gradient other than zero and
     did not change at all at the optimizer step, at every statistics reading of the epoch past the
     first steps (two at least; steps GradScaler skipped are not read). Not while the learning rate
-    is below half the rate set or its peak (a warmup, an annealed schedule)."""
+    is below half the rate set or its peak (a warmup, an annealed schedule), nor for a bias a
+    batch norm takes out again (_normalised)."""
     now = history[-1]
-    still = now.loop.get("not_updated", [])
+    still = [name for name in now.loop.get("not_updated", []) if name not in _normalised(now)]
     if not still or _scheduled_low(history):
         return []
     message = f"{names(still)} had gradients and a learning rate above 0 in the optimizer, and "
