@@ -114,10 +114,11 @@ def slow(grad_rms, at=0):
     return [epoch(at, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": grad_rms}))]
 
 
-def grow(valid_losses):
-    """Five epochs whose fc.weight's max |w| grows from 0.5 to 1.6, with these validation losses."""
-    sizes = [{"fc.weight": {"max_abs_weight": w}} for w in (0.5, 0.6, 0.8, 1.2, 1.6)]
-    return epochs(5, layers=sizes, metrics=[{"valid_loss": v} for v in valid_losses])
+def grow(valid_losses, name="fc.weight", start=0.5, **loop):
+    """Five epochs whose weight `name`'s max |w| grows from `start` after the first to 1.6, with these validation
+    losses."""
+    sizes = [{name: {"max_abs_weight": w}} for w in (start, 0.6, 0.8, 1.2, 1.6)]
+    return epochs(5, layers=sizes, metrics=[{"valid_loss": v} for v in valid_losses], loop=loop)
 
 
 def accuracies(train, valid, **extra):
@@ -336,6 +337,12 @@ EXAMPLES = [
     finds("weights_growing", "weights growing while validation worsens", lambda: grow((1.0, 0.9, 1.0, 1.1, 1.2))),
     leaves("weights_growing", "weights growing while validation makes new bests",
            lambda: grow((1.0, 0.9, 0.8, 0.7, 0.6))),
+    leaves("weights_growing", "a bias grown from 1e-4 while validation worsens: no weight matrix",
+           lambda: grow((1.0, 0.9, 1.0, 1.1, 1.2), name="conv1.bias", start=1e-4)),
+    leaves("weights_growing", "a norm's gain grown while validation worsens: the graph lists no such matrix",
+           lambda: grow((1.0, 0.9, 1.0, 1.1, 1.2), name="bn1.weight", **graph(depths={"conv1.weight": 1}))),
+    finds("weights_growing", "a kernel the loss's graph lists, growing while validation worsens",
+          lambda: grow((1.0, 0.9, 1.0, 1.1, 1.2), name="conv1.weight", **graph(depths={"conv1.weight": 1}))),
     finds("output_bias_skew", "a class's bias far below the others, its recall 0.1", lambda: skew(0.1)),
     leaves("output_bias_skew", "the same bias with that class's recall at 0.85", lambda: skew(0.85)),
     finds("noisy_labels", "validation 30 points above training for three epochs",

@@ -31,6 +31,17 @@ def _max_abs_weight(summary: EpochSummary, name: str) -> float | None:
     return summary.layers.get(name, {}).get("max_abs_weight")
 
 
+def _matrices(summary: EpochSummary) -> dict[str, dict]:
+    """The summary's statistics of the weight matrices and kernels: of those the loss's graph found
+    at a depth (it lists tensors of two dimensions or more) where it was read, else of the names
+    that end in "weight". A bias or a norm's gain starts at 0 or 1 and moves by what the data
+    need; recipes leave them out of weight decay."""
+    depths = summary.loop.get("graph", {}).get("depths")
+    if depths:
+        return {name: s for name, s in summary.layers.items() if name in depths}
+    return {name: s for name, s in summary.layers.items() if name.endswith("weight")}
+
+
 @rule(
     "weight decay for this layer (--layer-wd {name}=5e-4), or a lower learning rate.",
     thresholds=("weight_max_abs", "weight_growth", "weight_window", "overfit_rise"),
@@ -39,12 +50,13 @@ def _max_abs_weight(summary: EpochSummary, name: str) -> float | None:
     ended="the validation loss made a new best, or the weights stopped growing",
 )
 def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """A layer's max |w| is above `weight_max_abs`, at least `weight_growth` times its value after
-    the first epoch, and still higher than `weight_window` epochs ago, while the validation loss (if
-    there is one) rose `overfit_rise` above its best and has made no new best since: weights that
-    grow while the model does better than ever on new data are learning, not overfitting. In a loop
-    without epochs, only with a validation loss: there weights grow as a model learns; in one with
-    epochs and no validation loss, a note: nothing shows whether the growth costs anything."""
+    """A weight matrix's or kernel's max |w| (_matrices) is above `weight_max_abs`, at least
+    `weight_growth` times its value after the first epoch, and still higher than `weight_window`
+    epochs ago, while the validation loss (if there is one) rose `overfit_rise` above its best and
+    has made no new best since: weights that grow while the model does better than ever on new data
+    are learning, not overfitting. In a loop without epochs, only with a validation loss: there
+    weights grow as a model learns; in one with epochs and no validation loss, a note: nothing
+    shows whether the growth costs anything."""
     unseen = not finite(history[-1].metrics.get("valid_loss"))
     if history[-1].unit == "steps" and unseen:
         return []
@@ -52,7 +64,7 @@ def weights_growing(history: list[EpochSummary], t: Thresholds) -> list[Finding]
         return []
     now = history[-1]
     findings = []
-    for name, s in now.layers.items():
+    for name, s in _matrices(now).items():
         first = _max_abs_weight(history[0], name)
         earlier = _max_abs_weight(history[-1 - t.weight_window], name)
         value = s.get("max_abs_weight")
