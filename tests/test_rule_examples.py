@@ -632,3 +632,23 @@ def test_steps_rounded_away_name_the_rate_only_where_every_weight_moves_too_slow
     (finding,) = RULES["updates_rounded_away"](run, Thresholds())
     assert finding.evidence["cause"] == cause, finding.message
     assert ("too low for this optimizer" in finding.message) == (cause is not None)
+
+
+def test_a_stuck_model_mostly_frozen_reads_the_pace_of_what_trains_and_names_no_cause():
+    """Five epochs at ln 10 and chance; three of four weight tensors frozen (their update ratio 0), the head moving at
+    a learning pace: the frozen ones' ratio is not the model's pace (the rate is not named for them), and the frozen
+    part rivals the data as the cause: what to check, the frozen layers first, and no cause. With one frozen tensor
+    of four, the data are named as before."""
+
+    def run(frozen):
+        still = {name: {"update_ratio": 0.0} for name in frozen}
+        return epochs(5, num_classes=10, metrics={"train_loss": 2.3, "train_accuracy": 0.1},
+                      layers=layers(**still, head={"update_ratio": 1e-2}),
+                      loop={"frozen": [f"{name}.weight" for name in frozen], "trainable": 4 - len(frozen)})  # fmt: skip
+
+    (mostly,) = RULES["stuck"](run(["conv1", "conv2", "conv3"]), Thresholds())
+    assert mostly.evidence["cause"] is None and mostly.evidence["update_ratio"] == 1e-2
+    assert mostly.evidence["frozen"] == 3 and mostly.suggestion.startswith("check, in this order: that the frozen")
+    assert RULES["stuck"].way(mostly) == 0
+    (some,) = RULES["stuck"](run(["conv1"]), Thresholds())
+    assert some.evidence.get("weights_move") and "frozen" not in some.evidence

@@ -240,6 +240,26 @@ def _dropout_checks(dropout: float) -> str:
     return text + "normalised and the initial weights small."
 
 
+def _untrained(summary: EpochSummary) -> set[str]:
+    """The parameters that do not train, whose pace says nothing of the rate: those frozen
+    (requires_grad=False) and those no optimizer group holds."""
+    return {*summary.loop.get("frozen", ()), *summary.loop.get("not_in_optimizer", ())}
+
+
+def _mostly_frozen(now: EpochSummary) -> int | None:
+    """How many parameter tensors are frozen, where they are as many as those that train or more:
+    then what the trained layers learn from is mostly what the frozen part computes."""
+    frozen = len(now.loop.get("frozen", ()))
+    return frozen if frozen and frozen >= now.loop.get("trainable", 0) else None
+
+
+def _frozen_checks() -> str:
+    """What to check, in order, where most of a stuck model is frozen (_mostly_frozen)."""
+    text = "check, in this order: that the frozen layers hold trained weights (loaded before they "
+    text += "were frozen) and give features the task needs (unfreeze their last block); that the "
+    return text + "labels match the inputs and that the inputs vary and are normalised."
+
+
 def _kept_apart(now: EpochSummary) -> set[str]:
     """Parameters that require gradients but are in no parameter group of the optimizer and get no
     gradient either (the loss does not reach them): a copy kept apart, as a DQN's target network or

@@ -15,11 +15,14 @@ from .facts import (
     _dropout_checks,
     _fast_so_far,
     _fell,
+    _frozen_checks,
     _heavy_dropout,
     _judged,
     _loss,
+    _mostly_frozen,
     _near_start,
     _start_loss,
+    _untrained,
 )
 from .findings import LOWER, RAISE, Finding, _found, names, rule
 from .thresholds import Thresholds
@@ -135,11 +138,9 @@ def _by_pace(
         suggestion += "normalised."
         evidence.update(update_ratio=moving, fast=fast, cause=None)  # a symptom
         return _found(now, [], evidence, message, suggestion=suggestion)
-    dropout = _heavy_dropout(now)
-    if dropout is not None:  # a rival of the data: the model in training mode sees few units
-        message += f"; its dropout at {dropout:g} keeps {1 - dropout:.0%} of the units a step."
-        evidence.update(update_ratio=moving, dropout=dropout, cause=None)  # a symptom
-        return _found(now, [], evidence, message, suggestion=_dropout_checks(dropout))
+    rival = _rival_of_data(now, moving, message, evidence)
+    if rival is not None:
+        return rival
     message += ": the labels or the inputs say nothing the model can learn."
     suggestion = "check that the labels match the images (a shuffled or misaligned list?) and that "
     suggestion += "the inputs vary and are normalised; a larger learning rate will not help."
@@ -147,15 +148,36 @@ def _by_pace(
     return _found(now, [], evidence, message, suggestion=suggestion)
 
 
+def _rival_of_data(
+    now: EpochSummary, moving: float, message: str, evidence: dict
+) -> Finding | None:
+    """stuck's finding where its weights move and a fact of the model rivals the data as the cause,
+    a symptom with what to check: heavy dropout (the model in training mode sees few units), or a
+    model mostly frozen (the trained layers learn from what the frozen part computes); else None."""
+    dropout = _heavy_dropout(now)
+    if dropout is not None:
+        message += f"; its dropout at {dropout:g} keeps {1 - dropout:.0%} of the units a step."
+        evidence.update(update_ratio=moving, dropout=dropout, cause=None)  # a symptom
+        return _found(now, [], evidence, message, suggestion=_dropout_checks(dropout))
+    frozen = _mostly_frozen(now)
+    if frozen is not None:
+        message += f"; {frozen} of its parameter tensors are frozen, as many as train or more."
+        evidence.update(update_ratio=moving, frozen=frozen, cause=None)  # a symptom
+        return _found(now, [], evidence, message, suggestion=_frozen_checks())
+    return None
+
+
 # optimizer steps in all below which a loss that has not moved says nothing yet: 4 levels of it
 FEW_STEPS = 4 * LEVEL_STEPS
 
 
 def _moving(recent: list[EpochSummary]) -> float | None:
-    """The median update ratio of the weights at the latest of `recent` that read one (an epoch
-    shorter than the statistics' cadence may read none)."""
+    """The median update ratio of the weights that train (_untrained: not the frozen ones, whose
+    ratio is 0) at the latest of `recent` that read one (an epoch shorter than the statistics'
+    cadence may read none)."""
     for summary in reversed(recent):
-        ratios = [s.get("update_ratio") for s in summary.layers.values()]
+        still = _untrained(summary)
+        ratios = [s.get("update_ratio") for n, s in summary.layers.items() if n not in still]
         ratios = [ratio for ratio in ratios if finite(ratio)]
         if ratios:
             return statistics.median(ratios)
