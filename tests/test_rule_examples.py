@@ -652,3 +652,17 @@ def test_a_stuck_model_mostly_frozen_reads_the_pace_of_what_trains_and_names_no_
     assert RULES["stuck"].way(mostly) == 0
     (some,) = RULES["stuck"](run(["conv1"]), Thresholds())
     assert some.evidence.get("weights_move") and "frozen" not in some.evidence
+
+
+@pytest.mark.parametrize("frozen, cause", [([], "clipping"), (["c1.weight", "c2.weight", "c3.weight"], None)])
+def test_mostly_clipped_reads_the_pace_of_the_weights_that_train(frozen, cause):
+    """Clipping most steps, the loss flat; three weights still (update ratio 0) and the head moving by 1e-2 a step:
+    where the three train, the median pace is 0 and the threshold is named for keeping the steps too small; where
+    they are frozen, their stillness says nothing of the clipping, and the pace read is the head's."""
+    run = epochs(2, lr=0.1, first_loss=2.0, metrics={"train_loss": 2.1},
+                 loop={"total_norms": CLIPPED[:4], "frozen": frozen},
+                 layers=layers(c1={"update_ratio": 0.0}, c2={"update_ratio": 0.0}, c3={"update_ratio": 0.0},
+                               fc={"update_ratio": 1e-2}))  # fmt: skip
+    (finding,) = RULES["mostly_clipped"](run, Thresholds())
+    assert finding.evidence.get("cause") == cause
+    assert ("too small to learn" in finding.message) == (cause == "clipping")

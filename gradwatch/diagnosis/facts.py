@@ -403,6 +403,13 @@ def _update_ratios(summary: EpochSummary) -> dict[str, float]:
     }
 
 
+def _trained_ratios(summary: EpochSummary) -> dict[str, float]:
+    """_update_ratios of the weights that train (not _untrained: a frozen weight's ratio is 0, and
+    a frozen backbone's would make the median pace of any model 0)."""
+    still = _untrained(summary)
+    return {name: r for name, r in _update_ratios(summary).items() if name not in still}
+
+
 FELL = 0.75  # a loss at this share of where it started, or below, has come down: the run learns
 LEARNT = 0.01  # and at this share, there is little left to learn
 

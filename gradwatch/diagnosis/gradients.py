@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from ..summary import EpochSummary, finite
-from .facts import _clipping, _judged, _loss, _period, _scale_free, _start_loss, _update_ratios
+from .facts import _clipping, _judged, _loss, _period, _scale_free, _start_loss, _trained_ratios
 from .findings import LOWER, Finding, _found, names, rule
 from .thresholds import Thresholds
 
@@ -80,12 +80,12 @@ def _falling(history: list[EpochSummary]) -> bool:
 def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """Gradient clipping scaled down more than `clipped_share` of the epoch's steps while the
     training loss made no new low: a learning rate too high, hidden by the clipping (the Deep
-    Learning Tuning Playbook's rule); but where the weights' median update ratio is below
-    `stuck_moving_ratio` under an optimizer whose step scales with the gradient (SGD, not Adam),
-    the clipping threshold itself, which keeps every step too small. While the loss falls,
-    clipping most steps is what clipping at 1.0 does early in transformer training, and no
-    problem. The clipping is the norms the loop passed to step(), else what the total
-    gradient norms read show (facts._clipping)."""
+    Learning Tuning Playbook's rule); but where the median update ratio of the weights that train
+    (not the frozen ones) is below `stuck_moving_ratio` under an optimizer whose step scales with
+    the gradient (SGD, not Adam), the clipping threshold itself, which keeps every step too small.
+    While the loss falls, clipping most steps is what clipping at 1.0 does early in transformer
+    training, and no problem. The clipping is the norms the loop passed to step(), else what the
+    total gradient norms read show (facts._clipping)."""
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
@@ -95,7 +95,7 @@ def mostly_clipped(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
         return []
     message = _clipped_message(now, clip) + " Clipping nearly every step "
     evidence = {**clip, "threshold": t.clipped_share}
-    ratios = list(_update_ratios(now).values())
+    ratios = list(_trained_ratios(now).values())
     pace = statistics.median(ratios) if ratios else None
     if finite(pace) and pace < t.stuck_moving_ratio and not _scale_free(now):
         return [_too_low(now, clip, pace, message, evidence)]
