@@ -196,7 +196,12 @@ def replay(path, overrides=()):
     ran_with = {k: v for k, v in lines[-1].get("thresholds", {}).items() if k in known}
     diagnosis = RunDiagnosis(Thresholds(**ran_with).replace(dict(overrides)))
     for line in lines:  # a rule that fails is skipped, as the monitor's guard skips it
-        diagnosis.add(EpochSummary.from_dict(line["summary"]), lambda what: _SKIP)
+        if "summary" in line:
+            diagnosis.add(EpochSummary.from_dict(line["summary"]), lambda what: _SKIP)
+        else:  # the run ended there (close()): judged as a whole
+            diagnosis.conclude(lambda what: _SKIP)
+    if not diagnosis.history:
+        return None
     last = diagnosis.history[-1]
     count = last.epoch + 1 if last.unit == "epoch" else last.step
     counted = _plural(count, "epoch" if last.unit == "epoch" else "step")

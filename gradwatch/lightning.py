@@ -131,13 +131,15 @@ class MonitorCallback(Callback):
             rank_zero_warn(f"gradwatch: {finding}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.monitor is not None:
-            rank_zero_info(told(self.monitor))
+        monitor = self.monitor
+        if monitor is not None:
+            self.teardown(trainer, pl_module, "fit")  # the run as a whole is judged: then told
+            rank_zero_info(told(monitor))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.monitor is not None:
-            self._state = self.monitor.state_dict()  # what state_dict() gives after the fit
             self.monitor.close()
+            self._state = self.monitor.state_dict()  # what state_dict() gives after the fit
             self.monitor = None
 
     def state_dict(self) -> dict[str, Any]:

@@ -391,6 +391,26 @@ def window_due(cadence: Cadence, diagnosis: RunDiagnosis, step: int, urgent: lis
     return long and diagnosis.readings() >= cadence.diagnose_every
 
 
+def write_diagnosis(
+    sink: EventSink | NullSink,
+    diagnosis: RunDiagnosis,
+    step: int | None,
+    per_step: bool,
+    lines: list[dict],
+) -> None:
+    """The diagnosis written: diagnosis.json, the Text tab at `step` (an epoch, or an optimizer
+    step if `per_step`; None: not again) and `lines` (a summary, the run's end) appended to the
+    file `diagnose` replays, each with the thresholds."""
+    if step is not None:
+        listed = "\n\n".join(f"- {f}" for f in diagnosis.findings)
+        sink.text("diagnosis", listed or "No findings.", step, per_step=per_step)
+    findings = [f.to_json() for f in diagnosis.findings]
+    sink.save_json("diagnosis.json", {"facts": diagnosis.facts, "findings": findings})
+    thresholds = asdict(diagnosis.thresholds)
+    for line in lines:
+        sink.append_line(SUMMARIES, {**line, "thresholds": thresholds})
+
+
 def _metrics(scalars: Mapping[str, float]) -> dict[str, float]:
     """The training and validation loss and accuracy among an epoch's scalars, under METRIC_TAGS."""
     return {
@@ -726,35 +746,34 @@ class TrainingMonitor:
         context.update(lr=learning_rate(self.hooks.optimizer), unit=unit)
         return summarize(epoch, self.steps, records, warm=unit == "epoch", **context)
 
-    def _diagnose(self, summary: EpochSummary | None, epoch: int = 0) -> list[Finding]:
-        """Every rule on the history with `summary` added; the diagnosis written (diagnosis.json,
-        the Text tab, the summary for `diagnose`). Returns the findings that began, which a window
-        of steps also prints, since a loop without epochs has no epoch_end to return them. Without
-        a summary (several models watched), the parts' diagnosis, written as the run's at
-        `epoch`."""
+    def _diagnose(
+        self, summary: EpochSummary | None, epoch: int = 0, ended: bool = False
+    ) -> list[Finding]:
+        """Every rule on the history with `summary` added, and where the run `ended`, the rules
+        that judge it as a whole; the diagnosis written (diagnosis.json, the Text tab, the lines
+        for `diagnose`). Returns the findings that began, which a window of steps and the run's end
+        also print, since no epoch_end returns them. Without a summary (several models watched),
+        the parts' diagnosis, written as the run's at `epoch`."""
         windowed = summary is not None and summary.unit == "steps"
         if windowed:
             self._restart(epoch_ended=False)
         begun = self.diagnosis.add(summary, self.guard) if summary is not None else []
+        lines = [{"summary": summary.to_dict()}] if summary is not None else []
+        if ended and self.diagnosis.history:
+            begun += self.diagnosis.conclude(self.guard)
+            last = self.diagnosis.history[-1]
+            windowed = last.unit == "steps"
+            lines.append({"ended": {"epoch": last.epoch, "step": self.steps}})
         if summary is not None and self.choice.members:
             self.diagnosis.facts["families"] = report(summary.layers, self.choice.members)
         if self.parts is not None:
             self.diagnosis.findings = self.parts.findings
             self.diagnosis.facts = self.parts.facts()
+        step = self.steps if windowed else summary.epoch if summary is not None else epoch
+        told = summary is not None or self.parts is not None or begun  # else the Text tab has it
         with self.guard("writing the diagnosis"):
-            listed = "\n\n".join(f"- {f}" for f in self.findings)
-            step = self.steps if windowed else summary.epoch if summary is not None else epoch
-            self.sink.text("diagnosis", listed or "No findings.", step, per_step=windowed)
-            saved = {
-                "facts": self.diagnosis.facts,
-                "findings": [f.to_json() for f in self.findings],
-            }
-            self.sink.save_json("diagnosis.json", saved)
-            thresholds = asdict(self.diagnosis.thresholds)
-            if summary is not None:
-                line = {"summary": summary.to_dict(), "thresholds": thresholds}
-                self.sink.append_line(SUMMARIES, line)
-        for finding in begun if windowed and self.is_writer else ():
+            write_diagnosis(self.sink, self.diagnosis, step if told else None, windowed, lines)
+        for finding in begun if (windowed or ended) and self.is_writer else ():
             print(f"gradwatch found {finding}", file=sys.stderr)
         return begun
 
@@ -849,15 +868,19 @@ class TrainingMonitor:
             monitor.flush()
 
     def close(self) -> None:
-        """Diagnose the last window of steps of a loop without epochs (the readings since the last
-        window); remove the hooks and close the event files. Safe to call twice."""
+        """The run ended: diagnose the last window of steps of a loop without epochs (the readings
+        since the last window), and the run as a whole (a loss still where it started however few
+        its epochs); remove the hooks and close the event files. Safe to call twice."""
         if self.parts is not None:
-            if self.parts.close():  # each part diagnoses its last window
+            if self.parts.close():  # each part diagnoses its last window and its end
                 self._diagnose(None, max(self.sink.next_epoch - 1, 0))
         elif self.cadence.diagnose_every and self.diagnosis.undiagnosed():
             with self.guard("the last window's diagnosis"):
                 settle(self.diagnosis.records, self.replicas)
-                self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"))
+                self._diagnose(self._summary(self.diagnosis.next_epoch(), "steps"), ended=True)
+        elif self.diagnosis.history:
+            with self.guard("the run's end"):
+                self._diagnose(None, self.diagnosis.history[-1].epoch, ended=True)
         with self.guard("the last comparison of the replicas"):
             self.replicas.settle()  # none of the monitor's collectives left under way
         self.unwatch()

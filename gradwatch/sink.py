@@ -134,12 +134,13 @@ def drained(writer: SummaryWriter, seconds: float = STUCK_SECONDS) -> None:
 
 
 def kept_lines(path: str, before_step: int) -> list[str]:
-    """The lines of a summaries file whose summary ends before `before_step`: what a run resumed
-    from there keeps (a line cut short by a kill, or damaged, is dropped)."""
+    """The lines of a summaries file whose summary (or run's end) is before `before_step`: what a
+    run resumed from there keeps (a line cut short by a kill, or damaged, is dropped; so is the end
+    of the run resumed, at its last step)."""
     lines, _ = summary_lines(path)
     kept = []
     for line in lines:
-        step = line["summary"].get("step")
+        step = line.get("summary", line.get("ended")).get("step")
         if isinstance(step, (int, float)) and step < before_step:
             kept.append(json.dumps(line) + "\n")
     return kept

@@ -26,16 +26,18 @@ SUMMARIES = "gradwatch-summaries.jsonl"
 
 
 def summary_lines(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]]:
-    """The lines of a summaries file that hold a summary (JSON objects with a "summary" object),
-    and the numbers of the others: a line cut short by a kill, a byte that is not UTF-8, a line of
-    another shape. ([], []) where there is no such file."""
+    """The lines of a summaries file that hold a summary (JSON objects with a "summary" object) or
+    the run's end (an "ended" object: its epoch and step), and the numbers of the others: a line
+    cut short by a kill, a byte that is not UTF-8, a line of another shape. ([], []) where there
+    is no such file."""
     found = []
     bad = []
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as fh:
         for number, raw in enumerate(fh, 1):
             try:
                 line = json.loads(raw.decode("utf-8"))
-                if not isinstance(line, dict) or not isinstance(line.get("summary"), dict):
+                held = line.get("summary", line.get("ended")) if isinstance(line, dict) else None
+                if not isinstance(held, dict):
                     raise ValueError(line)
                 found.append(line)
             except ValueError:  # UnicodeDecodeError and json's JSONDecodeError among them

@@ -139,8 +139,8 @@ class MonitorCallback(TrainerCallback):
             return
         if self._pending is not None:
             self._epoch_end(self._pending)
+        self._hook.remove()
+        self.monitor.close()  # the run as a whole is judged: before its story is told
         if self.monitor.is_writer:
             print(told(self.monitor), flush=True)
-        self._hook.remove()
-        self.monitor.close()
         self.monitor = None

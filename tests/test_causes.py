@@ -314,3 +314,44 @@ def test_a_healthy_batchnorm_network_under_plain_sgd_draws_no_warning_about_its_
     graph = json.loads((tmp_path / "diagnosis.json").read_text())["facts"]["loss"]
     assert graph["normalised_biases"] == ["0.bias", "3.bias"]
     assert findings == []
+
+
+def short_run(log_dir, lr, random_labels=False, steps=150):
+    """A classifier of 16 classes (points around 16 centres) taught two epochs of `steps` steps by SGD at `lr`, the
+    rate a thousandth in the second (a step schedule's last stage); the monitor closed after the last epoch's end, as
+    the Trainer callbacks and `with` close it. Returns diagnosis.json's findings."""
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(16, 20)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with TrainingMonitor(log_dir).watch(model, optimizer) as monitor:
+        for epoch in range(2):
+            optimizer.param_groups[0]["lr"] = lr / 1000**epoch
+            for _ in range(steps):
+                labels = torch.randint(16, (32,))
+                inputs = centres[labels] + torch.randn(32, 20)
+                if random_labels:
+                    labels = torch.randint(16, (32,))
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(inputs), labels)
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss)
+            monitor.epoch_end(epoch, {})
+        assert not monitor.findings, "two epochs are too few for stuck before the run ends"
+    return json.loads((log_dir / "diagnosis.json").read_text())["findings"]
+
+
+def test_a_run_that_ended_in_two_epochs_near_an_untrained_models_loss_is_stuck(tmp_path, capsys):
+    """The classes come from the cross-entropy's input (no classes given), the run's end from close(); the suspect
+    from the weights' pace at its fastest, not at the end, where the schedule made the rate a thousandth (read
+    there, the pace would name the rate)."""
+    (slow,) = short_run(tmp_path / "slow", lr=1e-4)
+    assert slow["rule"] == "stuck" and "ln 16" in slow["message"] and "until the run's end" in slow["message"]
+    assert slow["suggestion"].startswith("a larger learning rate") and slow["severity"] == "warning"
+    assert "gradwatch found [stuck]" in capsys.readouterr().err
+    # labels that say nothing, the weights moving: a slow start is a rival the run ended too soon to rule out
+    (data,) = short_run(tmp_path / "data", lr=0.1, random_labels=True)
+    assert data["rule"] == "stuck" and data["severity"] == "note" and data["evidence"]["cause"] is None
+    assert data["suggestion"].startswith("check, in this order: whether the loss leaves it with more steps")
+    assert short_run(tmp_path / "healthy", lr=0.1) == []

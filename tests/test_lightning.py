@@ -224,9 +224,10 @@ def test_a_max_steps_run_is_diagnosed_in_windows_of_steps_while_it_trains(tmp_pa
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
     trainer.fit(Recorder(), DataLoader(Endless(), batch_size=16))
     lines = (tmp_path / "lightning_logs" / "version_0" / "gradwatch-summaries.jsonl").read_text().splitlines()
-    summaries = [json.loads(line)["summary"] for line in lines]
+    summaries = [json.loads(line)["summary"] for line in lines[:-1]]
     assert [(s["unit"], s["step"]) for s in summaries][:2] == [("steps", 260), ("steps", 520)]
     assert summaries[-1]["step"] == 600  # the rest: at the epoch's end, or at close()
+    assert json.loads(lines[-1])["ended"]["step"] == 600  # then the run's end, which `diagnose` replays
 
 
 class SoftmaxTwice(Recorder):

@@ -109,6 +109,19 @@ def fast(*means):
             for i, m in enumerate(means)]  # fmt: skip
 
 
+def ended(means, steps=200, end=True, losses=({"function": "cross_entropy", "input": {"shape": [512, 256]}},)):
+    """A run of one epoch of `steps` steps per list of loss-window means (its loss their median), its cross-entropy
+    over 256 classes read from the loss's graph (ln 256 = 5.55), the weights still; closed (close()) after the last
+    where `end`."""
+    run = []
+    for i, m in enumerate(means):
+        run.append(epoch(i, first_loss=means[0][0], losses=windows(m, first=steps * i + 1, width=steps // len(m)),
+                         loop={**graph(losses=list(losses))}, layers=layers(fc={"update_ratio": 1e-6})))  # fmt: skip
+        run[-1].step = steps * (i + 1)
+    run[-1].loop["ended"] = end
+    return run
+
+
 def slow(grad_rms, at=0):
     """Epoch `at`, in which fc.weight does not move (update ratio 1e-8) with gradients of this RMS."""
     return [epoch(at, layers=layers(fc={"update_ratio": 1e-8, "grad_rms": grad_rms}))]
@@ -330,6 +343,16 @@ EXAMPLES = [
     leaves("stuck", "a loss that falls epoch by epoch",
            lambda: epochs(5, num_classes=10, metrics=[{"train_loss": v, "train_accuracy": 0.1}
                                                       for v in (2.3, 2.0, 1.5, 1.0, 0.5)])),  # fmt: skip
+    finds("stuck", "a run that ended after two epochs of 200 steps near ln 256, the cross-entropy's classes",
+          lambda: ended([[5.7, 5.6, 5.5, 5.5], [5.5, 5.5, 5.4, 5.4]])),
+    leaves("stuck", "the same two epochs in a run that goes on",
+           lambda: ended([[5.7, 5.6, 5.5, 5.5], [5.5, 5.5, 5.4, 5.4]], end=False)),
+    leaves("stuck", "the same in a run that ended after 128 steps in all: too few to judge",
+           lambda: ended([[5.7, 5.6, 5.5, 5.5], [5.5, 5.5, 5.4, 5.4]], steps=64)),
+    leaves("stuck", "a run that ended where its loss began to fall at the end",
+           lambda: ended([[5.7, 5.6, 5.5, 5.5], [5.5, 5.5, 5.4, 3.0]])),
+    leaves("stuck", "a regression that ended near its first loss: an untrained model's loss is not known",
+           lambda: ended([[1.0, 0.98, 0.97, 0.97], [0.96] * 4], losses=({"function": "mse_loss"},))),
     finds("oscillating", "a loss up and down by 0.5 every epoch",
           lambda: epochs(6, metrics=[{"train_loss": v} for v in (1.0, 1.5, 1.0, 1.5, 1.0, 1.5)])),
     leaves("oscillating", "a loss that bounces while it falls",

@@ -168,7 +168,7 @@ def test_memory_and_state_stay_flat_as_the_steps_grow(tmp_path, monkeypatch):
     assert max(windows) == 4 and monitor.diagnosis.history[0].step == 256  # the first one stays
     assert sizes[4000] < 1.1 * sizes[2000]
     lines = (tmp_path / SUMMARIES).read_text().splitlines()
-    assert len(lines) == 4000 // 256 + 1  # every window logged: 16 readings and 256 steps, and close()'s
+    assert len(lines) == 4000 // 256 + 2  # every window logged: 16 readings and 256 steps, close()'s, the end
 
 
 def test_thinning_keeps_the_first_and_the_latest_and_halves_the_middle():
@@ -219,9 +219,11 @@ def test_a_resumed_step_run_keeps_the_summaries_up_to_its_state(tmp_path):
         run(tmp_path / "cut", 1500, boost_at=[800], stats_every=5, during=during)
     resumed = run(tmp_path / "cut", 1500, boost_at=[800], stats_every=5, resume=saved,
                   monitor=TrainingMonitor(tmp_path / "cut", stats_every=5))  # fmt: skip
-    summaries = [json.loads(line)["summary"] for line in (tmp_path / "cut" / SUMMARIES).read_text().splitlines()]
-    whole_summaries = (tmp_path / "whole" / SUMMARIES).read_text().splitlines()
-    assert [s["step"] for s in summaries] == [json.loads(line)["summary"]["step"] for line in whole_summaries]
+    cut, whole_lines = ([json.loads(line) for line in (tmp_path / folder / SUMMARIES).read_text().splitlines()]
+                        for folder in ("cut", "whole"))  # fmt: skip
+    # the summaries, then the run's end: the interrupted run's end (at step 1100) is dropped with what followed 600
+    steps = [[line.get("summary", line.get("ended"))["step"] for line in lines] for lines in (cut, whole_lines)]
+    assert steps[0] == steps[1] and [*cut[-1]][0] == "ended" and all("summary" in line for line in cut[:-1])
     assert [f.rule for f in resumed.findings] == [f.rule for f in whole.findings]
     assert rules(whole.findings)[0] == "loss_spikes"
 
@@ -258,7 +260,8 @@ def test_the_readme_snippet_runs_as_printed(tmp_path):
     result = run_script(tmp_path / "snippet.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "Result" / "my-steps" / SUMMARIES).read_text().splitlines()
-    assert [json.loads(line)["summary"]["step"] for line in lines] == [800, 1600, 2000]
+    assert [json.loads(line)["summary"]["step"] for line in lines[:-1]] == [800, 1600, 2000]
+    assert json.loads(lines[-1])["ended"] == {"epoch": 2, "step": 2000}  # the run's end, at close()
     assert result.stdout.strip() == "No findings." or result.stdout.startswith(("Problem", "Note"))
 
 
@@ -297,7 +300,8 @@ def test_a_run_resumed_over_a_damaged_summary_line_keeps_writing_summaries(tmp_p
     run(tmp_path, 900, during=during)
     damaged(tmp_path / SUMMARIES, 1, b"\xff\xfe not a summary")
     run(tmp_path, 1500, resume=saved, monitor=TrainingMonitor(tmp_path, stats_every=10))
-    steps = [json.loads(line)["summary"]["step"] for line in (tmp_path / SUMMARIES).read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / SUMMARIES).read_text().splitlines()]
+    steps = [line["summary"]["step"] for line in lines if "summary" in line]
     assert steps == [520, 780, 1040, 1300, 1500]  # 260, damaged, dropped; the resumed run's own after 600
 
 

@@ -86,4 +86,4 @@ def test_models_trained_in_threads_of_their_own_are_watched_as_if_alone(tmp_path
     assert found == {0: [], 1: []}  # healthy runs, each told by its own monitor
     for seed in ("0", "1"):
         lines = (tmp_path / seed / "gradwatch-summaries.jsonl").read_text().splitlines()
-        assert [json.loads(line)["summary"]["epoch"] for line in lines] == [0, 1, 2]
+        assert [json.loads(line)["summary"]["epoch"] for line in lines if "summary" in line] == [0, 1, 2]

@@ -139,5 +139,6 @@ def test_a_max_steps_run_is_diagnosed_in_windows_of_steps_while_it_trains(tmp_pa
     model = BertForSequenceClassification(config)
     Trainer(model=model, args=args, train_dataset=Endless(), callbacks=[callback]).train()
     lines = (tmp_path / "run" / "gradwatch-summaries.jsonl").read_text().splitlines()
-    summaries = [json.loads(line)["summary"] for line in lines]
+    summaries = [json.loads(line)["summary"] for line in lines[:-1]]
     assert [(s["unit"], s["step"]) for s in summaries] == [("steps", 260), ("steps", 520), ("epoch", 600)]
+    assert json.loads(lines[-1])["ended"] == {"epoch": 0, "step": 600}  # the run's end: the Trainer's close()

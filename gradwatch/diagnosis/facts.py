@@ -440,11 +440,12 @@ def _fell(history: list[EpochSummary], share: float = FELL) -> bool:
 
 
 def _start_loss(history: list[EpochSummary]) -> tuple[float | None, str]:
-    """What the loss of a model that has learnt nothing is, and how to say it: ln C for C classes,
-    else the run's own first loss (any loss function)."""
-    classes = _classes(history[-1])
-    if classes:
-        return math.log(classes), f"ln {classes}, an untrained model's"
+    """What the loss of a model that has learnt nothing is, and how to say it: ln C for C classes
+    (given, or the class dimension of the cross-entropy the loss's graph is made of), else the
+    run's own first loss (any loss function)."""
+    untrained = _untrained_loss(history[-1])
+    if untrained:
+        return untrained, f"ln {round(math.exp(untrained))}, an untrained model's"
     first = history[0].first_loss
     return (first, "its first value") if finite(first) and first > 0 else (None, "")
 

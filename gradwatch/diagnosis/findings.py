@@ -28,7 +28,9 @@ class Finding:
     last_epoch: int = -1  # the last epoch it held
     cause: str | None = None  # the id of the earlier finding it follows from
     severity: str = "warning"  # or "note": it ended on its own (a slow start), or is harmless
-    harmless: bool = False  # its rule found that the run does well anyway: a note
+    # its rule found that the run does well anyway, or that a recipe's way (a slow start) is as
+    # likely as a fault: a note
+    harmless: bool = False
     unit: str = "epoch"  # or "steps": found in windows of steps (epoch counts the windows)
     last_step: int = -1  # the step of the last epoch's (window's) end at which it held
     part: str = ""  # with several models watched (a GAN's generator), the one it is about
@@ -108,6 +110,7 @@ class Rule:
     instead: str | None = None  # what to suggest where that would go against the run's history
     per_parameter: bool = False  # a finding per parameter (weights_growing) or one for the rule
     exact: bool = False  # it reads exact facts of the loop: checked at every statistics reading
+    at_end: bool = False  # it judges the run as a whole: read once more when the run ends (close())
     root: bool = False  # it proves the loop broken: any later finding can follow from it
     ended: str = ""  # what a finding that ended on its own was, told as a note; "": a warning
     diverged: bool = False  # the run diverged: no later suggestion may raise the learning rate

@@ -18,11 +18,13 @@ from .facts import (
     _frozen_checks,
     _heavy_dropout,
     _judged,
+    _latest_level,
     _loss,
     _mostly_frozen,
     _near_start,
     _start_loss,
     _untrained,
+    _untrained_loss,
 )
 from .findings import LOWER, RAISE, Finding, _found, names, rule
 from .thresholds import Thresholds
@@ -35,6 +37,7 @@ from .thresholds import Thresholds
         "stuck_loss",
         "chance_margin",
         "stuck_epochs",
+        "stuck_steps",
         "stuck_moving_ratio",
         "stuck_data_ratio",
         "update_fast",
@@ -61,11 +64,13 @@ from .thresholds import Thresholds
     lr=RAISE,
     instead="check that the labels match the images and that the inputs are normalised.",
     ended="a slow start",
+    at_end=True,
 )
 def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
-    """For `stuck_epochs` epochs the training loss stays above `stuck_loss` x ln C and the accuracy
-    within `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any
-    loss function). Told with its suspect by how fast the weights move meanwhile (their median
+    """For `stuck_epochs` epochs (in a run that ended in fewer, all of them: _stuck_span) the
+    training loss stays above `stuck_loss` x ln C and the accuracy, where reported, within
+    `chance_margin` of chance (without classes: above `stuck_loss` x the first loss, for any loss
+    function). Told with its suspect by how fast the weights move meanwhile (their median
     update ratio): the learning rate below `stuck_moving_ratio`; the labels and inputs at
     `stuck_data_ratio` or above, a pace at which models learn; neither between the two (what to
     check comes in order), nor where a weight moved faster than `update_fast` meanwhile (the rate
@@ -76,29 +81,71 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     if not _judged(history):  # a loss not minimised by design (RL, GAN, other)
         return []
     now = history[-1]
-    classes = _classes(now)
     start, said = _start_loss(history)
-    recent = history[-t.stuck_epochs :]
-    if not start or len(history) < t.stuck_epochs:
+    recent = _stuck_span(history, t)
+    if not start or not recent or not all(_near_start(s, start, t) for s in recent):
         return []
-    if not all(_near_start(summary, start, t) for summary in recent):
-        return []
-    accuracy = _accuracy(now)
-    loss = _loss(now)
-    where = "near" if loss <= 1.5 * start else "above"
-    since = f"epoch {recent[0].epoch + 1}" if now.unit == "epoch" else f"step {recent[0].step}"
-    message = f"since {since} the training loss stays {where} {start:.3g} "
-    message += f"({said}; {loss:.3g} now)"
-    if classes:
-        message += f" and the accuracy near chance ({accuracy:.1%}; chance {1 / classes:.1%})"
-    evidence = {"train_loss": _loss(now), "accuracy": accuracy, "since_epoch": recent[0].epoch}
+    message = _stuck_message(recent, start, said, ended=len(recent) < t.stuck_epochs)
+    evidence = {"train_loss": _loss(now), "accuracy": _accuracy(now)}
+    evidence["since_epoch"] = recent[0].epoch
     if now.step < FEW_STEPS:
         return [_too_few(now, message, evidence)]
     moving = _moving(recent)
     moved = moving is not None and moving >= t.stuck_moving_ratio
     if moved and now.loop.get("objective") == "contrastive":  # a mined loss: flat by design
         return []
+    if len(recent) < t.stuck_epochs and (moving is None or moved):
+        return [_short(now, moving, message, evidence, t)]
     return [_by_pace(now, moving, message, evidence, t, _fast_so_far(recent, t))]
+
+
+def _stuck_message(recent: list[EpochSummary], start: float, said: str, ended: bool) -> str:
+    """What stuck says of the loss (and the accuracy) over the summaries `recent`, held near `start`
+    (told as `said`), and where `ended`, that the run ended so."""
+    now = recent[-1]
+    loss = _loss(now)
+    where = "near" if loss <= 1.5 * start else "above"
+    since = f"epoch {recent[0].epoch + 1}" if now.unit == "epoch" else f"step {recent[0].step}"
+    message = f"since {since} the training loss stays {where} {start:.3g} ({said}; {loss:.3g} now)"
+    classes = _classes(now)
+    if classes:
+        chance = f"({_accuracy(now):.1%}; chance {1 / classes:.1%})"
+        message += f" and the accuracy near chance {chance}"
+    if ended:
+        message += f" until the run's end, after {now.step} optimizer steps"
+    return message
+
+
+def _stuck_span(history: list[EpochSummary], t: Thresholds) -> list[EpochSummary]:
+    """The summaries stuck reads: the last `stuck_epochs`; in a run that ended (close()) in fewer,
+    all of them, where it took `stuck_steps` optimizer steps or more, an untrained model's loss is
+    known (ln C: a first loss is one batch's) and the loss's latest level is still near it (a run
+    that began to learn at its end is not stuck); else none."""
+    if len(history) >= t.stuck_epochs:
+        return history[-t.stuck_epochs :]
+    now = history[-1]
+    untrained = _untrained_loss(now)
+    if not now.loop.get("ended") or now.step < t.stuck_steps or not untrained:
+        return []
+    latest = _latest_level(now)
+    return history if finite(latest) and latest >= t.stuck_loss * untrained else []
+
+
+def _short(
+    now: EpochSummary, moving: float | None, message: str, evidence: dict, t: Thresholds
+) -> Finding:
+    """stuck's finding in a run that ended in fewer than `stuck_epochs` epochs, its weights moving
+    (or their pace not read): a note, since a slow start (a model that leaves ln C later, as small
+    CNNs under SGD do after some epochs) is a rival of the data that the run ended too soon to rule
+    out; what to check, in order."""
+    pace = f"median ||dw||/||w|| {moving:.2g} per step" if moving is not None else "not read"
+    message += f", the weights moving ({pace}), in fewer than {t.stuck_epochs} epochs."
+    suggestion = "check, in this order: whether the loss leaves it with more steps (a slow start); "
+    suggestion += "that the labels match the inputs and that the inputs vary and are normalised."
+    evidence.update(update_ratio=moving, cause=None)  # a symptom: no claim on the rate or the data
+    finding = _found(now, [], evidence, message, suggestion=suggestion)
+    finding.harmless = True  # a note: it cannot tell a slow start apart
+    return finding
 
 
 def _too_few(now: EpochSummary, message: str, evidence: dict) -> Finding:
@@ -172,16 +219,17 @@ FEW_STEPS = 4 * LEVEL_STEPS
 
 
 def _moving(recent: list[EpochSummary]) -> float | None:
-    """The median update ratio of the weights that train (_untrained: not the frozen ones, whose
-    ratio is 0) at the latest of `recent` that read one (an epoch shorter than the statistics'
-    cadence may read none)."""
-    for summary in reversed(recent):
+    """How fast the weights that train moved (_untrained: not the frozen ones, whose ratio is 0):
+    their median update ratio in each of `recent` that read one (an epoch shorter than the
+    statistics' cadence may read none), the highest: a schedule that anneals the rate (to 0 at a
+    run's end) slows the weights by design, and a rate too small keeps them slow throughout."""
+    medians = []
+    for summary in recent:
         still = _untrained(summary)
         ratios = [s.get("update_ratio") for n, s in summary.layers.items() if n not in still]
         ratios = [ratio for ratio in ratios if finite(ratio)]
-        if ratios:
-            return statistics.median(ratios)
-    return None
+        medians += [statistics.median(ratios)] if ratios else []
+    return max(medians, default=None)
 
 
 @rule(

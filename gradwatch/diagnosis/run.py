@@ -149,6 +149,21 @@ class RunDiagnosis:
         self.findings, begun = record(self.findings, self._named(found), summary.epoch)
         return begun
 
+    def conclude(self, guard: Callable[[str], Any]) -> list[Finding]:
+        """The run ended (close()): the rules that judge a run as a whole (Rule.at_end), each under
+        `guard`, read its history once more, the latest summary marked "ended" in its loop facts.
+        Returns the findings that began."""
+        if not self.history or self.history[-1].loop.get("ended"):
+            return []
+        now = self.history[-1]
+        now.loop["ended"] = True
+        found = []
+        for declaration in (d for d in RULES.values() if d.at_end):
+            with guard(f"the {declaration.name} rule at the run's end"):
+                found += declaration(self.history, self.thresholds)
+        self.findings, begun = record(self.findings, self._named(found), now.epoch)
+        return begun
+
     def state_dict(self) -> dict[str, Any]:
         history = [summary.to_dict() for summary in self.history]
         findings = [finding.to_json() for finding in self.findings]

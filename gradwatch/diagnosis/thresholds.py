@@ -48,10 +48,13 @@ class Thresholds:
     # stuck: the training loss stays above stuck_loss x ln C (C classes) and the accuracy within
     # chance_margin of chance (1 / C) for stuck_epochs epochs in a row; with the weights moving
     # slower than stuck_moving_ratio (median update ratio), the lr is named; at stuck_data_ratio or
-    # faster (a pace that trains models), the data are suspect; between the two, neither
+    # faster (a pace that trains models), the data are suspect; between the two, neither; a run
+    # that ended in fewer epochs is stuck where it took stuck_steps optimizer steps or more and its
+    # loss stayed above stuck_loss x ln C (C from the classes given or the cross-entropy's input)
     stuck_loss: float = 0.9
     chance_margin: float = 0.1
     stuck_epochs: int = 5
+    stuck_steps: int = 256
     stuck_moving_ratio: float = 1e-4
     stuck_data_ratio: float = 1e-3
     # no_generalisation: the training accuracy generalisation_gap above chance, the validation
