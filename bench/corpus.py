@@ -6,7 +6,8 @@
     python bench/corpus.py --part 2         # the second part (held out until its one scoring, 2026-12-07)
     python bench/corpus.py --part 3         # the third part (held out until its one scoring, 2026-12-07)
     python bench/corpus.py --part 4         # the fourth part (held out until its one scoring, 2026-12-07)
-    python bench/corpus.py --part 5         # the fifth part, held out: written before any of it was diagnosed
+    python bench/corpus.py --part 5         # the fifth part (held out until its one scoring, 2026-12-07)
+    python bench/corpus.py --part 6         # the sixth part, held out: written before any of it was diagnosed
     python bench/corpus.py --only lenet_HLR_x30 sb3_ppo --story
 
 Per run: the program, the operator, the first warning the diagnosis gave (its first finding that is not a
@@ -38,7 +39,7 @@ from gradwatch.diagnosis import saved_findings  # noqa: E402
 
 def fault(name):
     """The fault `name` (program, operator, change, rules that name it) of any part; None for a program."""
-    parts = (faults.FAULTS, faults.HELD_OUT, faults.THIRD, faults.FOURTH, faults.FIFTH)
+    parts = (faults.FAULTS, faults.HELD_OUT, faults.THIRD, faults.FOURTH, faults.FIFTH, faults.SIXTH)
     return next((part[name] for part in parts if name in part), None)
 
 
@@ -48,6 +49,7 @@ PARTS = {
     3: [*faults.THIRD_HEALTHY, *faults.THIRD],
     4: [*faults.FOURTH_HEALTHY, *faults.FOURTH],
     5: [*faults.FIFTH_HEALTHY, *faults.FIFTH],
+    6: [*faults.SIXTH_HEALTHY, *faults.SIXTH],
 }
 
 
@@ -119,8 +121,8 @@ def main():
     )
     parser.add_argument("--part", type=int, choices=sorted(PARTS), default=1,
                         help="1: the development part; 2: the second part (held out until 2026-12-07); "
-                        "3 and 4: the third and fourth parts (held out until their one scoring, 2026-12-07); 5: the "
-                        "fifth part, held out (score it once)")  # fmt: skip
+                        "3 to 5: the third to fifth parts (held out until their one scoring, 2026-12-07); 6: the "
+                        "sixth part, held out (score it once)")  # fmt: skip
     parser.add_argument("--only", nargs="*", help="only these runs (names from the tables)")
     parser.add_argument("--story", action="store_true", help="print every finding of each run")
     parser.add_argument("--smoke", action="store_true", help="run them and print their outcomes alone")

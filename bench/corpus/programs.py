@@ -5,13 +5,14 @@ bench/corpus/requirements.txt): the book Dive into Deep Learning (the `d2l` pack
 blocks, RNN and GRU language models, linear regression, its GAN's update functions), Stable-Baselines3 (PPO, A2C,
 DQN on CartPole), PyTorch Lightning's demos (a transformer and an LSTM language model), Hugging Face transformers
 (GPT-2 and BERT from configs, its Trainer), pytorch-metric-learning (a triplet loss and its trainer) and skorch (a
-regressor). Two are scripts rather than packages, and their loops are written out here with their models and
-settings: CleanRL's ppo.py and PyTorch-GAN's gan.py. What this file adds is marked CHANGE: the data (generated or
-read from Python's own help topics, since nothing is downloaded), the number of steps, the monitor's attachment
-(bench/corpus/attach.py, or the gradwatch callbacks a user of Lightning and Hugging Face would add), and the fault's
-changes (`Change`), which are empty for a healthy run. Every program is a function `(log_dir, change) -> outcome`:
-the monitor writes its findings to `log_dir/diagnosis.json`, and the outcome says in a few words how well the
-program did (that a healthy run learnt).
+regressor), timm (a ViT, its Mixup, soft-target loss, optimizer and scheduler factories). Some are scripts rather
+than packages, and their loops are written out here with their models and settings: CleanRL's ppo.py and dqn.py,
+PyTorch-GAN's gan.py, the training references of torchvision and timm. What this file adds is marked CHANGE: the
+data (generated or read from Python's own help topics, since nothing is downloaded), the number of steps, the
+monitor's attachment (bench/corpus/attach.py, or the gradwatch callbacks a user of Lightning and Hugging Face would
+add), and the fault's changes (`Change`), which are empty for a healthy run. Every program is a function
+`(log_dir, change) -> outcome`: the monitor writes its findings to `log_dir/diagnosis.json`, and the outcome says in
+a few words how well the program did (that a healthy run learnt).
 """
 
 import pydoc_data.topics
@@ -1202,3 +1203,162 @@ class VanillaVAE(nn.Module):
         recons_loss = F.mse_loss(recons, inputs)
         kld_loss = torch.mean(-0.5 * torch.sum(1 + log_var - mu**2 - log_var.exp(), dim=1), dim=0)
         return recons_loss + kld_weight * kld_loss
+
+
+# ---- programs of the sixth part (held out: written and committed before any of its runs was diagnosed) ----
+
+
+def d2l_nin(log_dir, change):
+    """d2l's Network in Network (sec_nin: blocks of a convolution and two 1x1 convolutions, each with a ReLU, max
+    pooling between them, dropout 0.5, a last block of one channel per class and global average pooling, no fully
+    connected layer), with its init_cnn, SGD at the class's lr 0.1, 10 epochs; the class is the chapter's, which
+    the d2l package does not export (CHANGE: copied, with 24, 64 and 96 channels in place of 96, 256 and 384, a
+    first block of 5x5 stride 1 on 28x28 images in place of 11x11 stride 4 on 224x224, and batches of 64 in place
+    of 128). It starts slowly: near chance for its first 3 epochs."""
+    book = d2l()
+
+    def nin_block(out_channels, kernel_size, strides, padding):
+        return nn.Sequential(
+            nn.LazyConv2d(out_channels, kernel_size, strides, padding), nn.ReLU(),
+            nn.LazyConv2d(out_channels, kernel_size=1), nn.ReLU(),
+            nn.LazyConv2d(out_channels, kernel_size=1), nn.ReLU(),
+        )  # fmt: skip
+
+    class NiN(book.Classifier):
+        def __init__(self, lr=0.1, num_classes=10):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(
+                nin_block(24, kernel_size=5, strides=1, padding=2), nn.MaxPool2d(3, stride=2),
+                nin_block(64, kernel_size=5, strides=1, padding=2), nn.MaxPool2d(3, stride=2),
+                nin_block(96, kernel_size=3, strides=1, padding=1), nn.MaxPool2d(3, stride=2),
+                nn.Dropout(0.5),
+                nin_block(num_classes, kernel_size=3, strides=1, padding=1),
+                nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
+            )  # fmt: skip
+
+    seeded()
+    data = d2l_images(change, batch=64)
+    model = NiN(lr=0.1)
+    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
+    return fit_d2l(log_dir, model, data, change, epochs=10, classes=CLASSES, objective="classification")
+
+
+def cleanrl_dqn(log_dir, change):
+    """CleanRL's dqn.py on CartPole-v1 with its defaults (a Q-network of two ReLU layers of 120 and 84; Adam
+    2.5e-4; SB3's replay buffer of 10,000; gamma 0.99; the target network copied every 500 steps; batches of 128
+    every 10 steps; epsilon from 1 to 0.05 over half the run) for 60,000 environment steps with learning from step
+    5,000 (CHANGE: of 500,000 and 10,000), counted in optimizer steps. CleanRL is a single-file script, not a
+    package: its loop is written out here."""
+    import gymnasium as gym
+    from stable_baselines3.common.buffers import ReplayBuffer
+
+    seeded(1)
+    env = gym.make("CartPole-v1")
+    q_network, target_network = QNetwork(), QNetwork()
+    if change.model:
+        change.model(q_network)
+    target_network.load_state_dict(q_network.state_dict())
+    lr = 2.5e-4 * change.lr
+    optimizer = optimizer_for(change, q_network.parameters(), lr, "adam")
+    buffer = ReplayBuffer(10_000, env.observation_space, env.action_space, "cpu", handle_timeout_termination=False)
+    total, starts, returns, episode = 60_000, 5_000, [], 0.0
+    observation, _ = env.reset(seed=1)
+    monitor = TrainingMonitor(log_dir)
+    with Attached(monitor, q_network, optimizer, objective="rl"):
+        for step in range(total):
+            epsilon = max(0.05, 1 - 0.95 * step / (0.5 * total))  # linear_schedule(1, 0.05, 0.5 * total, step)
+            if random.random() < epsilon:
+                action = env.action_space.sample()
+            else:
+                action = int(q_network(torch.tensor(observation)[None]).argmax(1))
+            following, reward, terminated, truncated, _ = env.step(action)
+            buffer.add(observation, following, np.array(action), np.array(reward), np.array(terminated), [{}])
+            episode += reward
+            observation = following
+            if terminated or truncated:
+                returns.append(episode)
+                episode = 0.0
+                observation, _ = env.reset()
+            if step > starts and step % 10 == 0:
+                _dqn_update(q_network, target_network, optimizer, buffer.sample(change.batch or 128), change.clip)
+            if step % 500 == 0:
+                target_network.load_state_dict(q_network.state_dict())
+    env.close()
+    return f"mean return of the last 20 episodes {np.mean(returns[-20:]):.0f} (500 at most)"
+
+
+class QNetwork(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.network = nn.Sequential(nn.Linear(4, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 2))
+
+    def forward(self, x):
+        return self.network(x)
+
+
+def _dqn_update(q_network, target_network, optimizer, data, clip=None):
+    with torch.no_grad():
+        target_max, _ = target_network(data.next_observations).max(dim=1)
+        td_target = data.rewards.flatten() + 0.99 * target_max * (1 - data.dones.flatten())
+    old_val = q_network(data.observations).gather(1, data.actions).squeeze()
+    loss = F.mse_loss(td_target, old_val)
+    optimizer.zero_grad()
+    loss.backward()
+    if clip:
+        nn.utils.clip_grad_norm_(q_network.parameters(), clip)
+    optimizer.step()
+
+
+def timm_vit(log_dir, change):
+    """timm's ViT (vit_tiny_patch16_224's width of 192 and 3 heads, CHANGE: 4 blocks of 12, 4x4 patches of 28x28
+    one-channel images) with the pieces of timm's train.py for ViTs: Mixup (mixup 0.8, cutmix 1.0, label smoothing
+    0.1) and SoftTargetCrossEntropy, AdamW from create_optimizer_v2 (lr 1e-3, weight decay 0.05, none on biases
+    and norms), a cosine schedule with a warmup epoch from create_scheduler_v2 stepped per update, 6 epochs of
+    3,200 images in batches of 64, evaluated each epoch (the loop written out, as train.py is a script)."""
+    import timm
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    seeded()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
+                              num_classes=10, depth=4)  # fmt: skip
+    if change.model:
+        change.model(model)
+    lr, epochs = 1e-3 * change.lr, 6
+    if change.optimizer:
+        optimizer = optimizer_for(change, model.parameters(), lr)
+    else:
+        optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=change.decay or 0.05)
+    train = images(3200, seed=0)
+    train = change.data(*train) if change.data else train
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=change.batch or 64,
+                                          shuffle=True, drop_last=True)  # fmt: skip
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=1, warmup_lr=1e-5,
+                                       min_lr=1e-5, step_on_epochs=False, updates_per_epoch=len(batches))  # fmt: skip
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    criterion, valid, updates = SoftTargetCrossEntropy(), images(800, seed=1), 0
+    monitor = TrainingMonitor(log_dir)
+    with Attached(monitor, model, optimizer, objective="classification"):
+        for epoch in range(epochs):
+            model.train()
+            for image, target in batches:  # train_one_epoch
+                image, target = mixup(image, target)
+                loss = criterion(model(image), target)
+                optimizer.zero_grad()
+                loss.backward()
+                if change.clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), change.clip)
+                optimizer.step()
+                updates += 1
+                scheduler.step_update(num_updates=updates)
+            scheduler.step(epoch + 1)
+            model.eval()
+            with torch.no_grad():
+                scores = model(valid[0])
+            scalars = {"valid/loss": float(F.cross_entropy(scores, valid[1])),
+                       "valid/accuracy": float((scores.argmax(1) == valid[1]).float().mean())}  # fmt: skip
+            monitor.epoch_end(epoch, scalars, classes=CLASSES)
+    return ", ".join(f"{tag} {value:.3g}" for tag, value in scalars.items())
