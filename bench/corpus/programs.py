@@ -1264,6 +1264,7 @@ def cleanrl_dqn(log_dir, change):
     buffer = ReplayBuffer(10_000, env.observation_space, env.action_space, "cpu", handle_timeout_termination=False)
     total, starts, returns, episode = 60_000, 5_000, [], 0.0
     observation, _ = env.reset(seed=1)
+    env.action_space.seed(1)  # CHANGE: the random actions seeded too, so that a run repeats
     monitor = TrainingMonitor(log_dir)
     with Attached(monitor, q_network, optimizer, objective="rl"):
         for step in range(total):
