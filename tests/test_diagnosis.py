@@ -758,6 +758,23 @@ def test_dead_units_the_model_learns_without_are_a_note_until_it_stops_learning(
     assert finding.severity == "warning"
 
 
+def test_units_silent_in_a_slow_start_that_fire_again_were_not_dead():
+    """Most of a layer silent in the first epoch, while the loss is still at ln 4 (a slow start): a warning while
+    it lasts, a note once the units fire again, however the loss does then."""
+    silent = {"1": {"layer": "0", "kind": "relu", "share": 0.8, "never_fired": 0.8}}
+    firing = {"1": {"layer": "0", "kind": "relu", "share": 0.1, "never_fired": 0.0}}
+    runs = [
+        EpochSummary(e, 10 * (e + 1), num_classes=4, activations=units,
+                     metrics={"train_loss": loss, "valid_accuracy": accuracy})
+        for e, (units, loss, accuracy) in enumerate([(silent, 1.38, 0.25), (silent, 1.37, 0.26), (firing, 0.5, 0.85)])
+    ]  # fmt: skip
+    [finding] = told(runs[:2])
+    assert finding.rule == "dead_units" and finding.severity == "warning"
+    [finding] = told(runs)
+    assert finding.severity == "note" and finding.last_epoch == 1
+    assert "It ended after epoch 2: its units fired again: silent for a while, not dead." in story([finding])
+
+
 def test_a_validation_loss_that_comes_back_to_a_new_best_was_noise_not_overfitting():
     """Weights growing while the validation loss rose: a warning while it stays above its best (also when one
     epoch comes back near it), a note once the validation loss makes a new best."""

@@ -6,8 +6,17 @@ from __future__ import annotations
 import statistics
 
 from ..summary import EpochSummary, finite
-from .facts import _clipping, _judged, _loss, _period, _scale_free, _start_loss, _trained_ratios
-from .findings import LOWER, Finding, _found, names, rule
+from .facts import (
+    _clipping,
+    _fast_so_far,
+    _judged,
+    _loss,
+    _period,
+    _scale_free,
+    _start_loss,
+    _trained_ratios,
+)
+from .findings import LOWER, Cause, Finding, _found, _never, names, rule
 from .thresholds import Thresholds
 
 
@@ -31,17 +40,41 @@ def nonfinite_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     return [_found(now, sorted(bad), {"nonfinite_share": bad}, message)]
 
 
+def _large_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """Weights that moved by more than `update_fast` of their size per step at some summary so far:
+    steps that large carry the weights to where the gradients are steep."""
+    fast = _fast_so_far(history, t)
+    return {"update_ratio": fast} if fast else None
+
+
 @rule(
-    "lower the learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
-    thresholds=("exploding_factor",),
+    "",
+    causes=(
+        Cause(
+            "learning_rate",
+            _large_steps,
+            "a lower learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
+            "the learning rate: whether weights move by more than a tenth of their size per step",
+            LOWER,
+        ),
+        Cause(
+            "batches",
+            _never,
+            "",
+            "the batches of those steps and the loss's targets: an outlier, or targets whose scale "
+            "jumped (a target network copied, returns of a new size); clipping gradients "
+            "(torch.nn.utils.clip_grad_norm_) bounds what one batch can do",
+        ),
+    ),
+    thresholds=("exploding_factor", "update_fast"),
     follows=("gradients_not_cleared", "loss_spikes", "diverging", "high_initial_loss"),
-    lr=LOWER,
-    instead="clip gradients (torch.nn.utils.clip_grad_norm_).",
     diverged=True,
 )
 def exploding_gradients(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """The epoch's largest total gradient norm exceeds `exploding_factor` x its median over the
-    epochs before."""
+    epochs before. A symptom: the learning rate is its cause where weights moved by more than
+    `update_fast` of their size per step at a summary so far; otherwise what to check, in order
+    (the rate, then the batches of those steps and the loss's targets)."""
     now = history[-1]
     before = [h.total_grad_norm_median for h in history[:-1] if finite(h.total_grad_norm_median)]
     peak = now.total_grad_norm_max

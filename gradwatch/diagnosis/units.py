@@ -82,6 +82,7 @@ FAST_STEPS = Cause(
         "exploding_gradients",
         "high_initial_loss",
     ),
+    ended="its units fired again: silent for a while, not dead",
 )
 def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     """`dead_share` of a ReLU's units (channels or features) gave no positive output at any
@@ -89,7 +90,7 @@ def dead_units(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     model learns anyway (not near its start, as `stuck` measures it) or its loss cannot tell (RL,
     GAN, other), a warning once it does not. A symptom: the learning rate is its cause where the
     steps were large; the initialisation, where its layer's weights were all zero before the first
-    step."""
+    step. Units that fire again in a later epoch were not dead: the finding ends, a note."""
     now = history[-1]
     # by the layer that feeds them: of two ReLUs after one layer, the later one speaks for it
     dead = {
