@@ -759,7 +759,7 @@ class TrainingMonitor:
             self._restart(epoch_ended=False)
         begun = self.diagnosis.add(summary, self.guard) if summary is not None else []
         lines = [{"summary": summary.to_dict()}] if summary is not None else []
-        if ended and self.diagnosis.history:
+        if ended and self.diagnosis.history and not self.diagnosis.history[-1].loop.get("ended"):
             begun += self.diagnosis.conclude(self.guard)
             last = self.diagnosis.history[-1]
             windowed = last.unit == "steps"

@@ -451,3 +451,23 @@ def test_a_reading_pauses_the_garbage_collector_and_leaves_it_as_it_was(tmp_path
         gc.enable()
     assert seen == [False, False, False]
     assert "a reading that fails" in (tmp_path / "gradwatch-errors.log").read_text()
+
+
+def test_the_runs_end_is_written_once_however_often_close_is_called(tmp_path):
+    """close() says the run ended: one `ended` line after the epochs' summaries, also when called again (a `with`
+    block around a loop that closes the monitor itself)."""
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TrainingMonitor(tmp_path).watch(model, optimizer) as monitor:
+        for epoch in range(2):
+            for _ in range(3):
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(3, (8,)))
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss)
+            monitor.epoch_end(epoch, {})
+        monitor.close()
+    lines = [json.loads(line) for line in (tmp_path / "gradwatch-summaries.jsonl").read_text().splitlines()]
+    assert [[*line][0] for line in lines] == ["summary", "summary", "ended"]
+    assert lines[-1]["ended"] == {"epoch": 1, "step": 6}
