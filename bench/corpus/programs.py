@@ -149,6 +149,13 @@ def fit_d2l(log_dir, model, data, change, epochs, clip=0, classes=None, objectiv
     return ", ".join(f"{tag} {value:.3g}" for tag, value in scalars.items())
 
 
+def fit_d2l_cnn(log_dir, model, data, change, epochs):
+    """fit_d2l of an image classifier of the book's, its lazy layers shaped by a first batch and initialised by
+    the book's init_cnn, as its chapters do."""
+    model.apply_init([next(iter(data.get_dataloader(True)))[0]], d2l().init_cnn)
+    return fit_d2l(log_dir, model, data, change, epochs, classes=CLASSES, objective="classification")
+
+
 def validation(model, batches, classes):
     model.eval()
     losses = []
@@ -173,8 +180,7 @@ def d2l_lenet(log_dir, change):
     seeded()
     data = d2l_images(change, batch=128)
     model = book.LeNet(lr=0.9)  # the book's sec_lenet: lr=0.1 and 10 epochs of 60,000 images
-    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
-    return fit_d2l(log_dir, model, data, change, epochs=6, classes=CLASSES, objective="classification")
+    return fit_d2l_cnn(log_dir, model, data, change, epochs=6)
 
 
 def d2l_resnet(log_dir, change):
@@ -190,8 +196,7 @@ def d2l_resnet(log_dir, change):
         book.Residual(64, use_1x1conv=True, strides=2),
         nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.LazyLinear(10),
     )  # fmt: skip
-    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
-    return fit_d2l(log_dir, model, data, change, epochs=5, classes=CLASSES, objective="classification")
+    return fit_d2l_cnn(log_dir, model, data, change, epochs=5)
 
 
 def d2l_softmax(log_dir, change):
@@ -833,8 +838,7 @@ def d2l_bn_lenet(log_dir, change):
     seeded()
     data = d2l_images(change, batch=128)
     model = BNLeNet(lr=0.1)
-    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
-    return fit_d2l(log_dir, model, data, change, epochs=6, classes=CLASSES, objective="classification")
+    return fit_d2l_cnn(log_dir, model, data, change, epochs=6)
 
 
 def cleanrl_ppo(log_dir, change):
@@ -1240,8 +1244,7 @@ def d2l_nin(log_dir, change):
     seeded()
     data = d2l_images(change, batch=64)
     model = NiN(lr=0.1)
-    model.apply_init([next(iter(data.get_dataloader(True)))[0]], book.init_cnn)
-    return fit_d2l(log_dir, model, data, change, epochs=10, classes=CLASSES, objective="classification")
+    return fit_d2l_cnn(log_dir, model, data, change, epochs=10)
 
 
 def cleanrl_dqn(log_dir, change):

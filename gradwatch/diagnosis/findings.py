@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..summary import EpochSummary
-from .facts import _peak_lr
+from .facts import _fast_so_far, _peak_lr
 from .thresholds import Thresholds
 
 
@@ -229,6 +229,14 @@ def _found(
     found.unit = now.unit
     found.last_step = max(found.step, now.step)
     return found
+
+
+def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
+    """Weights that moved by more than `update_fast` of their size per step at some summary so far:
+    steps that large push a unit's inputs far out (where a ReLU stays at 0 and a sigmoid or tanh
+    flattens) and carry the weights to where the gradients are steep; the learning rate's check."""
+    fast = _fast_so_far(history, t)
+    return {"update_ratio": fast} if fast else None
 
 
 def _never(history: list[EpochSummary], finding: Finding, t: Thresholds) -> None:

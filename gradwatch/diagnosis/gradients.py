@@ -8,7 +8,6 @@ import statistics
 from ..summary import EpochSummary, finite
 from .facts import (
     _clipping,
-    _fast_so_far,
     _judged,
     _loss,
     _period,
@@ -16,7 +15,7 @@ from .facts import (
     _start_loss,
     _trained_ratios,
 )
-from .findings import LOWER, Cause, Finding, _found, _never, names, rule
+from .findings import LOWER, Cause, Finding, _fast_steps, _found, _never, names, rule
 from .thresholds import Thresholds
 
 
@@ -40,19 +39,12 @@ def nonfinite_gradients(history: list[EpochSummary], t: Thresholds) -> list[Find
     return [_found(now, sorted(bad), {"nonfinite_share": bad}, message)]
 
 
-def _large_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
-    """Weights that moved by more than `update_fast` of their size per step at some summary so far:
-    steps that large carry the weights to where the gradients are steep."""
-    fast = _fast_so_far(history, t)
-    return {"update_ratio": fast} if fast else None
-
-
 @rule(
     "",
     causes=(
         Cause(
             "learning_rate",
-            _large_steps,
+            _fast_steps,
             "a lower learning rate{lr} or clip gradients (torch.nn.utils.clip_grad_norm_).",
             "the learning rate: whether weights move by more than a tenth of their size per step",
             LOWER,

@@ -85,7 +85,8 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     recent = _stuck_span(history, t)
     if not start or not recent or not all(_near_start(s, start, t) for s in recent):
         return []
-    message = _stuck_message(recent, start, said, ended=len(recent) < t.stuck_epochs)
+    ended = len(recent) < t.stuck_epochs  # a run that ended in fewer epochs (_stuck_span)
+    message = _stuck_message(recent, start, said, ended)
     evidence = {"train_loss": _loss(now), "accuracy": _accuracy(now)}
     evidence["since_epoch"] = recent[0].epoch
     if now.step < FEW_STEPS:
@@ -94,7 +95,7 @@ def stuck(history: list[EpochSummary], t: Thresholds) -> list[Finding]:
     moved = moving is not None and moving >= t.stuck_moving_ratio
     if moved and now.loop.get("objective") == "contrastive":  # a mined loss: flat by design
         return []
-    if len(recent) < t.stuck_epochs and (moving is None or moved):
+    if ended and (moving is None or moved):
         return [_short(now, moving, message, evidence, t)]
     return [_by_pace(now, moving, message, evidence, t, _fast_so_far(recent, t))]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from ..summary import EpochSummary, finite
 from .facts import (
     _accuracy,
-    _fast_so_far,
     _judged,
     _loss,
     _near_start,
@@ -14,16 +13,8 @@ from .facts import (
     _saturated,
     _start_loss,
 )
-from .findings import LOWER, Cause, Finding, _found, _never, rule
+from .findings import LOWER, Cause, Finding, _fast_steps, _found, _never, rule
 from .thresholds import Thresholds
-
-
-def _fast_steps(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
-    """Weights that moved by more than `update_fast` of their size per step at some summary so far:
-    steps that large push a unit's inputs far out, where a ReLU stays at 0 and a sigmoid or tanh
-    flattens."""
-    fast = _fast_so_far(history, t)
-    return {"update_ratio": fast} if fast else None
 
 
 def _zero_weights(history: list[EpochSummary], finding: Finding, t: Thresholds) -> dict | None:
